@@ -1,0 +1,55 @@
+"""`mm1-train`: the one entry point (console script, torchrun and srun via launch/train.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import yaml
+
+from mm1_megatron.config import PRESETS, ConfigError, load_config
+from mm1_megatron.plan import format_plan, make_plan
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mm1-train",
+        description="Pre-train an MM1-style multimodal LLM on Megatron-Core.",
+        epilog="Overrides are dotted config fields, e.g. parallel.tp=2 train.lr=3e-4 "
+               "llm.moe.num_experts=8. Presets: " + ", ".join(PRESETS),
+    )
+    parser.add_argument("--preset", required=True, help="named run configuration")
+    parser.add_argument("--config", help="YAML file of config sections applied before overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve and validate the config, print layout and plan, exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.overrides, args.config)
+    except ConfigError as err:
+        print(f"mm1-train: config error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"mm1-train: config error: {args.config}: {err.strerror}", file=sys.stderr)
+        return 2
+
+    from mm1_megatron.runtime.backends import describe_backends
+
+    if args.dry_run:
+        print(yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False).rstrip())
+        print()
+        print(format_plan(make_plan(cfg)))
+        print(describe_backends(cfg.train.precision, cfg.train.fp8))
+        return 0
+    print("mm1-train: the training loop is not built yet (issue 5); use --dry-run",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

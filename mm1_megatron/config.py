@@ -1,0 +1,563 @@
+"""Typed run configuration: dataclasses, the preset registry, overrides and validation.
+
+A run is fully described by one `Config`. Presets build it in code (`PRESETS`), a YAML file
+and `key.sub=value` overrides adjust it, and `validate()` refuses anything inconsistent
+before a process group starts, naming the field and the reason in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+
+ConnectorType = Literal["c_abstractor", "avg_pool", "attn_pool"]
+Dispatcher = Literal["alltoall", "allgather"]
+Precision = Literal["bf16", "fp16", "fp32"]
+Fp8Format = Literal["hybrid", "e4m3"]
+Fp8Recipe = Literal["delayed", "tensorwise"]
+Recompute = Literal["none", "selective", "full"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always attributed to one dotted field."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(f"{field_name}: {reason}")
+        self.field_name = field_name
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style ViT (pre-LN, learned position embeddings, class token)."""
+
+    image_size: int = 378
+    patch_size: int = 14
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 5120
+    class_token: bool = True
+    layernorm_eps: float = 1e-5
+    recompute: Recompute = "none"
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision-language connector; every type maps the patch grid to `num_tokens` LLM tokens."""
+
+    type: ConnectorType = "c_abstractor"
+    num_tokens: int = 144  # 12x12 for the grid-based connectors
+    hidden_size: int = 1024  # conv channels of the C-Abstractor
+    depth: int = 3  # ResNet blocks before and after the adaptive pooling
+    mlp_depth: int = 2  # readout MLP layers
+    pos_emb: bool = True  # learned position embedding on the patch grid (Honeybee)
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.num_tokens)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in the decoder; `num_experts=0` means dense."""
+
+    num_experts: int = 0
+    layer_freq: int = 1  # every Nth decoder layer is an MoE layer (layer 0, N, 2N, ...)
+    top_k: int = 2
+    aux_loss_coeff: float = 0.01  # GShard load-balancing loss
+    z_loss_coeff: float = 0.001  # ST-MoE router z-loss
+    dispatcher: Dispatcher = "alltoall"
+    expert_ffn_hidden_size: Optional[int] = None  # None: same as llm.ffn_hidden_size
+    grouped_gemm: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, no biases."""
+
+    num_layers: int = 32
+    hidden_size: int = 2560
+    num_attention_heads: int = 32
+    num_query_groups: Optional[int] = None  # None: multi-head attention; else GQA
+    ffn_hidden_size: int = 6912
+    vocab_size: int = 32000
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    recompute: Recompute = "none"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe.expert_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.num_experts > 0 and layer % self.moe.layer_freq == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+@dataclass
+class DataConfig:
+    seq_length: int = 4096
+    max_images_per_sequence: int = 16
+    # Mixture weights (MM1: 45% interleaved, 45% caption pairs, 10% text-only).
+    weight_interleaved: float = 0.45
+    weight_caption: float = 0.45
+    weight_text: float = 0.10
+    path: str = ""  # root folder holding the three shard sets
+    tokenizer_model: str = ""  # sentencepiece .model
+    num_workers: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    cp: int = 1  # context parallel
+    ep: int = 1  # expert parallel
+    expert_tp: Optional[int] = None  # tensor parallel inside experts; None: same as tp
+    dp: Optional[int] = None  # None: derived as world_size / (tp * pp * cp)
+    sequence_parallel: bool = False
+    first_stage_layers: Optional[int] = None  # decoder layers on pipeline stage 0 (uneven PP)
+    world_size: Optional[int] = None  # None: from the launcher's environment at run time
+    gpus_per_node: Optional[int] = None  # set for GPU clusters: TP must stay inside a node
+    distributed_optimizer: bool = True
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 512
+    micro_batch_size: int = 1
+    train_steps: int = 200_000
+    lr: Optional[float] = None  # None: the paper's rule over non-embedding LLM parameters
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay_ratio: float = 0.1  # decoupled weight decay = ratio * peak lr
+    warmup_steps: int = 2000
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    precision: Precision = "bf16"
+    fp8: Optional[Fp8Format] = None  # needs Transformer Engine on Hopper
+    fp8_recipe: Fp8Recipe = "delayed"
+    seed: int = 1234
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps before the run saves and stops
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 1000
+    keep_last: int = 3
+    resume: bool = True  # resume from the latest checkpoint in run_dir when there is one
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    run_dir: str = "runs/default"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: one registry. Shapes and their parameter counts are tabulated in README.md and
+# checked against the built Megatron-Core modules in tests/test_presets.py.
+# --------------------------------------------------------------------------------------------
+
+# Full-scale runs: bf16 on 8-GPU H100 nodes, the paper's batch and sequence.
+_GPU_RUN = dict(parallel=ParallelConfig(gpus_per_node=8, sequence_parallel=True))
+
+
+def _tiny() -> Config:
+    """Seconds-fast model for tests: 84 px images (6x6 patches) -> 9 tokens."""
+    return Config(
+        preset="tiny",
+        run_dir="runs/tiny",
+        vision=VisionConfig(image_size=84, hidden_size=32, num_layers=2, num_attention_heads=2,
+                            ffn_hidden_size=64),
+        connector=ConnectorConfig(num_tokens=9, hidden_size=32, depth=1),
+        llm=LLMConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                      vocab_size=512),
+        data=DataConfig(seq_length=128, max_images_per_sequence=4),
+        train=TrainConfig(global_batch_size=4, micro_batch_size=2, train_steps=20, lr=1e-3,
+                          warmup_steps=2, precision="fp32"),
+        checkpoint=CheckpointConfig(save_interval=10),
+        logging=LoggingConfig(log_interval=1),
+    )
+
+
+def _demo() -> Config:
+    """The README's CPU demo: ViT + C-Abstractor + a small MoE decoder, minutes on 2 cores."""
+    return Config(
+        preset="demo",
+        run_dir="runs/demo",
+        vision=VisionConfig(image_size=112, hidden_size=128, num_layers=4, num_attention_heads=4,
+                            ffn_hidden_size=512),
+        connector=ConnectorConfig(num_tokens=16, hidden_size=128, depth=2),
+        llm=LLMConfig(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512,
+                      vocab_size=2048, moe=MoEConfig(num_experts=4, layer_freq=2)),
+        data=DataConfig(seq_length=512, max_images_per_sequence=4),
+        train=TrainConfig(global_batch_size=8, micro_batch_size=2, train_steps=200, lr=1e-3,
+                          warmup_steps=20, precision="fp32"),
+        checkpoint=CheckpointConfig(save_interval=100),
+        logging=LoggingConfig(log_interval=10),
+    )
+
+
+def _mm1(name: str, llm: LLMConfig) -> Config:
+    return Config(preset=name, run_dir=f"runs/{name}", llm=llm,
+                  **{k: dataclasses.replace(v) for k, v in _GPU_RUN.items()})
+
+
+# Llama-style decoders; vocabulary 32k (our sentencepiece model), untied embeddings.
+_LLM_3B = LLMConfig(num_layers=32, hidden_size=2560, num_attention_heads=32,
+                    ffn_hidden_size=7680)
+_LLM_7B = LLMConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                    ffn_hidden_size=12800)
+_LLM_30B = LLMConfig(num_layers=52, hidden_size=7168, num_attention_heads=56,
+                     num_query_groups=8, ffn_hidden_size=20480)
+
+
+def _with_moe(llm: LLMConfig, num_experts: int, layer_freq: int) -> LLMConfig:
+    return dataclasses.replace(llm, moe=MoEConfig(num_experts=num_experts, layer_freq=layer_freq))
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny": _tiny,
+    "demo": _demo,
+    "mm1-3b": lambda: _mm1("mm1-3b", _LLM_3B),
+    "mm1-7b": lambda: _mm1("mm1-7b", _LLM_7B),
+    "mm1-30b": lambda: _mm1("mm1-30b", _LLM_30B),
+    "mm1-3b-moe64": lambda: _mm1("mm1-3b-moe64", _with_moe(_LLM_3B, 64, 2)),
+    "mm1-7b-moe32": lambda: _mm1("mm1-7b-moe32", _with_moe(_LLM_7B, 32, 4)),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: `key.sub=value` strings and nested YAML mappings, type-checked per field.
+# --------------------------------------------------------------------------------------------
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Convert a parsed YAML scalar to the field's declared type, or refuse it."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"{value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if annotation is str:
+        return str(value)
+    raise ConfigError(path, f"cannot set a field of type {annotation}")
+
+
+def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}"
+    return ConfigError(path, f"unknown key{hint}")
+
+
+def set_field(cfg: Config, dotted: str, value: Any) -> None:
+    """Set one dotted field, e.g. `parallel.tp`, with type checking."""
+    obj: Any = cfg
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[: depth + 1])
+        hints = _field_types(obj)
+        if part not in hints:
+            raise _unknown_key(path, part, sorted(hints))
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(path, "is a section; set one of its fields (section.field=value)")
+            setattr(obj, part, _coerce(path, value, hints[part]))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(path, "is not a section")
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items += _flatten(value, dotted + ".")
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str] = None) -> Config:
+    """Preset -> YAML file (optional) -> command-line overrides, then validation."""
+    cfg = get_preset(preset)
+    if yaml_file:
+        with open(yaml_file) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(yaml_file, "a config file must hold a mapping of sections")
+        data.pop("preset", None)
+        for key, value in _flatten(data):
+            set_field(cfg, key, value)
+    for text in overrides:
+        set_field(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every check names one field. Runs before any process group starts.
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, field_name: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, reason)
+
+
+def launcher_world_size(environ: Optional[dict[str, str]] = None) -> Optional[int]:
+    """World size announced by torchrun or Slurm, if any (None for a plain `python` call)."""
+    env = os.environ if environ is None else environ
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if env.get(var):
+            return int(env[var])
+    return None
+
+
+def resolve_world_size(cfg: Config, environ: Optional[dict[str, str]] = None) -> int:
+    p = cfg.parallel
+    if p.world_size is not None:
+        return p.world_size
+    launched = launcher_world_size(environ)
+    if launched is not None:
+        return launched
+    return p.model_parallel_size * (p.dp or 1)
+
+
+def data_parallel_size(cfg: Config, environ: Optional[dict[str, str]] = None) -> int:
+    return resolve_world_size(cfg, environ) // cfg.parallel.model_parallel_size
+
+
+_MAY_BE_ZERO = {"train.warmup_steps"}
+
+
+def _validate_positive(cfg: Config) -> None:
+    for section in ("vision", "connector", "llm", "data", "parallel", "train"):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value, name = getattr(obj, f.name), f"{section}.{f.name}"
+            if isinstance(value, int) and not isinstance(value, bool):
+                floor = 0 if name in _MAY_BE_ZERO else 1
+                _require(value >= floor, name, f"must be >= {floor}, got {value}")
+
+
+def _validate_model(cfg: Config) -> None:
+    v, c, llm, moe = cfg.vision, cfg.connector, cfg.llm, cfg.llm.moe
+    _require(v.image_size % v.patch_size == 0, "vision.image_size",
+             f"{v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
+    _require(v.hidden_size % v.num_attention_heads == 0, "vision.num_attention_heads",
+             f"{v.num_attention_heads} does not divide vision.hidden_size={v.hidden_size}")
+    if c.type in ("c_abstractor", "avg_pool"):
+        _require(c.grid_size**2 == c.num_tokens, "connector.num_tokens",
+                 f"{c.num_tokens} is not a square; {c.type} pools the patch grid to n x n")
+        _require(c.grid_size <= v.grid_size, "connector.num_tokens",
+                 f"a {c.grid_size}x{c.grid_size} grid exceeds the {v.grid_size}x{v.grid_size} "
+                 "patch grid")
+    if c.type == "attn_pool":
+        _require(v.hidden_size % v.num_attention_heads == 0, "vision.num_attention_heads",
+                 "attn_pool uses the vision heads")
+    _require(llm.hidden_size % llm.num_attention_heads == 0, "llm.num_attention_heads",
+             f"{llm.num_attention_heads} does not divide llm.hidden_size={llm.hidden_size}")
+    _require(llm.num_attention_heads % llm.query_groups == 0, "llm.num_query_groups",
+             f"{llm.query_groups} does not divide llm.num_attention_heads="
+             f"{llm.num_attention_heads}")
+    if moe.num_experts > 0:
+        _require(moe.layer_freq <= llm.num_layers and llm.num_layers % moe.layer_freq == 0,
+                 "llm.moe.layer_freq",
+                 f"{moe.layer_freq} does not divide llm.num_layers={llm.num_layers}, so the "
+                 "MoE layers would not repeat evenly")
+        _require(1 <= moe.top_k <= moe.num_experts, "llm.moe.top_k",
+                 f"{moe.top_k} must be between 1 and llm.moe.num_experts={moe.num_experts}")
+    # One image must fit a sequence with room for at least one text token.
+    _require(cfg.data.seq_length > c.num_tokens, "data.seq_length",
+             f"{cfg.data.seq_length} is too short for one image's {c.num_tokens} tokens")
+
+
+def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
+    p, llm, moe, v = cfg.parallel, cfg.llm, cfg.llm.moe, cfg.vision
+    _require(llm.num_attention_heads % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide llm.num_attention_heads={llm.num_attention_heads}")
+    _require(llm.query_groups % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide the {llm.query_groups} query groups (llm.num_query_groups)")
+    _require(v.num_attention_heads % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide vision.num_attention_heads={v.num_attention_heads}")
+    _require(llm.vocab_size % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide llm.vocab_size={llm.vocab_size}")
+    if p.gpus_per_node is not None:
+        _require(p.gpus_per_node % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide parallel.gpus_per_node={p.gpus_per_node}: a TP group "
+                 "must stay inside one node's NVLink domain")
+    if moe.num_experts > 0 and p.tp > 1 and p.ep > 1:
+        _require(p.sequence_parallel, "parallel.sequence_parallel",
+                 "must be true for MoE with tp>1 and ep>1 (Megatron-Core requirement)")
+
+    if p.first_stage_layers is not None:
+        _require(p.pp > 1 and p.first_stage_layers < llm.num_layers,
+                 "parallel.first_stage_layers",
+                 f"{p.first_stage_layers} needs parallel.pp>1 and fewer than "
+                 f"llm.num_layers={llm.num_layers}")
+        rest = llm.num_layers - p.first_stage_layers
+        _require(rest % (p.pp - 1) == 0, "parallel.first_stage_layers",
+                 f"the remaining {rest} layers do not split evenly over {p.pp - 1} stages")
+    else:
+        _require(llm.num_layers % p.pp == 0, "parallel.pp",
+                 f"{p.pp} does not divide llm.num_layers={llm.num_layers}; "
+                 "set parallel.first_stage_layers for an uneven split")
+
+    world = resolve_world_size(cfg, environ)
+    _require(world % p.model_parallel_size == 0, "parallel.world_size",
+             f"world size {world} is not divisible by tp*pp*cp={p.model_parallel_size}")
+    dp = world // p.model_parallel_size
+    if p.dp is not None:
+        _require(p.dp == dp, "parallel.dp",
+                 f"world size {world} != tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp}")
+
+    if moe.num_experts > 0:
+        _require(moe.num_experts % p.ep == 0, "parallel.ep",
+                 f"{p.ep} does not divide llm.moe.num_experts={moe.num_experts}")
+        expert_tp = p.expert_tp or p.tp
+        _require((p.tp * p.cp * dp) % (p.ep * expert_tp) == 0, "parallel.ep",
+                 f"ep*expert_tp={p.ep * expert_tp} must divide tp*cp*dp={p.tp * p.cp * dp}")
+    else:
+        _require(p.ep == 1, "parallel.ep", f"{p.ep} > 1 needs experts (llm.moe.num_experts>0)")
+
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+             f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
+             f"{t.micro_batch_size}*{dp}")
+
+
+def _validate_train(cfg: Config, te_available: bool) -> None:
+    t = cfg.train
+    if t.fp8 is not None:
+        _require(te_available, "train.fp8",
+                 f"{t.fp8!r} needs Transformer Engine, which is not importable here")
+        _require(t.precision == "bf16", "train.fp8", "FP8 training runs with train.precision=bf16")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
+    _require(t.warmup_steps < t.train_steps, "train.warmup_steps",
+             f"{t.warmup_steps} is not below train.train_steps={t.train_steps}")
+    d = cfg.data
+    weights = (d.weight_interleaved, d.weight_caption, d.weight_text)
+    _require(all(w >= 0 for w in weights) and sum(weights) > 0, "data.weight_interleaved",
+             "mixture weights must be non-negative and not all zero")
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return False
+    return True
+
+
+def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
+             te_available: Optional[bool] = None) -> Config:
+    """Refuse an inconsistent config; raises ConfigError naming the field."""
+    _validate_positive(cfg)
+    _validate_model(cfg)
+    _validate_parallel(cfg, environ)
+    _validate_train(cfg, transformer_engine_available() if te_available is None else te_available)
+    return cfg

@@ -1,0 +1,99 @@
+"""The decoder: Megatron-Core GPTModel, Llama-style, dense or with every-Nth-layer MoE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mm1_megatron.config import Config, Recompute
+from mm1_megatron.model.specs import decoder_block_spec
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def precision_kwargs(cfg: Config) -> dict:
+    t = cfg.train
+    dtype = _DTYPES[t.precision]
+    kwargs = dict(params_dtype=dtype, pipeline_dtype=dtype, bf16=t.precision == "bf16",
+                  fp16=t.precision == "fp16")
+    if t.fp8 is not None:
+        kwargs.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe)
+    return kwargs
+
+
+def recompute_kwargs(mode: Recompute) -> dict:
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
+def parallel_kwargs(cfg: Config, pipeline: bool) -> dict:
+    p = cfg.parallel
+    return dict(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp if pipeline else 1,
+        context_parallel_size=p.cp if pipeline else 1,
+        sequence_parallel=p.sequence_parallel and p.tp > 1,  # a no-op without TP
+        # Weights are created on the host and split, so every TP size starts from the same
+        # full tensors (parity tests rely on this); fused grad accumulation needs CUDA + apex.
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def decoder_transformer_config(cfg: Config) -> TransformerConfig:
+    llm, moe, p = cfg.llm, cfg.llm.moe, cfg.parallel
+    kwargs = dict(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.query_groups,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers,
+        **parallel_kwargs(cfg, pipeline=True),
+        **precision_kwargs(cfg),
+        **recompute_kwargs(llm.recompute),
+    )
+    if moe.num_experts > 0:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_layer_freq=moe.layer_freq,
+            moe_router_topk=moe.top_k,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_token_dispatcher_type=moe.dispatcher,
+            moe_ffn_hidden_size=llm.expert_ffn_hidden_size,
+            moe_grouped_gemm=moe.grouped_gemm,
+            expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=p.expert_tp or p.tp,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def build_decoder(cfg: Config, use_te: bool, pre_process: bool = True,
+                  post_process: bool = True, pp_rank: int | None = None) -> GPTModel:
+    config = decoder_transformer_config(cfg)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, use_te, pp_rank=pp_rank),
+        vocab_size=cfg.llm.vocab_size,
+        max_sequence_length=cfg.data.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.llm.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.llm.rope_theta),
+    )

@@ -1,0 +1,48 @@
+"""Layer-implementation choice: Transformer Engine specs on GPUs with TE, local specs otherwise.
+
+The choice lives here and nowhere else. The TE branch is a thin switch onto Megatron-Core's
+own TE specs; the local branch is what CPU runs (and tests) use.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def use_transformer_engine(precision_fp8: str | None = None) -> bool:
+    """TE layers whenever TE imports and CUDA is there; FP8 additionally needs them."""
+    import torch
+
+    from mm1_megatron.config import transformer_engine_available
+
+    return torch.cuda.is_available() and transformer_engine_available()
+
+
+def decoder_block_spec(config: TransformerConfig, use_te: bool,
+                       pp_rank: int | None = None) -> TransformerBlockSubmodules:
+    """Dense/MoE layer pattern from `config.moe_layer_freq`, sliced to this pipeline stage."""
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                      normalization=config.normalization, pp_rank=pp_rank)
+
+
+def vision_layer_spec(use_te: bool) -> ModuleSpec:
+    """CLIP encoder layer: bidirectional attention (the local ViT spec defaults to causal)."""
+    if use_te:
+        from megatron.core.models.vision.vit_layer_specs import (
+            get_vit_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_vit_layer_with_transformer_engine_spec()
+    else:
+        from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+
+        spec = get_vit_layer_with_local_spec()
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    return spec

@@ -1,0 +1,73 @@
+"""The run plan: layout, parameter counts, learning rate and FLOPs of a resolved config.
+
+`tools/plan.py` prints it (JSON or a table); `mm1-train --dry-run` prints it before exiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from mm1_megatron.config import Config, data_parallel_size, resolve_world_size
+from mm1_megatron.model.params import count_params
+from mm1_megatron.train.flops import training_flops_per_sequence
+from mm1_megatron.train.optim import peak_lr_and_weight_decay
+
+
+def layout(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str, int]:
+    p, t = cfg.parallel, cfg.train
+    dp = data_parallel_size(cfg, environ)
+    return dict(world_size=resolve_world_size(cfg, environ), tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep,
+                expert_tp=p.expert_tp or p.tp, dp=dp, micro_batch_size=t.micro_batch_size,
+                grad_accum_steps=t.global_batch_size // (t.micro_batch_size * dp),
+                global_batch_size=t.global_batch_size)
+
+
+def make_plan(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    params = count_params(cfg)
+    lr, weight_decay = peak_lr_and_weight_decay(cfg.train.lr, params.non_embedding_active,
+                                                cfg.train.weight_decay_ratio)
+    flops = training_flops_per_sequence(cfg)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    return {
+        "preset": cfg.preset,
+        "layout": layout(cfg, environ),
+        "params": params.to_dict(),
+        "lr": lr,
+        "lr_source": "train.lr" if cfg.train.lr is not None else "paper rule",
+        "weight_decay": weight_decay,
+        "flops_per_sequence": flops.to_dict(),
+        "flops_per_step": flops.total * cfg.train.global_batch_size,
+        "tokens_per_step": tokens_per_step,
+        "train_tokens": tokens_per_step * cfg.train.train_steps,
+    }
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:g}"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lay, par, flops = plan["layout"], plan["params"], plan["flops_per_sequence"]
+    rows = [
+        ("preset", plan["preset"]),
+        ("layout", " ".join(f"{k}={lay[k]}" for k in ("world_size", "tp", "pp", "cp", "ep", "dp"))),
+        ("batch", f"global {lay['global_batch_size']} = micro {lay['micro_batch_size']} x dp "
+                  f"{lay['dp']} x accum {lay['grad_accum_steps']}"),
+        ("params total", _human(par["total"])),
+        ("params active/token", _human(par["active"])),
+        ("  vision", _human(par["vision"])),
+        ("  connector", _human(par["connector"])),
+        ("  llm", _human(par["llm"])),
+        ("  llm non-embedding", _human(par["non_embedding"])),
+        ("peak lr", f"{plan['lr']:.3e} ({plan['lr_source']})"),
+        ("weight decay", f"{plan['weight_decay']:.3e}"),
+        ("FLOPs/sequence", f"{_human(flops['total'])} (llm {_human(flops['llm'])}, vision "
+                           f"{_human(flops['vision'])}, connector {_human(flops['connector'])})"),
+        ("FLOPs/step", _human(plan["flops_per_step"])),
+        ("tokens/step", _human(plan["tokens_per_step"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

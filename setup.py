@@ -1,0 +1,38 @@
+"""mm1_megatron: pre-train MM1-style multimodal LLMs on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mm1_megatron",
+    version="0.1.0",
+    description="MM1-style multimodal LLM pre-training on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mm1_megatron", "mm1_megatron.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "nvidia-dali-cuda120>=2.0",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "psutil>=5.9",  # dist_checkpointing's writer hangs without it
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # CPU machines: pin the CPU build so pip does not fetch a multi-GB CUDA torch.
+        "cpu": ["torch==2.13.0"],
+        # GPU clusters: Transformer Engine (FP8, fused layers). apex comes from the NGC
+        # PyTorch container (PyPI's `apex` is an unrelated package).
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mm1-train=mm1_megatron.cli:main",
+        ],
+    },
+)
