@@ -7,6 +7,7 @@ before a process group starts, naming the field and the reason in one line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -257,8 +258,7 @@ def _demo() -> Config:
 
 
 def _mm1(name: str, llm: LLMConfig) -> Config:
-    return Config(preset=name, run_dir=f"runs/{name}", llm=llm,
-                  **{k: dataclasses.replace(v) for k, v in _GPU_RUN.items()})
+    return Config(preset=name, run_dir=f"runs/{name}", llm=llm, **_GPU_RUN)
 
 
 # Llama-style decoders; vocabulary 32k (our sentencepiece model), untied embeddings.
@@ -288,7 +288,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return copy.deepcopy(PRESETS[name]())  # presets share section objects; never alias them
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +317,12 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(path, f"expected true/false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads `3e-4` (no dot) as a string
+            value = float(value)
+        except ValueError:
+            kind = "an integer" if annotation is int else "a number"
+            raise ConfigError(path, f"expected {kind}, got {value!r}") from None
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mm1_megatron.config import Config, ConnectorConfig, LLMConfig, VisionConfig
-from mm1_megatron.model.params import attention_params, bottleneck_params, swiglu_params
+from mm1_megatron.model.params import attention_params, swiglu_params
 
 TRAIN_FACTOR = 3  # backward costs twice the forward (all parts are trained)
 
@@ -38,15 +38,23 @@ def vision_forward_flops(v: VisionConfig) -> int:
     return patch_embed + v.num_layers * per_layer
 
 
+def bottleneck_forward_flops(c_in: int, c_out: int, positions: int) -> int:
+    """One C-Abstractor block over `positions` grid cells; SE acts on one pooled vector."""
+    se = max(1, round(c_in * 0.25))
+    convs = c_in * c_out + 9 * c_out + c_out * c_out + (0 if c_in == c_out else c_in * c_out)
+    return 2 * positions * convs + 2 * 2 * c_out * se
+
+
 def connector_forward_flops(c: ConnectorConfig, v: VisionConfig, llm_hidden: int) -> int:
-    """One image. Conv blocks are counted through their weights (depthwise 3x3 included)."""
+    """One image."""
     hv, patches, k = v.hidden_size, v.num_patches, c.num_tokens
     if c.type == "c_abstractor":
         ch = c.hidden_size
-        stage_in = sum(bottleneck_params(hv if i == 0 else ch, ch) for i in range(c.depth))
-        stage_out = c.depth * bottleneck_params(ch, ch)
-        readout = ch * llm_hidden + (c.mlp_depth - 1) * llm_hidden * llm_hidden
-        return 2 * (patches * stage_in + k * stage_out + k * readout)
+        stage_in = sum(bottleneck_forward_flops(hv if i == 0 else ch, ch, patches)
+                       for i in range(c.depth))
+        stage_out = c.depth * bottleneck_forward_flops(ch, ch, k)
+        readout = 2 * k * (ch * llm_hidden + (c.mlp_depth - 1) * llm_hidden * llm_hidden)
+        return stage_in + stage_out + readout
     if c.type == "avg_pool":
         return 2 * k * hv * llm_hidden
     if c.type == "attn_pool":

@@ -1,0 +1,46 @@
+"""Analytic parameter and FLOP counts equal what the built Megatron-Core modules hold and do."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm1_megatron.config import PRESETS, get_preset, set_field
+from mm1_megatron.model.params import connector_params, count_params
+from mm1_megatron.train.flops import (connector_forward_flops, llm_forward_flops,
+                                      vision_forward_flops)
+
+SCRIPT = Path(__file__).with_name("_count_modules.py")
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_analytic_params_equal_built_modules(measured, preset):
+    cfg = get_preset(preset)
+    counts, built = count_params(cfg), measured["params"][preset]
+    assert counts.llm == built["llm"]
+    assert counts.vision == built["vision"]
+    for kind in ("c_abstractor", "avg_pool", "attn_pool"):
+        set_field(cfg, "connector.type", kind)
+        assert connector_params(cfg.connector, cfg.vision, cfg.llm.hidden_size) == \
+            built[f"connector.{kind}"], kind
+
+
+def test_analytic_forward_flops_equal_measured_at_tiny_scale(measured):
+    cfg = get_preset("tiny")
+    flops = measured["flops"]
+    assert llm_forward_flops(cfg.llm, cfg.data.seq_length) == flops["llm"]
+    assert vision_forward_flops(cfg.vision) == flops["vision"]
+    for kind in ("c_abstractor", "avg_pool", "attn_pool"):
+        set_field(cfg, "connector.type", kind)
+        assert connector_forward_flops(cfg.connector, cfg.vision, cfg.llm.hidden_size) == \
+            flops[f"connector.{kind}"], kind

@@ -1,0 +1,60 @@
+"""`mm1-train` console script: dry runs and one-line config errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def mm1_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("mm1-train")
+    assert exe, "the mm1-train console script is not installed (pip install -e .)"
+    environ = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "SLURM_NTASKS")}
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
+                          env={**environ, **(env or {})})
+
+
+def test_dry_run_prints_config_layout_and_plan():
+    out = mm1_train("--preset", "mm1-30b", "parallel.tp=8", "parallel.pp=4",
+                    "parallel.world_size=256", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "tp: 8" in out.stdout and "world_size=256 tp=8 pp=4 cp=1 ep=1 dp=8" in out.stdout
+    assert "peak lr" in out.stdout and "params total" in out.stdout
+    assert "layers:" in out.stdout and "precision" in out.stdout
+
+
+@pytest.mark.parametrize("args, field", [
+    (["parallel.tp=13"], "parallel.tp"),
+    (["parallel.tensor_parallel=8"], "parallel.tensor_parallel"),
+    (["lm.hidden_size=8196"], "lm"),
+])
+def test_bad_config_is_one_line_naming_the_field(args, field):
+    out = mm1_train("--preset", "mm1-30b", *args, "--dry-run")
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"mm1-train: config error: {field}: ")
+    assert out.stdout == ""
+
+
+def test_world_size_from_torchrun_environment_is_checked():
+    out = mm1_train("--preset", "tiny", "parallel.tp=2", "--dry-run", env={"WORLD_SIZE": "3"})
+    assert out.returncode == 2 and "parallel.world_size" in out.stderr
+
+
+def test_missing_config_file():
+    out = mm1_train("--preset", "tiny", "--config", "/nonexistent.yaml", "--dry-run")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("mm1-train: config error: /nonexistent.yaml: "
+                                  "No such file or directory")
+
+
+def test_launch_script_is_the_same_main():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "launch", "train.py"),
+                          "--preset", "tiny", "--dry-run"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "preset: tiny" in out.stdout
