@@ -104,6 +104,7 @@ class LLMConfig:
     num_query_groups: Optional[int] = None  # None: multi-head attention; else GQA
     ffn_hidden_size: int = 6912
     vocab_size: int = 32000
+    image_token_id: int = 3  # placeholder id; each image occupies connector.num_tokens of them
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -338,7 +339,20 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(path, f"cannot set a field of type {annotation}")
 
 
+# Megatron-LM / torchtitan spellings users type from habit.
+_ALIASES = {
+    "tensor_model_parallel_size": "tp", "tensor_parallel": "tp", "tensor_parallel_degree": "tp",
+    "pipeline_model_parallel_size": "pp", "pipeline_parallel": "pp",
+    "pipeline_parallel_degree": "pp", "context_parallel_size": "cp",
+    "expert_model_parallel_size": "ep", "expert_parallel_degree": "ep",
+    "data_parallel_size": "dp", "num_moe_experts": "num_experts",
+    "moe_layer_freq": "layer_freq", "moe_router_topk": "top_k",
+}
+
+
 def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
+    if _ALIASES.get(key) in known:
+        return ConfigError(path, f"unknown key; this project calls it {_ALIASES[key]!r}")
     near = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}"
     return ConfigError(path, f"unknown key{hint}")
@@ -476,6 +490,10 @@ def _validate_model(cfg: Config) -> None:
                  "MoE layers would not repeat evenly")
         _require(1 <= moe.top_k <= moe.num_experts, "llm.moe.top_k",
                  f"{moe.top_k} must be between 1 and llm.moe.num_experts={moe.num_experts}")
+    _require(0 <= llm.image_token_id < llm.vocab_size, "llm.image_token_id",
+             f"{llm.image_token_id} is outside the vocabulary (llm.vocab_size={llm.vocab_size})")
+    _require(cfg.parallel.cp == 1, "parallel.cp",
+             "context parallelism is not wired into the MM1 model yet; use cp=1")
     # One image must fit a sequence with room for at least one text token.
     _require(cfg.data.seq_length > c.num_tokens, "data.seq_length",
              f"{cfg.data.seq_length} is too short for one image's {c.num_tokens} tokens")

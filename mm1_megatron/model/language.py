@@ -32,13 +32,14 @@ def recompute_kwargs(mode: Recompute) -> dict:
     return {}
 
 
-def parallel_kwargs(cfg: Config, pipeline: bool) -> dict:
+def parallel_kwargs(cfg: Config, decoder: bool) -> dict:
     p = cfg.parallel
     return dict(
         tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp if pipeline else 1,
-        context_parallel_size=p.cp if pipeline else 1,
-        sequence_parallel=p.sequence_parallel and p.tp > 1,  # a no-op without TP
+        pipeline_model_parallel_size=p.pp if decoder else 1,
+        context_parallel_size=p.cp if decoder else 1,
+        # SP splits the decoder's sequence; the ViT sees whole images and never uses it.
+        sequence_parallel=decoder and p.sequence_parallel and p.tp > 1,
         # Weights are created on the host and split, so every TP size starts from the same
         # full tensors (parity tests rely on this); fused grad accumulation needs CUDA + apex.
         use_cpu_initialization=True,
@@ -62,7 +63,7 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         num_layers_in_first_pipeline_stage=p.first_stage_layers,
-        **parallel_kwargs(cfg, pipeline=True),
+        **parallel_kwargs(cfg, decoder=True),
         **precision_kwargs(cfg),
         **recompute_kwargs(llm.recompute),
     )
@@ -96,4 +97,6 @@ def build_decoder(cfg: Config, use_te: bool, pre_process: bool = True,
         share_embeddings_and_output_weights=cfg.llm.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.llm.rope_theta),
+        # MM1Model splices image tokens into the full sequence first, then scatters for SP.
+        scatter_embedding_sequence_parallel=False,
     )

@@ -15,8 +15,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def use_transformer_engine(precision_fp8: str | None = None) -> bool:
-    """TE layers whenever TE imports and CUDA is there; FP8 additionally needs them."""
+def use_transformer_engine() -> bool:
+    """TE layers whenever TE imports and CUDA is there (FP8 additionally needs them)."""
     import torch
 
     from mm1_megatron.config import transformer_engine_available

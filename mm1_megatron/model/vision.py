@@ -26,7 +26,7 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # The encoder lives whole on the first pipeline stage.
-        **parallel_kwargs(cfg, pipeline=False),
+        **parallel_kwargs(cfg, decoder=False),
         **precision_kwargs(cfg),
         **recompute_kwargs(v.recompute),
     )

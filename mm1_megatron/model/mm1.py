@@ -1,0 +1,108 @@
+"""MM1Model: ViT -> connector -> image tokens spliced into the decoder's embeddings.
+
+The data pipeline expands every image into `connector.num_tokens` placeholder ids
+(`llm.image_token_id`), so a row always has `data.seq_length` positions and the pipeline
+schedule's tensor shapes are static. On the first pipeline stage the model encodes the
+micro-batch's images (all rows' images, in row order), and writes the connector outputs over
+the placeholder embeddings in that order. Later stages only run decoder layers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+from mm1_megatron.config import Config
+from mm1_megatron.model.connector import build_connector
+from mm1_megatron.model.language import build_decoder
+from mm1_megatron.model.vision import build_vision_encoder
+
+
+class MM1Model(MegatronModule):
+    def __init__(self, cfg: Config, use_te: bool, pre_process: bool = True,
+                 post_process: bool = True, pp_rank: Optional[int] = None):
+        decoder = build_decoder(cfg, use_te, pre_process, post_process, pp_rank=pp_rank)
+        super().__init__(config=decoder.config)
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_token_id = cfg.llm.image_token_id
+        self.tokens_per_image = cfg.connector.num_tokens
+        self.max_images_per_row = cfg.data.max_images_per_sequence
+        # The encoder and connector live on the first pipeline stage only.
+        self.vision = build_vision_encoder(cfg, use_te) if pre_process else None
+        self.connector = build_connector(cfg) if pre_process else None
+        self.decoder = decoder
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand a stage its input activations through this hook."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, num_tokens, llm_hidden]."""
+        features = self.vision(images)
+        if self.cfg.vision.class_token:
+            features = features[:, 1:]  # the connectors work on the patch grid
+        return self.connector(features)
+
+    def _spliced_embeddings(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                            images: Optional[torch.Tensor]) -> torch.Tensor:
+        embeddings = self.decoder.embedding(input_ids=input_ids, position_ids=position_ids)
+        slots = input_ids == self.image_token_id  # [b, s]
+        per_row = slots.sum(dim=1)
+        too_many = per_row > self.max_images_per_row * self.tokens_per_image
+        if bool(too_many.any()):
+            row = int(too_many.nonzero()[0])
+            raise ValueError(f"row {row} holds {int(per_row[row]) // self.tokens_per_image} "
+                             f"images; data.max_images_per_sequence="
+                             f"{self.max_images_per_row}")
+        num_images = 0 if images is None else images.shape[0]
+        if int(per_row.sum()) != num_images * self.tokens_per_image:
+            raise ValueError(f"the batch has {int(per_row.sum())} image placeholder tokens but "
+                             f"{num_images} images x {self.tokens_per_image} tokens")
+        if num_images == 0:
+            # Every rank must run the encoder: its TP collectives and the gradient
+            # all-reduce would otherwise differ between ranks with and without images.
+            size = self.cfg.vision.image_size
+            blank = embeddings.new_zeros(1, 3, size, size)
+            return embeddings + 0.0 * self.encode_images(blank).sum()
+        image_tokens = self.encode_images(images).to(embeddings.dtype)
+        rows_first = embeddings.transpose(0, 1)  # [b, s, h]; masked_scatter fills in row order
+        rows_first = rows_first.masked_scatter(slots.unsqueeze(-1), image_tokens)
+        return rows_first.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], images: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns per-token loss [b, s] when `labels` are given on the last stage, else the
+        logits (last stage) or hidden states (other stages).
+
+        `attention_mask` is a [b, 1, s, s] bool mask, True where attention is blocked (causal
+        within each packed document, nothing across documents).
+        """
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._spliced_embeddings(input_ids, position_ids, images)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
+                    decoder_input)
+        return self.decoder(input_ids=input_ids, position_ids=position_ids,
+                            attention_mask=attention_mask, decoder_input=decoder_input,
+                            labels=labels)
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, 1, s, s] bool mask, True = blocked.
+
+    Causal inside a document and nothing across documents, so a packed row behaves like its
+    documents run separately. RoPE encodes relative offsets only, so within a document the
+    scores equal those of the document alone (positions need not restart).
+    """
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
+    return ~(same_doc & causal).unsqueeze(1)
