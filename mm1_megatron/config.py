@@ -157,6 +157,9 @@ class ParallelConfig:
     world_size: Optional[int] = None  # None: from the launcher's environment at run time
     gpus_per_node: Optional[int] = None  # set for GPU clusters: TP must stay inside a node
     distributed_optimizer: bool = True
+    # Megatron-Core communication overlaps (on in the GPU presets).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
     @property
     def model_parallel_size(self) -> int:
@@ -219,7 +222,8 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 # Full-scale runs: bf16 on 8-GPU H100 nodes, the paper's batch and sequence.
-_GPU_RUN = dict(parallel=ParallelConfig(gpus_per_node=8, sequence_parallel=True))
+_GPU_RUN = dict(parallel=ParallelConfig(gpus_per_node=8, sequence_parallel=True,
+                                        overlap_grad_reduce=True, overlap_param_gather=True))
 
 
 def _tiny() -> Config:
@@ -513,9 +517,12 @@ def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
         _require(p.gpus_per_node % p.tp == 0, "parallel.tp",
                  f"{p.tp} does not divide parallel.gpus_per_node={p.gpus_per_node}: a TP group "
                  "must stay inside one node's NVLink domain")
-    if moe.num_experts > 0 and p.tp > 1 and p.ep > 1:
+    if moe.num_experts > 0 and p.tp > 1:
         _require(p.sequence_parallel, "parallel.sequence_parallel",
-                 "must be true for MoE with tp>1 and ep>1 (Megatron-Core requirement)")
+                 "must be true for MoE with tp>1 (Megatron-Core requirement)")
+    if p.overlap_param_gather:
+        _require(p.distributed_optimizer, "parallel.overlap_param_gather",
+                 "needs parallel.distributed_optimizer=true")
 
     if p.first_stage_layers is not None:
         _require(p.pp > 1 and p.first_stage_layers < llm.num_layers,

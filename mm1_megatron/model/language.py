@@ -63,18 +63,23 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         num_layers_in_first_pipeline_stage=p.first_stage_layers,
+        calculate_per_token_loss=True,  # one objective whatever the DP size / micro-batching
         **parallel_kwargs(cfg, decoder=True),
         **precision_kwargs(cfg),
         **recompute_kwargs(llm.recompute),
     )
     if moe.num_experts > 0:
+        # Megatron-Core 0.16.1, calculate_per_token_loss: the router scales its aux and z-loss
+        # by the *local* token count, which SP divides by tp and CP by cp, so their gradients
+        # shrink by tp*cp. Scale the coefficients back (parity tests pin this down).
+        shards = (p.tp if kwargs["sequence_parallel"] else 1) * p.cp
         kwargs.update(
             num_moe_experts=moe.num_experts,
             moe_layer_freq=moe.layer_freq,
             moe_router_topk=moe.top_k,
             moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=moe.aux_loss_coeff,
-            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_aux_loss_coeff=moe.aux_loss_coeff * shards,
+            moe_z_loss_coeff=moe.z_loss_coeff * shards,
             moe_token_dispatcher_type=moe.dispatcher,
             moe_ffn_hidden_size=llm.expert_ffn_hidden_size,
             moe_grouped_gemm=moe.grouped_gemm,

@@ -34,13 +34,22 @@ class MM1Model(MegatronModule):
         # The encoder and connector live on the first pipeline stage only.
         self.vision = build_vision_encoder(cfg, use_te) if pre_process else None
         self.connector = build_connector(cfg) if pre_process else None
-        self.decoder = decoder
+        self.language_model = decoder  # not `decoder`: schedules read that as a TransformerBlock
+
+    # finalize_model_grads looks these up on the module that has `pre_process` (this one) to
+    # all-reduce a tied embedding between the first and last pipeline stage.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand a stage its input activations through this hook."""
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
-        self.decoder.set_input_tensor(input_tensor)
+        self.language_model.set_input_tensor(input_tensor)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, num_tokens, llm_hidden]."""
@@ -51,7 +60,7 @@ class MM1Model(MegatronModule):
 
     def _spliced_embeddings(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                             images: Optional[torch.Tensor]) -> torch.Tensor:
-        embeddings = self.decoder.embedding(input_ids=input_ids, position_ids=position_ids)
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
         slots = input_ids == self.image_token_id  # [b, s]
         per_row = slots.sum(dim=1)
         too_many = per_row > self.max_images_per_row * self.tokens_per_image
@@ -90,7 +99,7 @@ class MM1Model(MegatronModule):
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
                     decoder_input)
-        return self.decoder(input_ids=input_ids, position_ids=position_ids,
+        return self.language_model(input_ids=input_ids, position_ids=position_ids,
                             attention_mask=attention_mask, decoder_input=decoder_input,
                             labels=labels)
 

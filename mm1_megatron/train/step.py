@@ -1,0 +1,126 @@
+"""Model, optimizer and one optimizer step on Megatron-Core's DDP, optimizer and schedules.
+
+A batch is a dict of tensors for one micro-batch:
+  tokens [b, s], labels [b, s], loss_mask [b, s] (float), position_ids [b, s],
+  attention_mask [b, 1, s, s] (bool, True = blocked), images [n, 3, H, W] (n may be 0).
+Loss is averaged per token over the whole global batch (`calculate_per_token_loss`), so every
+layout (any DP size, any micro-batch split) optimises exactly the same objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.enums import ModelType
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mm1_megatron.config import Config
+from mm1_megatron.model.mm1 import MM1Model
+from mm1_megatron.model.params import count_params
+from mm1_megatron.train.optim import peak_lr_and_weight_decay
+
+
+def build_model(cfg: Config, use_te: bool) -> list[DDP]:
+    """This rank's pipeline stage of MM1Model, wrapped in Megatron-Core DDP."""
+    module = MM1Model(cfg, use_te, pre_process=ps.is_pipeline_first_stage(),
+                      post_process=ps.is_pipeline_last_stage(),
+                      pp_rank=ps.get_pipeline_model_parallel_rank())
+    module.model_type = ModelType.encoder_or_decoder  # what the schedules expect of a GPT
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )
+    model = DDP(config=module.config, ddp_config=ddp_config, module=module)
+    module.config.no_sync_func = model.no_sync
+    module.config.finalize_model_grads_func = finalize_model_grads
+    return [model]
+
+
+def build_optimizer(cfg: Config, model: list[DDP]) -> tuple[MegatronOptimizer,
+                                                             OptimizerParamScheduler]:
+    t = cfg.train
+    peak, _ = peak_lr_and_weight_decay(t.lr, count_params(cfg).non_embedding_active,
+                                       t.weight_decay_ratio)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam",  # Megatron's "adam" is AdamW (decoupled weight decay)
+        lr=peak,
+        min_lr=peak * t.min_lr_ratio,
+        # torch AdamW decays by lr_t * weight_decay per step, so weight_decay=ratio gives the
+        # paper's decoupled decay of ratio x lr (0.1 x lr), following the LR schedule.
+        weight_decay=t.weight_decay_ratio,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.grad_clip,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        params_dtype=model[0].module.config.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    ), model)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=peak, min_lr=peak * t.min_lr_ratio,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.train_steps, lr_decay_style="cosine",
+        start_wd=t.weight_decay_ratio, end_wd=t.weight_decay_ratio,
+        wd_incr_steps=t.train_steps, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def num_microbatches(cfg: Config) -> int:
+    dp = ps.get_data_parallel_world_size()
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.float()
+    total = (per_token_loss.float() * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    # (loss summed over tokens, tokens, what to report): the schedule divides by all tokens.
+    return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+
+def _forward_step(data_iterator: Iterator[dict], model: DDP):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   images=batch.get("images"), labels=batch["labels"])
+    return output, partial(_loss, batch["loss_mask"])
+
+
+@dataclass
+class StepResult:
+    loss: Optional[float]  # per-token LM loss over the global batch (None off the last stage)
+    grad_norm: Optional[float]
+    skipped: bool
+    lr: float
+
+
+def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
+               scheduler: OptimizerParamScheduler, microbatches: Iterable[dict]) -> StepResult:
+    """Forward/backward over this rank's micro-batches, then one optimizer step."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(microbatches), model=model,
+        num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    loss = None
+    if ps.is_pipeline_last_stage():
+        summed = torch.stack([r["lm loss"] for r in reports]).sum(0)
+        dist.all_reduce(summed, group=ps.get_data_parallel_group())
+        loss = (summed[0] / summed[1]).item()
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated,
+                      lr=optimizer.param_groups[0]["lr"])

@@ -1,0 +1,104 @@
+"""Run as `torchrun --nproc_per_node N _parity_worker.py OUT.json CKPT [--save-init] key=value...`.
+
+Builds the tiny MM1 model under the layout in the overrides, loads the initial weights from a
+dist_checkpointing checkpoint (or, with --save-init, writes them: the single-process reference
+does that), trains a few optimizer steps on a fixed synthetic global batch and writes per-step
+loss and grad norm to OUT.json (from the last pipeline stage's first rank).
+"""
+
+import json
+import os
+import sys
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+
+from mm1_megatron.config import load_config
+from mm1_megatron.model.mm1 import document_attention_mask
+from mm1_megatron.runtime import init_distributed, shutdown_distributed
+from mm1_megatron.train.step import build_model, build_optimizer, train_step
+
+STEPS = 3
+BASE = ["llm.moe.num_experts=4", "llm.moe.layer_freq=2", "train.global_batch_size=4",
+        "train.micro_batch_size=1", "train.lr=3e-3", "train.warmup_steps=0",
+        "data.seq_length=64"]
+
+
+def synthetic_rows(cfg, step: int, rows: int) -> list[dict]:
+    """Packed rows: 1-3 documents each, 0-2 images per row, padding at the end."""
+    g = torch.Generator().manual_seed(1000 + step)
+    s, k, img = cfg.data.seq_length, cfg.connector.num_tokens, cfg.vision.image_size
+    image_id, vocab = cfg.llm.image_token_id, cfg.llm.vocab_size
+    out = []
+    for r in range(rows):
+        tokens = torch.randint(10, vocab, (s,), generator=g)
+        docs = torch.zeros(s, dtype=torch.long)
+        loss_mask = torch.ones(s)
+        # step 1: text only; step 2: with DP=2 one rank gets only text, the other images.
+        n_images = [r % 3, 0, 2 * (r % 2)][step]
+        cursor = 2
+        for _ in range(n_images):
+            tokens[cursor:cursor + k] = image_id
+            cursor += k + 3
+        boundary = s // 2 + r
+        docs[boundary:] = 1
+        pad_from = s - 4 * (r % 2)
+        docs[pad_from:] = 2
+        labels = torch.roll(tokens, -1)
+        loss_mask[tokens == image_id] = 0  # no loss on image positions ...
+        loss_mask[labels == image_id] = 0  # ... nor on predicting a placeholder
+        loss_mask[boundary - 1] = 0  # no prediction across documents
+        loss_mask[pad_from - 1:] = 0  # padding
+        out.append(dict(tokens=tokens, labels=labels, loss_mask=loss_mask, docs=docs,
+                        images=torch.randn(n_images, 3, img, img, generator=g)))
+    return out
+
+
+def microbatches(cfg, rows: list[dict]) -> list[dict]:
+    """This DP rank's share of the global batch, grouped into micro-batches."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mbs = cfg.train.micro_batch_size
+    mine = rows[rank::dp]
+    batches = []
+    for i in range(0, len(mine), mbs):
+        group = mine[i:i + mbs]
+        tokens = torch.stack([r["tokens"] for r in group])
+        batches.append(dict(
+            tokens=tokens, labels=torch.stack([r["labels"] for r in group]),
+            loss_mask=torch.stack([r["loss_mask"] for r in group]),
+            position_ids=torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1),
+            attention_mask=document_attention_mask(torch.stack([r["docs"] for r in group])),
+            images=torch.cat([r["images"] for r in group])))
+    return batches
+
+
+def main() -> None:
+    out_path, ckpt_dir, *rest = sys.argv[1:]
+    save_init = "--save-init" in rest
+    overrides = BASE + [a for a in rest if a != "--save-init"]
+    cfg = load_config("tiny", overrides)
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    model = build_model(cfg, use_te=False)
+    state = model[0].module.sharded_state_dict()
+    if save_init:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        dist_checkpointing.save(state, ckpt_dir)
+    else:
+        model[0].module.load_state_dict(dist_checkpointing.load(state, ckpt_dir))
+    optimizer, scheduler = build_optimizer(cfg, model)
+    history = []
+    for step in range(STEPS):
+        rows = synthetic_rows(cfg, step, cfg.train.global_batch_size)
+        result = train_step(cfg, model, optimizer, scheduler, microbatches(cfg, rows))
+        history.append(dict(loss=result.loss, grad_norm=result.grad_norm,
+                            skipped=result.skipped))
+    if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 \
+            and ps.get_tensor_model_parallel_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(history, f)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
