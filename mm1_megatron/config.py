@@ -561,11 +561,11 @@ def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
              f"{t.micro_batch_size}*{dp}")
 
 
-def _validate_train(cfg: Config, te_available: bool) -> None:
+def _validate_train(cfg: Config, fp8_ok: bool) -> None:
     t = cfg.train
     if t.fp8 is not None:
-        _require(te_available, "train.fp8",
-                 f"{t.fp8!r} needs Transformer Engine, which is not importable here")
+        _require(fp8_ok, "train.fp8",
+                 f"{t.fp8!r} needs Transformer Engine and an FP8 GPU (Hopper); not found here")
         _require(t.precision == "bf16", "train.fp8", "FP8 training runs with train.precision=bf16")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
     _require(t.warmup_steps < t.train_steps, "train.warmup_steps",
@@ -576,19 +576,20 @@ def _validate_train(cfg: Config, te_available: bool) -> None:
              "mixture weights must be non-negative and not all zero")
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA install raising at import
-        return False
-    return True
+def fp8_available() -> bool:
+    """Transformer Engine importable and an FP8-capable GPU (Ada/Hopper or newer)."""
+    from mm1_megatron.runtime.backends import detect_backends
+
+    return detect_backends().fp8_available
 
 
 def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
-             te_available: Optional[bool] = None) -> Config:
+             fp8_ok: Optional[bool] = None) -> Config:
     """Refuse an inconsistent config; raises ConfigError naming the field."""
     _validate_positive(cfg)
     _validate_model(cfg)
     _validate_parallel(cfg, environ)
-    _validate_train(cfg, transformer_engine_available() if te_available is None else te_available)
+    if fp8_ok is None:
+        fp8_ok = cfg.train.fp8 is None or fp8_available()
+    _validate_train(cfg, fp8_ok)
     return cfg

@@ -9,7 +9,7 @@ NO_ENV: dict = {}
 
 
 def _check(cfg: Config, **kw) -> None:
-    validate(cfg, environ=NO_ENV, te_available=kw.get("te", False))
+    validate(cfg, environ=NO_ENV, fp8_ok=kw.get("te", False))
 
 
 def _error(preset: str, *overrides: str, te: bool = False) -> ConfigError:
@@ -136,11 +136,11 @@ def test_fp8_accepted_when_transformer_engine_is_there():
 def test_world_size_comes_from_the_launcher_environment():
     cfg = get_preset("tiny")
     set_field(cfg, "parallel.tp", 2)
-    validate(cfg, environ={"WORLD_SIZE": "4"}, te_available=False)
+    validate(cfg, environ={"WORLD_SIZE": "4"}, fp8_ok=False)
     with pytest.raises(ConfigError, match="world size 3"):
-        validate(cfg, environ={"WORLD_SIZE": "3"}, te_available=False)
+        validate(cfg, environ={"WORLD_SIZE": "3"}, fp8_ok=False)
     with pytest.raises(ConfigError, match="world size 5"):
-        validate(cfg, environ={"SLURM_NTASKS": "5"}, te_available=False)
+        validate(cfg, environ={"SLURM_NTASKS": "5"}, fp8_ok=False)
 
 
 def test_yaml_file_then_overrides(tmp_path):

@@ -14,14 +14,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mm1_megatron.runtime.backends import Backends, detect_backends
 
-def use_transformer_engine() -> bool:
-    """TE layers whenever TE imports and CUDA is there (FP8 additionally needs them)."""
-    import torch
 
-    from mm1_megatron.config import transformer_engine_available
-
-    return torch.cuda.is_available() and transformer_engine_available()
+def use_transformer_engine(backends: Backends | None = None) -> bool:
+    """TE layers whenever Transformer Engine imports (it needs CUDA); local layers otherwise."""
+    return (backends or detect_backends()).layer_spec == "transformer_engine"
 
 
 def decoder_block_spec(config: TransformerConfig, use_te: bool,

@@ -19,6 +19,7 @@ CONNECTORS = ["c_abstractor", "avg_pool", "attn_pool"]
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2"]),
+    "pp2_uneven": (2, ["parallel.pp=2", "parallel.first_stage_layers=1"]),
     "ep2": (2, ["parallel.ep=2"]),
     "dp2": (2, ["parallel.dp=2"]),
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),

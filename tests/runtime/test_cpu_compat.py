@@ -9,23 +9,19 @@ moves the call, the "with" half fails: adapt the patch.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from mm1_megatron.runtime.backends import Backends, detect_backends  # noqa: E402
-from mm1_megatron.runtime.cpu_compat import (  # noqa: E402
+from mm1_megatron.runtime.backends import Backends, detect_backends
+from mm1_megatron.runtime.cpu_compat import (
     PATCHES,
     apply_cpu_compat,
     needed_patches,
 )
-from tests.runtime._helpers import (  # noqa: E402
+from tests.runtime._helpers import (
     gloo_world,
     lm_batch,
     lm_loss,

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from mm1_megatron.runtime.distributed import (  # noqa: E402
+from mm1_megatron.runtime.distributed import (
     DEFAULT_MASTER_PORT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
@@ -20,7 +15,7 @@ from mm1_megatron.runtime.distributed import (  # noqa: E402
     dist_env_from_environ,
     expand_slurm_nodelist,
 )
-from tests.runtime._helpers import run_ranks  # noqa: E402
+from tests.runtime._helpers import run_ranks
 
 # ---------------------------------------------------------------------------------------------
 # Environment parsing

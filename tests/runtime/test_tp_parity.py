@@ -10,18 +10,13 @@ re-slices the TP=1 weights and gradients the same way and compares them shard by
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from tests.runtime._helpers import (  # noqa: E402
+from tests.runtime._helpers import (
     lm_batch,
     lm_loss,
     run_ranks,

@@ -1,0 +1,212 @@
+"""MM1Model: image splicing shapes and limits, packed-row isolation, recompute, spec choice.
+
+Cases that build Megatron-Core modules run in fresh processes (`tests._procs.run_ranks`):
+parallel state and the CPU compatibility patches are process-global.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mm1_megatron.config import get_preset, set_field
+from mm1_megatron.runtime.backends import Backends
+from tests._procs import run_ranks
+
+
+def _cfg(**fields):
+    cfg = get_preset("tiny")
+    for key, value in fields.items():
+        set_field(cfg, key.replace("__", "."), value)
+    return cfg
+
+
+def _start(cfg):
+    from mm1_megatron.runtime import init_distributed
+
+    init_distributed(cfg.parallel, seed=0)
+
+
+def _row(cfg, n_images: int, length: int, first: int = 10):
+    """Token ids: `n_images` placeholder runs spaced by 3 text tokens, then text."""
+    import torch
+
+    k, image_id = cfg.connector.num_tokens, cfg.llm.image_token_id
+    ids = torch.arange(first, first + length) % (cfg.llm.vocab_size - 10) + 10
+    for i in range(n_images):
+        ids[1 + i * (k + 3): 1 + i * (k + 3) + k] = image_id
+    return ids
+
+
+# ----------------------------------------------------------------------------- shapes, limits
+
+
+def case_shapes_and_limits() -> dict:
+    import torch
+
+    from mm1_megatron.model.mm1 import MM1Model, document_attention_mask
+
+    # ViT at the real 378 px / patch 14 (27x27 grid), tiny width; 144 tokens per image.
+    cfg = _cfg(vision__image_size=378, connector__num_tokens=144, llm__num_layers=2,
+               data__seq_length=17 * 147 + 8, data__max_images_per_sequence=16)
+    _start(cfg)
+    out: dict = {"tokens": {}}
+    images = torch.randn(2, 3, 378, 378)
+    for kind in ("c_abstractor", "avg_pool", "attn_pool"):
+        set_field(cfg, "connector.type", kind)
+        torch.manual_seed(0)
+        model = MM1Model(cfg, use_te=False)
+        out["tokens"][kind] = list(model.encode_images(images).shape)
+
+    s = cfg.data.seq_length
+    rows = torch.stack([_row(cfg, n, s) for n in (0, 1, 16)])
+    pos = torch.arange(s).expand(3, -1)
+    mask = document_attention_mask(torch.zeros(3, s, dtype=torch.long))
+    loss = model(rows, pos, mask, torch.randn(17, 3, 378, 378), labels=rows.roll(-1, 1))
+    out["loss_shape"] = list(loss.shape)
+    out["finite"] = bool(torch.isfinite(loss).all())
+
+    def refused(ids, n_images):
+        try:
+            model(ids, pos[:1], mask[:1], torch.randn(n_images, 3, 378, 378))
+        except ValueError as err:
+            return str(err)
+        return None
+
+    out["over_limit"] = refused(_row(cfg, 17, s).unsqueeze(0), 17)
+    out["mismatch"] = refused(_row(cfg, 2, s).unsqueeze(0), 1)
+    return out
+
+
+def test_image_shapes_and_limits():
+    (r,) = run_ranks(__file__, "case_shapes_and_limits", timeout=600)
+    for kind, shape in r["tokens"].items():
+        assert shape == [2, 144, 64], kind  # 144 tokens at the LLM width, every connector
+    assert r["loss_shape"] == [3, 17 * 147 + 8] and r["finite"]  # rows with 0, 1, 16 images
+    assert r["over_limit"] == "row 0 holds 17 images; data.max_images_per_sequence=16"
+    assert r["mismatch"] == ("the batch has 288 image placeholder tokens but 1 images x 144 "
+                             "tokens")
+
+
+# ----------------------------------------------------------------------------- isolation
+
+
+def case_packed_isolation() -> dict:
+    import torch
+
+    from mm1_megatron.model.mm1 import MM1Model, document_attention_mask
+
+    cfg = _cfg()
+    _start(cfg)
+    torch.manual_seed(0)
+    model = MM1Model(cfg, use_te=False).eval()
+    s, img = cfg.data.seq_length, cfg.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, img, img, generator=g)
+    doc_a, doc_b = _row(cfg, 1, 40, first=7), _row(cfg, 0, 50, first=300)
+    pad = torch.zeros(s, dtype=torch.long)
+
+    def run(segments, images, docs_ids):
+        ids = torch.cat(segments + [pad[: s - sum(len(x) for x in segments)]]).unsqueeze(0)
+        docs = torch.cat([torch.full((len(x),), d) for x, d in zip(segments, docs_ids)]
+                         + [torch.full((s - sum(len(x) for x in segments),), 99)]).unsqueeze(0)
+        with torch.no_grad():
+            return model(ids, torch.arange(s).unsqueeze(0), document_attention_mask(docs),
+                         images)[0]
+
+    packed = run([doc_a, doc_b], image, [0, 1])
+    alone_a = run([doc_a], image, [0])
+    alone_b = run([doc_b], None, [0])
+    causal_only = run([doc_a, doc_b], image, [0, 0])  # one document: B sees A
+    return {
+        "a": float((packed[:40] - alone_a[:40]).abs().max()),
+        "b": float((packed[40:90] - alone_b[:50]).abs().max()),
+        "b_without_mask": float((causal_only[40:90] - alone_b[:50]).abs().max()),
+    }
+
+
+def test_packed_documents_do_not_see_each_other():
+    (r,) = run_ranks(__file__, "case_packed_isolation")
+    assert r["a"] == 0.0  # same positions: bitwise identical
+    assert r["b"] < 1e-4  # shifted by 40 positions: RoPE is relative, equal up to rounding
+    assert r["b_without_mask"] > 1e-2  # the check can fail: without the mask B sees A
+
+
+# ----------------------------------------------------------------------------- recompute
+
+
+def case_recompute_gradients() -> dict:
+    import torch
+
+    from mm1_megatron.model.mm1 import MM1Model, document_attention_mask
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    base = _cfg(llm__moe__num_experts=4, llm__moe__layer_freq=2)
+    _start(base)
+    s, img, k = base.data.seq_length, base.vision.image_size, base.connector.num_tokens
+    ids = torch.stack([_row(base, 2, s), _row(base, 0, s, first=50)])
+    images = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(1))
+    mask = document_attention_mask(torch.zeros(2, s, dtype=torch.long))
+    grads = {}
+    for mode in ("none", "selective", "full"):
+        cfg = _cfg(llm__moe__num_experts=4, llm__moe__layer_freq=2, llm__recompute=mode,
+                   vision__recompute=mode)
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        model = MM1Model(cfg, use_te=False)
+        loss = model(ids, torch.arange(s).expand(2, -1), mask, images, labels=ids.roll(-1, 1))
+        loss.mean().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()
+                       if p.grad is not None}
+    assert k > 0
+    ref = grads["none"]
+    return {mode: {"params": len(g), "max_diff": max(float((g[n] - ref[n]).abs().max())
+                                                      for n in ref)}
+            for mode, g in grads.items() if mode != "none"} | {"params": len(ref)}
+
+
+def test_recompute_gives_identical_gradients():
+    (r,) = run_ranks(__file__, "case_recompute_gradients")
+    for mode in ("selective", "full"):
+        assert r[mode]["params"] == r["params"] > 50  # every parameter got a gradient
+        assert r[mode]["max_diff"] < 1e-6, (mode, r[mode])
+
+
+# ----------------------------------------------------------------------------- specs, FP8
+
+
+def _backends(cuda: bool, te: bool, cc=(9, 0)) -> Backends:
+    return Backends(cuda_available=cuda, device_name="H100" if cuda else "cpu",
+                    compute_capability=cc if cuda else None, transformer_engine=te,
+                    transformer_engine_version="2.8" if te else None, apex=cuda,
+                    apex_fused_adam=cuda, fp8_capable=cuda and cc >= (8, 9))
+
+
+def test_layer_spec_choice():
+    from mm1_megatron.model.specs import use_transformer_engine
+
+    assert use_transformer_engine(_backends(cuda=True, te=True))
+    assert not use_transformer_engine(_backends(cuda=True, te=False))
+    assert not use_transformer_engine(_backends(cuda=False, te=False))
+    assert not use_transformer_engine()  # this CPU machine
+
+
+def test_vision_spec_is_bidirectional_and_megatrons_is_untouched():
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from mm1_megatron.model.specs import vision_layer_spec
+
+    ours = vision_layer_spec(use_te=False)
+    assert ours.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.no_mask
+    theirs = get_vit_layer_with_local_spec()
+    assert theirs.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.causal
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_switch_reaches_megatron_config(recipe):
+    from mm1_megatron.model.language import precision_kwargs
+
+    cfg = _cfg(train__precision="bf16", train__fp8="hybrid", train__fp8_recipe=recipe)
+    kwargs = precision_kwargs(cfg)
+    assert kwargs["fp8"] == "hybrid" and kwargs["fp8_recipe"] == recipe and kwargs["bf16"]
+    assert "fp8" not in precision_kwargs(_cfg(train__precision="bf16"))
