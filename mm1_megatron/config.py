@@ -53,7 +53,16 @@ class VisionConfig:
     ffn_hidden_size: int = 5120
     class_token: bool = True
     layernorm_eps: float = 1e-5
+    # Which layer's output feeds the connector: -1 the last, -2 the penultimate, or 1..N.
+    # Layers after it are not built.
+    feature_layer: int = -1
     recompute: Recompute = "none"
+    recompute_layers: int = 1  # full recompute: layers per checkpointed group
+
+    @property
+    def layers_built(self) -> int:
+        return self.feature_layer if self.feature_layer > 0 else \
+            self.num_layers + 1 + self.feature_layer
 
     @property
     def grid_size(self) -> int:
@@ -109,6 +118,7 @@ class LLMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     recompute: Recompute = "none"
+    recompute_layers: int = 1  # full recompute: layers per checkpointed group
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -455,6 +465,7 @@ def data_parallel_size(cfg: Config, environ: Optional[dict[str, str]] = None) ->
 
 
 _MAY_BE_ZERO = {"train.warmup_steps"}
+_SIGNED = {"vision.feature_layer"}  # checked by its own rule
 
 
 def _validate_positive(cfg: Config) -> None:
@@ -462,7 +473,7 @@ def _validate_positive(cfg: Config) -> None:
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
             value, name = getattr(obj, f.name), f"{section}.{f.name}"
-            if isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(value, int) and not isinstance(value, bool) and name not in _SIGNED:
                 floor = 0 if name in _MAY_BE_ZERO else 1
                 _require(value >= floor, name, f"must be >= {floor}, got {value}")
 
@@ -473,6 +484,8 @@ def _validate_model(cfg: Config) -> None:
              f"{v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
     _require(v.hidden_size % v.num_attention_heads == 0, "vision.num_attention_heads",
              f"{v.num_attention_heads} does not divide vision.hidden_size={v.hidden_size}")
+    _require(1 <= v.layers_built <= v.num_layers, "vision.feature_layer",
+             f"{v.feature_layer} is not a layer of the {v.num_layers}-layer encoder")
     if c.type in ("c_abstractor", "avg_pool"):
         _require(c.grid_size**2 == c.num_tokens, "connector.num_tokens",
                  f"{c.num_tokens} is not a square; {c.type} pools the patch grid to n x n")

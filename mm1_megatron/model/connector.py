@@ -83,6 +83,14 @@ class CAbstractor(nn.Module):
         self.stage_out = nn.Sequential(*[BottleneckBlock(channels, channels) for _ in range(depth)])
         self.readout = _readout(channels, llm_hidden, mlp_depth)
 
+    def resize_position_grid(self, grid: int) -> None:
+        """Interpolate the patch-grid position embedding for another input resolution."""
+        if self.pos_emb is not None:
+            from mm1_megatron.model.vision import interpolate_position_grid
+
+            table = interpolate_position_grid(self.pos_emb.data[0], 0, grid)
+            self.pos_emb = nn.Parameter(table.unsqueeze(0))
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         if self.pos_emb is not None:
             patches = patches + self.pos_emb

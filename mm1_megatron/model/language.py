@@ -23,10 +23,12 @@ def precision_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
-def recompute_kwargs(mode: Recompute) -> dict:
+def recompute_kwargs(mode: Recompute, layers: int) -> dict:
+    """Megatron-Core activation recomputation: `selective` re-runs core attention only,
+    `full` checkpoints groups of `layers` transformer layers."""
     if mode == "full":
         return dict(recompute_granularity="full", recompute_method="uniform",
-                    recompute_num_layers=1)
+                    recompute_num_layers=layers)
     if mode == "selective":
         return dict(recompute_granularity="selective")
     return {}
@@ -66,7 +68,7 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
         calculate_per_token_loss=True,  # one objective whatever the DP size / micro-batching
         **parallel_kwargs(cfg, decoder=True),
         **precision_kwargs(cfg),
-        **recompute_kwargs(llm.recompute),
+        **recompute_kwargs(llm.recompute, llm.recompute_layers),
     )
     if moe.num_experts > 0:
         # Megatron-Core 0.16.1, calculate_per_token_loss: the router scales its aux and z-loss

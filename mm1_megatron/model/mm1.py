@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from mm1_megatron.config import Config
 from mm1_megatron.model.connector import build_connector
 from mm1_megatron.model.language import build_decoder
-from mm1_megatron.model.vision import build_vision_encoder
+from mm1_megatron.model.vision import build_vision_encoder, resize_vision_encoder
 
 
 class MM1Model(MegatronModule):
@@ -34,6 +34,7 @@ class MM1Model(MegatronModule):
         # The encoder and connector live on the first pipeline stage only.
         self.vision = build_vision_encoder(cfg, use_te) if pre_process else None
         self.connector = build_connector(cfg) if pre_process else None
+        self.image_size = cfg.vision.image_size
         self.language_model = decoder  # not `decoder`: schedules read that as a TransformerBlock
 
     # finalize_model_grads looks these up on the module that has `pre_process` (this one) to
@@ -50,6 +51,15 @@ class MM1Model(MegatronModule):
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
         self.language_model.set_input_tensor(input_tensor)
+
+    def resize_images(self, image_size: int) -> None:
+        """Take `image_size` inputs from now on (e.g. 672 px sub-images for high-res SFT):
+        the ViT's and the connector's position tables are interpolated. Token count stays
+        `connector.num_tokens` (the grid connectors pool adaptively; attn_pool has queries)."""
+        resize_vision_encoder(self.vision, image_size)
+        if hasattr(self.connector, "resize_position_grid"):
+            self.connector.resize_position_grid(image_size // self.cfg.vision.patch_size)
+        self.image_size = image_size
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, num_tokens, llm_hidden]."""
@@ -76,8 +86,7 @@ class MM1Model(MegatronModule):
         if num_images == 0:
             # Every rank must run the encoder: its TP collectives and the gradient
             # all-reduce would otherwise differ between ranks with and without images.
-            size = self.cfg.vision.image_size
-            blank = embeddings.new_zeros(1, 3, size, size)
+            blank = embeddings.new_zeros(1, 3, self.image_size, self.image_size)
             return embeddings + 0.0 * self.encode_images(blank).sum()
         image_tokens = self.encode_images(images).to(embeddings.dtype)
         rows_first = embeddings.transpose(0, 1)  # [b, s, h]; masked_scatter fills in row order

@@ -60,7 +60,7 @@ def vision_params(v: VisionConfig) -> int:
     h, cls = v.hidden_size, int(v.class_token)
     patch_embed = 3 * v.patch_size**2 * h  # conv, no bias (CLIP)
     positions = (v.num_patches + cls) * h
-    return patch_embed + positions + cls * h + 2 * h + v.num_layers * vision_layer_params(v)
+    return patch_embed + positions + cls * h + 2 * h + v.layers_built * vision_layer_params(v)
 
 
 def bottleneck_params(c_in: int, c_out: int) -> int:

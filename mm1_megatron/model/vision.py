@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -15,7 +18,7 @@ from mm1_megatron.model.specs import vision_layer_spec
 def vision_transformer_config(cfg: Config) -> TransformerConfig:
     v = cfg.vision
     return TransformerConfig(
-        num_layers=v.num_layers,
+        num_layers=v.layers_built,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size,
@@ -28,7 +31,7 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
         # The encoder lives whole on the first pipeline stage.
         **parallel_kwargs(cfg, decoder=False),
         **precision_kwargs(cfg),
-        **recompute_kwargs(v.recompute),
+        **recompute_kwargs(v.recompute, v.recompute_layers),
     )
 
 
@@ -47,3 +50,41 @@ def build_vision_encoder(cfg: Config, use_te: bool) -> CLIPViTModel:
         model_subtype="clip",
         **extra,
     )
+
+
+def interpolate_position_grid(table: torch.Tensor, prefix_tokens: int,
+                              new_grid: int) -> torch.Tensor:
+    """[prefix + g*g, d] learned positions -> [prefix + new_grid**2, d], bicubic on the grid.
+
+    The prefix (class token) rows are kept as they are. Used for higher resolutions (SFT at
+    672 px) and by checkpoint import when the source was trained at another size.
+    """
+    prefix, grid_rows = table[:prefix_tokens], table[prefix_tokens:]
+    old_grid = math.isqrt(grid_rows.shape[0])
+    if old_grid == new_grid:
+        return table.clone()
+    dim = grid_rows.shape[1]
+    grid = grid_rows.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim).to(table.dtype)
+    return torch.cat([prefix, grid])
+
+
+def resize_vision_encoder(encoder: CLIPViTModel, image_size: int) -> None:
+    """Let a built encoder take `image_size` inputs by interpolating its position table."""
+    if image_size % encoder.patch_dim:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size "
+                         f"{encoder.patch_dim}")
+    prefix = encoder.class_token_len if encoder.add_class_token else 0
+    grid = image_size // encoder.patch_dim
+    old = encoder.position_embeddings.weight
+    table = interpolate_position_grid(old.detach(), prefix, grid)
+    encoder.position_embeddings = torch.nn.Embedding(table.shape[0], table.shape[1],
+                                                     dtype=old.dtype, device=old.device)
+    with torch.no_grad():
+        encoder.position_embeddings.weight.copy_(table)
+    encoder.img_h = encoder.img_w = image_size
+    encoder.num_patches_per_dim_h = encoder.num_patches_per_dim_w = grid
+    encoder.num_patches = grid * grid
+    encoder.seq_length = encoder.num_patches + prefix
+    encoder.position_ids = torch.arange(encoder.seq_length, device=old.device).expand(1, -1)

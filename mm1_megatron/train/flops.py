@@ -35,7 +35,7 @@ def vision_forward_flops(v: VisionConfig) -> int:
     n, h, f = v.num_patches + int(v.class_token), v.hidden_size, v.ffn_hidden_size
     patch_embed = 2 * v.num_patches * 3 * v.patch_size**2 * h
     per_layer = 2 * n * (4 * h * h + 2 * h * f) + 4 * n * n * h
-    return patch_embed + v.num_layers * per_layer
+    return patch_embed + v.layers_built * per_layer
 
 
 def bottleneck_forward_flops(c_in: int, c_out: int, positions: int) -> int:

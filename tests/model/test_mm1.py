@@ -210,3 +210,55 @@ def test_fp8_switch_reaches_megatron_config(recipe):
     kwargs = precision_kwargs(cfg)
     assert kwargs["fp8"] == "hybrid" and kwargs["fp8_recipe"] == recipe and kwargs["bf16"]
     assert "fp8" not in precision_kwargs(_cfg(train__precision="bf16"))
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def case_resize_and_feature_layer() -> dict:
+    import torch
+
+    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.params import count_params
+    from mm1_megatron.model.vision import interpolate_position_grid
+
+    out: dict = {}
+    cfg = _cfg(vision__feature_layer=-2)
+    _start(cfg)
+    torch.manual_seed(0)
+    model = MM1Model(cfg, use_te=False)
+    out["vision_layers"] = len(model.vision.decoder.layers)
+    out["vision_params"] = [sum(p.numel() for p in model.vision.parameters()),
+                            count_params(cfg).vision]
+    table = model.vision.position_embeddings.weight.detach().clone()
+    out["same_size_identity"] = bool(torch.equal(interpolate_position_grid(table, 1, 6), table))
+    # A field linear in the grid coordinates stays linear in the interior after bicubic
+    # upsampling (6x6 -> 12x12): checks the grid is reshaped row-major, not scrambled.
+    ramp = torch.arange(6.0).repeat(6).unsqueeze(1)  # x coordinate of each row-major cell
+    up = interpolate_position_grid(ramp, 0, 12).reshape(12, 12)
+    out["ramp_rows_equal"] = bool(torch.allclose(up[3], up[8]))
+    out["ramp_increasing"] = bool((up[5, 3:9].diff() > 0).all())
+    model.resize_images(168)
+    out["tokens_168"] = list(model.encode_images(torch.randn(2, 3, 168, 168)).shape)
+    out["position_rows"] = model.vision.position_embeddings.weight.shape[0]
+    out["class_row_kept"] = bool(torch.equal(model.vision.position_embeddings.weight[0],
+                                             table[0]))
+    return out
+
+
+def test_resize_for_higher_resolution_and_feature_layer():
+    (r,) = run_ranks(__file__, "case_resize_and_feature_layer")
+    assert r["vision_layers"] == 1  # feature_layer=-2 of 2: the last layer is not built
+    assert r["vision_params"][0] == r["vision_params"][1]
+    assert r["same_size_identity"] and r["ramp_rows_equal"] and r["ramp_increasing"]
+    assert r["tokens_168"] == [2, 9, 64]  # 12x12 patches still give 3x3 = 9 tokens
+    assert r["position_rows"] == 1 + 144 and r["class_row_kept"]
+
+
+@pytest.mark.parametrize("value", [0, -3, 3])
+def test_feature_layer_must_exist(value):
+    from mm1_megatron.config import ConfigError, validate
+
+    cfg = _cfg(vision__feature_layer=value)
+    with pytest.raises(ConfigError, match="vision.feature_layer"):
+        validate(cfg, environ={})

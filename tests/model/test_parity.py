@@ -55,11 +55,16 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("connector", CONNECTORS)
+# Connector-independent variants run once, with the default C-Abstractor.
+EXTRA = {"ep2_allgather": (2, ["parallel.ep=2", "llm.moe.dispatcher=allgather"])}
+CASES = [(c, layout) for c in CONNECTORS for layout in LAYOUTS] + \
+    [("c_abstractor", layout) for layout in EXTRA]
+
+
+@pytest.mark.parametrize("connector, layout", CASES)
 def test_layout_matches_single_process(references, tmp_path, connector, layout):
     ckpt, reference = references(connector)
-    nproc, overrides = LAYOUTS[layout]
+    nproc, overrides = {**LAYOUTS, **EXTRA}[layout]
     history = torchrun(nproc, tmp_path / "run.json", ckpt, f"connector.type={connector}",
                        *overrides)
     assert len(history) == len(reference) == 3

@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizer, shards, DALI images, packing, mixture."""

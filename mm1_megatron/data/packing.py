@@ -1,0 +1,183 @@
+"""Pack tokenized documents into fixed-length rows with at most N images each.
+
+A document is a flat list of text token ids in which `IMAGE` (-1) marks one image; packing
+expands every image into `tokens_per_image` placeholder ids (`llm.image_token_id`), which
+the model overwrites with that image's connector outputs.
+
+Rules (deterministic, order-preserving):
+1. A document longer than a row is split into chunks of at most `seq_length` positions; a
+   split never cuts through an image's placeholder run.
+2. A chunk keeps at most `max_images` images: images past the limit are dropped from the
+   chunk's tail (their text stays). Drops are counted.
+3. Chunks are placed greedily in order: a chunk joins the open row if its positions and images
+   fit, otherwise the open row is closed (padded) and a new one starts.
+Labels are the next token within the same chunk; loss is off where the target is an image
+placeholder, on each chunk's last position (no target across a boundary) and on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+IMAGE = -1  # marks one image inside a document's token list
+PAD_DOCUMENT = -1  # document id of padding positions
+
+
+@dataclass
+class Document:
+    doc_id: int  # global sample id (stable across resumes)
+    source: int  # mixture source index (per-source loss reporting)
+    tokens: list[int]  # text ids with IMAGE markers
+    images: list[Any] = field(default_factory=list)  # one payload per IMAGE, in order
+
+    def __post_init__(self) -> None:
+        markers = sum(1 for t in self.tokens if t == IMAGE)
+        if markers != len(self.images):
+            raise ValueError(f"document {self.doc_id}: {markers} image markers but "
+                             f"{len(self.images)} images")
+
+
+@dataclass
+class Chunk:
+    doc_id: int
+    source: int
+    tokens: list[int]  # IMAGE markers kept (not yet expanded)
+    images: list[Any]
+    length: int  # positions once images are expanded
+
+
+@dataclass
+class PackedRow:
+    tokens: torch.Tensor  # [s] long
+    labels: torch.Tensor  # [s] long
+    loss_mask: torch.Tensor  # [s] float
+    document_ids: torch.Tensor  # [s] long, PAD_DOCUMENT on padding
+    sources: torch.Tensor  # [s] long, source of each position, -1 on padding
+    images: list[Any]  # payloads in placeholder order
+    doc_ids: list[int]  # documents (chunks) in the row, in order
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.document_ids != PAD_DOCUMENT).sum())
+
+
+@dataclass
+class PackingStats:
+    rows: int = 0
+    real_tokens: int = 0
+    slots: int = 0
+    chunks_split: int = 0  # documents cut into more than one chunk
+    images_dropped: int = 0
+
+    @property
+    def efficiency(self) -> float:
+        """Share of token slots that carry real tokens."""
+        return self.real_tokens / self.slots if self.slots else 0.0
+
+
+class Packer:
+    def __init__(self, seq_length: int, tokens_per_image: int, max_images: int,
+                 image_token_id: int, pad_id: int = 0):
+        if tokens_per_image >= seq_length:
+            raise ValueError(f"one image ({tokens_per_image} tokens) does not fit a row of "
+                             f"{seq_length}")
+        self.seq_length, self.k = seq_length, tokens_per_image
+        self.max_images, self.image_token_id, self.pad_id = max_images, image_token_id, pad_id
+        self.open: list[Chunk] = []
+        self.stats = PackingStats()
+
+    # -- chunking ------------------------------------------------------------------------
+    def chunks(self, doc: Document) -> list[Chunk]:
+        pieces: list[list[int]] = [[]]
+        lengths = [0]
+        for token in doc.tokens:
+            width = self.k if token == IMAGE else 1
+            if lengths[-1] + width > self.seq_length:
+                pieces.append([])
+                lengths.append(0)
+            pieces[-1].append(token)
+            lengths[-1] += width
+        images = iter(doc.images)
+        out = []
+        for piece in pieces:
+            kept, payloads, dropped = [], [], 0
+            for token in piece:
+                if token == IMAGE:
+                    payload = next(images)
+                    if len(payloads) == self.max_images:
+                        dropped += 1
+                        continue
+                    payloads.append(payload)
+                kept.append(token)
+            self.stats.images_dropped += dropped
+            length = sum(self.k if t == IMAGE else 1 for t in kept)
+            if length:
+                out.append(Chunk(doc.doc_id, doc.source, kept, payloads, length))
+        if len(out) > 1:
+            self.stats.chunks_split += 1
+        return out
+
+    # -- packing -------------------------------------------------------------------------
+    def fits(self, chunk: Chunk) -> bool:
+        used = sum(c.length for c in self.open)
+        images = sum(len(c.images) for c in self.open)
+        return used + chunk.length <= self.seq_length and \
+            images + len(chunk.images) <= self.max_images
+
+    def add(self, doc: Document) -> list[PackedRow]:
+        """Add one document; return the rows it closed (usually none or one)."""
+        done = []
+        for chunk in self.chunks(doc):
+            if self.open and not self.fits(chunk):
+                done.append(self.close_row())
+            self.open.append(chunk)
+        return done
+
+    def flush(self) -> Optional[PackedRow]:
+        return self.close_row() if self.open else None
+
+    def pack(self, docs: Iterable[Document]) -> Iterator[PackedRow]:
+        for doc in docs:
+            yield from self.add(doc)
+        last = self.flush()
+        if last is not None:
+            yield last
+
+    def close_row(self) -> PackedRow:
+        s = self.seq_length
+        tokens = torch.full((s,), self.pad_id, dtype=torch.long)
+        doc_ids = torch.full((s,), PAD_DOCUMENT, dtype=torch.long)
+        sources = torch.full((s,), -1, dtype=torch.long)
+        loss_mask = torch.zeros(s)
+        labels = torch.full((s,), self.pad_id, dtype=torch.long)
+        images: list[Any] = []
+        cursor = 0
+        for index, chunk in enumerate(self.open):
+            start = cursor
+            for token in chunk.tokens:
+                if token == IMAGE:
+                    tokens[cursor:cursor + self.k] = self.image_token_id
+                    cursor += self.k
+                else:
+                    tokens[cursor] = token
+                    cursor += 1
+            images += chunk.images
+            # Unique id per chunk in the row: a split document's pieces are separate rows'
+            # documents anyway, and neighbours must never attend to each other.
+            doc_ids[start:cursor] = index
+            sources[start:cursor] = chunk.source
+            labels[start:cursor - 1] = tokens[start + 1:cursor]
+            # The last placeholder of an image predicts the first caption token (LLaVA-style);
+            # only targets that are placeholders carry no loss.
+            loss_mask[start:cursor] = (labels[start:cursor] != self.image_token_id).float()
+            loss_mask[cursor - 1] = 0.0  # no target across the boundary
+        row = PackedRow(tokens, labels, loss_mask, doc_ids, sources, images,
+                        [c.doc_id for c in self.open])
+        self.open = []
+        self.stats.rows += 1
+        self.stats.real_tokens += cursor
+        self.stats.slots += s
+        return row
