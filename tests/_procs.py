@@ -112,3 +112,14 @@ if __name__ == "__main__":
     # The guard matters: dist_checkpointing.save starts a spawn-context Manager whose child
     # re-imports the main module.
     _main()
+
+
+def torchrun(script: Path, nproc: int, *args: str, timeout: float = 600.0) -> None:
+    """Run `script` under torchrun with `nproc` gloo ranks; fail with its stderr tail."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                         cwd=str(REPO))
+    assert run.returncode == 0, f"{script.name} {' '.join(args)}\n{run.stderr[-4000:]}"

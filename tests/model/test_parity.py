@@ -8,11 +8,11 @@ step 1 has no image at all.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._procs import torchrun
 
 WORKER = Path(__file__).with_name("_parity_worker.py")
 CONNECTORS = ["c_abstractor", "avg_pool", "attn_pool"]
@@ -25,14 +25,10 @@ LAYOUTS = {
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
 }
 TOLERANCE = 1e-5
-_PORTS = iter(range(29700, 29800))
 
 
-def torchrun(nproc: int, out: Path, ckpt: Path, *args: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={next(_PORTS)}", str(WORKER), str(out), str(ckpt), *args]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+def run_worker(nproc: int, out: Path, ckpt: Path, *args: str) -> list[dict]:
+    torchrun(WORKER, nproc, str(out), str(ckpt), *args)
     return json.loads(out.read_text())
 
 
@@ -43,7 +39,7 @@ def references(tmp_path_factory) -> dict:
     def get(connector: str) -> tuple[Path, list[dict]]:
         if connector not in cache:
             root = tmp_path_factory.mktemp(f"ref_{connector}")
-            history = torchrun(1, root / "ref.json", root / "ckpt", "--save-init",
+            history = run_worker(1, root / "ref.json", root / "ckpt", "--save-init",
                                f"connector.type={connector}")
             cache[connector] = (root / "ckpt", history)
         return cache[connector]
@@ -65,7 +61,7 @@ CASES = [(c, layout) for c in CONNECTORS for layout in LAYOUTS] + \
 def test_layout_matches_single_process(references, tmp_path, connector, layout):
     ckpt, reference = references(connector)
     nproc, overrides = {**LAYOUTS, **EXTRA}[layout]
-    history = torchrun(nproc, tmp_path / "run.json", ckpt, f"connector.type={connector}",
+    history = run_worker(nproc, tmp_path / "run.json", ckpt, f"connector.type={connector}",
                        *overrides)
     assert len(history) == len(reference) == 3
     worst = 0.0

@@ -1,0 +1,557 @@
+"""Webdataset shards for the three sample kinds: schema, writer, index, random-access reader.
+
+Schema (one dataset folder per kind; members of a sample share KEY, the text before the first
+dot, as webdataset groups them; KEY holds no dot)::
+
+    caption      KEY.json  {"text": "a caption"}            KEY.<ext>  the image
+    interleaved  KEY.json  {"segments": [{"text": "..."}, {"image": "img0.jpg"},
+                                         {"text": "..."}, {"image": "img1.png"}, ...]}
+                 KEY.img0.jpg, KEY.img1.png, ...  (image j is named img<j>.<ext>, j = 0, 1, ...
+                 in document order; the json names it, the tar holds it)
+    text         KEY.json  {"text": "a document"}
+
+<ext> is one of jpg, png, webp, bmp, gif, tiff (lower case). The json may carry an "id" (the
+source record's id) that readers ignore. Our writer uses KEY = 9-digit global sample index.
+
+Folder layout::
+
+    DIR/shard-000000.tar, shard-000001.tar, ...
+    DIR/manifest.json   {"format": 1, "kind", "shards": [{"name", "samples", "bytes",
+                         "sha256"}], "samples", "bytes", "images", "bad": {reason: n},
+                         "text_chars", "text_tokens" (null without tokenizer),
+                         "tokenizer": {"path", "sha256", "vocab_size"} | null}
+    DIR/index/samples.npy   one row per sample, numpy structured array (SAMPLE_DTYPE), mmap-able
+    DIR/index/images.npy    one row per image (IMAGE_DTYPE); samples[i] owns
+                            images[image_start : image_start + num_images]
+
+Sample i is the i-th sample of the shards in name order. The index holds, per sample: shard
+number, key, the byte offset and size of its json and of each image member inside the tar
+(TarInfo.offset_data / size), the number of images, text length in characters, text tokens
+(-1 without a tokenizer) and `bad`: 0, or the BAD_REASONS code found while indexing (then
+`bad_member` is -1 for the json or the image number). A packer plans rows from the index alone;
+a reader seeks straight to the members of the samples it owns.
+
+Bad samples are kept in the index (so sample numbering never depends on validation) and
+`read(i)` raises `BadSample(shard, member, reason)`; callers skip and count them
+(`SkipCounter`). A shard missing, unreadable, or whose size (always) or sha256 (`verify=True`)
+differs from the manifest fails `open_dataset` with an error naming it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+KINDS = ("caption", "interleaved", "text")
+IMAGE_EXTS = ("jpg", "png", "webp", "bmp", "gif", "tiff")
+_EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}
+# Reason codes; 0 is "good". "undecodable_image" is raised by the image decoder (images.py),
+# listed here so every skip is counted under one vocabulary.
+BAD_REASONS = ("truncated", "bad_json", "missing_image", "zero_byte_image", "empty_text",
+               "images_only", "undecodable_image")
+FORMAT = 1
+KEY_BYTES = 48
+
+SAMPLE_DTYPE = np.dtype([
+    ("shard", "<i4"), ("key", f"S{KEY_BYTES}"), ("json_offset", "<i8"), ("json_size", "<i8"),
+    ("image_start", "<i8"), ("num_images", "<i4"), ("text_chars", "<i8"),
+    ("text_tokens", "<i8"), ("bad", "u1"), ("bad_member", "<i4"),
+])
+# offset -1: the json names the image but the tar lacks the member.
+IMAGE_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("ext", "u1")])
+
+
+class BadSample(Exception):
+    """One sample that cannot be used; skip it and count `reason`."""
+
+    def __init__(self, shard: str, member: str, reason: str, detail: str = "") -> None:
+        self.shard, self.member, self.reason, self.detail = shard, member, reason, detail
+        super().__init__(f"{shard}: {member}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be used at all (missing/unreadable shard, manifest mismatch)."""
+
+
+@dataclass
+class Sample:
+    key: str
+    kind: str
+    # In order: a str is a text segment, an int j is image j. Caption pairs: [0, text].
+    segments: list[Union[str, int]]
+    images: list[bytes]  # raw encoded bytes, in order; empty when read with images=False
+    image_exts: list[str]
+    index: int = -1  # global sample number
+
+    @property
+    def texts(self) -> list[str]:
+        return [s for s in self.segments if isinstance(s, str)]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_exts)
+
+
+@dataclass
+class SkipCounter:
+    """Per-reason counts of skipped samples; logs each (shard, member) once."""
+
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    log: Optional[Callable[[str], None]] = print
+    _seen: set = field(default_factory=set)
+
+    def add(self, err: BadSample) -> None:
+        self.counts[err.reason] += 1
+        if self.log is not None and (err.shard, err.member) not in self._seen:
+            self._seen.add((err.shard, err.member))
+            self.log(f"skipping bad sample: {err}")
+
+
+def normalize_ext(name: str) -> str:
+    ext = name.rsplit(".", 1)[-1].lower()
+    return _EXT_ALIASES.get(ext, ext)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation of one sample's json (shared by the writer, the indexer and the reader)
+# ------------------------------------------------------------------------------------------
+
+
+def parse_sample_json(kind: str, raw: bytes) -> tuple[list[Union[str, int]], list[str]]:
+    """json bytes -> (segments, image names relative to KEY). Raises ValueError(reason, detail)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError("bad_json", str(e).split(":")[0]) from None
+    if not isinstance(obj, dict):
+        raise ValueError("bad_json", "not an object")
+    if kind in ("caption", "text"):
+        text = obj.get("text")
+        if not isinstance(text, str):
+            raise ValueError("bad_json", "field 'text' missing or not a string")
+        if not text.strip():
+            raise ValueError("empty_text", "field 'text'")
+        return ([0, text] if kind == "caption" else [text]), []
+    segs = obj.get("segments")
+    if not isinstance(segs, list) or not segs:
+        raise ValueError("bad_json", "field 'segments' missing or not a non-empty list")
+    out: list[Union[str, int]] = []
+    names: list[str] = []
+    for n, seg in enumerate(segs):
+        if isinstance(seg, dict) and len(seg) == 1 and isinstance(seg.get("text"), str):
+            if not seg["text"].strip():
+                raise ValueError("empty_text", f"segments[{n}]")
+            out.append(seg["text"])
+        elif isinstance(seg, dict) and len(seg) == 1 and isinstance(seg.get("image"), str):
+            name, j = seg["image"], len(names)
+            if name.lower() != f"img{j}.{normalize_ext(name)}" or \
+                    normalize_ext(name) not in IMAGE_EXTS:
+                raise ValueError("bad_json", f"segments[{n}]: image {name!r} must be named "
+                                 f"img{j}.<{'|'.join(IMAGE_EXTS)}>")
+            out.append(j)
+            names.append(name)
+        else:
+            raise ValueError("bad_json", f"segments[{n}] is not {{'text': str}} or "
+                             "{'image': str}")
+    if not any(isinstance(s, str) for s in out):
+        raise ValueError("images_only", "no text segment")
+    return out, names
+
+
+# ------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawSample:
+    """Input to `write_dataset`: segments as in `Sample` plus (ext, bytes) per image."""
+
+    segments: list[Union[str, int]]
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    source_id: Optional[str] = None
+
+
+def _members(kind: str, key: str, s: RawSample) -> dict[str, bytes]:
+    """Schema encoding of one sample: {suffix: bytes} (webdataset: member = KEY.suffix)."""
+    if kind == "caption":
+        if len(s.images) != 1 or len(s.segments) != 2 or s.segments[0] != 0:
+            raise ValueError(f"{key}: a caption pair is [image 0, text]")
+        ext, data = s.images[0]
+        obj: dict = {"text": s.segments[1]}
+        members = {ext: data}
+    elif kind == "text":
+        obj, members = {"text": s.segments[0]}, {}
+    else:
+        obj, members = {"segments": []}, {}
+        for seg in s.segments:
+            if isinstance(seg, str):
+                obj["segments"].append({"text": seg})
+            else:
+                ext, data = s.images[seg]
+                name = f"img{len(members)}.{ext}"
+                obj["segments"].append({"image": name})
+                members[name] = data
+    if s.source_id is not None:
+        obj["id"] = s.source_id
+    members["json"] = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return members
+
+
+def write_dataset(samples: Iterable[RawSample], output: Union[str, Path], kind: str, *,
+                  shard_size_mb: float = 64.0, tokenizer=None, progress: bool = False,
+                  total: Optional[int] = None) -> dict:
+    """Write samples into size-targeted shards, then manifest and index. Returns the manifest.
+
+    A shard is closed before the sample that would take it past the target (a sample larger
+    than the target gets a shard of its own). Deterministic: fixed mtime/owner in the tar.
+    """
+    import webdataset as wds
+
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard-*.tar"):
+        old.unlink()  # a re-run must not leave stale shards behind
+    target = int(shard_size_mb * 2**20)
+    writer, written, shard_no, n = None, 0, -1, 0
+    bar = _progress(progress, total, f"writing {kind}")
+    try:
+        for s in samples:
+            key = f"{n:09d}"
+            members = _members(kind, key, s)
+            size = sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
+            if writer is None or (written and written + size > target):
+                if writer is not None:
+                    writer.close()
+                shard_no += 1
+                writer = wds.TarWriter(str(out / f"shard-{shard_no:06d}.tar"), encoder=False,
+                                       mtime=0, user="mm1", group="mm1")
+                written = 0
+            writer.write({"__key__": key, **members})
+            written += size
+            n += 1
+            bar.update(1)
+    finally:
+        if writer is not None:
+            writer.close()
+        bar.close()
+    return index_dataset(out, kind, tokenizer=tokenizer, progress=progress)
+
+
+def _progress(enabled: bool, total: Optional[int], desc: str):
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="sample")
+
+    class _Null:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+    return _Null()
+
+
+# ------------------------------------------------------------------------------------------
+# Indexing (also works on webdataset shards written by other tools, if they follow the schema)
+# ------------------------------------------------------------------------------------------
+
+
+def _scan_tar(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], Optional[str]]:
+    """Members grouped by key in tar order; plus the key cut by truncation, if any."""
+    file_size = path.stat().st_size
+    groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    cut: Optional[str] = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                key, _, suffix = base.partition(".")
+                key = info.name[: len(info.name) - len(base)] + key
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1][suffix] = (info.offset_data, info.size)
+                if info.offset_data + info.size > file_size:
+                    cut = key  # tarfile lists a header whose data the file no longer holds
+                    break
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        if not groups:
+            raise DatasetError(f"{path}: cannot read as a tar file ({e})") from None
+        cut = groups[-1][0]  # the sample being read when the archive broke
+    return groups, cut
+
+
+def _read_at(f, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
+                  progress: bool = False) -> dict:
+    """Scan DIR/*.tar (name order) and write index/ and manifest.json; returns the manifest."""
+    folder = Path(folder)
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise DatasetError(f"{folder}: no .tar shards")
+    rows, images = [], []
+    shard_entries, bad = [], collections.Counter()
+    text_chars = text_tokens = 0
+    bar = _progress(progress, None, f"indexing {folder.name}")
+    for shard_no, path in enumerate(shards):
+        groups, cut = _scan_tar(path)
+        with open(path, "rb") as f:
+            for key, members in groups:
+                if len(key.encode()) > KEY_BYTES:
+                    raise DatasetError(f"{path}: key {key!r} is longer than {KEY_BYTES} bytes")
+                row = dict(shard=shard_no, key=key.encode(), json_offset=-1, json_size=0,
+                           image_start=len(images), num_images=0, text_chars=0,
+                           text_tokens=-1 if tokenizer is None else 0, bad=0, bad_member=-1)
+                reason, member = _index_sample(kind, key, members, f, cut == key, row, images,
+                                               tokenizer)
+                if reason:
+                    row["bad"], row["bad_member"] = BAD_REASONS.index(reason) + 1, member
+                    bad[reason] += 1
+                else:
+                    text_chars += row["text_chars"]
+                    text_tokens += max(row["text_tokens"], 0)
+                rows.append(tuple(row[name] for name in SAMPLE_DTYPE.names))
+                bar.update(1)
+        shard_entries.append({"name": path.name, "samples": len(groups),
+                              "bytes": path.stat().st_size, "sha256": _sha256(path)})
+    bar.close()
+    (folder / "index").mkdir(exist_ok=True)
+    np.save(folder / "index" / "samples.npy", np.array(rows, dtype=SAMPLE_DTYPE))
+    np.save(folder / "index" / "images.npy", np.array(images, dtype=IMAGE_DTYPE))
+    manifest = {
+        "format": FORMAT, "kind": kind, "shards": shard_entries,
+        "samples": len(rows), "bytes": sum(s["bytes"] for s in shard_entries),
+        "images": len(images), "bad": dict(sorted(bad.items())),
+        "text_chars": text_chars, "text_tokens": None if tokenizer is None else text_tokens,
+        "tokenizer": None if tokenizer is None else {
+            "path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size,
+            "sha256": hashlib.sha256(tokenizer.__getstate__()["proto"]).hexdigest()},
+        "index": {"samples": "index/samples.npy", "images": "index/images.npy"},
+        "image_exts": list(IMAGE_EXTS), "bad_reasons": list(BAD_REASONS),
+    }
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(folder / "manifest.json")  # atomic: a reader never sees half a manifest
+    return manifest
+
+
+def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: dict,
+                  images: list, tokenizer) -> tuple[Optional[str], int]:
+    if "json" not in members:
+        return ("truncated", -1) if truncated else ("bad_json", -1)
+    row["json_offset"], row["json_size"] = members["json"]
+    if truncated and row["json_offset"] + row["json_size"] > _file_size(f):
+        return "truncated", -1
+    try:
+        segments, names = parse_sample_json(kind, _read_at(f, *members["json"]))
+    except ValueError as e:
+        return e.args[0], -1
+    if kind == "caption":
+        found = [s for s in members if s in IMAGE_EXTS or normalize_ext(s) in IMAGE_EXTS
+                 and "." not in s]
+        names = found[:1] if found else ["jpg"]
+        if not found:
+            images.append((-1, 0, 0))
+            row["num_images"] = 1
+            return "missing_image", 0
+    texts = [s for s in segments if isinstance(s, str)]
+    row["text_chars"] = sum(len(t) for t in texts)
+    if tokenizer is not None:
+        row["text_tokens"] = sum(tokenizer.count(t) for t in texts)
+    row["num_images"] = len(names)
+    problem: tuple[Optional[str], int] = (None, -1)
+    for j, name in enumerate(names):
+        offset, size = members.get(name, (-1, 0))
+        images.append((offset, size, IMAGE_EXTS.index(normalize_ext(name))))
+        if problem[0]:
+            continue
+        if offset < 0:
+            problem = ("truncated" if truncated else "missing_image", j)
+        elif offset + size > _file_size(f):
+            problem = ("truncated", j)
+        elif size == 0:
+            problem = ("zero_byte_image", j)
+    if problem[0] is None and truncated:
+        problem = ("truncated", -1)
+    return problem
+
+
+def _file_size(f) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------
+
+
+class ShardDataset:
+    """Random access to one prepared dataset folder. Picklable; file handles are per process."""
+
+    def __init__(self, folder: Union[str, Path], verify: bool = False) -> None:
+        self.folder = Path(folder)
+        mpath = self.folder / "manifest.json"
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except OSError as e:
+            raise DatasetError(f"{mpath}: cannot read ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{mpath}: not valid JSON ({e})") from None
+        m = self.manifest
+        try:
+            self.kind: str = m["kind"]
+            self.shards: list[str] = [s["name"] for s in m["shards"]]
+            sizes = [(s["name"], int(s["bytes"]), s["sha256"], int(s["samples"]))
+                     for s in m["shards"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{mpath}: field {e} missing or malformed") from None
+        if m.get("format") != FORMAT or self.kind not in KINDS:
+            raise DatasetError(f"{mpath}: format {m.get('format')!r} / kind {self.kind!r} "
+                               f"not supported (format {FORMAT}, kinds {KINDS})")
+        for name, size, sha, _ in sizes:
+            path = self.folder / name
+            try:
+                actual = path.stat().st_size
+                with open(path, "rb") as f:
+                    f.read(512)
+            except OSError as e:
+                raise DatasetError(f"{path}: cannot open shard ({e.strerror})") from None
+            if actual != size:
+                raise DatasetError(f"{path}: {actual} bytes but manifest.json says {size} "
+                                   "(truncated or rewritten shard; re-run prepare_data)")
+            if verify and _sha256(path) != sha:
+                raise DatasetError(f"{path}: sha256 differs from manifest.json")
+        try:
+            self.samples = np.load(self.folder / "index" / "samples.npy", mmap_mode="r")
+            self.images = np.load(self.folder / "index" / "images.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{self.folder / 'index'}: cannot load index ({e})") from None
+        per_shard = np.bincount(self.samples["shard"], minlength=len(sizes)) \
+            if len(self.samples) else np.zeros(len(sizes), int)
+        if len(self.samples) != m.get("samples") or \
+                [int(c) for c in per_shard] != [s[3] for s in sizes]:
+            raise DatasetError(f"{self.folder}: index does not match manifest.json sample "
+                               "counts (re-run prepare_data)")
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        # Skip re-verification: the parent process already opened and checked the dataset.
+        self.__dict__.update(_reopen(state["folder"]).__dict__)
+
+    def _file(self, shard: int):
+        if self._pid != os.getpid():  # forked worker: never share a file offset with parent
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.folder / self.shards[shard], "rb")
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def member_name(self, i: int, member: int) -> str:
+        """Tar member name of sample i's json (member=-1) or image `member`."""
+        row = self.samples[i]
+        key = row["key"].decode()
+        if member < 0:
+            return f"{key}.json"
+        ext = IMAGE_EXTS[int(self.images[int(row["image_start"]) + member]["ext"])]
+        return f"{key}.{ext}" if self.kind == "caption" else f"{key}.img{member}.{ext}"
+
+    def bad_reason(self, i: int) -> Optional[str]:
+        code = int(self.samples[i]["bad"])
+        return BAD_REASONS[code - 1] if code else None
+
+    def read(self, i: int, images: bool = True) -> Sample:
+        """Sample i (0 <= i < len). Raises BadSample; `images=False` skips image bytes."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.folder}: sample {i} out of range (0..{len(self) - 1})")
+        row = self.samples[i]
+        shard_no = int(row["shard"])
+        shard = self.shards[shard_no]
+        if row["bad"]:
+            raise BadSample(shard, self.member_name(i, int(row["bad_member"])),
+                            BAD_REASONS[int(row["bad"]) - 1])
+        f = self._file(shard_no)
+        raw = _read_at(f, int(row["json_offset"]), int(row["json_size"]))
+        if len(raw) != row["json_size"]:
+            raise BadSample(shard, self.member_name(i, -1), "truncated")
+        try:
+            segments, _ = parse_sample_json(self.kind, raw)
+        except ValueError as e:
+            raise BadSample(shard, self.member_name(i, -1), e.args[0], e.args[1]) from None
+        start, count = int(row["image_start"]), int(row["num_images"])
+        table = self.images[start:start + count]
+        exts = [IMAGE_EXTS[int(e)] for e in table["ext"]]
+        data: list[bytes] = []
+        for j, (offset, size) in enumerate(zip(table["offset"], table["size"])):
+            if offset < 0:
+                raise BadSample(shard, self.member_name(i, j), "missing_image")
+            if size == 0:
+                raise BadSample(shard, self.member_name(i, j), "zero_byte_image")
+            if images:
+                blob = _read_at(f, int(offset), int(size))
+                if len(blob) != size:
+                    raise BadSample(shard, self.member_name(i, j), "truncated")
+                data.append(blob)
+        return Sample(key=row["key"].decode(), kind=self.kind, segments=segments, images=data,
+                      image_exts=exts, index=i)
+
+    def iter_good(self, indices: Optional[Iterable[int]] = None, images: bool = True,
+                  skips: Optional[SkipCounter] = None) -> Iterator[Sample]:
+        """Read samples in order, skipping (and counting) bad ones."""
+        skips = skips if skips is not None else SkipCounter(log=None)
+        for i in (range(len(self)) if indices is None else indices):
+            try:
+                yield self.read(i, images=images)
+            except BadSample as e:
+                skips.add(e)
+
+
+def _reopen(folder: Path) -> ShardDataset:
+    ds = ShardDataset.__new__(ShardDataset)
+    ds.folder = Path(folder)
+    ds.manifest = json.loads((ds.folder / "manifest.json").read_text())
+    ds.kind = ds.manifest["kind"]
+    ds.shards = [s["name"] for s in ds.manifest["shards"]]
+    ds.samples = np.load(ds.folder / "index" / "samples.npy", mmap_mode="r")
+    ds.images = np.load(ds.folder / "index" / "images.npy", mmap_mode="r")
+    ds._files, ds._pid = {}, os.getpid()
+    return ds
+
+
+def open_dataset(folder: Union[str, Path], verify: bool = False) -> ShardDataset:
+    """Open a prepared dataset folder. Checks every shard opens and matches the manifest's
+    size (and sha256 with verify=True); raises DatasetError naming the first that does not."""
+    return ShardDataset(folder, verify=verify)

@@ -1,0 +1,127 @@
+"""Distributed checkpoints with Megatron-Core dist_checkpointing: save, find latest, resume.
+
+Layout under `run_dir/checkpoints/`:
+  step_00000100/   one dist_checkpointing directory (model, optimizer, scheduler, step,
+                   data-loader state, per-rank RNG states)
+  latest           text file naming the newest complete checkpoint
+A checkpoint is written to `step_N.partial/` and renamed only after every rank has finished,
+then `latest` is replaced atomically: a crash mid-save never leaves `latest` pointing at a
+partial checkpoint. The optimizer is saved `fully_reshardable`, so a checkpoint loads into any
+TP/PP/EP/DP layout; RNG states are restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _layout() -> dict[str, int]:
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_object() -> ShardedObject:
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    return ShardedObject(
+        "rng_state", state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+         ps.get_expert_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+         ps.get_expert_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
+    model_state = model[0].module.sharded_state_dict()
+    return {"model": model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                      metadata=_OPTIMIZER_SHARDING)}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
+                    extra: Optional[dict] = None, keep_last: int = 3) -> Path:
+    """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
+    all ranks and made of plain Python values."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    partial = root / f"step_{step:08d}.partial"
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra or {},
+                 layout=_layout(), rng_state=_rng_object())
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _write_latest(root, final.name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / "latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.partial"):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    root = checkpoint_root(run_dir)
+    marker = root / "latest"
+    if not marker.exists():
+        return None
+    path = root / marker.read_text().strip()
+    if not _STEP_DIR.match(path.name) or not path.is_dir():
+        raise FileNotFoundError(f"{marker}: names {path.name!r}, which is not a complete "
+                                "checkpoint directory")
+    return path
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Collective. Loads into the current layout; returns {"step", "extra", "rng_restored"}."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    state = _sharded_state(model, optimizer, is_loading=True)
+    same_layout = common.get("layout") == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_object()
+    loaded = dist_checkpointing.load(state, str(path))
+    model[0].module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["torch"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return {"step": common["step"], "extra": common["extra"], "rng_restored": same_layout}
