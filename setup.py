@@ -21,6 +21,9 @@ setup(
         "psutil>=5.9",  # dist_checkpointing's writer hangs without it
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "numpy>=1.24",
+        "webdataset>=1.0",
+        "scikit-image>=0.22",  # ships the real photos of the demo dataset
     ],
     extras_require={
         # CPU machines: pin the CPU build so pip does not fetch a multi-GB CUDA torch.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,14 +40,14 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 _INPUT = "encoded"
 
 
-def choose_device(cuda_available: Optional[bool] = None) -> str:
+def choose_device(cuda_available: bool | None = None) -> str:
     """DALI decoder device: "mixed" (nvJPEG) with CUDA, "cpu" without."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     return "mixed" if cuda_available else "cpu"
 
 
-def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
+def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
     """Why `data` cannot be an image we decode (reading only its header), or None if it may be."""
     if len(data) == 0:
         return "empty"
@@ -56,7 +56,7 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check size below
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
-    except Exception as e:  # Pillow raises several types for garbage; all mean "not an image"
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types; all mean "not an image"
         return f"unidentified ({type(e).__name__})"
     if fmt not in SUPPORTED_FORMATS:
         return f"unsupported format {fmt}"
@@ -90,7 +90,7 @@ class ImageDecoder:
     """
 
     def __init__(self, size: int, batch_size: int, num_threads: int = 2,
-                 device: Optional[str] = None, seed: int = 0,
+                 device: str | None = None, seed: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         if size <= 0 or batch_size <= 0 or num_threads <= 0:
             raise ValueError(f"size, batch_size, num_threads must be > 0, "

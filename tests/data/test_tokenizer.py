@@ -89,7 +89,8 @@ def test_train_tokenizer_cli_from_text_and_shards(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXT * 10))
-    jsonl = write_jsonl(tmp_path / "t.jsonl", [{"text": "Shard text about zebras and a xylophone."}] * 5)
+    jsonl = write_jsonl(tmp_path / "t.jsonl",
+                        [{"text": "Shard text about zebras and a xylophone."}] * 5)
     prepare("text", [jsonl], tmp_path, tmp_path / "text", progress=False)
     out = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus),
                           str(tmp_path / "text"), "--vocab-size", "350", "--soft-vocab",

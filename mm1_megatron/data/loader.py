@@ -1,0 +1,156 @@
+"""The training data loader: shards -> tokenized documents -> global packed rows -> batches.
+
+Every rank plans the same global rows (mixture.RowStream, text only: shards are read with
+`images=False`), takes rows j with j % dp == its rank, and only then reads and decodes those
+rows' images with DALI. Bad samples (see shards.BAD_REASONS) are skipped and counted; an image
+that DALI cannot decode becomes a blank image and its document carries no loss in that row
+(counted as `undecodable_image`), so a bad file never stalls or desynchronises ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from mm1_megatron.config import Config
+from mm1_megatron.data.images import ImageDecoder
+from mm1_megatron.data.mixture import SOURCES, LoaderState, MixtureSampler, RowStream, rank_rows
+from mm1_megatron.data.packing import IMAGE, Document, PackedRow, Packer
+from mm1_megatron.data.shards import BadSample, ShardDataset, SkipCounter, open_dataset
+from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mm1_megatron.model.mm1 import document_attention_mask
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image lives; resolved to bytes only on the rank that owns the row."""
+
+    source: int
+    index: int
+    number: int
+
+
+def document_tokens(tokenizer: Tokenizer, segments: list) -> list[int]:
+    """[BOS] text / IMAGE markers in document order [EOS]."""
+    tokens = [BOS_ID]
+    for segment in segments:
+        tokens += [IMAGE] if isinstance(segment, int) else tokenizer.encode(segment)
+    return tokens + [EOS_ID]
+
+
+class MultimodalLoader:
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int,
+                 state: Optional[LoaderState] = None, log=print):
+        d = cfg.data
+        root = Path(d.path)
+        self.tokenizer = Tokenizer.load(d.tokenizer_model)
+        self.datasets: list[Optional[ShardDataset]] = [
+            open_dataset(root / name) if (root / name / "manifest.json").exists() else None
+            for name in SOURCES]
+        if not any(self.datasets):
+            raise FileNotFoundError(f"{root}: no dataset folder ({', '.join(SOURCES)}) with a "
+                                    "manifest.json")
+        sizes = [len(ds) if ds is not None else 0 for ds in self.datasets]
+        sampler = MixtureSampler(sizes, [d.weight_interleaved, d.weight_caption, d.weight_text],
+                                 seed=cfg.train.seed)
+        self.packer = Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
+                             cfg.llm.image_token_id, pad_id=PAD_ID)
+        self.stream = RowStream(sampler, self.packer, self._document, state)
+        self.rows = rank_rows(self.stream, dp_rank, dp_size)
+        self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
+                                    num_threads=d.num_workers, seed=cfg.train.seed)
+        self.skips = SkipCounter(log=log)
+        self.micro_batch_size = cfg.train.micro_batch_size
+        self.image_token_id = cfg.llm.image_token_id
+        self.tokens_per_image = cfg.connector.num_tokens
+        self.state = state or LoaderState(0, None)
+
+    def _document(self, source: int, epoch: int, index: int, doc_id: int) -> Optional[Document]:
+        try:
+            sample = self.datasets[source].read(index, images=False)
+        except BadSample as err:
+            self.skips.add(err)
+            return None
+        refs = [ImageRef(source, index, j) for j in range(sample.num_images)]
+        return Document(doc_id, source, document_tokens(self.tokenizer, sample.segments), refs)
+
+    def _image_bytes(self, refs: list[ImageRef]) -> list[bytes]:
+        cache: dict[tuple[int, int], list[bytes]] = {}
+        out = []
+        for ref in refs:
+            key = (ref.source, ref.index)
+            if key not in cache:
+                cache[key] = self.datasets[ref.source].read(ref.index, images=True).images
+            out.append(cache[key][ref.number])
+        return out
+
+    def _images(self, rows: list[PackedRow], loss_masks: list[torch.Tensor]) -> torch.Tensor:
+        refs = [ref for row in rows for ref in row.images]
+        size = self.decoder.size
+        if not refs:
+            return torch.empty(0, 3, size, size)
+        decoded, bad = self.decoder.decode(self._image_bytes(refs))
+        if not bad:
+            return decoded
+        # Blank image for each undecodable one; its document gets no loss in this row.
+        full = torch.zeros(len(refs), 3, size, size, dtype=decoded.dtype)
+        full[[i for i in range(len(refs)) if i not in set(bad)]] = decoded
+        first = 0
+        for row, mask in zip(rows, loss_masks):
+            starts = self._image_starts(row)
+            for j, start in enumerate(starts):
+                if first + j in bad:
+                    mask[row.document_ids == row.document_ids[start]] = 0.0
+                    self.skips.add(self._undecodable(refs[first + j],
+                                                     self.decoder.last_errors.get(first + j, "")))
+            first += len(starts)
+        return full
+
+    def _undecodable(self, ref: ImageRef, detail: str) -> BadSample:
+        ds = self.datasets[ref.source]
+        shard = ds.shards[int(ds.samples[ref.index]["shard"])]
+        return BadSample(shard, ds.member_name(ref.index, ref.number), "undecodable_image",
+                         detail)
+
+    def _image_starts(self, row: PackedRow) -> list[int]:
+        """Position of each image's first placeholder. Consecutive images form one long run
+        of placeholders, so runs are cut into blocks of `tokens_per_image`."""
+        is_image = (row.tokens == self.image_token_id).tolist()
+        starts, i = [], 0
+        while i < len(is_image):
+            if is_image[i]:
+                starts.append(i)
+                i += self.tokens_per_image
+            else:
+                i += 1
+        return starts
+
+    def __iter__(self) -> Iterator[dict]:
+        """Micro-batches for this rank. `self.state` is the global state after the last row
+        handed out; at a step end it is identical on every rank."""
+        while True:
+            rows = []
+            for row, state in self.rows:
+                rows.append(row)
+                self.state = state
+                if len(rows) == self.micro_batch_size:
+                    break
+            yield self.collate(rows)
+
+    def collate(self, rows: list[PackedRow]) -> dict:
+        loss_masks = [row.loss_mask.clone() for row in rows]
+        images = self._images(rows, loss_masks)
+        tokens = torch.stack([r.tokens for r in rows])
+        document_ids = torch.stack([r.document_ids for r in rows])
+        return dict(
+            tokens=tokens,
+            labels=torch.stack([r.labels for r in rows]),
+            loss_mask=torch.stack(loss_masks),
+            position_ids=torch.arange(tokens.shape[1]).expand(len(rows), -1),
+            attention_mask=document_attention_mask(document_ids),
+            sources=torch.stack([r.sources for r in rows]),
+            images=images,
+        )
