@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "pillow>=10",  # image header checks before DALI
         "webdataset>=1.0",
         "scikit-image>=0.22",  # ships the real photos of the demo dataset
     ],

@@ -139,6 +139,33 @@ def measure_pil(images: Sequence[bytes], size: int, threads: int, batch_size: in
         torch.set_num_threads(torch_threads)
 
 
+def measure_packing(data_dir: str, seq_length: int, max_images: int, tokens_per_image: int,
+                    rows: int) -> dict:
+    """Plan `rows` global rows from the demo shards (text only, one core) and compare the
+    packing efficiency with one document per row, on the same documents."""
+    import itertools
+    import time
+
+    from mm1_megatron.config import load_config
+    from mm1_megatron.data.loader import MultimodalLoader
+
+    cfg = load_config("demo", [f"data.path={data_dir}",
+                               f"data.tokenizer_model={data_dir}/tokenizer.model",
+                               f"data.seq_length={seq_length}",
+                               f"data.max_images_per_sequence={max_images}",
+                               f"connector.num_tokens={tokens_per_image}",
+                               "vision.image_size=378"])
+    loader = MultimodalLoader(cfg, 0, 1, log=None)
+    start = time.process_time()
+    list(itertools.islice(loader.stream, rows))
+    seconds = time.process_time() - start
+    one_per_row = loader.packer.stats.one_per_row_efficiency(seq_length)
+    return {"rows_per_s_per_core": round(rows / seconds, 1),
+            "efficiency": round(loader.packer.stats.efficiency, 4),
+            "one_per_row_efficiency": round(one_per_row, 4),
+            "efficiency_ratio": round(loader.packer.stats.efficiency / one_per_row, 2)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-images", type=int, default=200)
@@ -146,7 +173,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+
+    parser.add_argument("--packing-rows", type=int, default=200)
     args = parser.parse_args(argv)
+
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools"
+                                            / "make_demo_data.py"), "--output", data_dir],
+                       check=True, capture_output=True)
+        # The recipe's rows (4096 tokens, <= 16 images of 144 tokens) and the demo's.
+        packing = {"mm1": measure_packing(data_dir, 4096, 16, 144, args.packing_rows),
+                   "demo": measure_packing(data_dir, 256, 8, 16, args.packing_rows)}
 
     images, source = make_jpegs(args.num_images)
     mpix = sum(Image.open(io.BytesIO(b)).size[0] * Image.open(io.BytesIO(b)).size[1]
@@ -174,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "images": source,
         "batch_size": args.batch_size,
         "load_avg_1min": round(load, 2),
+        "packing_mm1_4096": packing["mm1"],
+        "packing_demo_256": packing["demo"],
     }
     print(f"{len(images)} JPEGs ({source}, mean {mpix:.2f} MPix) -> "
           f"{args.image_size}x{args.image_size}, {args.threads} threads, batch {args.batch_size}, "
@@ -183,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f" {r.cpu:6.1f} per CPU-second")
     print(f"  ratio DALI / PIL  : {dali.wall / pil.wall:.2f}x wall-clock,"
           f" {dali.cpu / pil.cpu:.2f}x per CPU-second")
+    for name, pk in packing.items():
+        print(f"  packing ({name}): {pk['rows_per_s_per_core']} rows/s per core, efficiency "
+              f"{pk['efficiency']:.1%} vs {pk['one_per_row_efficiency']:.1%} one document "
+              f"per row ({pk['efficiency_ratio']}x)")
     print(json.dumps(result))
     return result
 

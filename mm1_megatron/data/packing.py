@@ -71,11 +71,17 @@ class PackingStats:
     slots: int = 0
     chunks_split: int = 0  # documents cut into more than one chunk
     images_dropped: int = 0
+    chunks: int = 0
+    chunk_positions: int = 0
 
     @property
     def efficiency(self) -> float:
         """Share of token slots that carry real tokens."""
         return self.real_tokens / self.slots if self.slots else 0.0
+
+    def one_per_row_efficiency(self, seq_length: int) -> float:
+        """The same chunks padded one per row: the baseline packing is measured against."""
+        return self.chunk_positions / (self.chunks * seq_length) if self.chunks else 0.0
 
 
 class Packer:
@@ -116,6 +122,8 @@ class Packer:
             length = sum(self.k if t == IMAGE else 1 for t in kept)
             if length:
                 out.append(Chunk(doc.doc_id, doc.source, kept, payloads, length))
+                self.stats.chunks += 1
+                self.stats.chunk_positions += length
         if len(out) > 1:
             self.stats.chunks_split += 1
         return out

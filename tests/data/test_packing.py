@@ -100,6 +100,7 @@ def test_packing_beats_one_document_per_row():
     p = packer()
     list(p.pack(docs))
     one_per_row = sum(len(c.tokens) + (K - 1) * len(c.images) for c in docs) / (S * len(docs))
+    assert p.stats.one_per_row_efficiency(S) == pytest.approx(one_per_row)
     assert p.stats.efficiency > 0.85 > 3 * one_per_row
 
 
