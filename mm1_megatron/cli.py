@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import yaml
@@ -27,7 +28,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Library warnings that repeat every step and say nothing actionable to a user of this CLI.
+_QUIET = [
+    (FutureWarning, r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)`"),
+    (UserWarning, r"The .grad attribute of a Tensor that is not a leaf"),
+    (UserWarning, r"(Transformer Engine and )?Apex (are|is) not installed"),
+]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    for category, message in _QUIET:
+        warnings.filterwarnings("ignore", message=message, category=category)
     args = parse_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides, args.config)
@@ -46,9 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_plan(make_plan(cfg)))
         print(describe_backends(cfg.train.precision, cfg.train.fp8))
         return 0
-    print("mm1-train: the training loop is not built yet (issue 5); use --dry-run",
-          file=sys.stderr)
-    return 2
+    from mm1_megatron.train.loop import train
+
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -267,9 +267,9 @@ def _demo() -> Config:
         # 256 tokens with up to 8 images packs the demo data at ~90% (512 / 4 images: ~50%).
         data=DataConfig(seq_length=256, max_images_per_sequence=8, path="demo_data",
                         tokenizer_model="demo_data/tokenizer.model"),
-        train=TrainConfig(global_batch_size=8, micro_batch_size=2, train_steps=200, lr=1e-3,
-                          warmup_steps=20, precision="fp32"),
-        checkpoint=CheckpointConfig(save_interval=100),
+        train=TrainConfig(global_batch_size=8, micro_batch_size=2, train_steps=100, lr=1e-3,
+                          warmup_steps=10, precision="fp32"),
+        checkpoint=CheckpointConfig(save_interval=50),
         logging=LoggingConfig(log_interval=10),
     )
 

@@ -9,7 +9,7 @@ layout (any DP size, any micro-batch split) optimises exactly the same objective
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterable, Iterator, Optional
 
@@ -81,32 +81,55 @@ def num_microbatches(cfg: Config) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
-def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+NUM_SOURCES = 3  # interleaved, caption, text (data.mixture.SOURCES)
+
+
+def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_loss: torch.Tensor):
     mask = loss_mask.float()
-    total = (per_token_loss.float() * mask).sum()
-    tokens = mask.sum().to(torch.int)
-    # (loss summed over tokens, tokens, what to report): the schedule divides by all tokens.
-    return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+    weighted = per_token_loss.float() * mask
+    total = weighted.sum()
+    # Report [sum, tokens] overall and per source; the schedule divides by all loss tokens.
+    report = [total.detach(), mask.sum().detach()]
+    for source in range(NUM_SOURCES):
+        picked = (sources == source) if sources is not None else torch.zeros_like(mask).bool()
+        report += [weighted[picked].sum().detach(), mask[picked].sum().detach()]
+    return total, mask.sum().to(torch.int), {"lm loss": torch.stack(report)}
 
 
 def _forward_step(data_iterator: Iterator[dict], model: DDP):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    images=batch.get("images"), labels=batch["labels"])
-    return output, partial(_loss, batch["loss_mask"])
+    return output, partial(_loss, batch["loss_mask"], batch.get("sources"))
+
+
+def _non_finite(model: list[DDP], loss_sum: Optional[torch.Tensor]) -> bool:
+    """True on every rank if any rank sees a NaN/Inf loss or gradient."""
+    bad = loss_sum is not None and not bool(torch.isfinite(loss_sum).all())
+    for chunk in model:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if bad or (grad is not None and not bool(torch.isfinite(grad).all())):
+                bad = True
+                break
+    flag = torch.tensor([1.0 if bad else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @dataclass
 class StepResult:
     loss: Optional[float]  # per-token LM loss over the global batch (None off the last stage)
     grad_norm: Optional[float]
-    skipped: bool
+    skipped: bool  # NaN/Inf loss or gradient: no update
     lr: float
+    source_losses: dict[int, float] = field(default_factory=dict)  # per source, last stage
 
 
 def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
                scheduler: OptimizerParamScheduler, microbatches: Iterable[dict]) -> StepResult:
-    """Forward/backward over this rank's micro-batches, then one optimizer step."""
+    """Forward/backward over this rank's micro-batches, then one optimizer step, skipped on
+    every rank when any rank sees a non-finite loss or gradient."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -114,13 +137,23 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
         forward_step_func=_forward_step, data_iterator=iter(microbatches), model=model,
         num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-    updated, grad_norm, _ = optimizer.step()
-    if updated:
-        scheduler.step(increment=1)
-    loss = None
+    summed = None
     if ps.is_pipeline_last_stage():
         summed = torch.stack([r["lm loss"] for r in reports]).sum(0)
         dist.all_reduce(summed, group=ps.get_data_parallel_group())
+    lr = optimizer.param_groups[0]["lr"]
+    if _non_finite(model, None if summed is None else summed[0]):
+        return StepResult(loss=None if summed is None else float(summed[0] / summed[1]),
+                          grad_norm=None, skipped=True, lr=lr)
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    loss, per_source = None, {}
+    if summed is not None:
         loss = (summed[0] / summed[1]).item()
-    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated,
-                      lr=optimizer.param_groups[0]["lr"])
+        for source in range(NUM_SOURCES):
+            total, tokens = summed[2 + 2 * source], summed[3 + 2 * source]
+            if tokens > 0:
+                per_source[source] = (total / tokens).item()
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated, lr=lr,
+                      source_losses=per_source)

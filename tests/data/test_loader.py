@@ -83,11 +83,11 @@ def test_undecodable_image_is_blank_and_counted(tmp_path, demo):
     write_dataset(samples, root / "caption", "caption")
     (root / "tokenizer.model").write_bytes((demo / "tokenizer.model").read_bytes())
     cfg = config(root, "data.weight_interleaved=0", "data.weight_text=0",
-                 "train.micro_batch_size=1")
+                 "train.micro_batch_size=1", "data.max_images_per_sequence=6")
     loader = MultimodalLoader(cfg, 0, 1, log=None)
-    # 6 caption pairs, at most 4 images a row: the first two rows hold the whole epoch.
+    # 6 caption pairs, at most 6 images a row: the first row is exactly one epoch.
     found = []
-    for batch in batches(loader, 2):
+    for batch in batches(loader, 1):
         images, tokens = batch["images"], batch["tokens"][0]
         k = cfg.connector.num_tokens
         starts = [i for i in range(tokens.numel()) if tokens[i] == cfg.llm.image_token_id

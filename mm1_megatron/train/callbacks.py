@@ -1,0 +1,163 @@
+"""Training callbacks: console line, TensorBoard, checkpoints, NaN guard, preemption signals.
+
+Each callback sees the Trainer after every step (`on_step`) and at the start and end. They
+may ask the run to stop (`trainer.request_stop(reason, exit_code)`); the loop agrees on that
+across ranks before acting, so no rank leaves a collective behind.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from mm1_megatron.train.loop import StepMetrics, Trainer
+
+SOURCE_NAMES = ("interleaved", "caption", "text")
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the Slurm scripts use it)
+EXIT_NON_FINITE = 3  # too many NaN/Inf steps in a row: checkpoint written, needs a human
+
+
+class Callback:
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_step(self, trainer: "Trainer", metrics: "StepMetrics") -> None: ...
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class ConsoleLog(Callback):
+    """One concise line every `logging.log_interval` steps (rank 0)."""
+
+    def on_step(self, trainer, m) -> None:
+        if trainer.is_logging_rank and m.step % trainer.cfg.logging.log_interval == 0:
+            loss = "skipped" if m.loss is None else f"{m.loss:.4f}"
+            grad = "-" if m.grad_norm is None else f"{m.grad_norm:.3f}"
+            print(f"step {m.step:>6}/{trainer.cfg.train.train_steps} | loss {loss} | "
+                  f"lr {m.lr:.2e} | grad {grad} | {m.step_time:.2f}s | "
+                  f"{m.tokens_per_s:,.0f} tok/s | {m.images_per_s:.1f} img/s | "
+                  f"{m.tflops_per_device:.3f} TFLOP/s/dev"
+                  + (f" | MFU {m.mfu:.1%}" if m.mfu is not None else ""), flush=True)
+
+
+class TensorBoard(Callback):
+    """Scalars under run_dir/tensorboard (rank 0 writes; values are already reduced)."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.is_logging_rank and trainer.cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(trainer.run_dir / "tensorboard"))
+
+    def on_step(self, trainer, m) -> None:
+        if self.writer is None:
+            return
+        w, step = self.writer, m.step
+        scalars = {"loss/lm": m.loss, "optim/lr": m.lr, "optim/grad_norm": m.grad_norm,
+                   "optim/skipped_steps": m.skipped_total, "perf/step_time_s": m.step_time,
+                   "perf/tokens_per_s": m.tokens_per_s, "perf/images_per_s": m.images_per_s,
+                   "perf/tflops_per_device": m.tflops_per_device, "perf/mfu": m.mfu,
+                   "memory/max_rss_gb": m.memory_gb}
+        scalars.update({f"loss/{SOURCE_NAMES[s]}": v for s, v in m.source_losses.items()})
+        scalars.update({f"moe/{k}": v for k, v in m.moe.items()})
+        scalars.update({f"data/skipped_{k}": v for k, v in m.data_skips.items()})
+        for name, value in scalars.items():
+            if value is not None:
+                w.add_scalar(name, value, step)
+        w.flush()
+
+    def on_train_end(self, trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Checkpointing(Callback):
+    """Every `checkpoint.save_interval` steps, when the run is asked to stop, and at the end."""
+
+    def on_step(self, trainer, m) -> None:
+        interval = trainer.cfg.checkpoint.save_interval
+        if m.step % interval == 0 and not trainer.stop_reason:
+            trainer.save()
+
+    def on_train_end(self, trainer) -> None:
+        if trainer.last_saved_step != trainer.step:
+            trainer.save()
+
+
+class NonFiniteGuard(Callback):
+    """Skipped (NaN/Inf) steps are counted; after `train.max_nonfinite_steps` in a row the run
+    saves and stops."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def on_step(self, trainer, m) -> None:
+        self.in_a_row = self.in_a_row + 1 if m.skipped else 0
+        limit = trainer.cfg.train.max_nonfinite_steps
+        if self.in_a_row >= limit:
+            trainer.request_stop(f"{limit} steps in a row had a NaN/Inf loss or gradient "
+                                 f"(last at step {m.step}); lower train.lr or check the data",
+                                 EXIT_NON_FINITE)
+
+
+class PreemptionSignals(Callback):
+    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint, exit 75."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer) -> None:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handler)
+
+    def on_step(self, trainer, m) -> None:
+        if self.received is not None:
+            trainer.request_stop(f"received {signal.Signals(self.received).name}; checkpoint "
+                                 "written, exit for requeue", EXIT_PREEMPTED)
+
+    def on_train_end(self, trainer) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Timer:
+    start: float = 0.0
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def default_callbacks() -> list[Callback]:
+    return [PreemptionSignals(), NonFiniteGuard(), ConsoleLog(), TensorBoard(), Checkpointing()]
+
+
+def max_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def device_peak_tflops(precision: str, fp8: Optional[str]) -> Optional[float]:
+    """Dense peak of the device for MFU; None where no figure applies (CPU runs)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    if "H100" in name or "H200" in name:
+        return 1979.0 if fp8 else 989.0
+    return None

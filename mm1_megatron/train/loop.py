@@ -1,0 +1,172 @@
+"""The training loop: runtime -> model -> optimizer -> data -> steps, with callbacks."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe import moe_utils
+
+from mm1_megatron.config import Config
+from mm1_megatron.data.loader import MultimodalLoader
+from mm1_megatron.data.mixture import LoaderState
+from mm1_megatron.model.specs import use_transformer_engine
+from mm1_megatron.runtime import describe_backends, init_distributed, shutdown_distributed
+from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
+                                          device_peak_tflops, max_rss_gb)
+from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mm1_megatron.train.flops import (TRAIN_FACTOR, connector_forward_flops,
+                                      llm_forward_flops, vision_forward_flops)
+from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: Optional[float]
+    grad_norm: Optional[float]
+    lr: float
+    skipped: bool
+    skipped_total: int
+    step_time: float
+    tokens_per_s: float
+    images_per_s: float
+    tflops_per_device: float
+    mfu: Optional[float]
+    memory_gb: float
+    source_losses: dict[int, float] = field(default_factory=dict)
+    moe: dict[str, float] = field(default_factory=dict)
+    data_skips: dict[str, int] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, callbacks: Optional[list[Callback]] = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.callbacks = default_callbacks() if callbacks is None else callbacks
+        self.stop_reason: Optional[str] = None
+        self.exit_code = 0
+        self.step = 0
+        self.last_saved_step: Optional[int] = None
+        self.skipped_total = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
+        self.is_logging_rank = dist.get_rank() == 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_logging_rank:
+            print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
+        self.model = build_model(cfg, use_transformer_engine())
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        loader_state = None
+        latest = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        if latest is not None:
+            restored = load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+            self.step = self.last_saved_step = restored["step"]
+            loader_state = LoaderState.from_dict(restored["extra"]["loader"])
+            self.skipped_total = restored["extra"].get("skipped_steps", 0)
+            if self.is_logging_rank:
+                print(f"resumed from {latest} at step {self.step}", flush=True)
+        self.loader = MultimodalLoader(cfg, ps.get_data_parallel_rank(),
+                                       ps.get_data_parallel_world_size(), loader_state,
+                                       log=print if self.is_logging_rank else None)
+        self.batches = iter(self.loader)
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                        extra={"loader": self.loader.state.to_dict(),
+                               "skipped_steps": self.skipped_total},
+                        keep_last=self.cfg.checkpoint.keep_last)
+        self.last_saved_step = self.step
+        if self.is_logging_rank:
+            print(f"saved checkpoint at step {self.step}", flush=True)
+
+    def request_stop(self, reason: str, exit_code: int) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.exit_code = reason, exit_code
+
+    def _agree_on_stop(self) -> None:
+        """Every rank stops together (a signal may reach only some ranks)."""
+        flag = torch.tensor([float(self.exit_code)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop_reason is None:
+            self.stop_reason, self.exit_code = "another rank asked to stop", int(flag.item())
+
+    # -- one step ------------------------------------------------------------------------
+    def _metrics(self, result, seconds: float, images: int) -> StepMetrics:
+        cfg = self.cfg
+        world = dist.get_world_size()
+        counts = torch.tensor([float(images)])  # this DP rank's images; sum over DP ranks
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        images_global = counts.item()
+        rows = cfg.train.global_batch_size
+        flops = TRAIN_FACTOR * (rows * llm_forward_flops(cfg.llm, cfg.data.seq_length)
+                                + images_global * (vision_forward_flops(cfg.vision)
+                                                   + connector_forward_flops(
+                                                       cfg.connector, cfg.vision,
+                                                       cfg.llm.hidden_size)))
+        tflops = flops / seconds / world / 1e12
+        peak = device_peak_tflops(cfg.train.precision, cfg.train.fp8)
+        return StepMetrics(
+            step=self.step, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr,
+            skipped=result.skipped, skipped_total=self.skipped_total, step_time=seconds,
+            tokens_per_s=rows * cfg.data.seq_length / seconds,
+            images_per_s=images_global / seconds, tflops_per_device=tflops,
+            mfu=None if peak is None else tflops / peak, memory_gb=max_rss_gb(),
+            source_losses=result.source_losses, moe=self._moe_losses(),
+            data_skips=dict(self.loader.skips.counts))
+
+    def _moe_losses(self) -> dict[str, float]:
+        """Mean aux / z-loss over MoE layers this step (Megatron's tracker), then reset."""
+        if self.cfg.llm.moe.num_experts == 0:
+            return {}
+        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        out = {}
+        for name, entry in tracker.items():
+            values = entry["values"].float()
+            layers = values[values != 0]
+            if layers.numel():
+                out[name] = float(layers.mean())
+        moe_utils.clear_aux_losses_tracker()
+        return out
+
+    def train(self) -> int:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        micro = num_microbatches(self.cfg)
+        while self.step < self.cfg.train.train_steps and self.stop_reason is None:
+            with Timer() as timer:
+                batches = list(itertools.islice(self.batches, micro))
+                images = sum(int(b["images"].shape[0]) for b in batches)
+                result = train_step(self.cfg, self.model, self.optimizer, self.scheduler,
+                                    batches)
+            self.step += 1
+            self.skipped_total += int(result.skipped)
+            metrics = self._metrics(result, timer.seconds, images)
+            for cb in self.callbacks:
+                cb.on_step(self, metrics)
+            self._agree_on_stop()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        if self.stop_reason and self.is_logging_rank:
+            print(f"mm1-train: stopped at step {self.step}: {self.stop_reason}",
+                  file=sys.stderr, flush=True)
+        return self.exit_code
+
+
+def train(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        shutdown_distributed()

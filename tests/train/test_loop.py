@@ -1,0 +1,98 @@
+"""mm1-train end to end on the demo data: loss falls, TensorBoard and checkpoints written,
+automatic resume, SIGUSR1 preemption (checkpoint + exit 75), NaN guard (exit 3)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo_data")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
+                    str(out)], check=True, capture_output=True, timeout=300)
+    return out
+
+
+def command(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "mm1_megatron.cli", "--preset", "demo",
+            f"data.path={data}", f"data.tokenizer_model={data}/tokenizer.model",
+            f"run_dir={run_dir}", "train.warmup_steps=1", "logging.log_interval=1", *overrides]
+
+
+def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return sorted(values)
+
+
+def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    first = run(command(demo_data, run_dir, "train.train_steps=8",
+                        "checkpoint.save_interval=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step      8/8 | loss" in first.stdout
+    losses = [v for _, v in scalars(run_dir, "loss/lm")]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])  # it learns
+    for tag in ("loss/caption", "loss/interleaved", "optim/lr", "optim/grad_norm",
+                "perf/tokens_per_s", "perf/images_per_s", "perf/tflops_per_device",
+                "moe/load_balancing_loss", "moe/z_loss"):
+        assert scalars(run_dir, tag), tag
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004",
+                                                                 "step_00000008"]
+    again = run(command(demo_data, run_dir, "train.train_steps=10"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'step_00000008'} at step 8" in again.stdout
+    assert [s for s, _ in scalars(run_dir, "loss/lm")][-2:] == [9, 10]
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(command(demo_data, run_dir, "train.train_steps=200"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:
+            if line.startswith("step      2/200"):
+                proc.send_signal(signal.SIGUSR1)
+                break
+            assert time.monotonic() < deadline
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "received SIGUSR1" in err
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert 2 <= int(latest.split("_")[1]) < 200
+
+
+def test_non_finite_steps_stop_the_run(demo_data, tmp_path):
+    result = run(command(demo_data, tmp_path / "run", "train.train_steps=20", "train.lr=1e30",
+                         "train.grad_clip=0", "train.max_nonfinite_steps=2"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "2 steps in a row had a NaN/Inf loss or gradient" in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
