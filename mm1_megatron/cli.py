@@ -33,6 +33,7 @@ _QUIET = [
     (FutureWarning, r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)`"),
     (UserWarning, r"The .grad attribute of a Tensor that is not a leaf"),
     (UserWarning, r"(Transformer Engine and )?Apex (are|is) not installed"),
+    (UserWarning, r"full scope is deprecated"),
 ]
 
 

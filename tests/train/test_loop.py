@@ -96,3 +96,40 @@ def test_non_finite_steps_stop_the_run(demo_data, tmp_path):
     assert result.returncode == 3, result.stderr[-3000:]
     assert "2 steps in a row had a NaN/Inf loss or gradient" in result.stderr
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def newest_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max((run_dir / "tensorboard").glob("events.out.tfevents.*"),
+                 key=lambda p: p.stat().st_mtime_ns)
+    acc = EventAccumulator(str(newest))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
+    steps = ["train.train_steps=7", "checkpoint.save_interval=3"]
+    whole = tmp_path / "whole"
+    assert run(command(demo_data, whole, *steps)).returncode == 0
+    reference = newest_scalars(whole, "loss/lm")
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(command(demo_data, killed, *steps), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("saved checkpoint at step 3"):
+                proc.kill()  # SIGKILL: no handler, no final save
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    resumed = run(command(demo_data, killed, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = newest_scalars(killed, "loss/lm")
+    assert sorted(after) == [4, 5, 6, 7]
+    assert all(after[s] == reference[s] for s in after)  # bitwise on CPU fp32
