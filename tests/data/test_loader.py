@@ -2,11 +2,8 @@
 images decoded as blanks with their document's loss off."""
 
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from mm1_megatron.config import load_config
@@ -14,15 +11,6 @@ from mm1_megatron.data.loader import MultimodalLoader
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.data.shards import RawSample, write_dataset
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
-                    str(out)], check=True, capture_output=True, timeout=300)
-    return out
 
 
 def config(data: Path, *extra: str):
@@ -38,8 +26,8 @@ def same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_batches_match_the_model_contract(demo):
-    cfg = config(demo)
+def test_batches_match_the_model_contract(demo_data):
+    cfg = config(demo_data)
     loader = MultimodalLoader(cfg, 0, 1, log=None)
     for batch in batches(loader, 6):
         b, s = batch["tokens"].shape
@@ -53,8 +41,8 @@ def test_batches_match_the_model_contract(demo):
     assert not loader.skips.counts
 
 
-def test_resume_exact_and_across_dp_sizes(demo):
-    cfg = config(demo)
+def test_resume_exact_and_across_dp_sizes(demo_data):
+    cfg = config(demo_data)
     full = batches(MultimodalLoader(cfg, 0, 1, log=None), 8)
     first = MultimodalLoader(cfg, 0, 1, log=None)
     batches(first, 3)
@@ -62,7 +50,7 @@ def test_resume_exact_and_across_dp_sizes(demo):
     rest = batches(MultimodalLoader(cfg, 0, 1, state, log=None), 5)
     assert all(same(a, b) for a, b in zip(full[3:], rest))
     # DP=2: micro-batch 1 so row j -> rank j % 2; after 2 rows each, resume on one rank.
-    cfg1 = config(demo, "train.micro_batch_size=1", "train.global_batch_size=8")
+    cfg1 = config(demo_data, "train.micro_batch_size=1", "train.global_batch_size=8")
     rows = batches(MultimodalLoader(cfg1, 0, 1, log=None), 8)
     ranks = [MultimodalLoader(cfg1, r, 2, log=None) for r in range(2)]
     got = [batches(loader, 2) for loader in ranks]
@@ -73,7 +61,7 @@ def test_resume_exact_and_across_dp_sizes(demo):
     assert all(same(x, y) for x, y in zip(resumed, rows[4:8]))
 
 
-def test_undecodable_image_is_blank_and_counted(tmp_path, demo):
+def test_undecodable_image_is_blank_and_counted(tmp_path, demo_data):
     from tests.data._fixtures import jpeg
 
     root = tmp_path / "data"
@@ -81,7 +69,7 @@ def test_undecodable_image_is_blank_and_counted(tmp_path, demo):
     samples = [RawSample([0, f"picture number {i}"], [("jpg", bad if i == 1 else good)])
                for i in range(6)]
     write_dataset(samples, root / "caption", "caption")
-    (root / "tokenizer.model").write_bytes((demo / "tokenizer.model").read_bytes())
+    (root / "tokenizer.model").write_bytes((demo_data / "tokenizer.model").read_bytes())
     cfg = config(root, "data.weight_interleaved=0", "data.weight_text=0",
                  "train.micro_batch_size=1", "data.max_images_per_sequence=6")
     loader = MultimodalLoader(cfg, 0, 1, log=None)

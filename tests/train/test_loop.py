@@ -8,17 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
-                    str(out)], check=True, capture_output=True, timeout=300)
-    return out
 
 
 def command(data: Path, run_dir: Path, *overrides: str) -> list[str]:
