@@ -80,8 +80,9 @@ class Checkpointing(Callback):
     """Every `checkpoint.save_interval` steps, when the run is asked to stop, and at the end."""
 
     def on_step(self, trainer, m) -> None:
-        interval = trainer.cfg.checkpoint.save_interval
-        if m.step % interval == 0 and not trainer.stop_reason:
+        # Never conditioned on a local stop request: saving is collective, and a signal may
+        # have reached only this rank (the loop agrees on stopping after the callbacks).
+        if m.step % trainer.cfg.checkpoint.save_interval == 0:
             trainer.save()
 
     def on_train_end(self, trainer) -> None:
