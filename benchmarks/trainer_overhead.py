@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
 
         # Bare loop: same model/optimizer, batches built beforehand, nothing else.
         micro = num_microbatches(cfg)
-        batches = list(itertools.islice(trainer.batches, micro))
+        batches = [batch for batch, _ in itertools.islice(trainer.batches, micro)]
         bare = []
         for step in range(total):
             start = time.perf_counter()

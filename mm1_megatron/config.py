@@ -151,7 +151,8 @@ class DataConfig:
     weight_text: float = 0.10
     path: str = ""  # root folder holding the three shard sets
     tokenizer_model: str = ""  # sentencepiece .model
-    num_workers: int = 2
+    num_workers: int = 2  # DALI decoding threads
+    prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline)
 
 
 @dataclass
@@ -466,7 +467,7 @@ def data_parallel_size(cfg: Config, environ: Optional[dict[str, str]] = None) ->
     return resolve_world_size(cfg, environ) // cfg.parallel.model_parallel_size
 
 
-_MAY_BE_ZERO = {"train.warmup_steps"}
+_MAY_BE_ZERO = {"train.warmup_steps", "data.prefetch"}
 _SIGNED = {"vision.feature_layer"}  # checked by its own rule
 
 

@@ -9,6 +9,8 @@ that DALI cannot decode becomes a blank image and its document carries no loss i
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -129,9 +131,9 @@ class MultimodalLoader:
                 i += 1
         return starts
 
-    def __iter__(self) -> Iterator[dict]:
-        """Micro-batches for this rank. `self.state` is the global state after the last row
-        handed out; at a step end it is identical on every rank."""
+    def __iter__(self) -> Iterator[tuple[dict, LoaderState]]:
+        """(micro-batch, global loader state after its rows) for this rank. At a step end
+        the state is identical on every rank; it is what a checkpoint stores."""
         while True:
             rows = []
             for row, state in self.rows:
@@ -139,7 +141,7 @@ class MultimodalLoader:
                 self.state = state
                 if len(rows) == self.micro_batch_size:
                     break
-            yield self.collate(rows)
+            yield self.collate(rows), self.state
 
     def collate(self, rows: list[PackedRow]) -> dict:
         loss_masks = [row.loss_mask.clone() for row in rows]
@@ -155,3 +157,35 @@ class MultimodalLoader:
             sources=torch.stack([r.sources for r in rows]),
             images=images,
         )
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `depth` items ahead, so reading, tokenizing
+    and DALI decoding overlap the training step (both mostly release the GIL)."""
+
+    _DONE = object()
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True,
+                                       name="mm1-data-prefetch")
+        self.thread.start()
+
+    def _fill(self, iterator: Iterator) -> None:
+        try:
+            for item in iterator:
+                self.queue.put(item)
+        except BaseException as err:  # surfaced in the training thread
+            self.queue.put(err)
+        self.queue.put(self._DONE)
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item

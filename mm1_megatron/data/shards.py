@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -100,6 +101,9 @@ class Sample:
         return len(self.image_exts)
 
 
+_COUNTER_LOCK = threading.Lock()
+
+
 @dataclass
 class SkipCounter:
     """Per-reason counts of skipped samples; logs each (shard, member) once."""
@@ -109,10 +113,16 @@ class SkipCounter:
     _seen: set = field(default_factory=set)
 
     def add(self, err: BadSample) -> None:
-        self.counts[err.reason] += 1
-        if self.log is not None and (err.shard, err.member) not in self._seen:
+        with _COUNTER_LOCK:  # the loader may count from a prefetch thread
+            self.counts[err.reason] += 1
+            first = (err.shard, err.member) not in self._seen
             self._seen.add((err.shard, err.member))
+        if first and self.log is not None:
             self.log(f"skipping bad sample: {err}")
+
+    def snapshot(self) -> dict[str, int]:
+        with _COUNTER_LOCK:
+            return dict(self.counts)
 
 
 def normalize_ext(name: str) -> str:

@@ -14,7 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe import moe_utils
 
 from mm1_megatron.config import Config
-from mm1_megatron.data.loader import MultimodalLoader
+from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import describe_backends, init_distributed, shutdown_distributed
@@ -78,11 +78,13 @@ class Trainer:
         self.loader = MultimodalLoader(cfg, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size(), loader_state,
                                        log=print if self.is_logging_rank else None)
-        self.batches = iter(self.loader)
+        self.loader_state = loader_state or LoaderState(0, None)
+        self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
+            if cfg.data.prefetch > 0 else iter(self.loader)
 
     def save(self) -> None:
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                        extra={"loader": self.loader.state.to_dict(),
+                        extra={"loader": self.loader_state.to_dict(),
                                "skipped_steps": self.skipped_total},
                         keep_last=self.cfg.checkpoint.keep_last)
         self.last_saved_step = self.step
@@ -122,7 +124,7 @@ class Trainer:
             images_per_s=images_global / seconds, tflops_per_device=tflops,
             mfu=None if peak is None else tflops / peak, memory_gb=max_rss_gb(),
             source_losses=result.source_losses, moe=self._moe_losses(),
-            data_skips=dict(self.loader.skips.counts))
+            data_skips=self.loader.skips.snapshot())
 
     def _moe_losses(self) -> dict[str, float]:
         """Mean aux / z-loss over MoE layers this step (Megatron's tracker), then reset."""
@@ -145,7 +147,9 @@ class Trainer:
         micro = num_microbatches(self.cfg)
         while self.step < self.cfg.train.train_steps and self.stop_reason is None:
             with Timer() as timer:
-                batches = list(itertools.islice(self.batches, micro))
+                pairs = list(itertools.islice(self.batches, micro))
+                batches = [batch for batch, _ in pairs]
+                self.loader_state = pairs[-1][1]  # consumed, not prefetched
                 images = sum(int(b["images"].shape[0]) for b in batches)
                 result = train_step(self.cfg, self.model, self.optimizer, self.scheduler,
                                     batches)

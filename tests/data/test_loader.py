@@ -19,7 +19,7 @@ def config(data: Path, *extra: str):
 
 
 def batches(loader, n):
-    return list(itertools.islice(iter(loader), n))
+    return [batch for batch, _ in itertools.islice(iter(loader), n)]
 
 
 def same(a: dict, b: dict) -> bool:
