@@ -45,6 +45,37 @@ class StepMetrics:
     data_skips: dict[str, int] = field(default_factory=dict)
 
 
+class ExpertLoad:
+    """Tokens routed to each expert per MoE layer in a step, from forward hooks on
+    Megatron-Core's routers; reported as max/mean (1.0 = perfectly balanced)."""
+
+    def __init__(self, model) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts: dict[int, torch.Tensor] = {}
+        for module in model[0].modules():
+            if isinstance(module, TopKRouter):
+                module.register_forward_hook(self._count)
+
+    def _count(self, router, inputs, output) -> None:
+        routing_map = output[1]  # [tokens, experts] bool
+        tokens = routing_map.sum(0).float().detach()
+        layer = router.layer_number
+        self.counts[layer] = self.counts.get(layer, 0) + tokens
+
+    def imbalance(self) -> dict[str, float]:
+        """Collective over this stage's data- and tensor-parallel ranks (same layers)."""
+        out = {}
+        for layer in sorted(self.counts):
+            tokens = self.counts[layer]
+            dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+            if ps.get_tensor_model_parallel_world_size() > 1:  # SP splits the tokens
+                dist.all_reduce(tokens, group=ps.get_tensor_model_parallel_group())
+            out[f"expert_load_imbalance/layer_{layer}"] = float(tokens.max() / tokens.mean())
+        self.counts.clear()
+        return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Optional[list[Callback]] = None):
         self.cfg = cfg
@@ -65,6 +96,7 @@ class Trainer:
         if self.is_logging_rank:
             print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
         self.model = build_model(cfg, use_transformer_engine())
+        self.expert_load = ExpertLoad(self.model) if cfg.llm.moe.num_experts else None
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         loader_state = None
         latest = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
@@ -139,7 +171,7 @@ class Trainer:
             if layers.numel():
                 out[name] = float(layers.mean())
         moe_utils.clear_aux_losses_tracker()
-        return out
+        return out | self.expert_load.imbalance()
 
     def train(self) -> int:
         for cb in self.callbacks:

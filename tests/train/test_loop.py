@@ -46,8 +46,11 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])  # it learns
     for tag in ("loss/caption", "loss/interleaved", "optim/lr", "optim/grad_norm",
                 "perf/tokens_per_s", "perf/images_per_s", "perf/tflops_per_device",
-                "moe/load_balancing_loss", "moe/z_loss"):
+                "moe/load_balancing_loss", "moe/z_loss",
+                "moe/expert_load_imbalance/layer_1", "moe/expert_load_imbalance/layer_3"):
         assert scalars(run_dir, tag), tag
+    imbalance = [v for _, v in scalars(run_dir, "moe/expert_load_imbalance/layer_1")]
+    assert all(1.0 <= v <= 4.0 for v in imbalance)  # max/mean over 4 experts
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000008"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004",
