@@ -100,7 +100,8 @@ class MultimodalLoader:
         # Blank image for each undecodable one; its document gets no loss in this row.
         full = torch.zeros(len(refs), 3, size, size, dtype=decoded.dtype,
                            device=decoded.device)
-        full[[i for i in range(len(refs)) if i not in set(bad)]] = decoded
+        bad = set(bad)
+        full[[i for i in range(len(refs)) if i not in bad]] = decoded
         first = 0
         for row, mask in zip(rows, loss_masks):
             starts = self._image_starts(row)

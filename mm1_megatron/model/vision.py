@@ -1,4 +1,4 @@
-"""CLIP-style ViT image encoder on Megatron-Core's CLIPViTModel (shards with TP like the decoder)."""
+"""CLIP-style ViT image encoder on Megatron-Core's CLIPViTModel (TP-sharded like the decoder)."""
 
 from __future__ import annotations
 

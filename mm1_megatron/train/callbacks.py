@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from mm1_megatron.data.mixture import SOURCES
+
 if TYPE_CHECKING:
     from mm1_megatron.train.loop import StepMetrics, Trainer
 
-SOURCE_NAMES = ("interleaved", "caption", "text")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the Slurm scripts use it)
 EXIT_NON_FINITE = 3  # too many NaN/Inf steps in a row: checkpoint written, needs a human
 
@@ -63,7 +64,7 @@ class TensorBoard(Callback):
                    "perf/tokens_per_s": m.tokens_per_s, "perf/images_per_s": m.images_per_s,
                    "perf/tflops_per_device": m.tflops_per_device, "perf/mfu": m.mfu,
                    "memory/max_rss_gb": m.memory_gb}
-        scalars.update({f"loss/{SOURCE_NAMES[s]}": v for s, v in m.source_losses.items()})
+        scalars.update({f"loss/{SOURCES[s]}": v for s, v in m.source_losses.items()})
         scalars.update({f"moe/{k}": v for k, v in m.moe.items()})
         scalars.update({f"data/skipped_{k}": v for k, v in m.data_skips.items()})
         for name, value in scalars.items():

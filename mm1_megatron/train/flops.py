@@ -9,6 +9,7 @@ counted at `data.max_images_per_sequence`, the recipe's upper bound.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from mm1_megatron.config import Config, ConnectorConfig, LLMConfig, VisionConfig
 from mm1_megatron.model.params import attention_params, swiglu_params
@@ -79,8 +80,9 @@ class SequenceFlops:
         return {**asdict(self), "total": self.total}
 
 
-def training_flops_per_sequence(cfg: Config) -> SequenceFlops:
-    images = cfg.data.max_images_per_sequence
+def training_flops_per_sequence(cfg: Config, images: Optional[int] = None) -> SequenceFlops:
+    """`images` defaults to the recipe's bound, `data.max_images_per_sequence`."""
+    images = cfg.data.max_images_per_sequence if images is None else images
     return SequenceFlops(
         llm=TRAIN_FACTOR * llm_forward_flops(cfg.llm, cfg.data.seq_length),
         vision=TRAIN_FACTOR * images * vision_forward_flops(cfg.vision),

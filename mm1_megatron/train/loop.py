@@ -21,8 +21,7 @@ from mm1_megatron.runtime import describe_backends, init_distributed, shutdown_d
 from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
                                           device_peak_tflops, max_rss_gb)
 from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mm1_megatron.train.flops import (TRAIN_FACTOR, connector_forward_flops,
-                                      llm_forward_flops, vision_forward_flops)
+from mm1_megatron.train.flops import training_flops_per_sequence
 from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
 
 
@@ -95,6 +94,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_logging_rank:
             print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
+        # Model FLOPs of one row (decoder) and one image (encoder + connector), for TFLOP/s.
+        self.flops_per_row_and_image = training_flops_per_sequence(cfg, images=1)
         self.model = build_model(cfg, use_transformer_engine())
         self.expert_load = ExpertLoad(self.model) if cfg.llm.moe.num_experts else None
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
@@ -142,11 +143,8 @@ class Trainer:
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         images_global = counts.item()
         rows = cfg.train.global_batch_size
-        flops = TRAIN_FACTOR * (rows * llm_forward_flops(cfg.llm, cfg.data.seq_length)
-                                + images_global * (vision_forward_flops(cfg.vision)
-                                                   + connector_forward_flops(
-                                                       cfg.connector, cfg.vision,
-                                                       cfg.llm.hidden_size)))
+        unit = self.flops_per_row_and_image
+        flops = rows * unit.llm + images_global * (unit.vision + unit.connector)
         tflops = flops / seconds / world / 1e12
         peak = device_peak_tflops(cfg.train.precision, cfg.train.fp8)
         return StepMetrics(

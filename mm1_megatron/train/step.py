@@ -24,6 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm1_megatron.config import Config
+from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
 from mm1_megatron.model.params import count_params
 from mm1_megatron.train.optim import peak_lr_and_weight_decay
@@ -81,7 +82,6 @@ def num_microbatches(cfg: Config) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
-NUM_SOURCES = 3  # interleaved, caption, text (data.mixture.SOURCES)
 
 
 def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_loss: torch.Tensor):
@@ -90,7 +90,7 @@ def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_lo
     total = weighted.sum()
     # Report [sum, tokens] overall and per source; the schedule divides by all loss tokens.
     report = [total.detach(), mask.sum().detach()]
-    for source in range(NUM_SOURCES):
+    for source in range(len(SOURCES)):
         picked = (sources == source) if sources is not None else torch.zeros_like(mask).bool()
         report += [weighted[picked].sum().detach(), mask[picked].sum().detach()]
     return total, mask.sum().to(torch.int), {"lm loss": torch.stack(report)}
@@ -151,7 +151,7 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
     loss, per_source = None, {}
     if summed is not None:
         loss = (summed[0] / summed[1]).item()
-        for source in range(NUM_SOURCES):
+        for source in range(len(SOURCES)):
             total, tokens = summed[2 + 2 * source], summed[3 + 2 * source]
             if tokens > 0:
                 per_source[source] = (total / tokens).item()

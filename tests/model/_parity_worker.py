@@ -73,6 +73,14 @@ def microbatches(cfg, rows: list[dict]) -> list[dict]:
     return batches
 
 
+def write_report(path: str, report) -> None:
+    """One rank holds the reduced loss: the last pipeline stage's first DP/TP rank."""
+    if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 \
+            and ps.get_tensor_model_parallel_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(report, f)
+
+
 def main() -> None:
     out_path, ckpt_dir, *rest = sys.argv[1:]
     save_init = "--save-init" in rest
@@ -93,10 +101,7 @@ def main() -> None:
         result = train_step(cfg, model, optimizer, scheduler, microbatches(cfg, rows))
         history.append(dict(loss=result.loss, grad_norm=result.grad_norm,
                             skipped=result.skipped))
-    if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 \
-            and ps.get_tensor_model_parallel_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(history, f)
+    write_report(out_path, history)
     shutdown_distributed()
 
 

@@ -5,16 +5,14 @@ resume: build from a different seed, load the latest checkpoint (any layout), ru
 Both write step 2's loss and grad norm (and what was restored) to OUT.json.
 """
 
-import json
 import sys
 
-from megatron.core import parallel_state as ps
 
 from mm1_megatron.config import load_config
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
 from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
-from tests.model._parity_worker import BASE, microbatches, synthetic_rows
+from tests.model._parity_worker import BASE, microbatches, synthetic_rows, write_report
 
 
 def main() -> None:
@@ -36,10 +34,7 @@ def main() -> None:
                       rng_restored=restored["rng_restored"])
     result = train_step(cfg, model, optimizer, scheduler, rows(2))
     report.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
-    if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 \
-            and ps.get_tensor_model_parallel_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(report, f)
+    write_report(out_path, report)
     shutdown_distributed()
 
 
