@@ -42,7 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.filterwarnings("ignore", message=message, category=category)
     args = parse_args(argv)
     try:
-        cfg = load_config(args.preset, args.overrides, args.config)
+        # A dry run plans for the cluster: FP8 is checked against the machine only to train.
+        cfg = load_config(args.preset, args.overrides, args.config,
+                          this_machine=not args.dry_run)
     except ConfigError as err:
         print(f"mm1-train: config error: {err}", file=sys.stderr)
         return 2

@@ -167,6 +167,9 @@ class ParallelConfig:
     first_stage_layers: Optional[int] = None  # decoder layers on pipeline stage 0 (uneven PP)
     world_size: Optional[int] = None  # None: from the launcher's environment at run time
     gpus_per_node: Optional[int] = None  # set for GPU clusters: TP must stay inside a node
+    # Nodes the layout was planned for (tools/plan.py); the world size of a dry run or plan
+    # when neither parallel.world_size nor a launcher (torchrun/Slurm) gives one.
+    planned_nodes: Optional[int] = None
     distributed_optimizer: bool = True
     # Megatron-Core communication overlaps (on in the GPU presets).
     overlap_grad_reduce: bool = False
@@ -208,6 +211,9 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
+    # Write run_dir/samples/dp_rank_N.jsonl: the global sample ids each step trained on (for
+    # auditing data order and exact resume).
+    sample_ids: bool = False
 
 
 @dataclass
@@ -232,9 +238,11 @@ class Config:
 # checked against the built Megatron-Core modules in tests/test_presets.py.
 # --------------------------------------------------------------------------------------------
 
-# Full-scale runs: bf16 on 8-GPU H100 nodes, the paper's batch and sequence.
-_GPU_RUN = dict(parallel=ParallelConfig(gpus_per_node=8, sequence_parallel=True,
-                                        overlap_grad_reduce=True, overlap_param_gather=True))
+# Full-scale runs: bf16 on 8-GPU H100 nodes, the paper's batch and sequence. Each MM1 preset's
+# layout is the one `tools/plan.py --search` picked for its node count (`planned_nodes`) with
+# >= 15% memory margin; dp follows from the launcher's world size.
+_GPU_RUN = dict(gpus_per_node=8, sequence_parallel=True, overlap_grad_reduce=True,
+                overlap_param_gather=True)
 
 
 def _tiny() -> Config:
@@ -275,8 +283,13 @@ def _demo() -> Config:
     )
 
 
-def _mm1(name: str, llm: LLMConfig) -> Config:
-    return Config(preset=name, run_dir=f"runs/{name}", llm=llm, **_GPU_RUN)
+def _mm1(name: str, llm: LLMConfig, nodes: int, micro_batch: int = 1,
+         vision_recompute: Recompute = "none", fp8: Optional[Fp8Format] = None,
+         **parallel: Any) -> Config:
+    return Config(preset=name, run_dir=f"runs/{name}", llm=llm,
+                  vision=VisionConfig(recompute=vision_recompute),
+                  parallel=ParallelConfig(**_GPU_RUN, planned_nodes=nodes, **parallel),
+                  train=TrainConfig(micro_batch_size=micro_batch, fp8=fp8))
 
 
 # Llama-style decoders; vocabulary 32k (our sentencepiece model), untied embeddings.
@@ -295,11 +308,19 @@ def _with_moe(llm: LLMConfig, num_experts: int, layer_freq: int) -> LLMConfig:
 PRESETS: dict[str, Callable[[], Config]] = {
     "tiny": _tiny,
     "demo": _demo,
-    "mm1-3b": lambda: _mm1("mm1-3b", _LLM_3B),
-    "mm1-7b": lambda: _mm1("mm1-7b", _LLM_7B),
-    "mm1-30b": lambda: _mm1("mm1-30b", _LLM_30B),
-    "mm1-3b-moe64": lambda: _mm1("mm1-3b-moe64", _with_moe(_LLM_3B, 64, 2)),
-    "mm1-7b-moe32": lambda: _mm1("mm1-7b-moe32", _with_moe(_LLM_7B, 32, 4)),
+    # 8 nodes: pure DP (dp=64).
+    "mm1-3b": lambda: _mm1("mm1-3b", _LLM_3B, nodes=8),
+    # 16 nodes: tp=2, dp=64.
+    "mm1-7b": lambda: _mm1("mm1-7b", _LLM_7B, nodes=16, tp=2),
+    # 32 nodes x 8 H100, FP8: tp=2, pp=4 with 7 decoder layers next to the ViT on stage 0 (15
+    # on the others), dp=32, ViT fully recomputed.
+    "mm1-30b": lambda: _mm1("mm1-30b", _LLM_30B, nodes=32, fp8="hybrid", vision_recompute="full",
+                            tp=2, pp=4, first_stage_layers=7),
+    # 16 nodes: ep=64 (one expert per GPU), dp=128.
+    "mm1-3b-moe64": lambda: _mm1("mm1-3b-moe64", _with_moe(_LLM_3B, 64, 2), nodes=16, ep=64),
+    # 16 nodes: tp=2, ep=32 (expert_tp = tp), dp=64.
+    "mm1-7b-moe32": lambda: _mm1("mm1-7b-moe32", _with_moe(_LLM_7B, 32, 4), nodes=16, tp=2,
+                                 ep=32),
 }
 
 
@@ -417,8 +438,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str] = None) -> Config:
-    """Preset -> YAML file (optional) -> command-line overrides, then validation."""
+def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str] = None,
+                this_machine: bool = True) -> Config:
+    """Preset -> YAML file (optional) -> command-line overrides, then validation. With
+    `this_machine` off (dry runs, plans for a cluster) FP8 is not checked against the local
+    hardware."""
     cfg = get_preset(preset)
     if yaml_file:
         with open(yaml_file) as f:
@@ -430,7 +454,7 @@ def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str]
             set_field(cfg, key, value)
     for text in overrides:
         set_field(cfg, *parse_override(text))
-    validate(cfg)
+    validate(cfg, fp8_ok=None if this_machine else True)
     return cfg
 
 
@@ -460,6 +484,8 @@ def resolve_world_size(cfg: Config, environ: Optional[dict[str, str]] = None) ->
     launched = launcher_world_size(environ)
     if launched is not None:
         return launched
+    if p.planned_nodes is not None and p.dp is None:
+        return p.planned_nodes * (p.gpus_per_node or 8)
     return p.model_parallel_size * (p.dp or 1)
 
 

@@ -1,6 +1,8 @@
-"""The run plan: layout, parameter counts, learning rate and FLOPs of a resolved config.
+"""The run plan: layout, parameter counts, learning rate, FLOPs and the modelled H100 memory
+and step time (`mm1_megatron/planner.py`) of a resolved config.
 
 `tools/plan.py` prints it (JSON or a table); `mm1-train --dry-run` prints it before exiting.
+Without a world size (config, launcher) an MM1 preset is planned at `parallel.planned_nodes`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from typing import Any, Optional
 
 from mm1_megatron.config import Config, data_parallel_size, resolve_world_size
 from mm1_megatron.model.params import count_params
+from mm1_megatron.planner import estimate
 from mm1_megatron.train.flops import training_flops_per_sequence
 from mm1_megatron.train.optim import peak_lr_and_weight_decay
 
@@ -23,6 +26,8 @@ def layout(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str, i
 
 
 def make_plan(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    world = resolve_world_size(cfg, environ)
+    environ = {"WORLD_SIZE": str(world)}
     params = count_params(cfg)
     lr, weight_decay = peak_lr_and_weight_decay(cfg.train.lr, params.non_embedding_active,
                                                 cfg.train.weight_decay_ratio)
@@ -39,6 +44,7 @@ def make_plan(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str
         "flops_per_step": flops.total * cfg.train.global_batch_size,
         "tokens_per_step": tokens_per_step,
         "train_tokens": tokens_per_step * cfg.train.train_steps,
+        "h100": estimate(cfg, world, cfg.parallel.gpus_per_node or 8),
     }
 
 
@@ -47,6 +53,29 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3f}{unit}"
     return f"{n:g}"
+
+
+def h100_rows(est: dict[str, Any]) -> list[tuple[str, str]]:
+    mem, t, lay = est["memory"], est["time"], est["layout"]
+    stages = " ".join(f"{m['total_gib']:.1f}" for m in mem["stages"])
+    verdict = "fits" if mem["fits"] else "DOES NOT FIT"
+    per_mb = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t["per_microbatch_s"].items())
+    return [
+        ("H100 model", f"{est['gpus']} GPUs = {est['nodes']:g} nodes (modelled, not measured)"),
+        ("  recompute", f"llm {lay['recompute']}, vision {lay['vision_recompute']}; "
+                        f"fp8 {lay['fp8'] or 'off'}; first stage layers "
+                        f"{lay['first_stage_layers'] or 'even'}"),
+        ("  memory/stage GiB", f"{stages}  worst stage {mem['worst_stage']} "
+                               f"{mem['worst_gib']:.1f} of {mem['usable_gib']:.1f} usable: "
+                               f"{verdict}"),
+        ("  step time", f"{t['step_s']:.3f} s (bubble {t['bubble_fraction']:.1%}, slowest "
+                        f"stage {t['slowest_stage']}: {per_mb} ms/micro-batch; DP exposed "
+                        f"{t['dp_exposed_s'] * 1e3:.1f} ms)"),
+        ("  throughput", f"{_human(t['tokens_per_s'])} tokens/s, "
+                         f"{t['model_tflops_per_gpu']:.0f} TFLOP/s/GPU"),
+        ("  MFU", f"{t['mfu']:.1%} of {t['peak_tflops']:.0f} TFLOP/s"
+                  + (f" ({t['mfu_bf16_peak']:.1%} of bf16 peak)" if lay["fp8"] else "")),
+    ]
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -69,5 +98,6 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("FLOPs/step", _human(plan["flops_per_step"])),
         ("tokens/step", _human(plan["tokens_per_step"])),
     ]
+    rows += h100_rows(plan["h100"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,4 +1,14 @@
-"""Print the plan of a preset: `python tools/plan.py --preset mm1-30b [--nodes 32] --json`."""
+"""Plan a preset on H100 nodes: `python tools/plan.py --preset mm1-30b [--nodes 32] --json`.
+
+  --check   exit 1 (one line on stderr naming the worst stage) when the layout does not fit
+  --search  try every valid layout (tp, pp, ep, micro-batch, recompute) on --nodes, print the
+            fastest that fits (--json: the top few)
+
+Without --nodes (and no WORLD_SIZE / parallel.world_size) an MM1 preset is planned at its
+`parallel.planned_nodes`. Validation is the project's own, for the target cluster: FP8 counts as
+available (the plan is for H100s with Transformer Engine, not for this machine).
+Memory and time figures are modelled (mm1_megatron/planner.py), not measured.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +16,87 @@ import argparse
 import json
 import sys
 
-from mm1_megatron.config import PRESETS, ConfigError, load_config
+from mm1_megatron.config import (PRESETS, Config, ConfigError, get_preset, parse_override,
+                                 set_field, validate)
 from mm1_megatron.plan import format_plan, make_plan
+from mm1_megatron.planner import USABLE_GIB, search
+
+
+def _config(preset: str, overrides: list[str], check: bool) -> Config:
+    cfg = get_preset(preset)
+    for text in overrides:
+        set_field(cfg, *parse_override(text))
+    if check:
+        validate(cfg, fp8_ok=True)
+    return cfg
+
+
+def _search_line(rank: int, best: dict) -> str:
+    t, m = best["time"], best["memory"]
+    return (f"#{rank} {' '.join(best['overrides'])}  worst {m['worst_gib']:.1f} GiB  "
+            f"step {t['step_s']:.3f} s  MFU {t['mfu']:.1%}")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=list(PRESETS))
     parser.add_argument("--nodes", type=int, help="plan for this many nodes")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when the worst pipeline stage does not fit in memory")
+    parser.add_argument("--search", action="store_true",
+                        help="enumerate layouts on --nodes and print the fastest that fits")
+    parser.add_argument("--max-gib", type=float, default=USABLE_GIB,
+                        help="--search: keep layouts whose worst stage is below this "
+                             f"(default the usable {USABLE_GIB:.1f} GiB)")
+    parser.add_argument("--top", type=int, default=5, help="--search --json: how many")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
-    if args.nodes is not None:
-        overrides += [f"parallel.world_size={args.nodes * args.gpus_per_node}",
+    nodes = args.nodes
+    if nodes is None and args.search:
+        nodes = get_preset(args.preset).parallel.planned_nodes
+    if nodes is not None:
+        overrides += [f"parallel.world_size={nodes * args.gpus_per_node}",
                       f"parallel.gpus_per_node={args.gpus_per_node}"]
     try:
-        cfg = load_config(args.preset, overrides)
+        cfg = _config(args.preset, overrides, check=not args.search)
     except ConfigError as err:
         print(f"plan: config error: {err}", file=sys.stderr)
         return 2
+
+    if args.search:
+        if nodes is None:
+            print("plan: --search needs --nodes", file=sys.stderr)
+            return 2
+        found = search(cfg, nodes * args.gpus_per_node, args.gpus_per_node, args.top,
+                       args.max_gib)
+        if not found["best"]:
+            print(f"plan: no valid layout of {args.preset} fits on {nodes} nodes "
+                  f"({found['valid']} valid of {found['evaluated']} tried)", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"preset": args.preset, "nodes": nodes, **found}, indent=2))
+        else:
+            print(f"{args.preset} on {nodes} nodes: {found['fit']} of {found['valid']} valid "
+                  f"layouts fit ({found['evaluated']} tried); fastest first:")
+            for rank, best in enumerate(found["best"], 1):
+                print(_search_line(rank, best))
+            print()
+            best_cfg = _config(args.preset, overrides + found["best"][0]["overrides"], True)
+            print(format_plan(make_plan(best_cfg)))
+        return 0
+
     plan = make_plan(cfg)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    mem = plan["h100"]["memory"]
+    if args.check and not mem["fits"]:
+        print(f"plan: {args.preset} does not fit: stage {mem['worst_stage']} needs "
+              f"{mem['worst_gib']:.1f} GiB > {mem['usable_gib']:.1f} GiB usable per H100 "
+              f"({mem['headroom']})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -157,6 +157,7 @@ class MultimodalLoader:
             attention_mask=document_attention_mask(document_ids),
             sources=torch.stack([r.sources for r in rows]),
             images=images,
+            sample_ids=[list(r.doc_ids) for r in rows],  # global sample ids per row
         )
 
 

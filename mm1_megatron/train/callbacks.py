@@ -7,6 +7,7 @@ across ranks before acting, so no rank leaves a collective behind.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -75,6 +76,32 @@ class TensorBoard(Callback):
     def on_train_end(self, trainer) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class SampleLog(Callback):
+    """`logging.sample_ids`: run_dir/samples/dp_rank_N.jsonl, one line per step with the
+    global sample ids of each row this data-parallel rank trained on."""
+
+    def __init__(self) -> None:
+        self.file = None
+
+    def on_train_start(self, trainer) -> None:
+        from megatron.core import parallel_state as ps
+
+        if (trainer.cfg.logging.sample_ids and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_pipeline_model_parallel_rank() == 0):
+            path = trainer.run_dir / "samples" / f"dp_rank_{ps.get_data_parallel_rank()}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a")
+
+    def on_step(self, trainer, m) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": m.step, "rows": trainer.sample_ids}) + "\n")
+            self.file.flush()
+
+    def on_train_end(self, trainer) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class Checkpointing(Callback):
@@ -146,7 +173,8 @@ class Timer:
 
 
 def default_callbacks() -> list[Callback]:
-    return [PreemptionSignals(), NonFiniteGuard(), ConsoleLog(), TensorBoard(), Checkpointing()]
+    return [PreemptionSignals(), NonFiniteGuard(), ConsoleLog(), TensorBoard(), SampleLog(),
+            Checkpointing()]
 
 
 def max_rss_gb() -> float:

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.moe import moe_utils
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
@@ -22,6 +21,7 @@ from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
                                           device_peak_tflops, max_rss_gb)
 from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mm1_megatron.train.flops import training_flops_per_sequence
+from mm1_megatron.train.moe_metrics import MoEMetrics
 from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
 
 
@@ -44,37 +44,6 @@ class StepMetrics:
     data_skips: dict[str, int] = field(default_factory=dict)
 
 
-class ExpertLoad:
-    """Tokens routed to each expert per MoE layer in a step, from forward hooks on
-    Megatron-Core's routers; reported as max/mean (1.0 = perfectly balanced)."""
-
-    def __init__(self, model) -> None:
-        from megatron.core.transformer.moe.router import TopKRouter
-
-        self.counts: dict[int, torch.Tensor] = {}
-        for module in model[0].modules():
-            if isinstance(module, TopKRouter):
-                module.register_forward_hook(self._count)
-
-    def _count(self, router, inputs, output) -> None:
-        routing_map = output[1]  # [tokens, experts] bool
-        tokens = routing_map.sum(0).float().detach()
-        layer = router.layer_number
-        self.counts[layer] = self.counts.get(layer, 0) + tokens
-
-    def imbalance(self) -> dict[str, float]:
-        """Collective over this stage's data- and tensor-parallel ranks (same layers)."""
-        out = {}
-        for layer in sorted(self.counts):
-            tokens = self.counts[layer]
-            dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-            if ps.get_tensor_model_parallel_world_size() > 1:  # SP splits the tokens
-                dist.all_reduce(tokens, group=ps.get_tensor_model_parallel_group())
-            out[f"expert_load_imbalance/layer_{layer}"] = float(tokens.max() / tokens.mean())
-        self.counts.clear()
-        return out
-
-
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Optional[list[Callback]] = None):
         self.cfg = cfg
@@ -85,6 +54,7 @@ class Trainer:
         self.step = 0
         self.last_saved_step: Optional[int] = None
         self.skipped_total = 0
+        self.sample_ids: list[list[int]] = []  # global sample ids of the last step's rows
 
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -97,7 +67,7 @@ class Trainer:
         # Model FLOPs of one row (decoder) and one image (encoder + connector), for TFLOP/s.
         self.flops_per_row_and_image = training_flops_per_sequence(cfg, images=1)
         self.model = build_model(cfg, use_transformer_engine())
-        self.expert_load = ExpertLoad(self.model) if cfg.llm.moe.num_experts else None
+        self.moe_metrics = MoEMetrics(cfg, self.model) if cfg.llm.moe.num_experts else None
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         loader_state = None
         latest = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
@@ -153,23 +123,9 @@ class Trainer:
             tokens_per_s=rows * cfg.data.seq_length / seconds,
             images_per_s=images_global / seconds, tflops_per_device=tflops,
             mfu=None if peak is None else tflops / peak, memory_gb=max_rss_gb(),
-            source_losses=result.source_losses, moe=self._moe_losses(),
+            source_losses=result.source_losses,
+            moe=self.moe_metrics.collect(num_microbatches(cfg)) if self.moe_metrics else {},
             data_skips=self.loader.skips.snapshot())
-
-    def _moe_losses(self) -> dict[str, float]:
-        """Mean aux / z-loss over MoE layers this step (Megatron's tracker), then reset."""
-        if self.cfg.llm.moe.num_experts == 0:
-            return {}
-        moe_utils.reduce_aux_losses_tracker_across_ranks()
-        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        out = {}
-        for name, entry in tracker.items():
-            values = entry["values"].float()
-            layers = values[values != 0]
-            if layers.numel():
-                out[name] = float(layers.mean())
-        moe_utils.clear_aux_losses_tracker()
-        return out | self.expert_load.imbalance()
 
     def train(self) -> int:
         for cb in self.callbacks:
@@ -181,6 +137,7 @@ class Trainer:
                 batches = [batch for batch, _ in pairs]
                 self.loader_state = pairs[-1][1]  # consumed, not prefetched
                 images = sum(int(b["images"].shape[0]) for b in batches)
+                self.sample_ids = [row for b in batches for row in b["sample_ids"]]
                 result = train_step(self.cfg, self.model, self.optimizer, self.scheduler,
                                     batches)
             self.step += 1

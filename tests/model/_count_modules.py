@@ -36,6 +36,10 @@ def main() -> None:
     out: dict = {"params": {}, "flops": {}}
     for name in PRESETS:
         cfg = get_preset(name)
+        # The whole model in this one process: no model parallelism, no FP8 (no TE here).
+        for key, value in (("parallel.tp", 1), ("parallel.pp", 1), ("parallel.ep", 1),
+                           ("parallel.first_stage_layers", None), ("train.fp8", None)):
+            set_field(cfg, key, value)
         entry = {}
         with torch.device("meta"):
             entry["llm"] = numel(build_decoder(cfg, use_te=False))

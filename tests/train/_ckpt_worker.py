@@ -2,11 +2,17 @@
 
 save: 2 optimizer steps, checkpoint at step 2, then step 2 again as the reference.
 resume: build from a different seed, load the latest checkpoint (any layout), run step 2.
+crash: as save, then step 3 and a save of it during which rank 0 is SIGKILLed as soon as the
+       first checkpoint file is on disk (no report: the process dies).
 Both write step 2's loss and grad norm (and what was restored) to OUT.json.
 """
 
+import os
+import signal
 import sys
-
+import threading
+import time
+from pathlib import Path
 
 from mm1_megatron.config import load_config
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
@@ -23,12 +29,21 @@ def main() -> None:
     optimizer, scheduler = build_optimizer(cfg, model)
     report: dict = {}
     rows = lambda step: microbatches(cfg, synthetic_rows(cfg, step, cfg.train.global_batch_size))
-    if mode == "save":
+    if mode in ("save", "crash"):
         for step in range(2):
             train_step(cfg, model, optimizer, scheduler, rows(step))
         save_checkpoint(run_dir, 2, model, optimizer, scheduler,
                         extra={"loader": {"rows": 8}}, keep_last=2)
-    else:
+    if mode == "crash":
+        train_step(cfg, model, optimizer, scheduler, rows(2))
+        if int(os.environ["RANK"]) == 0:
+            threading.Thread(target=kill_when_written, daemon=True,
+                             args=(Path(run_dir) / "checkpoints" / "step_00000003.partial",)
+                             ).start()
+        save_checkpoint(run_dir, 3, model, optimizer, scheduler,
+                        extra={"loader": {"rows": 12}}, keep_last=2)
+        raise AssertionError("the save of step 3 finished before the injected crash")
+    if mode == "resume":
         restored = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler)
         report.update(step=restored["step"], extra=restored["extra"],
                       rng_restored=restored["rng_restored"])
@@ -36,6 +51,13 @@ def main() -> None:
     report.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
     write_report(out_path, report)
     shutdown_distributed()
+
+
+def kill_when_written(partial: Path) -> None:
+    """SIGKILL this process once the partial checkpoint holds a file: a crash mid-save."""
+    while not (partial.is_dir() and any(p.is_file() for p in partial.rglob("*"))):
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

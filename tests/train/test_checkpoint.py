@@ -39,6 +39,23 @@ def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same)
             assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
 
 
+def test_crash_during_save_keeps_the_previous_checkpoint(saved, tmp_path):
+    reference = saved[1]
+    run_dir = tmp_path / "run"
+    crashed = torchrun(WORKER, 2, "crash", str(tmp_path / "unused.json"), str(run_dir),
+                       "parallel.dp=2", check=False)
+    assert crashed.returncode != 0
+    assert "the save of step 3 finished" not in crashed.stderr  # it died mid-save
+    root = run_dir / "checkpoints"
+    assert any((root / "step_00000003.partial").rglob("*"))  # the half-written one
+    assert not (root / "step_00000003").exists()
+    assert latest_checkpoint(run_dir) == root / "step_00000002"
+    out = tmp_path / "resume.json"
+    torchrun(WORKER, 2, "resume", str(out), str(run_dir), "parallel.dp=2", "train.seed=999")
+    got = json.loads(out.read_text())
+    assert got["step"] == 2 and got["loss"] == reference["loss"]  # loads, bitwise
+
+
 def test_latest_is_replaced_atomically_and_old_ones_pruned(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3):

@@ -1,6 +1,7 @@
 """mm1-train end to end on the demo data: loss falls, TensorBoard and checkpoints written,
 automatic resume, SIGUSR1 preemption (checkpoint + exit 75), NaN guard (exit 3)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -102,8 +103,15 @@ def newest_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+def sample_log(run_dir: Path) -> dict[int, list]:
+    """step -> rows' sample ids (the last line per step wins: a killed run may have logged
+    a step that its restart repeats)."""
+    lines = (run_dir / "samples" / "dp_rank_0.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["rows"] for entry in map(json.loads, lines)}
+
+
 def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
-    steps = ["train.train_steps=7", "checkpoint.save_interval=3"]
+    steps = ["train.train_steps=7", "checkpoint.save_interval=3", "logging.sample_ids=true"]
     whole = tmp_path / "whole"
     assert run(command(demo_data, whole, *steps)).returncode == 0
     reference = newest_scalars(whole, "loss/lm")
@@ -127,3 +135,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
     after = newest_scalars(killed, "loss/lm")
     assert sorted(after) == [4, 5, 6, 7]
     assert all(after[s] == reference[s] for s in after)  # bitwise on CPU fp32
+    samples, reference_samples = sample_log(killed), sample_log(whole)
+    assert sorted(samples) == list(range(1, 8))
+    assert samples == reference_samples  # the same rows, step by step
+    assert len({i for rows in samples.values() for row in rows for i in row}) > 8

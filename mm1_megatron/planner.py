@@ -1,0 +1,575 @@
+"""H100 memory and step-time model of a layout, and a search over layouts.
+
+Everything here is *modelled*, not measured: analytic formulas with stated constants.
+
+Memory per GPU, per pipeline stage (GiB = 2**30 bytes):
+- Weights 2 B/param (bf16), main grads 4 B/param (Megatron DDP, grad_reduce_in_fp32=True),
+  optimizer 12 B/param (fp32 master + Adam m, v) divided by the distributed optimizer's shard
+  group: DP*CP for dense params, the expert-data-parallel group tp*cp*dp/(ep*expert_tp) for
+  expert params (ZeRO-1, Rajbhandari et al. 2020). Dense params are split by TP, experts by
+  EP*expert_tp; norms, router, connector and ViT embeddings are replicated.
+  FP8 (train.fp8): TE keeps the bf16 weights and caches an FP8 copy and its transpose of every
+  linear weight across micro-batches: +2 B per linear-layer param. Activations are assumed to
+  stay bf16 (conservative: TE saves some GEMM inputs in FP8).
+- Activations: Korthikanti et al. 2022's accounting applied to our layers (bf16, no dropout):
+  per token a Llama layer saves norm inputs 2h+2h, QKV input 2h, Q,K,V 2(h+2kv), attention
+  output 2h, fc1 input 2h, SwiGLU input 4f and fc2 input 2f bytes. With TP the GEMM-side
+  tensors divide by t; with SP the rest does too. (Their GPT-3 layer, with dropout masks and a
+  4h GeLU MLP, gives their 34sbh + 5as^2b; ours is ~28sbh for mm1-30b.) Attention is *fused*
+  (TE flash / cuDNN): no s x s scores are kept, only the fp32 softmax statistics 4as, so
+  `selective` recompute (core attention) saves little; `unfused` keeps the softmax output
+  2as^2b per layer, which selective recompute removes. `full` keeps only each group's input
+  2sbh(/t with SP) plus one group's activations while it is recomputed. MoE layers: tokens are
+  routed top_k times, so the expert FFN holds ~top_k x the dense FFN's activations (with
+  expert_tp the routed tokens are gathered over the expert-TP group).
+  1F1B: stage j holds min(pp - j, micro-batches) micro-batches in flight; stage 0 also holds
+  the ViT (16 images x 730 tokens per sequence, no SP) and the C-Abstractor (replicated, ~10
+  saved tensors of `connector.hidden_size` channels per grid cell per block) for each.
+  Last stage: bf16 logits + fp32 softmax of one micro-batch, 6 B x s x vocab / t.
+- Fits when the worst stage is below the usable memory: 79.6 GiB (an "80 GB" H100 reports
+  81559 MiB) minus 10% for the CUDA context, NCCL and cuBLAS workspaces and fragmentation.
+
+Step time on H100 SXM (989 TFLOP/s bf16 dense, 1979 FP8 dense, 3.35 TB/s HBM, NVLink 450 GB/s
+per direction per GPU, InfiniBand 400 Gb/s = 50 GB/s per GPU):
+- Per micro-batch and stage: linear-layer FLOPs at 65% of peak (cuBLAS reaches ~75% on large
+  square GEMMs; training shapes and power-capped clocks run lower), FP8 GEMMs at 50% of the FP8
+  peak (amax, casts and transposes are extra kernels); expert GEMMs see m tokens per expert
+  and run at m/(m + 128) of that (small-M GEMMs are memory-bound; a rough guess); attention products at 50% of the bf16 peak (fused attention runs
+  in bf16; causal decoder attention does half of the s x s work), memory-bound element-wise
+  kernels (norms, SwiGLU, RoPE, residuals) ~3 x (28h + 6f) bytes per token and layer at 70% of
+  HBM bandwidth. Not modelled: optimizer step, data loading, host overheads, routing imbalance. Backward = 2 x forward; full recompute adds one forward of the recomputed
+  layers, selective one forward of core attention (hardware FLOPs; model FLOPs don't change).
+- Exposed communication (none of it overlapped unless stated): TP with SP, 4 all-gather/
+  reduce-scatter of s*b*h bf16 per layer forward and 4 backward (+4 under full recompute) over
+  NVLink at 80% (the config has no TP-comm-overlap switch, so they sit on the critical path);
+  the ViT's TP all-reduces the same way; EP all-to-all (dispatch + combine, forward and
+  backward) of the routed tokens over InfiniBand at 60% for the share of the EP group outside
+  the node; PP send/recv of each micro-batch's activations. DP gradient reduce-scatter (fp32)
+  and parameter all-gather (bf16) at 80% of the bandwidth a ring gets (k GPUs of the group
+  per node share k NICs), hidden behind the last micro-batch's backward (overlap_grad_reduce)
+  and the first forward (overlap_param_gather) where they fit.
+- Step = (micro-batches + pp - 1) x slowest stage (the 1F1B bubble, imbalance included; no
+  interleaving: the config has no virtual-stage field) + exposed DP communication.
+  MFU = flops.py's model FLOPs / (step x GPUs x peak), peak of the run's precision (1979 with
+  FP8, as `train/callbacks.py` reports it); `mfu_bf16_peak` uses 989 for comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional
+
+from mm1_megatron.config import Config, ConfigError, validate
+from mm1_megatron.model.params import (attention_params, bottleneck_params, connector_params,
+                                       decoder_layer_params, expert_params, swiglu_params,
+                                       vision_layer_params, vision_params)
+from mm1_megatron.train.flops import (connector_forward_flops, training_flops_per_sequence,
+                                      vision_forward_flops)
+
+GIB = 2**30
+# Device and fabric (H100 SXM, DGX/HGX nodes of 8 with one 400 Gb/s NIC per GPU).
+HBM_GIB = 81559 / 1024  # what an "80 GB" H100 reports
+HEADROOM = 0.10  # CUDA context, NCCL/cuBLAS workspaces, allocator fragmentation
+USABLE_GIB = HBM_GIB * (1 - HEADROOM)
+PEAK_BF16 = 989e12
+PEAK_FP8 = 1979e12
+HBM_BW = 3.35e12
+NVLINK_BW = 450e9  # per direction (900 GB/s bidirectional)
+IB_BW = 50e9  # 400 Gb/s per GPU
+# Achievable fractions (not measured here; typical of large kernels on H100).
+EFF_GEMM = 0.65
+EFF_GEMM_FP8 = 0.50
+EFF_ATTN = 0.50
+EFF_HBM = 0.70
+EFF_COLLECTIVE = 0.80
+EFF_ALLTOALL = 0.60
+EXPERT_M_HALF = 128  # tokens per expert at which an expert GEMM runs at half efficiency
+CONNECTOR_SAVED_TENSORS = 10  # per grid cell and C-Abstractor block, of `hidden_size` channels
+
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers
+# --------------------------------------------------------------------------------------------
+
+
+def stage_layers(cfg: Config) -> list[range]:
+    """Decoder layers per pipeline stage (first_stage_layers on stage 0, the rest even)."""
+    p, n = cfg.parallel, cfg.llm.num_layers
+    first = p.first_stage_layers if p.first_stage_layers is not None else n // p.pp
+    if p.pp == 1:
+        return [range(n)]
+    rest = (n - first) // (p.pp - 1)
+    return [range(first)] + [range(first + i * rest, first + (i + 1) * rest)
+                             for i in range(p.pp - 1)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The sizes the model needs, resolved for one world size."""
+
+    gpus_per_node: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    mb: int
+    microbatches: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: the shard group of expert optimizer state."""
+        return self.tp * self.cp * self.dp // (self.ep * self.etp)
+
+    @property
+    def sp(self) -> bool:
+        return self.tp > 1
+
+
+def resolve_layout(cfg: Config, world: int, gpus_per_node: int = 8) -> Layout:
+    p, t = cfg.parallel, cfg.train
+    dp = world // p.model_parallel_size
+    return Layout(gpus_per_node=p.gpus_per_node or gpus_per_node, tp=p.tp, pp=p.pp, cp=p.cp,
+                  ep=p.ep, etp=p.expert_tp or p.tp, dp=dp, mb=t.micro_batch_size,
+                  microbatches=t.global_batch_size // (t.micro_batch_size * dp))
+
+
+def _ring_bw(group: int, stride: int, gpus_per_node: int) -> float:
+    """Bus bandwidth of a ring over `group` ranks spaced `stride` apart: NVLink inside a node;
+    across nodes the k group members of a node share k NICs."""
+    if group * stride <= gpus_per_node:
+        return NVLINK_BW * EFF_COLLECTIVE
+    per_node = max(1, gpus_per_node // stride)
+    return min(NVLINK_BW, per_node * IB_BW) * EFF_COLLECTIVE
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+
+ATTENTION = "fused"  # "unfused" keeps the s x s softmax output (Korthikanti's 5as/h regime)
+
+
+def _score_bytes(heads: int, seq: int, recompute: str) -> float:
+    """Per token: what core attention keeps for backward (selective recompute: nothing)."""
+    if recompute == "selective":
+        return 0.0
+    return 2 * heads * seq if ATTENTION == "unfused" else 4 * heads  # bf16 probs | fp32 lse
+
+
+def attention_block_bytes(tokens: int, h: int, kv: int, heads: int, seq: int, t: int, sp: bool,
+                          recompute: str = "none") -> float:
+    """Norm input + QKV input (split by SP), Q, K, V + projection input (split by TP)."""
+    rep = 1 / t if sp else 1.0
+    return tokens * (4 * h * rep + (2 * (h + 2 * kv) + 2 * h
+                                    + _score_bytes(heads, seq, recompute)) / t)
+
+
+def dense_mlp_bytes(tokens: int, h: int, f: int, t: int, sp: bool) -> float:
+    """Norm input + fc1 input (split by SP), SwiGLU input 2f and output f (split by TP)."""
+    return tokens * (4 * h * (1 / t if sp else 1.0) + 6 * f / t)
+
+
+def moe_mlp_bytes(cfg: Config, lay: "Layout", tokens: int) -> float:
+    """Routed-expert FFN: top_k copies of each token, gathered over the expert-TP group."""
+    llm, k = cfg.llm, cfg.llm.moe.top_k
+    h, fe = llm.hidden_size, llm.expert_ffn_hidden_size / lay.etp
+    rep = 1 / lay.tp if lay.sp else 1.0
+    norm_and_router = tokens * (2 * h + 4 * llm.moe.num_experts) * rep  # + fp32 router logits
+    routed = tokens * k * lay.etp / lay.tp  # token copies this GPU's experts compute on
+    unpermute = 2 * h * tokens * k / lay.tp  # expert outputs kept for the prob-weighted combine
+    return norm_and_router + routed * (2 * h + 6 * fe) + unpermute
+
+
+def decoder_layer_activation_bytes(cfg: Config, lay: "Layout", layer: int,
+                                   recompute: Optional[str] = None) -> float:
+    """Saved bytes of one decoder layer for one micro-batch under `recompute` (none/selective;
+    default the config's, full is handled per stage)."""
+    llm, s = cfg.llm, cfg.data.seq_length
+    tokens = s * lay.mb
+    mode = recompute or llm.recompute
+    mode = "none" if mode == "full" else mode
+    kv = llm.query_groups * llm.head_dim
+    attn = attention_block_bytes(tokens, llm.hidden_size, kv, llm.num_attention_heads, s,
+                                 lay.tp, lay.sp, mode)
+    if llm.is_moe_layer(layer):
+        return attn + moe_mlp_bytes(cfg, lay, tokens)
+    return attn + dense_mlp_bytes(tokens, llm.hidden_size, llm.ffn_hidden_size, lay.tp, lay.sp)
+
+
+def vision_activation_bytes(cfg: Config, lay: Layout) -> tuple[float, float]:
+    """(saved bytes, transient bytes) of the ViT for one micro-batch on stage 0. No SP."""
+    v = cfg.vision
+    n = v.num_patches + int(v.class_token)
+    tokens = cfg.data.max_images_per_sequence * lay.mb * n
+    h, f, t = v.hidden_size, v.ffn_hidden_size, lay.tp
+    # Norm, QKV, norm, fc1 inputs replicated (no SP); Q, K, V, proj input, GeLU in/out split.
+    scores = _score_bytes(v.num_attention_heads, n, v.recompute)
+    per_layer = tokens * (8 * h + (8 * h + 4 * f + scores) / t)
+    if v.recompute == "full":
+        groups = math.ceil(v.layers_built / v.recompute_layers)
+        return groups * 2 * h * tokens, v.recompute_layers * per_layer
+    return v.layers_built * per_layer, 0.0
+
+
+def connector_activation_bytes(cfg: Config, lay: Layout) -> float:
+    c, v = cfg.connector, cfg.vision
+    images = cfg.data.max_images_per_sequence * lay.mb
+    if c.type != "c_abstractor":
+        return images * 2 * (v.num_patches * v.hidden_size + c.num_tokens * cfg.llm.hidden_size)
+    cells = c.depth * (v.num_patches + c.num_tokens)
+    return images * 2 * (CONNECTOR_SAVED_TENSORS * c.hidden_size * cells
+                         + v.num_patches * v.hidden_size)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: int
+    layers: int
+    in_flight: int
+    params: float  # this GPU's parameters
+    weights: float  # bytes from here on
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("weights", "grads", "optimizer", "activations"):
+            d[k + "_gib"] = round(d.pop(k) / GIB, 3)
+        d["params"] = int(self.params)
+        d["total_gib"] = round(self.total / GIB, 3)
+        return d
+
+
+def _stage_params(cfg: Config, lay: Layout, stage: int, layers: range) -> tuple[float, float,
+                                                                                float]:
+    """(dense params, expert params, linear-layer params for the FP8 caches) on one GPU."""
+    llm, v = cfg.llm, cfg.vision
+    dense = expert = linear = 0.0
+    for i in layers:
+        full = decoder_layer_params(llm, i)
+        if llm.is_moe_layer(i):
+            e = llm.moe.num_experts
+            experts = e * expert_params(llm) / (lay.ep * lay.etp)
+            expert += experts
+            dense += attention_params(llm) / lay.tp + 2 * llm.hidden_size + e * llm.hidden_size
+            linear += attention_params(llm) / lay.tp + experts
+        else:
+            mats = full - 2 * llm.hidden_size
+            dense += mats / lay.tp + 2 * llm.hidden_size
+            linear += mats / lay.tp
+    table = llm.vocab_size * llm.hidden_size / lay.tp
+    last = stage == lay.pp - 1
+    if stage == 0:
+        vit_layers = v.layers_built * vision_layer_params(v)
+        dense += table + (vit_layers / lay.tp + vision_params(v) - vit_layers)
+        dense += connector_params(cfg.connector, v, llm.hidden_size)
+        linear += vit_layers / lay.tp
+    if last:
+        dense += llm.hidden_size + (table if (not llm.tie_embeddings or lay.pp > 1) else 0)
+    return dense, expert, linear
+
+
+def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
+    llm, p = cfg.llm, cfg.parallel
+    stages = []
+    for j, layers in enumerate(stage_layers(cfg)):
+        dense, expert, linear = _stage_params(cfg, lay, j, layers)
+        params = dense + expert
+        fp8_cache = 2 * linear if cfg.train.fp8 else 0
+        if p.distributed_optimizer:
+            optimizer = 12 * (dense / (lay.dp * lay.cp) + expert / lay.edp)
+        else:
+            optimizer = 12 * params
+        in_flight = min(lay.pp - j, lay.microbatches)
+        if llm.recompute == "full":
+            r = llm.recompute_layers
+            h_in = 2 * cfg.data.seq_length * lay.mb * llm.hidden_size / (lay.tp if lay.sp else 1)
+            saved = math.ceil(len(layers) / r) * h_in
+            transient = r * max((decoder_layer_activation_bytes(cfg, lay, i, "none")
+                                 for i in layers), default=0.0)
+        else:
+            saved = sum(decoder_layer_activation_bytes(cfg, lay, i) for i in layers)
+            transient = 0.0
+        acts = in_flight * saved + transient
+        if j == 0:
+            vit_saved, vit_transient = vision_activation_bytes(cfg, lay)
+            acts += in_flight * (vit_saved + connector_activation_bytes(cfg, lay))
+            acts = max(acts, acts + vit_transient - transient)  # transients are not concurrent
+        if j == lay.pp - 1:
+            acts += 6 * cfg.data.seq_length * lay.mb * llm.vocab_size / lay.tp
+        stages.append(StageMemory(stage=j, layers=len(layers), in_flight=in_flight,
+                                  params=params, weights=2 * params + fp8_cache,
+                                  grads=4 * params, optimizer=optimizer, activations=acts))
+    return stages
+
+
+# --------------------------------------------------------------------------------------------
+# Step time
+# --------------------------------------------------------------------------------------------
+
+
+def _decoder_layer_forward(cfg: Config, layer: int, seq: int) -> tuple[int, int]:
+    """(dense linear FLOPs, expert FLOPs, attention-product FLOPs) of one layer's forward on
+    one sequence, as flops.py counts them (full s x s)."""
+    llm = cfg.llm
+    experts = 0
+    if llm.is_moe_layer(layer):
+        mlp = llm.moe.num_experts * llm.hidden_size  # router
+        experts = 2 * seq * llm.moe.top_k * swiglu_params(llm.hidden_size,
+                                                          llm.expert_ffn_hidden_size)
+    else:
+        mlp = swiglu_params(llm.hidden_size, llm.ffn_hidden_size)
+    q_width = llm.num_attention_heads * llm.head_dim
+    return 2 * seq * (attention_params(llm) + mlp), experts, 4 * seq * seq * q_width
+
+
+@dataclass(frozen=True)
+class StageTime:
+    stage: int
+    compute: float  # seconds per micro-batch
+    tp_comm: float
+    ep_comm: float
+    p2p: float
+    dp_exposed: float  # seconds per step
+
+    @property
+    def per_microbatch(self) -> float:
+        return self.compute + self.tp_comm + self.ep_comm + self.p2p
+
+
+def stage_times(cfg: Config, lay: Layout, memory: list[StageMemory]) -> list[StageTime]:
+    llm, v, p = cfg.llm, cfg.vision, cfg.parallel
+    s, b, t, g = cfg.data.seq_length, lay.mb, lay.tp, lay.gpus_per_node
+    fp8 = cfg.train.fp8 is not None
+    gemm_peak = PEAK_FP8 * EFF_GEMM_FP8 if fp8 else PEAK_BF16 * EFF_GEMM
+    bf16_gemm = PEAK_BF16 * EFF_GEMM
+    tp_bw = NVLINK_BW * EFF_COLLECTIVE
+    act_unit = 2 * s * b * llm.hidden_size  # one bf16 hidden-state tensor of the micro-batch
+    out = []
+    for j, layers in enumerate(stage_layers(cfg)):
+        gemm = attn = elementwise = other = 0.0  # hardware FLOPs / bytes for fwd+bwd, this GPU
+        tp_ops = ep_bytes = 0.0
+        rec_full, rec_sel = llm.recompute == "full", llm.recompute == "selective"
+        # Tokens per local expert per micro-batch: the EP group's routed copies (gathered over
+        # expert-TP) shared by num_experts experts.
+        m = lay.ep * lay.etp * s * b * llm.moe.top_k / (t * max(llm.moe.num_experts, 1))
+        expert_eff = m / (m + EXPERT_M_HALF)
+        for i in layers:
+            g_f, e_f, a_f = _decoder_layer_forward(cfg, i, s)
+            a_f *= 0.5  # causal: fused attention skips the masked half
+            gemm += b * (g_f + e_f / expert_eff if e_f else g_f) * (3 + rec_full) / t
+            attn += b * a_f * (3 + (rec_full or rec_sel)) / t
+            f_act = (llm.moe.top_k * llm.expert_ffn_hidden_size if llm.is_moe_layer(i)
+                     else llm.ffn_hidden_size)
+            elementwise += 3 * s * b * (28 * llm.hidden_size + 6 * f_act) / t
+            tp_ops += (8 + 4 * rec_full) if t > 1 else 0
+            if llm.is_moe_layer(i) and lay.ep > 1:
+                a2a = 2 * (s * b / t) * llm.moe.top_k * llm.hidden_size * (lay.ep - 1) / lay.ep
+                ep_bytes += (4 + 2 * rec_full) * a2a
+        vit_tp = 0.0
+        if j == 0:
+            n, hv = v.num_patches + int(v.class_token), v.hidden_size
+            images = cfg.data.max_images_per_sequence * b
+            vit_attn_f = 4 * n * n * hv * v.layers_built
+            vit_gemm_f = vision_forward_flops(v) - vit_attn_f
+            rec = 1 if v.recompute == "full" else 0
+            gemm += images * vit_gemm_f * (3 + rec) / t
+            attn += images * vit_attn_f * (3 + (rec or v.recompute == "selective")) / t
+            elementwise += 3 * images * n * (28 * hv + 6 * v.ffn_hidden_size) / t
+            other += 3 * images * connector_forward_flops(cfg.connector, v, llm.hidden_size)
+            if t > 1:  # 2 all-reduces forward, 2 backward (+2 recomputed) = AG+RS pairs
+                vit_tp = v.layers_built * (8 + 4 * rec) * (t - 1) / t * 2 * images * n * hv / tp_bw
+        if j == lay.pp - 1:
+            other += 3 * 2 * s * b * llm.vocab_size * llm.hidden_size / t  # output layer, bf16
+        compute = (gemm / gemm_peak + other / bf16_gemm + attn / (PEAK_BF16 * EFF_ATTN)
+                   + elementwise / (HBM_BW * EFF_HBM))
+        tp_comm = tp_ops * (t - 1) / t * act_unit / tp_bw + vit_tp if t > 1 else 0.0
+        ep_comm = 0.0
+        if ep_bytes:
+            in_node = max(1, g // lay.etp)
+            remote = max(0.0, (lay.ep - in_node) / (lay.ep - 1))
+            ep_comm = ep_bytes * (remote / (IB_BW * EFF_ALLTOALL)
+                                  + (1 - remote) / (NVLINK_BW * EFF_COLLECTIVE))
+        p2p = 0.0
+        if lay.pp > 1:
+            hops = 1 if j in (0, lay.pp - 1) else 2
+            p2p_bw = IB_BW if lay.world // lay.pp >= g else NVLINK_BW
+            p2p = 2 * hops * act_unit / (t if lay.sp else 1) / (p2p_bw * EFF_COLLECTIVE)
+        out.append(StageTime(stage=j, compute=compute, tp_comm=tp_comm, ep_comm=ep_comm, p2p=p2p,
+                             dp_exposed=_dp_exposed(cfg, lay, memory[j], compute)))
+    return out
+
+
+def _dp_exposed(cfg: Config, lay: Layout, mem: StageMemory, compute: float) -> float:
+    """Gradient reduce-scatter + parameter all-gather left after overlap, one stage."""
+    p, g = cfg.parallel, lay.gpus_per_node
+    dense = mem.grads / 4 - _expert_params(mem, cfg, lay)
+    expert = mem.grads / 4 - dense
+    groups = [(dense, lay.dp * lay.cp, lay.tp), (expert, lay.edp, lay.ep * lay.etp)]
+    rs = ag = 0.0
+    for n, size, stride in groups:
+        if size <= 1 or n <= 0:
+            continue
+        bw, frac = _ring_bw(size, stride, g), (size - 1) / size
+        if p.distributed_optimizer:
+            rs += frac * 4 * n / bw
+            ag += frac * 2 * n / bw
+        else:
+            rs += 2 * frac * 4 * n / bw  # all-reduce of fp32 grads
+    if p.overlap_grad_reduce:
+        rs = max(0.0, rs - compute * 2 / 3)  # behind the last micro-batch's backward
+    if p.overlap_param_gather:
+        ag = max(0.0, ag - compute / 3)  # behind the first micro-batch's forward
+    return rs + ag
+
+
+def _expert_params(mem: StageMemory, cfg: Config, lay: Layout) -> float:
+    llm = cfg.llm
+    stage_range = stage_layers(cfg)[mem.stage]
+    moe_layers = sum(llm.is_moe_layer(i) for i in stage_range)
+    return moe_layers * llm.moe.num_experts * expert_params(llm) / (lay.ep * lay.etp)
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate of one layout
+# --------------------------------------------------------------------------------------------
+
+
+def estimate(cfg: Config, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
+    """Memory per stage, fit, step time and MFU of `cfg` on `world` H100s."""
+    lay = resolve_layout(cfg, world, gpus_per_node)
+    memory = stage_memory(cfg, lay)
+    times = stage_times(cfg, lay, memory)
+    worst = max(memory, key=lambda m: m.total)
+    slowest = max(times, key=lambda x: x.per_microbatch)
+    pipeline = (lay.microbatches + lay.pp - 1) * slowest.per_microbatch
+    step = pipeline + max(x.dp_exposed for x in times)
+    seqs = cfg.train.global_batch_size
+    model_flops = training_flops_per_sequence(cfg).total * seqs
+    peak = PEAK_FP8 if cfg.train.fp8 else PEAK_BF16
+    per_gpu = model_flops / (step * world)
+    return {
+        "nodes": world / lay.gpus_per_node,
+        "gpus": world,
+        "layout": dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, expert_tp=lay.etp, dp=lay.dp,
+                       micro_batch_size=lay.mb, microbatches=lay.microbatches,
+                       first_stage_layers=cfg.parallel.first_stage_layers,
+                       recompute=cfg.llm.recompute, vision_recompute=cfg.vision.recompute,
+                       fp8=cfg.train.fp8),
+        "memory": {
+            "stages": [m.to_dict() for m in memory],
+            "worst_stage": worst.stage,
+            "worst_gib": round(worst.total / GIB, 3),
+            "usable_gib": round(USABLE_GIB, 3),
+            "headroom": f"{HEADROOM:.0%} of {HBM_GIB:.1f} GiB kept for CUDA context, NCCL, "
+                        "workspaces and fragmentation",
+            "fits": worst.total / GIB <= USABLE_GIB,
+        },
+        "time": {
+            "step_s": step,
+            "pipeline_s": pipeline,
+            "bubble_fraction": (lay.pp - 1) / (lay.microbatches + lay.pp - 1),
+            "slowest_stage": slowest.stage,
+            "per_microbatch_s": {k: getattr(slowest, k) for k in
+                                 ("compute", "tp_comm", "ep_comm", "p2p")},
+            "dp_exposed_s": max(x.dp_exposed for x in times),
+            "tokens_per_s": seqs * cfg.data.seq_length / step,
+            "model_tflops_per_gpu": per_gpu / 1e12,
+            "mfu": per_gpu / peak,
+            "mfu_bf16_peak": per_gpu / PEAK_BF16,
+            "peak_tflops": peak / 1e12,
+        },
+        "modelled": "H100 model (mm1_megatron/planner.py), not a measurement",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pipeline_splits(layers: int, world: int) -> Iterator[tuple[int, Optional[int]]]:
+    """(pp, first_stage_layers): even splits, and uneven ones with a lighter stage 0 (the
+    stage that also runs the ViT)."""
+    for pp in _divisors(world):
+        if pp > layers:
+            break
+        if layers % pp == 0:
+            yield pp, None
+        if pp > 1:
+            for first in range(1, -(-layers // pp)):
+                if (layers - first) % (pp - 1) == 0:
+                    yield pp, first
+
+
+def candidate_layouts(cfg: Config, world: int, gpus_per_node: int) -> Iterator[dict[str, Any]]:
+    """Dotted field -> value: tp in a node, pp (+ uneven stage 0), ep, expert_tp, micro-batch,
+    decoder and ViT recompute."""
+    moe = cfg.llm.moe.num_experts > 0
+    for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node):
+        for pp, first in _pipeline_splits(cfg.llm.num_layers, world // tp):
+            for ep in (_divisors(cfg.llm.moe.num_experts) if moe else [1]):
+                for etp in ([None, 1] if moe and tp > 1 else [None]):
+                    for mb in (1, 2):
+                        for rec in ("none", "selective", "full"):
+                            for vrec in ("none", "full"):
+                                yield {"parallel.tp": tp, "parallel.pp": pp,
+                                       "parallel.first_stage_layers": first, "parallel.ep": ep,
+                                       "parallel.expert_tp": etp, "train.micro_batch_size": mb,
+                                       "llm.recompute": rec, "llm.recompute_layers": 1,
+                                       "vision.recompute": vrec, "vision.recompute_layers": 1}
+
+
+def as_overrides(fields: dict[str, Any]) -> list[str]:
+    """`key.sub=value` strings that reproduce a candidate with mm1-train / tools/plan.py."""
+    return [f"{k}={'null' if v is None else v}" for k, v in fields.items()]
+
+
+def planning_validate(cfg: Config, world: int) -> None:
+    """The project's validation for a target H100 cluster of `world` GPUs (FP8 available)."""
+    cfg.parallel.world_size = world
+    validate(cfg, environ={}, fp8_ok=True)
+
+
+def search(cfg: Config, world: int, gpus_per_node: int = 8, top: int = 5,
+           max_gib: float = USABLE_GIB) -> dict[str, Any]:
+    """Enumerate layouts of `cfg` on `world` GPUs, keep the valid ones whose worst stage fits
+    (below `max_gib`, default the usable memory), fastest first."""
+    evaluated = valid = 0
+    fitting: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
+    for fields in candidate_layouts(cfg, world, gpus_per_node):
+        evaluated += 1
+        trial = copy.deepcopy(cfg)
+        for dotted, value in fields.items():  # typed values: no parsing needed
+            section, name = dotted.split(".")
+            setattr(getattr(trial, section), name, value)
+        try:
+            planning_validate(trial, world)
+        except ConfigError:
+            continue
+        valid += 1
+        est = estimate(trial, world, gpus_per_node)
+        if est["memory"]["fits"] and est["memory"]["worst_gib"] <= max_gib:
+            fitting.append((est["time"]["step_s"], fields, est))
+    fitting.sort(key=lambda x: (x[0], x[2]["memory"]["worst_gib"]))
+    return {"gpus": world, "evaluated": evaluated, "valid": valid, "fit": len(fitting),
+            "best": [dict(overrides=as_overrides(f), **e) for _, f, e in fitting[:top]]}

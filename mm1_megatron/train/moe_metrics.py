@@ -1,0 +1,92 @@
+"""MoE metrics per layer: load-balancing loss, router z-loss, expert load imbalance.
+
+Every value covers the whole model (all pipeline stages) and the whole global batch (all
+data-parallel ranks, all micro-batches), so rank 0 can log every MoE layer. All ranks must
+call `MoEMetrics.collect()` once per step: it is collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe import moe_utils
+
+from mm1_megatron.config import Config
+
+
+def _sum(tensor: torch.Tensor, group) -> None:
+    # Not ReduceOp.AVG (Megatron's own tracker reduction uses it): gloo does not support it.
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+
+
+class MoEMetrics:
+    def __init__(self, cfg: Config, model) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.cfg = cfg
+        llm = cfg.llm
+        self.moe_layers = [i + 1 for i in range(llm.num_layers) if llm.is_moe_layer(i)]
+        # Tokens routed to each expert, [layer, expert]; only this stage's rows get filled.
+        self.tokens = torch.zeros(llm.num_layers, llm.moe.num_experts)
+        for chunk in model:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    module.register_forward_hook(self._count)
+
+    def _count(self, router, inputs, output) -> None:
+        routing_map = output[1]  # [tokens, experts] bool
+        self.tokens[router.layer_number - 1] += routing_map.sum(0).float().detach().cpu()
+
+    def _token_groups(self) -> list:
+        """Groups whose ranks route different tokens through the same layers."""
+        groups = [ps.get_data_parallel_group()]
+        if self.cfg.parallel.sequence_parallel and self.cfg.parallel.tp > 1:
+            groups.append(ps.get_tensor_model_parallel_group())  # SP splits the sequence
+        return groups
+
+    def _router_losses(self, num_microbatches: int) -> dict[str, torch.Tensor]:
+        """Megatron's tracker, reduced: values per layer, summed over micro-batches there."""
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        out = {}
+        for name, entry in tracker.items():
+            values = entry["values"].float().clone()
+            _sum(values, ps.get_pipeline_model_parallel_group())  # each stage fills its layers
+            if entry.get("reduce_group") is not None:
+                # load balancing: each rank holds its tokens' share of one loss (global
+                # expert counts), summed over the reduce group, then averaged over DP.
+                _sum(values, entry["reduce_group"])
+                if not entry.get("reduce_group_has_dp", False):
+                    _sum(values, ps.get_data_parallel_group())
+                    values /= ps.get_data_parallel_world_size()
+            else:
+                # z-loss: a mean over each rank's own tokens; average over the ranks.
+                ranks = 1
+                for group in self._token_groups():
+                    _sum(values, group)
+                    ranks *= dist.get_world_size(group)
+                values /= ranks
+            out[name] = values / num_microbatches
+        moe_utils.clear_aux_losses_tracker()
+        return out
+
+    def collect(self, num_microbatches: int) -> dict[str, float]:
+        """{name: mean over MoE layers, name/layer_N: per layer} for this step; resets."""
+        per_layer = self._router_losses(num_microbatches)
+        tokens = self.tokens
+        _sum(tokens, ps.get_pipeline_model_parallel_group())
+        for group in self._token_groups():
+            _sum(tokens, group)
+        rows = [layer - 1 for layer in self.moe_layers]
+        per_layer["expert_load_imbalance"] = tokens[rows].max(1).values / \
+            tokens[rows].mean(1).clamp_min(1e-9)
+        self.tokens = torch.zeros_like(tokens)
+        out = {}
+        for name, values in per_layer.items():
+            # The tracker is indexed by layer; the imbalance rows are MoE layers only.
+            layer_values = values if name == "expert_load_imbalance" else values[rows]
+            out[name] = float(layer_values.mean())
+            for layer, value in zip(self.moe_layers, layer_values.tolist()):
+                out[f"{name}/layer_{layer}"] = value
+        return out
