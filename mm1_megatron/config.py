@@ -165,6 +165,9 @@ class ParallelConfig:
     dp: Optional[int] = None  # None: derived as world_size / (tp * pp * cp)
     sequence_parallel: bool = False
     first_stage_layers: Optional[int] = None  # decoder layers on pipeline stage 0 (uneven PP)
+    # Model chunks per pipeline rank: Megatron-Core's interleaved 1F1B schedule, which cuts
+    # the pipeline bubble by this factor at the cost of more point-to-point traffic.
+    virtual_stages: Optional[int] = None
     world_size: Optional[int] = None  # None: from the launcher's environment at run time
     gpus_per_node: Optional[int] = None  # set for GPU clusters: TP must stay inside a node
     # Nodes the layout was planned for (tools/plan.py); the world size of a dry run or plan
@@ -578,6 +581,14 @@ def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
         _require(llm.num_layers % p.pp == 0, "parallel.pp",
                  f"{p.pp} does not divide llm.num_layers={llm.num_layers}; "
                  "set parallel.first_stage_layers for an uneven split")
+    if p.virtual_stages is not None:
+        # With pp=2 a rank's next and previous stage are one peer, and their forward and
+        # backward messages can cross (Megatron-LM's own rule; seen wrong on gloo here).
+        _require(p.pp > 2 and p.first_stage_layers is None, "parallel.virtual_stages",
+                 "interleaving needs parallel.pp>2 and an even split (no first_stage_layers)")
+        _require(llm.num_layers % (p.pp * p.virtual_stages) == 0, "parallel.virtual_stages",
+                 f"pp*virtual_stages={p.pp * p.virtual_stages} does not divide "
+                 f"llm.num_layers={llm.num_layers}")
 
     world = resolve_world_size(cfg, environ)
     _require(world % p.model_parallel_size == 0, "parallel.world_size",
@@ -601,6 +612,11 @@ def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
     _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
              f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
              f"{t.micro_batch_size}*{dp}")
+    if p.virtual_stages is not None:
+        micro = t.global_batch_size // per_step
+        _require(micro % p.pp == 0, "parallel.virtual_stages",
+                 f"the interleaved schedule runs micro-batches in groups of pp={p.pp}; "
+                 f"{micro} micro-batches per step is not a multiple")
 
 
 def _validate_train(cfg: Config, fp8_ok: bool) -> None:

@@ -48,8 +48,10 @@ per direction per GPU, InfiniBand 400 Gb/s = 50 GB/s per GPU):
   and parameter all-gather (bf16) at 80% of the bandwidth a ring gets (k GPUs of the group
   per node share k NICs), hidden behind the last micro-batch's backward (overlap_grad_reduce)
   and the first forward (overlap_param_gather) where they fit.
-- Step = (micro-batches + pp - 1) x slowest stage (the 1F1B bubble, imbalance included; no
-  interleaving: the config has no virtual-stage field) + exposed DP communication.
+- Step = (micro-batches + (pp - 1) / virtual_stages) x slowest stage (the 1F1B bubble,
+  imbalance included; interleaving divides it, holds (pp-j-1)*2 + (vs-1)*pp + 1 chunk
+  micro-batches of 1/vs of the stage's activations and sends vs times as often) + exposed DP
+  communication.
   MFU = flops.py's model FLOPs / (step x GPUs x peak), peak of the run's precision (1979 with
   FP8, as `train/callbacks.py` reports it); `mfu_bf16_peak` uses 989 for comparison.
 """
@@ -119,6 +121,7 @@ class Layout:
     dp: int
     mb: int
     microbatches: int
+    vs: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
 
     @property
     def world(self) -> int:
@@ -139,7 +142,8 @@ def resolve_layout(cfg: Config, world: int, gpus_per_node: int = 8) -> Layout:
     dp = world // p.model_parallel_size
     return Layout(gpus_per_node=p.gpus_per_node or gpus_per_node, tp=p.tp, pp=p.pp, cp=p.cp,
                   ep=p.ep, etp=p.expert_tp or p.tp, dp=dp, mb=t.micro_batch_size,
-                  microbatches=t.global_batch_size // (t.micro_batch_size * dp))
+                  microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+                  vs=p.virtual_stages or 1)
 
 
 def _ring_bw(group: int, stride: int, gpus_per_node: int) -> float:
@@ -235,7 +239,7 @@ def connector_activation_bytes(cfg: Config, lay: Layout) -> float:
 class StageMemory:
     stage: int
     layers: int
-    in_flight: int
+    in_flight: float  # micro-batches of this stage's activations held (fractional: chunks)
     params: float  # this GPU's parameters
     weights: float  # bytes from here on
     grads: float
@@ -296,6 +300,12 @@ def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
         else:
             optimizer = 12 * params
         in_flight = min(lay.pp - j, lay.microbatches)
+        if lay.vs > 1:
+            # Interleaved warm-up (Megatron-Core): (pp-j-1)*2 + (vs-1)*pp + 1 chunk
+            # micro-batches, each holding 1/vs of the stage's activations.
+            chunks = min((lay.pp - j - 1) * 2 + (lay.vs - 1) * lay.pp + 1,
+                         lay.microbatches * lay.vs)
+            in_flight = chunks / lay.vs
         if llm.recompute == "full":
             r = llm.recompute_layers
             h_in = 2 * cfg.data.seq_length * lay.mb * llm.hidden_size / (lay.tp if lay.sp else 1)
@@ -407,7 +417,8 @@ def stage_times(cfg: Config, lay: Layout, memory: list[StageMemory]) -> list[Sta
                                   + (1 - remote) / (NVLINK_BW * EFF_COLLECTIVE))
         p2p = 0.0
         if lay.pp > 1:
-            hops = 1 if j in (0, lay.pp - 1) else 2
+            # Interleaving sends every chunk's output on: vs times the hops.
+            hops = lay.vs * 2 if lay.vs > 1 else (1 if j in (0, lay.pp - 1) else 2)
             p2p_bw = IB_BW if lay.world // lay.pp >= g else NVLINK_BW
             p2p = 2 * hops * act_unit / (t if lay.sp else 1) / (p2p_bw * EFF_COLLECTIVE)
         out.append(StageTime(stage=j, compute=compute, tp_comm=tp_comm, ep_comm=ep_comm, p2p=p2p,
@@ -457,7 +468,8 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
     times = stage_times(cfg, lay, memory)
     worst = max(memory, key=lambda m: m.total)
     slowest = max(times, key=lambda x: x.per_microbatch)
-    pipeline = (lay.microbatches + lay.pp - 1) * slowest.per_microbatch
+    bubble = (lay.pp - 1) / lay.vs  # interleaving divides the 1F1B bubble by the chunks
+    pipeline = (lay.microbatches + bubble) * slowest.per_microbatch
     step = pipeline + max(x.dp_exposed for x in times)
     seqs = cfg.train.global_batch_size
     model_flops = training_flops_per_sequence(cfg).total * seqs
@@ -469,6 +481,7 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
         "layout": dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, expert_tp=lay.etp, dp=lay.dp,
                        micro_batch_size=lay.mb, microbatches=lay.microbatches,
                        first_stage_layers=cfg.parallel.first_stage_layers,
+                       virtual_stages=cfg.parallel.virtual_stages,
                        recompute=cfg.llm.recompute, vision_recompute=cfg.vision.recompute,
                        fp8=cfg.train.fp8),
         "memory": {
@@ -483,7 +496,7 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
         "time": {
             "step_s": step,
             "pipeline_s": pipeline,
-            "bubble_fraction": (lay.pp - 1) / (lay.microbatches + lay.pp - 1),
+            "bubble_fraction": bubble / (lay.microbatches + bubble),
             "slowest_stage": slowest.stage,
             "per_microbatch_s": {k: getattr(slowest, k) for k in
                                  ("compute", "tp_comm", "ep_comm", "p2p")},
@@ -507,18 +520,21 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _pipeline_splits(layers: int, world: int) -> Iterator[tuple[int, Optional[int]]]:
-    """(pp, first_stage_layers): even splits, and uneven ones with a lighter stage 0 (the
-    stage that also runs the ViT)."""
+def _pipeline_splits(layers: int, world: int
+                     ) -> Iterator[tuple[int, Optional[int], Optional[int]]]:
+    """(pp, first_stage_layers, virtual_stages): even splits (interleaved with 2 chunks too,
+    where pp > 2), and uneven ones with a lighter stage 0 (the stage that also runs the ViT)."""
     for pp in _divisors(world):
         if pp > layers:
             break
         if layers % pp == 0:
-            yield pp, None
+            yield pp, None, None
+            if pp > 2 and layers % (2 * pp) == 0:
+                yield pp, None, 2
         if pp > 1:
             for first in range(1, -(-layers // pp)):
                 if (layers - first) % (pp - 1) == 0:
-                    yield pp, first
+                    yield pp, first, None
 
 
 def candidate_layouts(cfg: Config, world: int, gpus_per_node: int) -> Iterator[dict[str, Any]]:
@@ -526,14 +542,15 @@ def candidate_layouts(cfg: Config, world: int, gpus_per_node: int) -> Iterator[d
     decoder and ViT recompute."""
     moe = cfg.llm.moe.num_experts > 0
     for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node):
-        for pp, first in _pipeline_splits(cfg.llm.num_layers, world // tp):
+        for pp, first, vs in _pipeline_splits(cfg.llm.num_layers, world // tp):
             for ep in (_divisors(cfg.llm.moe.num_experts) if moe else [1]):
                 for etp in ([None, 1] if moe and tp > 1 else [None]):
                     for mb in (1, 2):
                         for rec in ("none", "selective", "full"):
                             for vrec in ("none", "full"):
                                 yield {"parallel.tp": tp, "parallel.pp": pp,
-                                       "parallel.first_stage_layers": first, "parallel.ep": ep,
+                                       "parallel.first_stage_layers": first,
+                                       "parallel.virtual_stages": vs, "parallel.ep": ep,
                                        "parallel.expert_tp": etp, "train.micro_batch_size": mb,
                                        "llm.recompute": rec, "llm.recompute_layers": 1,
                                        "vision.recompute": vrec, "vision.recompute_layers": 1}

@@ -39,6 +39,7 @@ def parallel_kwargs(cfg: Config, decoder: bool) -> dict:
     return dict(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp if decoder else 1,
+        virtual_pipeline_model_parallel_size=p.virtual_stages if decoder else None,
         context_parallel_size=p.cp if decoder else 1,
         # SP splits the decoder's sequence; the ViT sees whole images and never uses it.
         sequence_parallel=decoder and p.sequence_parallel and p.tp > 1,
@@ -92,11 +93,15 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
 
 
 def build_decoder(cfg: Config, use_te: bool, pre_process: bool = True,
-                  post_process: bool = True, pp_rank: int | None = None) -> GPTModel:
+                  post_process: bool = True, pp_rank: int | None = None,
+                  vp_stage: int | None = None) -> GPTModel:
+    """The decoder layers of pipeline rank `pp_rank`, model chunk `vp_stage` (interleaving)."""
     config = decoder_transformer_config(cfg)
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, use_te, pp_rank=pp_rank),
+        transformer_layer_spec=decoder_block_spec(config, use_te, pp_rank=pp_rank,
+                                                  vp_stage=vp_stage),
+        vp_stage=vp_stage,
         vocab_size=cfg.llm.vocab_size,
         max_sequence_length=cfg.data.seq_length,
         pre_process=pre_process,

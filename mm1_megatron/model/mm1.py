@@ -23,15 +23,17 @@ from mm1_megatron.model.vision import build_vision_encoder, resize_vision_encode
 
 class MM1Model(MegatronModule):
     def __init__(self, cfg: Config, use_te: bool, pre_process: bool = True,
-                 post_process: bool = True, pp_rank: Optional[int] = None):
-        decoder = build_decoder(cfg, use_te, pre_process, post_process, pp_rank=pp_rank)
+                 post_process: bool = True, pp_rank: Optional[int] = None,
+                 vp_stage: Optional[int] = None):
+        decoder = build_decoder(cfg, use_te, pre_process, post_process, pp_rank=pp_rank,
+                                vp_stage=vp_stage)
         super().__init__(config=decoder.config)
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.image_token_id = cfg.llm.image_token_id
         self.tokens_per_image = cfg.connector.num_tokens
         self.max_images_per_row = cfg.data.max_images_per_sequence
-        # The encoder and connector live on the first pipeline stage only.
+        # The encoder and connector live on the first pipeline stage (its first chunk) only.
         self.vision = build_vision_encoder(cfg, use_te) if pre_process else None
         self.connector = build_connector(cfg) if pre_process else None
         self.image_size = cfg.vision.image_size

@@ -22,11 +22,13 @@ def use_transformer_engine(backends: Backends | None = None) -> bool:
     return (backends or detect_backends()).layer_spec == "transformer_engine"
 
 
-def decoder_block_spec(config: TransformerConfig, use_te: bool,
-                       pp_rank: int | None = None) -> TransformerBlockSubmodules:
-    """Dense/MoE layer pattern from `config.moe_layer_freq`, sliced to this pipeline stage."""
+def decoder_block_spec(config: TransformerConfig, use_te: bool, pp_rank: int | None = None,
+                       vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Dense/MoE layer pattern from `config.moe_layer_freq`, sliced to this pipeline stage
+    (and model chunk, with interleaving)."""
     return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                      normalization=config.normalization, pp_rank=pp_rank)
+                                      normalization=config.normalization, pp_rank=pp_rank,
+                                      vp_stage=vp_stage)
 
 
 def vision_layer_spec(use_te: bool) -> ModuleSpec:

@@ -205,6 +205,7 @@ def init_distributed(parallel: ParallelLayout, seed: int, *,
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=getattr(parallel, "virtual_stages", None),
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=expert_tp,

@@ -25,6 +25,7 @@ EXIT_NON_FINITE = 3  # too many NaN/Inf steps in a row: checkpoint written, need
 
 
 class Callback:
+    def on_setup(self, trainer: "Trainer") -> None: ...  # before anything is built or loaded
     def on_train_start(self, trainer: "Trainer") -> None: ...
     def on_step(self, trainer: "Trainer", metrics: "StepMetrics") -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
@@ -146,7 +147,8 @@ class PreemptionSignals(Callback):
     def _handler(self, signum, frame) -> None:
         self.received = signum
 
-    def on_train_start(self, trainer) -> None:
+    def on_setup(self, trainer) -> None:
+        # At once: a signal during model build or checkpoint load must not kill the rank.
         for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handler)
 

@@ -51,8 +51,19 @@ def _rng_object() -> ShardedObject:
         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
+def model_sharded_state(model) -> dict[str, Any]:
+    """All model chunks of this rank. dist_checkpointing matches tensors by their global keys
+    (layer numbers include the chunk's offset), so any chunking loads any other."""
+    return {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def load_model_state(model, loaded: dict[str, Any]) -> None:
+    for i, chunk in enumerate(model):
+        chunk.module.load_state_dict(loaded[f"chunk{i}"])
+
+
 def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
-    model_state = model[0].module.sharded_state_dict()
+    model_state = model_sharded_state(model)
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                       metadata=_OPTIMIZER_SHARDING)}
@@ -117,7 +128,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, 
     if same_layout:
         state["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(state, str(path))
-    model[0].module.load_state_dict(loaded["model"])
+    load_model_state(model, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:

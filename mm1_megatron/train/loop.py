@@ -59,6 +59,8 @@ class Trainer:
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        for cb in self.callbacks:
+            cb.on_setup(self)
         self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.is_logging_rank = dist.get_rank() == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)

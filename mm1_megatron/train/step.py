@@ -31,21 +31,30 @@ from mm1_megatron.train.optim import peak_lr_and_weight_decay
 
 
 def build_model(cfg: Config, use_te: bool) -> list[DDP]:
-    """This rank's pipeline stage of MM1Model, wrapped in Megatron-Core DDP."""
-    module = MM1Model(cfg, use_te, pre_process=ps.is_pipeline_first_stage(),
-                      post_process=ps.is_pipeline_last_stage(),
-                      pp_rank=ps.get_pipeline_model_parallel_rank())
-    module.model_type = ModelType.encoder_or_decoder  # what the schedules expect of a GPT
+    """This rank's pipeline stage of MM1Model, wrapped in Megatron-Core DDP: one model chunk,
+    or `parallel.virtual_stages` chunks for the interleaved schedule."""
+    chunks = cfg.parallel.virtual_stages or 1
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    model = DDP(config=module.config, ddp_config=ddp_config, module=module)
-    module.config.no_sync_func = model.no_sync
-    module.config.finalize_model_grads_func = finalize_model_grads
-    return [model]
+    model = []
+    for vp_stage in range(chunks):
+        vp = vp_stage if chunks > 1 else None
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+        module = MM1Model(cfg, use_te, pre_process=first, post_process=last,
+                          pp_rank=ps.get_pipeline_model_parallel_rank(), vp_stage=vp)
+        module.model_type = ModelType.encoder_or_decoder  # what the schedules expect of a GPT
+        # Later chunks' gradients are ready last; one bucket each (as Megatron-LM does).
+        model.append(DDP(config=module.config, ddp_config=ddp_config, module=module,
+                         disable_bucketing=vp_stage > 0))
+    config = model[0].module.config
+    config.no_sync_func = [chunk.no_sync for chunk in model] if chunks > 1 else model[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return model
 
 
 def build_optimizer(cfg: Config, model: list[DDP]) -> tuple[MegatronOptimizer,
@@ -133,8 +142,11 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    microbatches = list(microbatches)
+    # Every model chunk walks the same micro-batches (masks and positions are needed on all).
+    data = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
     reports = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(microbatches), model=model,
+        forward_step_func=_forward_step, data_iterator=data, model=model,
         num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
     summed = None

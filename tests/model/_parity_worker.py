@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 from mm1_megatron.config import load_config
 from mm1_megatron.model.mm1 import document_attention_mask
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
+from mm1_megatron.train.checkpoint import load_model_state, model_sharded_state
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
 
 STEPS = 3
@@ -88,12 +89,12 @@ def main() -> None:
     cfg = load_config("tiny", overrides)
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     model = build_model(cfg, use_te=False)
-    state = model[0].module.sharded_state_dict()
+    state = model_sharded_state(model)
     if save_init:
         os.makedirs(ckpt_dir, exist_ok=True)
         dist_checkpointing.save(state, ckpt_dir)
     else:
-        model[0].module.load_state_dict(dist_checkpointing.load(state, ckpt_dir))
+        load_model_state(model, dist_checkpointing.load(state, ckpt_dir))
     optimizer, scheduler = build_optimizer(cfg, model)
     history = []
     for step in range(STEPS):

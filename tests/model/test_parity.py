@@ -36,13 +36,14 @@ def run_worker(nproc: int, out: Path, ckpt: Path, *args: str) -> list[dict]:
 def references(tmp_path_factory) -> dict:
     cache: dict = {}
 
-    def get(connector: str) -> tuple[Path, list[dict]]:
-        if connector not in cache:
+    def get(connector: str, model: tuple[str, ...] = ()) -> tuple[Path, list[dict]]:
+        """The one-process run of `connector` and model-shape overrides `model`."""
+        if (connector, model) not in cache:
             root = tmp_path_factory.mktemp(f"ref_{connector}")
             history = run_worker(1, root / "ref.json", root / "ckpt", "--save-init",
-                               f"connector.type={connector}")
-            cache[connector] = (root / "ckpt", history)
-        return cache[connector]
+                                 f"connector.type={connector}", *model)
+            cache[connector, model] = (root / "ckpt", history)
+        return cache[connector, model]
 
     return get
 
@@ -52,15 +53,20 @@ def rel(a: float, b: float) -> float:
 
 
 # Connector-independent variants run once, with the default C-Abstractor.
-EXTRA = {"ep2_allgather": (2, ["parallel.ep=2", "llm.moe.dispatcher=allgather"])}
+EXTRA = {"ep2_allgather": (2, ["parallel.ep=2", "llm.moe.dispatcher=allgather"]),
+         # Interleaved 1F1B: 8 layers, 4 pipeline ranks x 2 model chunks of one layer. (With
+         # pp=2 a rank's next and previous stage are the same peer, and gloo can cross its
+         # forward and backward messages: validation refuses pp<3 with virtual stages.)
+         "pp4_interleaved": (4, ["llm.num_layers=8", "parallel.pp=4",
+                                 "parallel.virtual_stages=2"])}
 CASES = [(c, layout) for c in CONNECTORS for layout in LAYOUTS] + \
     [("c_abstractor", layout) for layout in EXTRA]
 
 
 @pytest.mark.parametrize("connector, layout", CASES)
 def test_layout_matches_single_process(references, tmp_path, connector, layout):
-    ckpt, reference = references(connector)
     nproc, overrides = {**LAYOUTS, **EXTRA}[layout]
+    ckpt, reference = references(connector, tuple(o for o in overrides if o.startswith("llm.")))
     history = run_worker(nproc, tmp_path / "run.json", ckpt, f"connector.type={connector}",
                        *overrides)
     assert len(history) == len(reference) == 3
