@@ -37,6 +37,8 @@ setup(
     entry_points={
         "console_scripts": [
             "mm1-train=mm1_megatron.cli:main",
+            "mm1-convert-hf=mm1_megatron.convert.to_hf:main",
+            "mm1-import-hf=mm1_megatron.convert.from_hf:main",
         ],
     },
 )

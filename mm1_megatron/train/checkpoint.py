@@ -26,7 +26,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
+                       "chained_optim_avoid_prefix": True}
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -41,14 +42,11 @@ def _layout() -> dict[str, int]:
 
 
 def _rng_object() -> ShardedObject:
+    """One RNG state per global rank (restored only into the same layout, where rank r has
+    the same coordinates)."""
     state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    return ShardedObject(
-        "rng_state", state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-         ps.get_expert_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-         ps.get_expert_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),),
+                         replica_id=0)
 
 
 def model_sharded_state(model) -> dict[str, Any]:
@@ -120,6 +118,34 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return path
 
 
+def _load_optimizer(optimizer, loaded: dict) -> None:
+    """Megatron-Core chains a separate expert optimizer when EP > 1 (one optimizer at EP=1),
+    so a checkpoint saved with another EP size holds another number of optimizer entries.
+    Tensors already matched by parameter name (`chained_optim_avoid_prefix`); here the
+    per-optimizer common parts (param groups with lr, step, ...) are re-dealt to the current
+    chain, matching groups by their decay/LR multipliers."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved = [loaded[i] for i in sorted(k for k in loaded if isinstance(k, int))
+             if "optimizer" in loaded[i]] or [loaded]
+    if len(saved) == len(subs):
+        optimizer.load_state_dict(loaded)
+        return
+    groups = [g for entry in saved for g in entry["optimizer"]["param_groups"]]
+    sharding = saved[0]["param_state_sharding_type"]
+    states = []
+    for i, sub in enumerate(subs):
+        param_state = (loaded[i] if len(subs) > 1 else loaded)["param_state"]
+        fitted = []
+        for inner in sub.optimizer.param_groups:
+            key = (inner["wd_mult"], inner["lr_mult"], inner["is_decoupled_lr"])
+            match = next(g for g in groups
+                         if (g["wd_mult"], g["lr_mult"], g["is_decoupled_lr"]) == key)
+            fitted.append({**match, "is_expert_parallel": inner["is_expert_parallel"]})
+        states.append({"optimizer": {"param_groups": fitted}, "param_state": param_state,
+                       "param_state_sharding_type": sharding})
+    optimizer.load_state_dict(states if len(subs) > 1 else states[0])
+
+
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
     """Collective. Loads into the current layout; returns {"step", "extra", "rng_restored"}."""
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -129,7 +155,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, 
         state["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(state, str(path))
     load_model_state(model, loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    _load_optimizer(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         rng = loaded["rng_state"]

@@ -37,7 +37,7 @@ def synthetic_rows(cfg, step: int, rows: int) -> list[dict]:
         docs = torch.zeros(s, dtype=torch.long)
         loss_mask = torch.ones(s)
         # step 1: text only; step 2: with DP=2 one rank gets only text, the other images.
-        n_images = [r % 3, 0, 2 * (r % 2)][step]
+        n_images = [r % 3, 0, 2 * (r % 2)][step % 3]
         cursor = 2
         for _ in range(n_images):
             tokens[cursor:cursor + k] = image_id

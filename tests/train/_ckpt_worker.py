@@ -1,10 +1,11 @@
 """`torchrun ... _ckpt_worker.py save|resume OUT.json RUN_DIR key=value...`
 
-save: 2 optimizer steps, checkpoint at step 2, then step 2 again as the reference.
-resume: build from a different seed, load the latest checkpoint (any layout), run step 2.
+save: 2 optimizer steps, checkpoint at step 2, then steps 3 and 4 as the reference.
+resume: build from a different seed, load the latest checkpoint (any layout), run steps 3, 4.
 crash: as save, then step 3 and a save of it during which rank 0 is SIGKILLed as soon as the
        first checkpoint file is on disk (no report: the process dies).
-Both write step 2's loss and grad norm (and what was restored) to OUT.json.
+Both write the loss and grad norm of the next two steps (and what was restored) to OUT.json:
+the first checks the weights, the second the optimizer state (Adam moments, step, LR).
 """
 
 import os
@@ -49,6 +50,8 @@ def main() -> None:
                       rng_restored=restored["rng_restored"])
     result = train_step(cfg, model, optimizer, scheduler, rows(2))
     report.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
+    after = train_step(cfg, model, optimizer, scheduler, rows(3))
+    report.update(next_loss=after.loss, next_grad_norm=after.grad_norm)
     write_report(out_path, report)
     shutdown_distributed()
 

@@ -21,8 +21,8 @@ def saved(tmp_path_factory) -> tuple[Path, dict]:
     (1, [], False),
     (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False),
     (2, ["parallel.pp=2"], False),
-    # Changing EP is not covered yet: Megatron-Core chains a separate expert optimizer at
-    # EP>1, so its optimizer keys differ from an EP=1 checkpoint (model weights do reshard).
+    # EP=2 chains a separate expert optimizer (one optimizer at EP=1): re-dealt on load.
+    (2, ["parallel.ep=2"], False),
 ])
 def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same):
     run_dir, reference = saved
@@ -32,11 +32,23 @@ def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same)
     assert got["step"] == 2 and got["extra"] == {"loader": {"rows": 8}}
     assert got["rng_restored"] == same
     assert got["lr"] == reference["lr"]  # the LR schedule resumed too
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
         if same:
             assert got[key] == reference[key]  # bitwise
         else:
             assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
+
+
+def test_expert_parallel_checkpoint_loads_without_expert_parallelism(tmp_path):
+    """The other direction: saved at EP=2 (a chained expert optimizer), resumed at EP=1."""
+    run_dir = tmp_path / "run"
+    torchrun(WORKER, 2, "save", str(tmp_path / "save.json"), str(run_dir), "parallel.ep=2")
+    reference = json.loads((tmp_path / "save.json").read_text())
+    torchrun(WORKER, 1, "resume", str(tmp_path / "resume.json"), str(run_dir),
+             "train.seed=999")
+    got = json.loads((tmp_path / "resume.json").read_text())
+    for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
+        assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(saved, tmp_path):

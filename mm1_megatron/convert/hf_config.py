@@ -1,0 +1,112 @@
+"""Our typed `Config` -> transformers configs (MM1Config, LlamaConfig, CLIPVisionConfig) and the
+side files of an exported directory (generation, image processor, tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from mm1_megatron.config import Config
+from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD
+from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+HF_MODELING_DIR = Path(__file__).parent / "hf_modeling"
+MODELING_FILES = ("configuration_mm1.py", "modeling_mm1.py")
+
+
+def vision_config_dict(cfg: Config) -> dict[str, Any]:
+    v = cfg.vision
+    return dict(hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
+                num_hidden_layers=v.layers_built, num_attention_heads=v.num_attention_heads,
+                num_channels=3, image_size=v.image_size, patch_size=v.patch_size,
+                hidden_act="gelu",  # Megatron's CLIP ViT uses exact F.gelu, not quick_gelu
+                layer_norm_eps=v.layernorm_eps, attention_dropout=0.0)
+
+
+def text_config_dict(cfg: Config) -> dict[str, Any]:
+    llm = cfg.llm
+    return dict(vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
+                intermediate_size=llm.ffn_hidden_size, num_hidden_layers=llm.num_layers,
+                num_attention_heads=llm.num_attention_heads,
+                num_key_value_heads=llm.query_groups, head_dim=llm.head_dim, hidden_act="silu",
+                max_position_embeddings=cfg.data.seq_length, rms_norm_eps=llm.norm_eps,
+                rope_parameters={"rope_type": "default", "rope_theta": float(llm.rope_theta)},
+                attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def connector_dict(cfg: Config) -> dict[str, Any]:
+    c = cfg.connector
+    return dict(type=c.type, num_tokens=c.num_tokens, hidden_size=c.hidden_size, depth=c.depth,
+                mlp_depth=c.mlp_depth, pos_emb=c.pos_emb,
+                num_heads=cfg.vision.num_attention_heads)
+
+
+def mm1_config(cfg: Config):
+    from mm1_megatron.convert.hf_modeling.configuration_mm1 import MM1Config
+
+    moe = cfg.llm.moe
+    config = MM1Config(vision_config=vision_config_dict(cfg), text_config=text_config_dict(cfg),
+                       connector=connector_dict(cfg), image_token_id=cfg.llm.image_token_id,
+                       vision_class_token=cfg.vision.class_token, moe_num_experts=moe.num_experts,
+                       moe_layer_freq=moe.layer_freq, moe_top_k=moe.top_k,
+                       moe_ffn_hidden_size=cfg.llm.expert_ffn_hidden_size,
+                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    config.architectures = ["MM1ForConditionalGeneration"]
+    config.auto_map = {"AutoConfig": "configuration_mm1.MM1Config",
+                       "AutoModel": "modeling_mm1.MM1ForConditionalGeneration",
+                       "AutoModelForCausalLM": "modeling_mm1.MM1ForConditionalGeneration",
+                       "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration"}
+    config.mm1_megatron = {"preset": cfg.preset, "config": cfg.to_dict()}
+    return config
+
+
+def llama_config(cfg: Config):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**text_config_dict(cfg))
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Optional[str]) -> list[str]:
+    """generation_config.json, preprocessor_config.json, tokenizer files. Returns notes."""
+    notes = []
+    gen = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False,
+               max_new_tokens=32)
+    if images:
+        gen["suppress_tokens"] = [cfg.llm.image_token_id]  # placeholders are never generated
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if images:
+        size = cfg.vision.image_size
+        (out / "preprocessor_config.json").write_text(json.dumps(dict(
+            image_processor_type="CLIPImageProcessor", do_resize=True,
+            size={"shortest_edge": size}, resample=3, do_center_crop=True,
+            crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+            do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+            do_convert_rgb=True), indent=2) + "\n")
+    if tokenizer_model and Path(tokenizer_model).is_file():
+        shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                    "pad_token": "<pad>"}
+        tok = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+                   add_prefix_space=False, legacy=False, model_max_length=cfg.data.seq_length,
+                   sp_model_kwargs={}, clean_up_tokenization_spaces=False, **specials)
+        if images:
+            tok["extra_special_tokens"] = {"image_token": "<image>"}
+        (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    elif tokenizer_model:
+        notes.append(f"tokenizer {tokenizer_model} not found: no tokenizer files written")
+    else:
+        notes.append("no data.tokenizer_model: no tokenizer files written")
+    if images:
+        for name in MODELING_FILES:
+            shutil.copyfile(HF_MODELING_DIR / name, out / name)
+    return notes
+
+
+__all__ = ["mm1_config", "llama_config", "write_side_files", "vision_config_dict",
+           "text_config_dict", "connector_dict", "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID"]

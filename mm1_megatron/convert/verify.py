@@ -1,0 +1,151 @@
+"""Parity gate: the exported HF model against the Megatron model built from the same checkpoint.
+
+Both run in this process, in fp32 on CPU, on a fixed probe (two images spliced into text, or
+text only for the stock decoder): fail when max |logit difference| > 1e-3 or the greedy
+16-token continuations differ (the HF side through `generate()` with its KV cache, the
+Megatron side by re-running the full sequence).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mm1_megatron.config import Config, ParallelConfig
+from mm1_megatron.convert.mappings import ConvertError
+
+LOGIT_TOL = 1e-3
+GREEDY_TOKENS = 16
+
+
+def single_process_config(cfg: Config) -> Config:
+    c = copy.deepcopy(cfg)
+    c.parallel = ParallelConfig(world_size=1)
+    c.train.precision, c.train.fp8 = "fp32", None
+    c.llm.recompute = c.vision.recompute = "none"
+    c.llm.moe.grouped_gemm = False
+    return c
+
+
+def megatron_model(ckpt: str | Path, cfg: Config):
+    """MM1Model of `cfg` in this process (TP=PP=EP=1), weights from `ckpt` (any layout)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from mm1_megatron.convert.reader import ensure_process_group
+    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.runtime import init_distributed
+
+    c = single_process_config(cfg)
+    ensure_process_group()
+    if not ps.model_parallel_is_initialized():
+        init_distributed(c.parallel, seed=c.train.seed, environ={})
+    model = MM1Model(c, use_te=False)
+    state = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in loaded.items() if k in own})
+    return model.eval()
+
+
+def probe(cfg: Config, images: bool = True, seed: int = 0):
+    """[1, s] token ids (two images between text when `images`) and [n, 3, H, W] pixels."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, k = cfg.llm.vocab_size, cfg.connector.num_tokens
+    low = min(10, vocab - 1)
+    text = lambda n: torch.randint(low, vocab, (n,), generator=g)
+    bos = torch.tensor([1])
+    if not images:
+        return torch.cat([bos, text(23)]).unsqueeze(0), None
+    img = torch.full((k,), cfg.llm.image_token_id)
+    ids = torch.cat([bos, text(3), img, text(5), img, text(4)])
+    size = cfg.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=g)
+    return ids.unsqueeze(0), pixels
+
+
+@torch.no_grad()
+def megatron_logits(model, ids: torch.Tensor, pixels: Optional[torch.Tensor]) -> torch.Tensor:
+    from mm1_megatron.model.mm1 import document_attention_mask
+
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    mask = document_attention_mask(torch.zeros_like(ids))
+    return model(ids, pos, mask, images=pixels).float()
+
+
+@torch.no_grad()
+def megatron_greedy(model, ids, pixels, steps: int, suppress: Optional[int]) -> list[int]:
+    out = []
+    for _ in range(steps):
+        logits = megatron_logits(model, ids, pixels)[0, -1]
+        if suppress is not None:
+            logits[suppress] = float("-inf")
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def _load_hf(hf_dir: Path, auto_cls: str):
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cls = getattr(transformers, auto_cls)
+    return cls.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32,
+                               local_files_only=True).eval()
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids, pixels, steps, suppress) -> list[int]:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
+                           eos_token_id=None, pad_token_id=0,
+                           suppress_tokens=[suppress] if suppress is not None else None)
+    kwargs = {"pixel_values": pixels} if pixels is not None else {}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         generation_config=gen, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _compare(name: str, ref: torch.Tensor, got: torch.Tensor, greedy_ref, greedy_got) -> dict:
+    diff = float((ref - got).abs().max())
+    result = {"max_abs_logit_diff": diff, "greedy_tokens": len(greedy_ref),
+              "greedy_equal": greedy_ref == greedy_got, "logit_scale": float(ref.abs().max())}
+    if not diff <= LOGIT_TOL:
+        raise ConvertError(f"parity gate ({name}): max |logit diff| {diff:.3e} > {LOGIT_TOL:g}")
+    if greedy_ref != greedy_got:
+        raise ConvertError(f"parity gate ({name}): greedy continuations differ: megatron "
+                           f"{greedy_ref} vs HF {greedy_got}")
+    return result
+
+
+def verify_export(ckpt: str | Path, hf_dir: str | Path, cfg: Config) -> dict:
+    """The full MM1 export: images + text probe."""
+    ref_model = megatron_model(ckpt, cfg)
+    hf = _load_hf(Path(hf_dir), "AutoModelForCausalLM")
+    ids, pixels = probe(cfg, images=True)
+    ref = megatron_logits(ref_model, ids, pixels)
+    with torch.no_grad():
+        got = hf(input_ids=ids, pixel_values=pixels).logits.float()
+    suppress = cfg.llm.image_token_id
+    g_ref = megatron_greedy(ref_model, ids, pixels, GREEDY_TOKENS, suppress)
+    g_got = _hf_greedy(hf, ids, pixels, GREEDY_TOKENS, suppress)
+    return _compare("MM1", ref, got, g_ref, g_got)
+
+
+def verify_llama(ckpt: str | Path, hf_dir: str | Path, cfg: Config) -> dict:
+    """The stock LlamaForCausalLM export: text-only probe against Megatron's text logits."""
+    ref_model = megatron_model(ckpt, cfg)
+    hf = _load_hf(Path(hf_dir), "AutoModelForCausalLM")
+    ids, _ = probe(cfg, images=False)
+    ref = megatron_logits(ref_model, ids, None)
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits.float()
+    g_ref = megatron_greedy(ref_model, ids, None, GREEDY_TOKENS, None)
+    g_got = _hf_greedy(hf, ids, None, GREEDY_TOKENS, None)
+    return _compare("Llama", ref, got, g_ref, g_got)

@@ -1,0 +1,114 @@
+"""`mm1-eval`: few-shot captioning / VQA scores of a Megatron checkpoint (any layout).
+
+    mm1-eval --run-dir runs/demo --preset demo --task demo_tasks/caption.jsonl \\
+             --task demo_tasks/vqa.jsonl --shots 0 4 8
+
+The model is described by the same preset (+ YAML + key=value overrides) the run trained
+with; it is built in one process (TP=PP=1) and the model part of the checkpoint is loaded
+into it. Prints a table (CIDEr x100 for captioning, VQA accuracy in % for VQA) and, with
+`--output`, writes every prediction and score as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+from mm1_megatron.config import PRESETS, ConfigError, load_config
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mm1-eval", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Task format: see mm1_megatron/evaluation/tasks.py. "
+                                       "Presets: " + ", ".join(PRESETS))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="evaluate the latest checkpoint of this run")
+    src.add_argument("--checkpoint", help="a checkpoint directory (run/checkpoints/step_N)")
+    p.add_argument("--preset", required=True, help="the preset the run trained with")
+    p.add_argument("--config", help="YAML file of config sections (as for mm1-train)")
+    p.add_argument("--task", action="append", required=True, metavar="FILE.jsonl",
+                   help="a task file (repeat for several)")
+    p.add_argument("--support", action="append", default=None, metavar="FILE.jsonl",
+                   help="support set per --task, in the same order (default: the task "
+                        "file itself, minus the query)")
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples per task")
+    p.add_argument("--seed", type=int, default=0, help="draw of the in-context examples")
+    p.add_argument("--max-new-tokens", type=int, help="default: 20 captioning, 10 VQA")
+    p.add_argument("--tokenizer", help="default: data.tokenizer_model of the config")
+    p.add_argument("--no-kv-cache", action="store_true", help="re-run the full sequence per "
+                                                              "token (slow; for checking)")
+    p.add_argument("--output", help="write predictions and scores to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    for pattern in (r"(Transformer Engine and )?Apex (are|is) not installed",
+                    r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
+    args = parse_args(argv)
+    if args.support is not None and len(args.support) != len(args.task):
+        print("mm1-eval: give one --support per --task", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.preset, args.overrides, args.config, this_machine=False)
+    except ConfigError as err:
+        print(f"mm1-eval: config error: {err}", file=sys.stderr)
+        return 2
+
+    from mm1_megatron.data.tokenizer import Tokenizer
+    from mm1_megatron.evaluation.evaluator import FewShotEvaluator, format_table
+    from mm1_megatron.evaluation.model_io import (build_eval_model, load_model_weights,
+                                                  resolve_checkpoint, single_process_config)
+    from mm1_megatron.evaluation.tasks import load_task
+
+    try:
+        tasks = [load_task(t, support=args.support[i] if args.support else None)
+                 for i, t in enumerate(args.task)]
+        path = resolve_checkpoint(args.run_dir, args.checkpoint)
+        tokenizer = Tokenizer.load(args.tokenizer or cfg.data.tokenizer_model)
+    except (OSError, ValueError) as err:
+        print(f"mm1-eval: {err}", file=sys.stderr)
+        return 2
+    if tokenizer.vocab_size > cfg.llm.vocab_size:
+        print(f"mm1-eval: the tokenizer has {tokenizer.vocab_size} pieces but llm.vocab_size="
+              f"{cfg.llm.vocab_size}", file=sys.stderr)
+        return 2
+    cfg = single_process_config(cfg)
+    model = build_eval_model(cfg)
+    step = load_model_weights(model, path)
+    print(f"mm1-eval: {path} (step {step}), preset {cfg.preset}", flush=True)
+    limits = None
+    if args.max_new_tokens:
+        limits = {"caption": args.max_new_tokens, "vqa": args.max_new_tokens}
+    evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 use_cache=not args.no_kv_cache, max_new_tokens=limits)
+    results = []
+    for task in tasks:
+        for k in args.shots:
+            start = time.perf_counter()
+            r = evaluator.evaluate(task, k, limit=args.limit)
+            results.append(r)
+            print(f"  {task.name} {k}-shot: {r.reported:.1f} ({r.examples} examples, "
+                  f"{time.perf_counter() - start:.1f}s)", flush=True)
+    print()
+    print(format_table(results))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": str(path), "step": step, "results": [
+                {"task": r.task, "kind": r.kind, "shots": r.shots, "metric": r.metric,
+                 "score": r.score, "reported": r.reported, "examples": r.examples,
+                 "predictions": r.predictions} for r in results]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Run k-shot tasks: prompts -> batched greedy generation -> CIDEr-D / VQA accuracy."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.evaluation.generate import Generator
+from mm1_megatron.evaluation.metrics import cider_d, vqa_accuracy
+from mm1_megatron.evaluation.prompts import SEPARATOR, build_prompt, postprocess
+from mm1_megatron.evaluation.tasks import CAPTION, Task
+
+METRIC = {CAPTION: "cider", "vqa": "vqa_acc"}
+DEFAULT_MAX_NEW_TOKENS = {CAPTION: 20, "vqa": 10}
+
+
+@dataclass
+class TaskResult:
+    task: str
+    kind: str
+    shots: int
+    metric: str
+    # CIDEr-D as pycocoevalcap returns it (papers print it x100, see `reported`), or VQA
+    # accuracy in percent.
+    score: float
+    examples: int
+    predictions: list[dict] = field(default_factory=list)
+
+    @property
+    def reported(self) -> float:
+        """As papers print it: CIDEr x100 (MM1's "CIDEr 116"), VQA accuracy in percent."""
+        return self.score * 100.0 if self.metric == "cider" else self.score
+
+
+class ImageCache:
+    """path -> decoded [3, S, S] tensor, DALI CPU/GPU decode, LRU-bounded."""
+
+    def __init__(self, size: int, capacity: int = 256, num_threads: int = 2):
+        from mm1_megatron.data.images import ImageDecoder
+
+        self.decoder = ImageDecoder(size, batch_size=16, num_threads=num_threads)
+        self.capacity = capacity
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, paths: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in paths if p not in self.cache))
+        if missing:
+            data = []
+            for p in missing:
+                try:
+                    with open(p, "rb") as f:
+                        data.append(f.read())
+                except OSError as err:
+                    raise FileNotFoundError(f"{p}: cannot read image ({err.strerror})") from None
+            decoded, bad = self.decoder.decode(data)
+            if bad:
+                raise ValueError(f"{missing[bad[0]]}: cannot decode image "
+                                 f"({self.decoder.last_errors.get(bad[0], '')})")
+            for p, t in zip(missing, decoded):
+                self.cache[p] = t.cpu()
+        out = []
+        for p in paths:
+            self.cache.move_to_end(p)
+            out.append(self.cache[p])
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        size = self.decoder.size
+        return torch.stack(out) if out else torch.empty(0, 3, size, size)
+
+
+class FewShotEvaluator:
+    def __init__(self, model, tokenizer: Tokenizer, image_size: int, batch_size: int = 8,
+                 seed: int = 0, use_cache: bool = True,
+                 max_new_tokens: Optional[dict] = None, separator: str = SEPARATOR,
+                 images: Optional[ImageCache] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.separator = separator
+        self.max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
+        self.generator = Generator(model, tokenizer, use_cache=use_cache)
+        self.images = images or ImageCache(image_size)
+
+    def prompts(self, task: Task, shots: int, indices: Sequence[int]):
+        return [build_prompt(self.tokenizer, task.kind, task.examples[i],
+                             task.support_for(i, shots, self.seed),
+                             self.model.tokens_per_image, self.model.image_token_id,
+                             self.separator) for i in indices]
+
+    def evaluate(self, task: Task, shots: int, limit: Optional[int] = None) -> TaskResult:
+        indices = list(range(len(task) if limit is None else min(limit, len(task))))
+        predictions = []
+        for start in range(0, len(indices), self.batch_size):
+            batch = indices[start:start + self.batch_size]
+            prompts = self.prompts(task, shots, batch)
+            images = self.images.get([p for prompt in prompts for p in prompt.images])
+            gen = self.generator.generate([p.tokens for p in prompts], images,
+                                          max_new_tokens=self.max_new_tokens[task.kind])
+            for i, ids, reason in zip(batch, gen.tokens, gen.stop_reasons):
+                text = self.tokenizer.decode(ids)
+                predictions.append({"id": task.examples[i].id, "raw": text, "stop": reason,
+                                    "prediction": postprocess(text, self.separator)})
+        examples = [task.examples[i] for i in indices]
+        if task.kind == CAPTION:
+            score, per = cider_d({p["id"]: p["prediction"] for p in predictions},
+                                 {e.id: list(e.captions) for e in examples})
+            for p in predictions:
+                p["cider"] = per[p["id"]]
+        else:
+            for p, e in zip(predictions, examples):
+                p["vqa_acc"] = vqa_accuracy(p["prediction"], e.answers)
+            score = 100.0 * sum(p["vqa_acc"] for p in predictions) / max(1, len(predictions))
+        return TaskResult(task.name, task.kind, shots, METRIC[task.kind], float(score),
+                          len(examples), predictions)
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    """One row per task, one column per shot count: CIDEr x100 / VQA accuracy %."""
+    shots = sorted({r.shots for r in results})
+    tasks = list(dict.fromkeys((r.task, r.metric, r.examples) for r in results))
+    by = {(r.task, r.shots): r for r in results}
+    head = ["task", "metric", "n"] + [f"{k}-shot" for k in shots]
+    rows = [head]
+    for name, metric, n in tasks:
+        rows.append([name, "CIDEr" if metric == "cider" else "VQA acc", str(n)] +
+                    [f"{by[name, k].reported:.1f}" if (name, k) in by else "-" for k in shots])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

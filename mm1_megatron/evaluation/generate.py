@@ -1,0 +1,162 @@
+"""Batched greedy decoding for MM1Model, with Megatron-Core's static KV cache or without one.
+
+Prompts of one batch are left-padded to a common length; a key-padding mask keeps padding out
+of attention, and RoPE scores depend only on relative offsets, so a padded row scores exactly
+as the row alone would. Images are encoded once per batch and spliced over their placeholders
+(in row order, as in training).
+
+KV cache: Megatron-Core's `StaticInferenceContext` (`inference_context=` of GPTModel.forward).
+Prefill runs the whole prompt once and stores every layer's keys and values; each decode step
+feeds one token per row and attends over the cache. Works with the local layer spec on CPU
+(DotProductAttention applies the explicit [b, 1, sq, sk] mask we pass: causal + key padding at
+prefill, key padding at decode). The cache-free path (`use_cache=False`) re-runs the full
+sequence every step; tests check both give the same tokens and logits.
+
+Stop rule per row: `</s>`, `<eoc>`, any token whose text holds a newline (the prompts'
+example separator), or `max_new_tokens`. `<pad>`, `<s>` and `<image>` are never generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from mm1_megatron.data.tokenizer import BOS_ID, EOC_ID, EOS_ID, PAD_ID, Tokenizer
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per row, stop token excluded
+    stop_reasons: list[str]  # "eos" | "eoc" | "newline" | "length"
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # [b, V] per step (if kept)
+
+
+def newline_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Every id whose text contains a newline (byte-fallback <0x0A> included)."""
+    return frozenset(i for i in range(tokenizer.vocab_size)
+                     if "\n" in tokenizer.decode([i]) or
+                     tokenizer._sp.id_to_piece(i) == "<0x0A>")
+
+
+class Generator:
+    def __init__(self, model, tokenizer: Tokenizer, max_new_tokens: int = 20,
+                 use_cache: bool = True, stop_at_newline: bool = True):
+        self.model = model  # an MM1Model (TP=PP=1, or TP with all ranks in lock-step)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.use_cache = use_cache
+        self.image_token_id = model.image_token_id
+        self.stop_ids = {EOS_ID: "eos", EOC_ID: "eoc"}
+        self.newline_ids = newline_token_ids(tokenizer) if stop_at_newline else frozenset()
+        self.banned = [PAD_ID, BOS_ID, self.image_token_id]
+
+    # -- embeddings ----------------------------------------------------------------------
+    def _embed(self, tokens: torch.Tensor, image_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """[b, s] ids -> [s, b, h] decoder input with image tokens over the placeholders."""
+        lm = self.model.language_model
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        embeddings = lm.embedding(input_ids=tokens, position_ids=positions)
+        slots = tokens == self.image_token_id
+        n_slots = int(slots.sum())
+        n_image_tokens = 0 if image_tokens is None else image_tokens.shape[0] * \
+            image_tokens.shape[1]
+        if n_slots != n_image_tokens:
+            raise ValueError(f"{n_slots} image placeholders but {n_image_tokens} image tokens")
+        if n_slots:
+            rows_first = embeddings.transpose(0, 1).masked_scatter(
+                slots.unsqueeze(-1), image_tokens.to(embeddings.dtype))
+            embeddings = rows_first.transpose(0, 1).contiguous()
+        return embeddings
+
+    def _logits(self, tokens: torch.Tensor, decoder_input: torch.Tensor, mask: torch.Tensor,
+                context=None) -> torch.Tensor:
+        """Last position's logits [b, V] (gathered over TP)."""
+        lm = self.model.language_model
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        out = lm(input_ids=tokens, position_ids=positions, attention_mask=mask,
+                 decoder_input=decoder_input, inference_context=context,
+                 runtime_gather_output=True)
+        return out[:, -1].float()  # [b, s or 1, V] -> [b, V]
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[:, self.banned] = float("-inf")
+        return logits.argmax(dim=-1)
+
+    # -- generation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], images: Optional[torch.Tensor],
+                 keep_logits: bool = False, max_new_tokens: Optional[int] = None) -> Generation:
+        """`prompts`: token ids with image placeholders expanded; `images`: [n, 3, H, W], the
+        images of all rows in placeholder order (row 0's first)."""
+        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(prompts, images, keep_logits, max_new)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts, images, keep_logits: bool, max_new: int) -> Generation:
+        device = next(self.model.parameters()).device
+        b, length = len(prompts), max(len(p) for p in prompts)
+        total = length + max_new
+        tokens = torch.full((b, length), PAD_ID, dtype=torch.long, device=device)
+        valid = torch.zeros(b, total, dtype=torch.bool, device=device)  # real key positions
+        for i, p in enumerate(prompts):
+            tokens[i, length - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            valid[i, length - len(p):] = True
+        valid[:, length:] = True
+        image_tokens = None
+        if images is not None and images.shape[0] > 0:
+            image_tokens = self.model.encode_images(images.to(device))
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+
+        def mask(rows: slice, keys: int) -> torch.Tensor:  # True = blocked, [b, 1, q, k]
+            allowed = causal[rows, :keys].unsqueeze(0) & valid[:, None, :keys]
+            return ~allowed.unsqueeze(1)
+
+        context = StaticInferenceContext(b, total) if self.use_cache else None
+        if context is not None:
+            context.materialize_only_last_token_logits = True
+        out: list[list[int]] = [[] for _ in range(b)]
+        reasons: list[Optional[str]] = [None] * b
+        step_logits: list[torch.Tensor] = []
+        seq = tokens
+        # Prefill (or the first full pass without a cache).
+        logits = self._logits(seq, self._embed(seq, image_tokens), mask(slice(0, length), length),
+                              context)
+        for step in range(max_new):
+            if keep_logits:
+                step_logits.append(logits.cpu())
+            nxt = self._pick(logits)
+            for i in range(b):
+                if reasons[i] is not None:
+                    continue
+                t = int(nxt[i])
+                if t in self.stop_ids:
+                    reasons[i] = self.stop_ids[t]
+                elif t in self.newline_ids:
+                    reasons[i] = "newline"
+                else:
+                    out[i].append(t)
+            if all(r is not None for r in reasons) or step == max_new - 1:
+                break
+            nxt = nxt.masked_fill(torch.tensor([r is not None for r in reasons],
+                                               device=device), EOS_ID)
+            pos = seq.shape[1]
+            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+            if context is not None:
+                context.sequence_len_offset = pos  # positions already in the cache
+                if step == 0:
+                    context.enable_decode_mode()
+                new = seq[:, pos:]
+                logits = self._logits(new, self._embed(new, None), mask(slice(pos, pos + 1),
+                                                                         pos + 1), context)
+            else:
+                logits = self._logits(seq, self._embed(seq, image_tokens),
+                                      mask(slice(0, pos + 1), pos + 1))
+        return Generation(out, [r or "length" for r in reasons], step_logits)

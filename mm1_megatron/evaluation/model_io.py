@@ -1,0 +1,74 @@
+"""A one-process MM1Model for evaluation, loaded from a Megatron checkpoint of any layout.
+
+dist_checkpointing matches tensors by their global keys (layer numbers include pipeline and
+model-chunk offsets; TP/EP shards carry their global offsets), so requesting only the model
+part, `{"model": {"chunk0": model.sharded_state_dict()}}`, from a checkpoint saved at any
+TP/PP/EP/DP layout (and any number of model chunks) assembles the full tensors here. The
+optimizer, scheduler and RNG states in the checkpoint are not read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional, Union
+
+from mm1_megatron.config import Config
+
+
+def single_process_config(cfg: Config) -> Config:
+    """The same model with no model parallelism (TP=PP=CP=EP=1, one model chunk)."""
+    cfg = copy.deepcopy(cfg)
+    p = cfg.parallel
+    p.tp = p.pp = p.cp = p.ep = 1
+    p.expert_tp = None
+    p.dp = None
+    p.world_size = None
+    p.virtual_stages = None
+    p.first_stage_layers = None
+    p.sequence_parallel = False
+    p.overlap_grad_reduce = p.overlap_param_gather = False
+    return cfg
+
+
+def resolve_checkpoint(run_dir: Optional[Union[str, Path]] = None,
+                       checkpoint: Optional[Union[str, Path]] = None) -> Path:
+    """`checkpoint` (a step directory) if given, else the latest complete one in `run_dir`."""
+    from mm1_megatron.train.checkpoint import latest_checkpoint
+
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not (path / "metadata.json").exists() and not (path / "common.pt").exists():
+            raise FileNotFoundError(f"{path}: not a dist_checkpointing checkpoint directory")
+        return path
+    if run_dir is None:
+        raise ValueError("give a run directory or a checkpoint directory")
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (checkpoints/latest is missing)")
+    return path
+
+
+def build_eval_model(cfg: Config, seed: Optional[int] = None):
+    """Start a one-process world (if none is up) and build the MM1Model in eval mode."""
+    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.specs import use_transformer_engine
+    from mm1_megatron.runtime import init_distributed
+
+    init_distributed(cfg.parallel, seed=cfg.train.seed if seed is None else seed,
+                     environ={})  # always a world of one, whatever launched us
+    model = MM1Model(cfg, use_transformer_engine())
+    model.eval()
+    return model
+
+
+def load_model_weights(model, path: Union[str, Path]) -> int:
+    """Load the model part of a checkpoint into a one-process MM1Model; returns its step."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    loaded = dist_checkpointing.load({"model": {"chunk0": model.sharded_state_dict()}},
+                                     str(path))
+    model.load_state_dict(loaded["model"]["chunk0"])
+    return int(common.get("step", -1))

@@ -1,0 +1,105 @@
+"""k-shot prompts with the in-context examples interleaved in one sequence (MM1's format).
+
+Per example (`<image>` stands for one image, i.e. `connector.num_tokens` placeholder ids):
+
+    captioning   "<image> A photo of" + " " + caption
+    VQA          "<image> Question: {q} Short answer:" + " " + answer
+
+A k-shot sequence is BOS, then the k in-context examples each followed by SEPARATOR ("\\n"),
+then the query's prompt without an answer; the model continues it and generation stops at the
+first newline (the separator), `</s>`, `<eoc>` or the token limit. E.g. 2-shot captioning:
+
+    <s><image> A photo of a cat on a sofa.\\n<image> A photo of two dogs.\\n<image> A photo of
+
+The prompt ends with no trailing space: the answer's leading space belongs to its first token
+(no dummy prefix in our sentencepiece model, so " cat" is one piece), as in the examples.
+Text is tokenized exactly as training tokenizes documents (`data.loader.document_tokens`):
+BOS, each text segment encoded on its own (data text: a literal "<image>" in a caption is
+spelled with bytes, never a placeholder), each image expanded to `num_tokens` placeholders.
+Answers and captions shown in-context are whitespace-normalised (newlines would read as the
+separator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from mm1_megatron.data.tokenizer import BOS_ID, IMAGE_TOKEN, Tokenizer
+from mm1_megatron.evaluation.tasks import CAPTION, VQA, Example
+
+SEPARATOR = "\n"
+CAPTION_PROMPT = " A photo of"
+VQA_PROMPT = " Question: {question} Short answer:"
+
+Segment = Union[str, "ImageSlot"]
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    path: str
+
+
+def clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def prompt_text(kind: str, example: Example) -> str:
+    """The text after an example's image(s), without the answer."""
+    if kind == CAPTION:
+        return CAPTION_PROMPT
+    if kind == VQA:
+        return VQA_PROMPT.format(question=clean(example.question or ""))
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def segments(kind: str, query: Example, shots: Sequence[Example],
+             separator: str = SEPARATOR) -> list[Segment]:
+    """Images and text in sequence order (adjacent text merged), BOS not included."""
+    out: list[Segment] = []
+
+    def add_text(text: str) -> None:
+        if out and isinstance(out[-1], str):
+            out[-1] += text
+        else:
+            out.append(text)
+
+    for example in shots:
+        out += [ImageSlot(p) for p in example.images]
+        add_text(prompt_text(kind, example) + " " + clean(example.target) + separator)
+    out += [ImageSlot(p) for p in query.images]
+    add_text(prompt_text(kind, query))
+    return out
+
+
+def render(segs: Sequence[Segment]) -> str:
+    """The prompt as text, `<image>` for each image (what a reader of the paper expects)."""
+    return "".join(IMAGE_TOKEN if isinstance(s, ImageSlot) else s for s in segs)
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]  # BOS + text ids, each image expanded to num_tokens placeholders
+    images: list[str]  # image paths, in placeholder order
+    text: str  # rendered, "<image>" per image (no BOS)
+
+
+def build_prompt(tokenizer: Tokenizer, kind: str, query: Example, shots: Sequence[Example],
+                 tokens_per_image: int, image_token_id: int,
+                 separator: str = SEPARATOR) -> Prompt:
+    segs = segments(kind, query, shots, separator)
+    tokens, images = [BOS_ID], []
+    for s in segs:
+        if isinstance(s, ImageSlot):
+            tokens += [image_token_id] * tokens_per_image
+            images.append(s.path)
+        else:
+            tokens += tokenizer.encode(s)
+    return Prompt(tokens, images, render(segs))
+
+
+def postprocess(text: str, separator: Optional[str] = SEPARATOR) -> str:
+    """Generated continuation -> answer: cut at the separator, strip whitespace."""
+    if separator:
+        text = text.split(separator, 1)[0]
+    return text.strip()

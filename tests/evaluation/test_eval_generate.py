@@ -1,0 +1,148 @@
+"""Greedy generation: stop rules, KV cache == no cache, padding-invariant batching, and a
+TP=2 checkpoint evaluated in one process (weights, tokens and logits reproduced); the
+`mm1-eval` command end to end on it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mm1_megatron.data.tokenizer import EOC_ID, EOS_ID, IMAGE_ID, PAD_ID, Tokenizer
+from mm1_megatron.evaluation.generate import Generator, newline_token_ids
+from tests._procs import REPO, run_ranks, torchrun
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_eval_worker.py"
+TOL = 1e-4
+
+
+# -- stop rules (scripted logits, no model) ------------------------------------------------
+
+class Scripted(Generator):
+    """Row i emits script[i][step]; the model is never called."""
+
+    def __init__(self, tokenizer, script, max_new_tokens):
+        model = SimpleNamespace(image_token_id=IMAGE_ID, training=False, eval=lambda: None,
+                                train=lambda mode: None,
+                                parameters=lambda: iter([torch.zeros(1)]))
+        super().__init__(model, tokenizer, max_new_tokens=max_new_tokens, use_cache=False)
+        self.script, self.calls = script, 0
+
+    def _embed(self, tokens, image_tokens):
+        return None
+
+    def _logits(self, tokens, decoder_input, mask, context=None):
+        logits = torch.zeros(len(self.script), self.tokenizer.vocab_size)
+        for i, row in enumerate(self.script):
+            logits[i, row[min(self.calls, len(row) - 1)]] = 1.0
+            logits[i, [PAD_ID, IMAGE_ID]] = 5.0  # banned: never picked
+        self.calls += 1
+        return logits
+
+
+def test_stop_rules(demo_data):
+    tok = Tokenizer.load(demo_data / "tokenizer.model")
+    newline = min(newline_token_ids(tok))
+    assert tok.decode([newline]).count("\n") >= 1
+    words = tok.encode("a cat")
+    script = [words + [EOS_ID], words + [EOC_ID], words + [newline], words * 10]
+    gen = Scripted(tok, script, max_new_tokens=5).generate([[1, 7], [1, 7], [1], [1]], None)
+    assert gen.tokens == [words, words, words, (words * 10)[:5]]
+    assert gen.stop_reasons == ["eos", "eoc", "newline", "length"]
+
+
+# -- a real model: TP=2 checkpoint -> one process -----------------------------------------
+
+def one_process_case(run_dir: str, tokenizer: str) -> dict:
+    """Load the latest checkpoint of `run_dir` into a one-process model; generate with and
+    without the KV cache, batched and one row at a time."""
+    from mm1_megatron.config import load_config
+    from mm1_megatron.evaluation.model_io import (build_eval_model, load_model_weights,
+                                                  resolve_checkpoint, single_process_config)
+    from tests.evaluation.common import EVAL_OVERRIDES, fixed_prompts
+    from tests.model._parity_worker import BASE
+
+    cfg = single_process_config(load_config("tiny", BASE + EVAL_OVERRIDES))
+    model = build_eval_model(cfg)
+    step = load_model_weights(model, resolve_checkpoint(run_dir=run_dir))
+    tok = Tokenizer.load(tokenizer)
+    prompts, images = fixed_prompts(cfg, tok)
+    out = {"step": step}
+    for name, cache in (("cache", True), ("no_cache", False)):
+        gen = Generator(model, tok, max_new_tokens=6, use_cache=cache, stop_at_newline=False)
+        r = gen.generate(prompts, images, keep_logits=True)
+        out[name] = {"tokens": r.tokens, "logits": [x.tolist() for x in r.step_logits]}
+    # Row 1 alone (no padding): its images are the ones after row 0's.
+    n0, n1 = 1, 2  # images of rows 0 and 1 (0-shot, 1-shot)
+    gen = Generator(model, tok, max_new_tokens=6, use_cache=True, stop_at_newline=False)
+    r = gen.generate([prompts[1]], images[n0:n0 + n1], keep_logits=True)
+    out["row1_alone"] = {"tokens": r.tokens, "logits": [x.tolist() for x in r.step_logits]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep2_run(demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ep2")
+    tokenizer = str(demo_data / "tokenizer.model")
+    torchrun(WORKER, 2, str(root / "ep2.json"), str(root / "run"), tokenizer,
+             "parallel.ep=2", timeout=300)
+    reference = json.loads((root / "ep2.json").read_text())
+    local = run_ranks(__file__, "one_process_case", nprocs=1, timeout=300,
+                      kwargs={"run_dir": str(root / "run"), "tokenizer": tokenizer})[0]
+    return root, reference, local
+
+
+def max_diff(a, b) -> float:
+    return float((torch.tensor(a) - torch.tensor(b)).abs().max())
+
+
+def test_kv_cache_equals_no_cache(ep2_run):
+    _, _, local = ep2_run
+    assert local["cache"]["tokens"] == local["no_cache"]["tokens"]
+    assert len(local["cache"]["logits"]) == 6
+    assert max_diff(local["cache"]["logits"], local["no_cache"]["logits"]) < TOL
+
+
+def test_left_padding_does_not_change_a_row(ep2_run):
+    _, _, local = ep2_run
+    assert local["row1_alone"]["tokens"][0] == local["cache"]["tokens"][1]
+    batched = [step[1] for step in local["cache"]["logits"]]
+    alone = [step[0] for step in local["row1_alone"]["logits"]]
+    assert max_diff(batched, alone) < TOL
+
+
+def test_ep2_checkpoint_evaluates_identically_in_one_process(ep2_run):
+    _, reference, local = ep2_run
+    assert local["step"] == 1
+    assert local["cache"]["tokens"] == reference["tokens"]
+    assert max_diff(local["cache"]["logits"], reference["logits"]) < TOL
+
+
+def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
+    root, _, _ = ep2_run
+    tasks = root / "tasks"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+                    str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
+    from tests.evaluation.common import EVAL_OVERRIDES
+    from tests.model._parity_worker import BASE
+
+    cmd = [sys.executable, str(REPO / "tools" / "eval_fewshot.py"), "--run-dir",
+           str(root / "run"), "--preset", "tiny", "--task", str(tasks / "caption.jsonl"),
+           "--task", str(tasks / "vqa.jsonl"), "--shots", "0", "4", "8", "--limit", "3",
+           "--max-new-tokens", "4", "--output", str(root / "eval.json"),
+           *BASE, *EVAL_OVERRIDES, f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[-4].split(" | ")[3:] == ["0-shot", "4-shot", "8-shot"]
+    assert lines[-2].startswith("caption ") and "CIDEr" in lines[-2]
+    assert lines[-1].startswith("vqa ") and "VQA acc" in lines[-1]
+    results = json.loads((root / "eval.json").read_text())["results"]
+    assert [(r["task"], r["shots"]) for r in results] == [
+        ("caption", 0), ("caption", 4), ("caption", 8), ("vqa", 0), ("vqa", 4), ("vqa", 8)]
+    assert all(len(r["predictions"]) == 3 for r in results)

@@ -1,0 +1,99 @@
+"""Build tiny few-shot tasks (captioning + VQA) from the demo dataset's caption shards.
+
+    python tools/make_demo_tasks.py --data demo_data --output demo_tasks
+
+Writes OUTPUT/images/*.jpg (one JPEG per photo, the first crop variant in the shards) and
+
+    OUTPUT/caption.jsonl  {"id", "image", "captions": [the photo's 4 hand-written captions]}
+    OUTPUT/vqa.jsonl      {"id", "image", "question", "answers": [10 answers]}
+
+VQA questions per photo: "What is in the photo?" (answers from the photo's subject, a few
+synonyms spread over the 10 answers) and "Is this photo in black and white?" (yes/no).
+Deterministic. The task format is documented in mm1_megatron/evaluation/tasks.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+# photo -> (subject answers (the most common first), black and white?)
+SUBJECTS: dict[str, tuple[list[str], bool]] = {
+    "astronaut.png": (["astronaut", "woman", "astronaut"], False),
+    "chelsea.png": (["cat", "tabby cat", "cat"], False),
+    "coffee.png": (["coffee", "cup of coffee", "coffee"], False),
+    "rocket.jpg": (["rocket", "rocket launch", "rocket"], False),
+    "motorcycle_left.png": (["motorcycle", "motorbike", "motorcycle"], False),
+    "hubble_deep_field.jpg": (["galaxies", "stars", "galaxies"], False),
+    "retina.jpg": (["retina", "eye", "retina"], False),
+    "ihc.png": (["tissue", "cells", "tissue"], False),
+    "camera.png": (["man", "photographer", "man"], True),
+    "coins.png": (["coins", "money", "coins"], True),
+    "moon.png": (["moon", "craters", "moon"], True),
+    "brick.png": (["bricks", "wall", "bricks"], True),
+    "grass.png": (["grass", "grass", "lawn"], True),
+    "page.png": (["text", "page", "text"], True),
+    "clock_motion.png": (["clock", "clock", "wall clock"], True),
+    "cell.png": (["cell", "cell", "microscope"], True),
+}
+
+
+def ten_answers(options: list[str]) -> list[str]:
+    """10 human-like answers: 6 x the first option, then the options 2 x each (cycled)."""
+    rest = [options[(i // 2) % len(options)] for i in range(4)]
+    return [options[0]] * 6 + rest
+
+
+def make_demo_tasks(data: str | Path, output: str | Path) -> dict[str, Path]:
+    from mm1_megatron.data.shards import open_dataset
+    from mm1_megatron.evaluation.tasks import write_task
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_demo_data import PHOTOS
+
+    # Caption k of a photo is the caption of its crop variant k.
+    which = {c: (photo, k) for photo, caps in PHOTOS.items() for k, c in enumerate(caps)}
+    data, out = Path(data), Path(output)
+    ds = open_dataset(data / "caption")
+    captions: dict[str, list[str]] = defaultdict(list)
+    first_image: dict[str, bytes] = {}
+    for i in range(len(ds)):
+        sample = ds.read(i, images=True)
+        photo, variant = which[sample.texts[0]]
+        captions[photo].append(sample.texts[0])
+        if variant == 0:
+            first_image[photo] = sample.images[0]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    cap_lines, vqa_lines = [], []
+    for photo in sorted(first_image):
+        stem = photo.rsplit(".", 1)[0]
+        rel = f"images/{stem}.jpg"
+        (out / rel).write_bytes(first_image[photo])
+        cap_lines.append({"id": stem, "image": rel, "captions": captions[photo]})
+        if photo in SUBJECTS:
+            subject, gray = SUBJECTS[photo]
+            vqa_lines.append({"id": f"{stem}/what", "image": rel,
+                              "question": "What is in the photo?",
+                              "answers": ten_answers(subject)})
+            vqa_lines.append({"id": f"{stem}/bw", "image": rel,
+                              "question": "Is this photo in black and white?",
+                              "answers": ["yes" if gray else "no"] * 10})
+    return {"caption": write_task(out / "caption.jsonl", cap_lines),
+            "vqa": write_task(out / "vqa.jsonl", vqa_lines)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="the demo dataset (tools/make_demo_data.py)")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    for kind, path in make_demo_tasks(args.data, args.output).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
