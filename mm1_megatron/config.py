@@ -177,6 +177,9 @@ class ParallelConfig:
     # Megatron-Core communication overlaps (on in the GPU presets).
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Transformer Engine userbuffers: the decoder's TP all-gathers / reduce-scatters overlap
+    # its GEMMs (needs TE on GPUs, tp>1 with sequence parallelism; ignored at tp=1).
+    tp_comm_overlap: bool = False
 
     @property
     def model_parallel_size(self) -> int:
@@ -291,7 +294,8 @@ def _mm1(name: str, llm: LLMConfig, nodes: int, micro_batch: int = 1,
          **parallel: Any) -> Config:
     return Config(preset=name, run_dir=f"runs/{name}", llm=llm,
                   vision=VisionConfig(recompute=vision_recompute),
-                  parallel=ParallelConfig(**_GPU_RUN, planned_nodes=nodes, **parallel),
+                  parallel=ParallelConfig(**_GPU_RUN, planned_nodes=nodes,
+                                          tp_comm_overlap=parallel.get("tp", 1) > 1, **parallel),
                   train=TrainConfig(micro_batch_size=micro_batch, fp8=fp8))
 
 
@@ -568,6 +572,9 @@ def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
     if p.overlap_param_gather:
         _require(p.distributed_optimizer, "parallel.overlap_param_gather",
                  "needs parallel.distributed_optimizer=true")
+    if p.tp_comm_overlap and p.tp > 1:
+        _require(p.sequence_parallel, "parallel.tp_comm_overlap",
+                 "needs parallel.sequence_parallel=true (TE overlaps its SP all-gathers)")
 
     if p.first_stage_layers is not None:
         _require(p.pp > 1 and p.first_stage_layers < llm.num_layers,
@@ -647,7 +654,13 @@ def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
     _validate_positive(cfg)
     _validate_model(cfg)
     _validate_parallel(cfg, environ)
-    if fp8_ok is None:
+    if fp8_ok is None:  # checked against this machine (not for dry runs / cluster plans)
         fp8_ok = cfg.train.fp8 is None or fp8_available()
+        if cfg.parallel.tp_comm_overlap and cfg.parallel.tp > 1:
+            from mm1_megatron.runtime.backends import detect_backends
+
+            _require(detect_backends().layer_spec == "transformer_engine",
+                     "parallel.tp_comm_overlap", "needs Transformer Engine on GPUs; not found "
+                     "here (set parallel.tp_comm_overlap=false)")
     _validate_train(cfg, fp8_ok)
     return cfg

@@ -37,11 +37,13 @@ per direction per GPU, InfiniBand 400 Gb/s = 50 GB/s per GPU):
   and run at m/(m + 128) of that (small-M GEMMs are memory-bound; a rough guess); attention products at 50% of the bf16 peak (fused attention runs
   in bf16; causal decoder attention does half of the s x s work), memory-bound element-wise
   kernels (norms, SwiGLU, RoPE, residuals) ~3 x (28h + 6f) bytes per token and layer at 70% of
-  HBM bandwidth. Not modelled: optimizer step, data loading, host overheads, routing imbalance. Backward = 2 x forward; full recompute adds one forward of the recomputed
+  HBM bandwidth. Not modelled: optimizer step, data loading, host overheads, routing
+  imbalance. Backward = 2 x forward; full recompute adds one forward of the recomputed
   layers, selective one forward of core attention (hardware FLOPs; model FLOPs don't change).
 - Exposed communication (none of it overlapped unless stated): TP with SP, 4 all-gather/
   reduce-scatter of s*b*h bf16 per layer forward and 4 backward (+4 under full recompute) over
-  NVLink at 80% (the config has no TP-comm-overlap switch, so they sit on the critical path);
+  NVLink at 80%, on the critical path unless parallel.tp_comm_overlap (TE userbuffers), which
+  leaves TP_OVERLAP_EXPOSED (a quarter, a guess) of the decoder's share exposed;
   the ViT's TP all-reduces the same way; EP all-to-all (dispatch + combine, forward and
   backward) of the routed tokens over InfiniBand at 60% for the share of the EP group outside
   the node; PP send/recv of each micro-batch's activations. DP gradient reduce-scatter (fp32)
@@ -87,6 +89,7 @@ EFF_ATTN = 0.50
 EFF_HBM = 0.70
 EFF_COLLECTIVE = 0.80
 EFF_ALLTOALL = 0.60
+TP_OVERLAP_EXPOSED = 0.25  # share of decoder TP communication left exposed with TE overlap
 EXPERT_M_HALF = 128  # tokens per expert at which an expert GEMM runs at half efficiency
 CONNECTOR_SAVED_TENSORS = 10  # per grid cell and C-Abstractor block, of `hidden_size` channels
 
@@ -409,6 +412,10 @@ def stage_times(cfg: Config, lay: Layout, memory: list[StageMemory]) -> list[Sta
         compute = (gemm / gemm_peak + other / bf16_gemm + attn / (PEAK_BF16 * EFF_ATTN)
                    + elementwise / (HBM_BW * EFF_HBM))
         tp_comm = tp_ops * (t - 1) / t * act_unit / tp_bw + vit_tp if t > 1 else 0.0
+        if t > 1 and cfg.parallel.tp_comm_overlap:
+            # TE userbuffers hide most of the decoder's TP traffic behind its GEMMs; assume
+            # a quarter stays exposed (the ViT's all-reduces are not overlapped).
+            tp_comm = TP_OVERLAP_EXPOSED * (tp_comm - vit_tp) + vit_tp
         ep_comm = 0.0
         if ep_bytes:
             in_node = max(1, g // lay.etp)

@@ -67,6 +67,7 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
         attention_dropout=0.0,
         num_layers_in_first_pipeline_stage=p.first_stage_layers,
         calculate_per_token_loss=True,  # one objective whatever the DP size / micro-batching
+        tp_comm_overlap=p.tp_comm_overlap and p.tp > 1,  # TE userbuffers (init_tp_comm_overlap)
         **parallel_kwargs(cfg, decoder=True),
         **precision_kwargs(cfg),
         **recompute_kwargs(llm.recompute, llm.recompute_layers),

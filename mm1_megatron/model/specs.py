@@ -46,3 +46,17 @@ def vision_layer_spec(use_te: bool) -> ModuleSpec:
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     return spec
+
+
+def init_tp_comm_overlap(cfg) -> None:
+    """Transformer Engine's userbuffers for `parallel.tp_comm_overlap`, sized for the decoder's
+    [seq x micro-batch, hidden] activations (as Megatron-LM does); once per process, before
+    the model is built. A thin switch onto TE: validation refuses it where TE is absent."""
+    p = cfg.parallel
+    if not (p.tp_comm_overlap and p.tp > 1):
+        return
+    from transformer_engine.pytorch.module.base import initialize_ub
+
+    tokens = cfg.data.seq_length * cfg.train.micro_batch_size // p.cp
+    initialize_ub(shape=[tokens, cfg.llm.hidden_size], tp_size=p.tp,
+                  use_fp8=cfg.train.fp8 is not None)

@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mm1_megatron.config import Config
 from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
+from mm1_megatron.model.specs import init_tp_comm_overlap
 from mm1_megatron.model.params import count_params
 from mm1_megatron.train.optim import peak_lr_and_weight_decay
 
@@ -34,6 +35,8 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
     """This rank's pipeline stage of MM1Model, wrapped in Megatron-Core DDP: one model chunk,
     or `parallel.virtual_stages` chunks for the interleaved schedule."""
     chunks = cfg.parallel.virtual_stages or 1
+    if use_te:
+        init_tp_comm_overlap(cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,

@@ -54,6 +54,9 @@ def rel(a: float, b: float) -> float:
 
 # Connector-independent variants run once, with the default C-Abstractor.
 EXTRA = {"ep2_allgather": (2, ["parallel.ep=2", "llm.moe.dispatcher=allgather"]),
+         # Megatron-Core's communication overlaps (on in the GPU presets) on gloo.
+         "dp2_overlap": (2, ["parallel.dp=2", "parallel.overlap_grad_reduce=true",
+                             "parallel.overlap_param_gather=true"]),
          # Interleaved 1F1B: 8 layers, 4 pipeline ranks x 2 model chunks of one layer. (With
          # pp=2 a rank's next and previous stage are the same peer, and gloo can cross its
          # forward and backward messages: validation refuses pp<3 with virtual stages.)
