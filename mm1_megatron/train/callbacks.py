@@ -36,7 +36,7 @@ class ConsoleLog(Callback):
 
     def on_step(self, trainer, m) -> None:
         if trainer.is_logging_rank and m.step % trainer.cfg.logging.log_interval == 0:
-            loss = "skipped" if m.loss is None else f"{m.loss:.4f}"
+            loss = f"{m.loss:.4f}" + (" (update skipped)" if m.skipped else "")
             grad = "-" if m.grad_norm is None else f"{m.grad_norm:.3f}"
             print(f"step {m.step:>6}/{trainer.cfg.train.train_steps} | loss {loss} | "
                   f"lr {m.lr:.2e} | grad {grad} | {m.step_time:.2f}s | "

@@ -85,7 +85,11 @@ def build_optimizer(cfg: Config, model: list[DDP]) -> tuple[MegatronOptimizer,
         optimizer, init_lr=0.0, max_lr=peak, min_lr=peak * t.min_lr_ratio,
         lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.train_steps, lr_decay_style="cosine",
         start_wd=t.weight_decay_ratio, end_wd=t.weight_decay_ratio,
-        wd_incr_steps=t.train_steps, wd_incr_style="constant")
+        wd_incr_steps=t.train_steps, wd_incr_style="constant",
+        # On resume the config's schedule (peak, warm-up, train_steps) wins over the one the
+        # checkpoint was written with; only the step count comes from the checkpoint. (Megatron's
+        # default silently keeps the old schedule, so `train.train_steps=...` would not extend it.)
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
     return optimizer, scheduler
 
 
@@ -131,7 +135,7 @@ def _non_finite(model: list[DDP], loss_sum: Optional[torch.Tensor]) -> bool:
 
 @dataclass
 class StepResult:
-    loss: Optional[float]  # per-token LM loss over the global batch (None off the last stage)
+    loss: Optional[float]  # per-token LM loss over the global batch (every rank)
     grad_norm: Optional[float]
     skipped: bool  # NaN/Inf loss or gradient: no update
     lr: float
@@ -152,23 +156,26 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
         forward_step_func=_forward_step, data_iterator=data, model=model,
         num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-    summed = None
+    # [loss sum, tokens] overall and per source, summed over the global batch; computed on
+    # the last pipeline stage and sent to the others (rank 0 logs it).
+    summed = torch.zeros(2 + 2 * len(SOURCES))
     if ps.is_pipeline_last_stage():
         summed = torch.stack([r["lm loss"] for r in reports]).sum(0)
         dist.all_reduce(summed, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(summed, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
     lr = optimizer.param_groups[0]["lr"]
-    if _non_finite(model, None if summed is None else summed[0]):
-        return StepResult(loss=None if summed is None else float(summed[0] / summed[1]),
-                          grad_norm=None, skipped=True, lr=lr)
+    if _non_finite(model, summed[0]):
+        return StepResult(loss=float(summed[0] / summed[1]), grad_norm=None, skipped=True,
+                          lr=lr)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    loss, per_source = None, {}
-    if summed is not None:
-        loss = (summed[0] / summed[1]).item()
-        for source in range(len(SOURCES)):
-            total, tokens = summed[2 + 2 * source], summed[3 + 2 * source]
-            if tokens > 0:
-                per_source[source] = (total / tokens).item()
+    loss, per_source = (summed[0] / summed[1]).item(), {}
+    for source in range(len(SOURCES)):
+        total, tokens = summed[2 + 2 * source], summed[3 + 2 * source]
+        if tokens > 0:
+            per_source[source] = (total / tokens).item()
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated, lr=lr,
                       source_losses=per_source)

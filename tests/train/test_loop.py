@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests._procs import free_port
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,11 +47,15 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
     assert "step      8/8 | loss" in first.stdout
     losses = [v for _, v in scalars(run_dir, "loss/lm")]
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])  # it learns
-    for tag in ("loss/caption", "loss/interleaved", "optim/lr", "optim/grad_norm",
-                "perf/tokens_per_s", "perf/images_per_s", "perf/tflops_per_device",
-                "moe/load_balancing_loss", "moe/z_loss",
-                "moe/expert_load_imbalance/layer_1", "moe/expert_load_imbalance/layer_3"):
-        assert scalars(run_dir, tag), tag
+    per_layer = [f"moe/{name}{suffix}" for name in ("load_balancing_loss", "z_loss",
+                                                     "expert_load_imbalance")
+                 for suffix in ("", "/layer_1", "/layer_3")]
+    for tag in ("loss/caption", "loss/interleaved", "loss/text", "optim/lr", "optim/grad_norm",
+                "optim/skipped_steps", "perf/step_time_s", "perf/tokens_per_s",
+                "perf/images_per_s", "perf/tflops_per_device", "memory/max_rss_gb", *per_layer):
+        assert len(scalars(run_dir, tag)) == 8, tag
+    balance = [v for _, v in scalars(run_dir, "moe/load_balancing_loss/layer_1")]
+    assert all(0.9 < v < 4.0 for v in balance)  # 1.0 = uniform routing (no coefficient)
     imbalance = [v for _, v in scalars(run_dir, "moe/expert_load_imbalance/layer_1")]
     assert all(1.0 <= v <= 4.0 for v in imbalance)  # max/mean over 4 experts
     checkpoints = run_dir / "checkpoints"
@@ -139,3 +145,36 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
     assert sorted(samples) == list(range(1, 8))
     assert samples == reference_samples  # the same rows, step by step
     assert len({i for rows in samples.values() for row in rows for i in row}) > 8
+
+
+def torchrun_command(nproc: int, cmd: list[str]) -> list[str]:
+    """`command(...)` (python -m mm1_megatron.cli ARGS) as torchrun launch/train.py ARGS."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", str(REPO / "launch" / "train.py"), *cmd[3:]]
+
+
+def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data, tmp_path):
+    """PP=2 (each stage owns one MoE layer; rank 0 logs both) for 2 steps, then one process
+    continues: steps 3-4 match the uninterrupted PP=2 run within 1e-5 relative."""
+    whole = tmp_path / "whole"
+    uninterrupted = run(torchrun_command(2, command(demo_data, whole, "train.train_steps=4",
+                                                    "parallel.pp=2")))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    reference = newest_scalars(whole, "loss/lm")
+    assert sorted(reference) == [1, 2, 3, 4]  # computed on the last stage, logged on rank 0
+    for tag in ("moe/z_loss/layer_1", "moe/z_loss/layer_3",
+                "moe/expert_load_imbalance/layer_1", "moe/expert_load_imbalance/layer_3"):
+        assert len(scalars(whole, tag)) == 4, tag
+
+    resharded = tmp_path / "resharded"
+    first = run(torchrun_command(2, command(demo_data, resharded, "train.train_steps=2",
+                                           "parallel.pp=2")))
+    assert first.returncode == 0, first.stderr[-3000:]
+    # train_steps grows from 2 to 4 on resume: the config's LR schedule applies from here.
+    rest = run(command(demo_data, resharded, "train.train_steps=4"))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "at step 2" in rest.stdout
+    after = newest_scalars(resharded, "loss/lm")
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        assert abs(after[step] - reference[step]) <= 1e-5 * reference[step], step
