@@ -32,11 +32,13 @@ setup(
         # GPU clusters: Transformer Engine (FP8, fused layers). apex comes from the NGC
         # PyTorch container (PyPI's `apex` is an unrelated package).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # pycocoevalcap: the reference CIDEr-D our metric is checked against (no Java needed).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2"],
     },
     entry_points={
         "console_scripts": [
             "mm1-train=mm1_megatron.cli:main",
+            "mm1-eval=mm1_megatron.evaluation.cli:main",
             "mm1-convert-hf=mm1_megatron.convert.to_hf:main",
             "mm1-import-hf=mm1_megatron.convert.from_hf:main",
         ],

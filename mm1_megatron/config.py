@@ -223,6 +223,19 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-training few-shot evaluation (mm1_megatron/evaluation): off while `tasks` is empty."""
+
+    tasks: str = ""  # comma-separated JSONL task files (format: mm1_megatron/evaluation/tasks.py)
+    interval: int = 1000  # steps between evaluations
+    shots: str = "0,4"  # comma-separated in-context example counts
+    limit: Optional[int] = 64  # examples per task (None: all)
+    batch_size: int = 8
+    seed: int = 0  # draws the in-context examples
+    max_new_tokens: Optional[int] = None  # None: 20 for captioning, 10 for VQA
+
+
+@dataclass
 class Config:
     preset: str = ""
     run_dir: str = "runs/default"
@@ -234,6 +247,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -500,12 +514,12 @@ def data_parallel_size(cfg: Config, environ: Optional[dict[str, str]] = None) ->
     return resolve_world_size(cfg, environ) // cfg.parallel.model_parallel_size
 
 
-_MAY_BE_ZERO = {"train.warmup_steps", "data.prefetch"}
+_MAY_BE_ZERO = {"train.warmup_steps", "data.prefetch", "eval.seed"}
 _SIGNED = {"vision.feature_layer"}  # checked by its own rule
 
 
 def _validate_positive(cfg: Config) -> None:
-    for section in ("vision", "connector", "llm", "data", "parallel", "train"):
+    for section in ("vision", "connector", "llm", "data", "parallel", "train", "eval"):
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
             value, name = getattr(obj, f.name), f"{section}.{f.name}"
@@ -635,6 +649,8 @@ def _validate_train(cfg: Config, fp8_ok: bool) -> None:
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
     _require(t.warmup_steps < t.train_steps, "train.warmup_steps",
              f"{t.warmup_steps} is not below train.train_steps={t.train_steps}")
+    for shots in filter(None, (k.strip() for k in cfg.eval.shots.split(","))):
+        _require(shots.isdigit(), "eval.shots", f"{shots!r} is not a number of examples")
     d = cfg.data
     weights = (d.weight_interleaved, d.weight_caption, d.weight_text)
     _require(all(w >= 0 for w in weights) and sum(weights) > 0, "data.weight_interleaved",

@@ -45,9 +45,11 @@ class FewShotEval(Callback):
 
     @classmethod
     def from_config(cls, cfg) -> "FewShotEval":
+        """From `cfg.eval`: tasks (comma-separated paths, or a list), interval, shots
+        ("0,4", or a list), limit, batch_size, seed, max_new_tokens."""
         e = cfg.eval
-        return cls(e.tasks, e.interval, shots=e.shots, limit=e.limit,
-                   batch_size=e.batch_size, seed=e.seed,
+        return cls(_items(e.tasks), e.interval, shots=[int(k) for k in _items(e.shots)],
+                   limit=e.limit, batch_size=e.batch_size, seed=e.seed,
                    max_new_tokens=e.max_new_tokens)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -124,3 +126,10 @@ class FewShotEval(Callback):
                                                     scores.items()) + f" | {seconds:.1f}s",
                   flush=True)
         return scores
+
+
+def _items(value) -> list[str]:
+    """"a,b" / ["a", "b"] / 4 -> ["a", "b"] / ["4"]."""
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]

@@ -51,7 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     for pattern in (r"(Transformer Engine and )?Apex (are|is) not installed",
-                    r"full scope is deprecated"):
+                    r"full scope is deprecated", r"`load_state_dict` is deprecated",
+                    r"Please use DTensor instead"):
         warnings.filterwarnings("ignore", message=pattern)
     args = parse_args(argv)
     if args.support is not None and len(args.support) != len(args.task):

@@ -49,6 +49,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.callbacks = default_callbacks() if callbacks is None else callbacks
+        if cfg.eval.tasks:  # few-shot captioning / VQA every eval.interval steps
+            from mm1_megatron.evaluation.callback import FewShotEval
+
+            self.callbacks.append(FewShotEval.from_config(cfg))
         self.stop_reason: Optional[str] = None
         self.exit_code = 0
         self.step = 0
