@@ -15,6 +15,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import yaml
@@ -457,6 +458,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+RUN_CONFIG = "config.yaml"  # the resolved config a run started with, in its run_dir
+
+
+def save_run_config(cfg: Config) -> Path:
+    """Write the resolved config to run_dir/config.yaml (what mm1-eval and the converters
+    read when no --preset is given)."""
+    path = Path(cfg.run_dir) / RUN_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = (),
+                    this_machine: bool = False) -> Config:
+    """The config a run trained with (run_dir/config.yaml), plus overrides."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(str(path), "no such file: the run's config is written by mm1-train "
+                          "at start; give --preset (and the run's overrides) instead")
+    data = yaml.safe_load(path.read_text()) or {}
+    return load_config(data.get("preset", ""), list(overrides), str(path), this_machine)
 
 
 def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str] = None,

@@ -169,3 +169,15 @@ def test_yaml_file_then_overrides(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'mm1-13b'"):
         get_preset("mm1-13b")
+
+
+def test_run_config_round_trip(tmp_path):
+    from mm1_megatron.config import load_run_config, save_run_config
+
+    cfg = load_config("demo", [f"run_dir={tmp_path}", "train.lr=3e-4", "parallel.tp=2",
+                               "llm.moe.num_experts=8", "parallel.sequence_parallel=true"])
+    save_run_config(cfg)
+    assert load_run_config(tmp_path) == cfg
+    assert load_run_config(tmp_path, ["train.lr=1e-4"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="config.yaml"):
+        load_run_config(tmp_path / "elsewhere")

@@ -16,9 +16,10 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
-from mm1_megatron.config import PRESETS, ConfigError, load_config
+from mm1_megatron.config import PRESETS, ConfigError, load_config, load_run_config
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -29,7 +30,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="evaluate the latest checkpoint of this run")
     src.add_argument("--checkpoint", help="a checkpoint directory (run/checkpoints/step_N)")
-    p.add_argument("--preset", required=True, help="the preset the run trained with")
+    p.add_argument("--preset", help="the preset the run trained with (default: the run's "
+                                    "config.yaml, written by mm1-train)")
     p.add_argument("--config", help="YAML file of config sections (as for mm1-train)")
     p.add_argument("--task", action="append", required=True, metavar="FILE.jsonl",
                    help="a task file (repeat for several)")
@@ -59,7 +61,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("mm1-eval: give one --support per --task", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.preset, args.overrides, args.config, this_machine=False)
+        if args.preset:
+            cfg = load_config(args.preset, args.overrides, args.config, this_machine=False)
+        else:
+            run_dir = args.run_dir or Path(args.checkpoint).resolve().parent.parent
+            cfg = load_run_config(run_dir, args.overrides)
     except ConfigError as err:
         print(f"mm1-eval: config error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from mm1_megatron.config import Config
+from mm1_megatron.config import Config, save_run_config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.model.specs import use_transformer_engine
@@ -68,6 +68,8 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.is_logging_rank = dist.get_rank() == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_logging_rank:
+            save_run_config(cfg)  # mm1-eval / the converters read it back
         if self.is_logging_rank:
             print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
         # Model FLOPs of one row (decoder) and one image (encoder + connector), for TFLOP/s.

@@ -58,6 +58,7 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
     assert all(0.9 < v < 4.0 for v in balance)  # 1.0 = uniform routing (no coefficient)
     imbalance = [v for _, v in scalars(run_dir, "moe/expert_load_imbalance/layer_1")]
     assert all(1.0 <= v <= 4.0 for v in imbalance)  # max/mean over 4 experts
+    assert (run_dir / "config.yaml").is_file()  # what mm1-eval / the converters read
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000008"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004",
