@@ -65,7 +65,7 @@ class TensorBoard(Callback):
                    "optim/skipped_steps": m.skipped_total, "perf/step_time_s": m.step_time,
                    "perf/tokens_per_s": m.tokens_per_s, "perf/images_per_s": m.images_per_s,
                    "perf/tflops_per_device": m.tflops_per_device, "perf/mfu": m.mfu,
-                   "memory/max_rss_gb": m.memory_gb}
+                   MEMORY_TAG: m.memory_gb}
         scalars.update({f"loss/{SOURCES[s]}": v for s, v in m.source_losses.items()})
         scalars.update({f"moe/{k}": v for k, v in m.moe.items()})
         scalars.update({f"data/skipped_{k}": v for k, v in m.data_skips.items()})
@@ -179,7 +179,13 @@ def default_callbacks() -> list[Callback]:
             Checkpointing()]
 
 
-def max_rss_gb() -> float:
+# Peak device memory on GPUs (what limits a layout); peak host RSS on CPU runs.
+MEMORY_TAG = "memory/max_allocated_gb" if torch.cuda.is_available() else "memory/max_rss_gb"
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

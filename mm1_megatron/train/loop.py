@@ -18,7 +18,7 @@ from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import describe_backends, init_distributed, shutdown_distributed
 from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
-                                          device_peak_tflops, max_rss_gb)
+                                          device_peak_tflops, peak_memory_gb)
 from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mm1_megatron.train.flops import training_flops_per_sequence
 from mm1_megatron.train.moe_metrics import MoEMetrics
@@ -130,7 +130,7 @@ class Trainer:
             skipped=result.skipped, skipped_total=self.skipped_total, step_time=seconds,
             tokens_per_s=rows * cfg.data.seq_length / seconds,
             images_per_s=images_global / seconds, tflops_per_device=tflops,
-            mfu=None if peak is None else tflops / peak, memory_gb=max_rss_gb(),
+            mfu=None if peak is None else tflops / peak, memory_gb=peak_memory_gb(),
             source_losses=result.source_losses,
             moe=self.moe_metrics.collect(num_microbatches(cfg)) if self.moe_metrics else {},
             data_skips=self.loader.skips.snapshot())
