@@ -91,7 +91,8 @@ def _check_clip(cfg: Config, w: HFWeights) -> dict:
         "hidden_size": ("vision.hidden_size", v.hidden_size),
         "intermediate_size": ("vision.ffn_hidden_size", v.ffn_hidden_size),
         "num_attention_heads": ("vision.num_attention_heads", v.num_attention_heads),
-        "patch_size": ("vision.patch_size", v.patch_size)})
+        "patch_size": ("vision.patch_size", v.patch_size),
+        "layer_norm_eps": ("vision.layernorm_eps", v.layernorm_eps)})
     if src.get("num_hidden_layers", v.layers_built) < v.layers_built:
         raise ConvertError(f"config mismatch: {w.path} has {src['num_hidden_layers']} layers, "
                            f"vision.feature_layer needs {v.layers_built}")
@@ -111,7 +112,8 @@ def _check_llama(cfg: Config, w: HFWeights) -> dict:
         "num_hidden_layers": ("llm.num_layers", llm.num_layers),
         "num_attention_heads": ("llm.num_attention_heads", llm.num_attention_heads),
         "num_key_value_heads": ("llm.num_query_groups", llm.query_groups),
-        "vocab_size": ("llm.vocab_size", llm.vocab_size)})
+        "vocab_size": ("llm.vocab_size", llm.vocab_size),
+        "rms_norm_eps": ("llm.norm_eps", llm.norm_eps)})
     theta = (src.get("rope_parameters") or {}).get("rope_theta", src.get("rope_theta"))
     if theta is not None and float(theta) != float(llm.rope_theta):
         raise ConvertError(f"config mismatch: {w.path} has rope_theta={theta}, "

@@ -68,8 +68,7 @@ VISION_LAYER = [
     R(_VL + "mlp.linear_fc2.weight", _HL + "mlp.fc2.weight"),
     R(_VL + "mlp.linear_fc2.bias", _HL + "mlp.fc2.bias"),
 ]
-# The connector is the same torch module on both sides: names map one to one (the table is
-# the checkpoint's own `connector.*` keys, see `expand`).
+# The connector is the same torch module on both sides: names map one to one (see `expand`).
 
 LLM = [
     R("language_model.embedding.word_embeddings.weight", "embed_tokens.weight"),
@@ -131,16 +130,19 @@ class Item:
     index: tuple[int, ...] = field(default_factory=tuple)
 
 
-def expand(cfg: Config, prefixes: dict[str, str], connector_keys: Sequence[str] = ()) -> list[Item]:
-    """The concrete items of `cfg` for the components in `prefixes` (in HF order)."""
+def expand(cfg: Config, prefixes: dict[str, str],
+           connector_keys: Sequence[str] = ()) -> list[Item]:
+    """The concrete items of `cfg` for the components in `prefixes` (in HF order). The
+    connector has no table: it is the same torch module on both sides, so its names
+    (`connector_keys`, from the HF model) map one to one."""
     items: list[Item] = []
     v, llm = cfg.vision, cfg.llm
 
     def add(rules, prefix, i=None, e=None, heads=0, groups=0):
         for r in rules:
             fmt = dict(i=i, e=e)
-            items.append(Item(r.megatron.format(**fmt), tuple(prefix + h.format(**fmt) for h in r.hf), r.kind, i, e,
-                              heads, groups))
+            hf = tuple(prefix + h.format(**fmt) for h in r.hf)
+            items.append(Item(r.megatron.format(**fmt), hf, r.kind, i, e, heads, groups))
 
     if "vision" in prefixes:
         p = prefixes["vision"]

@@ -3,8 +3,11 @@
     mm1-convert-hf CKPT OUT --preset NAME [key=value ...] [--decoder-only OUT2] [--no-verify]
 
 CKPT is a checkpoint directory (`run_dir/checkpoints/step_N`), a run dir or a checkpoints dir
-(its `latest` is used). The output is written to `OUT.incomplete/` and renamed to OUT only
-after every file is written and (by default) the parity gate passed.
+(its `latest` is used). The model config is `--preset` + overrides as trained (without
+--preset: the config the run stored, if any). Every checkpoint tensor is checked against it
+(missing, extra, or differently shaped tensors are refused by name). The output is written to
+`OUT.incomplete/` and renamed to OUT only after every file is written and (by default) the
+parity gate passed; on any error the partial directory is removed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -127,11 +130,14 @@ def write_shards(reader: CheckpointReader, items: list[Item], hf_shapes: dict, o
         name = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
         loaded = reader.load([(it.key, it.index) for it in shard.items])
         tensors: dict[str, torch.Tensor] = {}
-        for it, t in zip(shard.items, loaded):
+        for j, it in enumerate(shard.items):
+            # Each source is dropped once split: peak ~ one shard plus one tensor.
+            t, loaded[j] = loaded[j], None
             for h, piece in zip(it.hf, to_hf(it, t)):
                 piece = piece.to(dtype) if dtype is not None else piece
                 tensors[h] = piece.contiguous()
                 weight_map[h] = name
+            del t
         del loaded
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         bar.update(shard.nbytes)
@@ -207,7 +213,7 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
         if verify:
             from mm1_megatron.convert.verify import verify_export
 
-            report["parity"] = verify_export(reader.path, tmp, cfg)
+            report["parity"] = verify_export(reader.path, tmp, cfg, torch_dtype)
             log(f"parity: max |logit diff| {report['parity']['max_abs_logit_diff']:.3e}, "
                 f"greedy {report['parity']['greedy_tokens']} tokens equal")
         _finish(tmp, out)
@@ -227,7 +233,7 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
             if verify:
                 from mm1_megatron.convert.verify import verify_llama
 
-                report["llama_parity"] = verify_llama(reader.path, dtmp, cfg)
+                report["llama_parity"] = verify_llama(reader.path, dtmp, cfg, torch_dtype)
                 log(f"llama parity: max |logit diff| "
                     f"{report['llama_parity']['max_abs_logit_diff']:.3e}")
             _finish(dtmp, dout)
@@ -242,12 +248,52 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
 # ---------------------------------------------------------------------------- CLI
 
 
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for k, v in d.items():
+        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return out
+
+
+def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
+    """A resolved config as saved by a run ({"preset": ..., sections...}), plus overrides."""
+    from mm1_megatron.config import get_preset, parse_override, set_field, validate
+
+    data = dict(data.get("config", data))
+    cfg = get_preset(data.pop("preset", None) or "tiny")
+    for key, value in _flatten(data):
+        set_field(cfg, key, value)
+    for text in overrides:
+        set_field(cfg, *parse_override(text))
+    return validate(cfg, fp8_ok=True)
+
+
+def run_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The run's own config when it stored one: the checkpoint's common state (`config`, or
+    `extra.config`), else `RUN_DIR/config.yaml`. Refuses when there is none."""
+    import yaml
+
+    from mm1_megatron.convert.reader import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    common = CheckpointReader(ckpt).common_state()
+    stored = common.get("config") or (common.get("extra") or {}).get("config")
+    if isinstance(stored, dict):
+        return config_from_dict(stored, overrides)
+    for path in (ckpt.parent.parent / "config.yaml", Path(checkpoint) / "config.yaml"):
+        if path.is_file():
+            return config_from_dict(yaml.safe_load(path.read_text()) or {}, overrides)
+    raise ConvertError(f"{ckpt}: the run stored no config (checkpoint common state, "
+                       "RUN_DIR/config.yaml); pass --preset NAME [key=value ...] as trained")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mm1-convert-hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="checkpoint dir, or a run dir / checkpoints dir (latest)")
     ap.add_argument("output", help="HuggingFace directory to write")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    ap.add_argument("--preset", required=True, help="the preset the run was trained with")
+    ap.add_argument("--preset", help="the preset the run was trained with (default: the "
+                    "config the run stored, if any)")
     ap.add_argument("--config", help="YAML config file applied before the overrides")
     ap.add_argument("--decoder-only", metavar="DIR",
                     help="also export the (dense) decoder alone as a stock LlamaForCausalLM")
@@ -263,7 +309,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        cfg = load_config(args.preset, list(args.overrides), args.config, this_machine=False)
+        if args.preset:
+            cfg = load_config(args.preset, list(args.overrides), args.config,
+                              this_machine=False)
+        else:
+            cfg = run_config(args.checkpoint, args.overrides)
         report = export(args.checkpoint, args.output, cfg, decoder_only=args.decoder_only,
                         verify=not args.no_verify, dtype=args.dtype,
                         max_shard_bytes=int(args.max_shard_size * 1024**3),

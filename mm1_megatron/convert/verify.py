@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from mm1_megatron.config import Config, ParallelConfig
 from mm1_megatron.convert.mappings import ConvertError
+from mm1_megatron.data.tokenizer import EOS_ID
 
 LOGIT_TOL = 1e-3
 GREEDY_TOKENS = 16
@@ -31,8 +32,10 @@ def single_process_config(cfg: Config) -> Config:
     return c
 
 
-def megatron_model(ckpt: str | Path, cfg: Config):
-    """MM1Model of `cfg` in this process (TP=PP=EP=1), weights from `ckpt` (any layout)."""
+def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype] = None):
+    """MM1Model of `cfg` in this process (TP=PP=EP=1, fp32), weights from `ckpt` (any layout);
+    `round_to`: round the weights through that dtype (an export cast to bf16 is compared with
+    the same rounded weights)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -49,6 +52,10 @@ def megatron_model(ckpt: str | Path, cfg: Config):
     loaded = dist_checkpointing.load(state, str(ckpt))
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in loaded.items() if k in own})
+    if round_to is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(round_to).float())
     return model.eval()
 
 
@@ -78,12 +85,13 @@ def megatron_logits(model, ids: torch.Tensor, pixels: Optional[torch.Tensor]) ->
 
 
 @torch.no_grad()
-def megatron_greedy(model, ids, pixels, steps: int, suppress: Optional[int]) -> list[int]:
+def megatron_greedy(model, ids, pixels, steps: int, suppress: Sequence[int]) -> list[int]:
+    """Greedy `steps` tokens; `suppress` ids (EOS, the image placeholder) are never chosen, so
+    every probe compares the full length."""
     out = []
     for _ in range(steps):
         logits = megatron_logits(model, ids, pixels)[0, -1]
-        if suppress is not None:
-            logits[suppress] = float("-inf")
+        logits[list(suppress)] = float("-inf")
         nxt = int(logits.argmax())
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
@@ -103,9 +111,8 @@ def _load_hf(hf_dir: Path, auto_cls: str):
 def _hf_greedy(model, ids, pixels, steps, suppress) -> list[int]:
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
-                           eos_token_id=None, pad_token_id=0,
-                           suppress_tokens=[suppress] if suppress is not None else None)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
+                           pad_token_id=0, suppress_tokens=list(suppress))
     kwargs = {"pixel_values": pixels} if pixels is not None else {}
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          generation_config=gen, **kwargs)
@@ -124,28 +131,30 @@ def _compare(name: str, ref: torch.Tensor, got: torch.Tensor, greedy_ref, greedy
     return result
 
 
-def verify_export(ckpt: str | Path, hf_dir: str | Path, cfg: Config) -> dict:
+def verify_export(ckpt: str | Path, hf_dir: str | Path, cfg: Config,
+                  round_to: Optional[torch.dtype] = None) -> dict:
     """The full MM1 export: images + text probe."""
-    ref_model = megatron_model(ckpt, cfg)
+    ref_model = megatron_model(ckpt, cfg, round_to)
     hf = _load_hf(Path(hf_dir), "AutoModelForCausalLM")
     ids, pixels = probe(cfg, images=True)
     ref = megatron_logits(ref_model, ids, pixels)
     with torch.no_grad():
         got = hf(input_ids=ids, pixel_values=pixels).logits.float()
-    suppress = cfg.llm.image_token_id
+    suppress = [EOS_ID, cfg.llm.image_token_id]
     g_ref = megatron_greedy(ref_model, ids, pixels, GREEDY_TOKENS, suppress)
     g_got = _hf_greedy(hf, ids, pixels, GREEDY_TOKENS, suppress)
     return _compare("MM1", ref, got, g_ref, g_got)
 
 
-def verify_llama(ckpt: str | Path, hf_dir: str | Path, cfg: Config) -> dict:
+def verify_llama(ckpt: str | Path, hf_dir: str | Path, cfg: Config,
+                 round_to: Optional[torch.dtype] = None) -> dict:
     """The stock LlamaForCausalLM export: text-only probe against Megatron's text logits."""
-    ref_model = megatron_model(ckpt, cfg)
+    ref_model = megatron_model(ckpt, cfg, round_to)
     hf = _load_hf(Path(hf_dir), "AutoModelForCausalLM")
     ids, _ = probe(cfg, images=False)
     ref = megatron_logits(ref_model, ids, None)
     with torch.no_grad():
         got = hf(input_ids=ids).logits.float()
-    g_ref = megatron_greedy(ref_model, ids, None, GREEDY_TOKENS, None)
-    g_got = _hf_greedy(hf, ids, None, GREEDY_TOKENS, None)
+    g_ref = megatron_greedy(ref_model, ids, None, GREEDY_TOKENS, [EOS_ID])
+    g_got = _hf_greedy(hf, ids, None, GREEDY_TOKENS, [EOS_ID])
     return _compare("Llama", ref, got, g_ref, g_got)

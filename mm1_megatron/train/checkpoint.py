@@ -60,6 +60,15 @@ def load_model_state(model, loaded: dict[str, Any]) -> None:
         chunk.module.load_state_dict(loaded[f"chunk{i}"])
 
 
+def load_model_weights(path: str | Path, model) -> None:
+    """Collective. Only the model part of a checkpoint (any layout), e.g. to initialise a new
+    run; optimizer, scheduler and loader start fresh."""
+    if not Path(path, "metadata.json").is_file():
+        raise FileNotFoundError(f"{path}: not a dist_checkpointing checkpoint directory")
+    loaded = dist_checkpointing.load({"model": model_sharded_state(model)}, str(path))
+    load_model_state(model, loaded["model"])
+
+
 def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
     model_state = model_sharded_state(model)
     return {"model": model_state,

@@ -19,7 +19,8 @@ from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import describe_backends, init_distributed, shutdown_distributed
 from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
                                           device_peak_tflops, peak_memory_gb)
-from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mm1_megatron.train.checkpoint import (latest_checkpoint, load_checkpoint,
+                                           load_model_weights, save_checkpoint)
 from mm1_megatron.train.flops import training_flops_per_sequence
 from mm1_megatron.train.moe_metrics import MoEMetrics
 from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
@@ -86,6 +87,10 @@ class Trainer:
             self.skipped_total = restored["extra"].get("skipped_steps", 0)
             if self.is_logging_rank:
                 print(f"resumed from {latest} at step {self.step}", flush=True)
+        elif cfg.checkpoint.init_from:
+            load_model_weights(cfg.checkpoint.init_from, self.model)
+            if self.is_logging_rank:
+                print(f"initialised model weights from {cfg.checkpoint.init_from}", flush=True)
         self.loader = MultimodalLoader(cfg, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size(), loader_state,
                                        log=print if self.is_logging_rank else None)

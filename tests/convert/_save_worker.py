@@ -7,7 +7,6 @@ rank, so norms, zero-initialised position tables and biases are not trivial) and
 model the way the trainer does (state key "model" -> {"chunk0": ...}) plus a `latest` marker.
 """
 
-import os
 import sys
 from pathlib import Path
 

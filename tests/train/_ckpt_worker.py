@@ -2,6 +2,7 @@
 
 save: 2 optimizer steps, checkpoint at step 2, then steps 3 and 4 as the reference.
 resume: build from a different seed, load the latest checkpoint (any layout), run steps 3, 4.
+init: build from a different seed, load only the model weights, run steps 3, 4.
 crash: as save, then step 3 and a save of it during which rank 0 is SIGKILLed as soon as the
        first checkpoint file is on disk (no report: the process dies).
 Both write the loss and grad norm of the next two steps (and what was restored) to OUT.json:
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from mm1_megatron.config import load_config
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
-from mm1_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mm1_megatron.train.checkpoint import (latest_checkpoint, load_checkpoint,
+                                           load_model_weights, save_checkpoint)
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
 from tests.model._parity_worker import BASE, microbatches, synthetic_rows, write_report
 
@@ -44,6 +46,8 @@ def main() -> None:
         save_checkpoint(run_dir, 3, model, optimizer, scheduler,
                         extra={"loader": {"rows": 12}}, keep_last=2)
         raise AssertionError("the save of step 3 finished before the injected crash")
+    if mode == "init":  # checkpoint.init_from: the weights only, a fresh optimizer
+        load_model_weights(latest_checkpoint(run_dir), model)
     if mode == "resume":
         restored = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler)
         report.update(step=restored["step"], extra=restored["extra"],

@@ -51,6 +51,18 @@ def test_expert_parallel_checkpoint_loads_without_expert_parallelism(tmp_path):
         assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
 
 
+def test_init_from_loads_weights_only_into_another_layout(saved, tmp_path):
+    run_dir, reference = saved
+    out = tmp_path / "init.json"
+    torchrun(WORKER, 2, "init", str(out), str(run_dir), "parallel.tp=2",
+             "parallel.sequence_parallel=true", "train.seed=999")
+    got = json.loads(out.read_text())
+    # The same weights: the first step's loss matches; the optimizer starts fresh, so the
+    # update (and the next loss) differs from the resumed run's.
+    assert abs(got["loss"] - reference["loss"]) <= 1e-5 * reference["loss"]
+    assert abs(got["next_loss"] - reference["next_loss"]) > 1e-4 * reference["next_loss"]
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(saved, tmp_path):
     reference = saved[1]
     run_dir = tmp_path / "run"

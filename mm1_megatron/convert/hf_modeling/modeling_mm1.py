@@ -283,6 +283,25 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         """[n, 3, H, W] -> [n, num_image_tokens, hidden]."""
         return self.connector(self.vision_tower(pixel_values))
 
+    def expand_image_tokens(self, input_ids: torch.Tensor, pad_token_id: Optional[int] = None):
+        """Tokenizer output with one `<image>` per image -> `num_image_tokens` placeholders per
+        image (what the model was trained on). Rows are left-padded to one length; returns
+        (input_ids, attention_mask) for `generate()`."""
+        image_id, k = self.config.image_token_id, self.config.num_image_tokens
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        rows = []
+        for row in input_ids:
+            parts = [torch.full((k,), image_id, dtype=row.dtype) if int(t) == image_id
+                     else t.reshape(1) for t in row]
+            rows.append(torch.cat(parts))
+        width = max(r.shape[0] for r in rows)
+        ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=input_ids.dtype)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
+        return ids.to(input_ids.device), mask.to(input_ids.device)
+
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None):
         """Token embeddings with the images' connector outputs over their placeholders."""
         embeds = self.language_model.embed_tokens(input_ids)
