@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests._procs import REPO, run_ranks
+from tests.train.test_loop import scalars
 
 
 def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dict:
@@ -42,18 +43,6 @@ def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dic
     finally:
         shutdown_distributed()
     return {"history": evaluation.history, "losses": losses}
-
-
-def scalars(run_dir: Path, tag: str) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values += [(e.step, e.value) for e in acc.Scalars(tag)]
-    return sorted(values)
 
 
 @pytest.fixture(scope="module")
