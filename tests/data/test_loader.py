@@ -23,7 +23,8 @@ def batches(loader, n):
 
 
 def same(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
 def test_batches_match_the_model_contract(demo_data):
