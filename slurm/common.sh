@@ -165,15 +165,11 @@ echo "mm1: job=${SLURM_JOB_ID:-none} restarts=${SLURM_RESTART_COUNT:-0}" \
      "master=$MASTER_ADDR:$MASTER_PORT container=${CONTAINER_IMAGE:-none}"
 
 # ---------------------------------------------------------------------------------------------
-# Dry run: plan (layout, parameters, memory check when tools/plan.py has one) and commands
+# Dry run: plan (layout, parameters, the 80 GB memory check) and the commands
 # ---------------------------------------------------------------------------------------------
 if [ "$DRY_RUN" = 1 ]; then
   PLAN=("$PYTHON" "$REPO/tools/plan.py" --preset "$PRESET" --nodes "$NODES"
-        --gpus-per-node "$TASKS_PER_NODE")
-  if "$PYTHON" "$REPO/tools/plan.py" --help 2>/dev/null | grep -q -- '--check'; then
-    PLAN+=(--check)
-  fi
-  PLAN+=("${OVERRIDES[@]}")
+        --gpus-per-node "$TASKS_PER_NODE" --check "${OVERRIDES[@]}")
   echo "mm1: plan: $(quoted "${PLAN[@]}")"
   plan_status=0
   "${PLAN[@]}" || plan_status=$?
