@@ -49,6 +49,13 @@ def test_expert_parallel_checkpoint_loads_without_expert_parallelism(tmp_path):
     got = json.loads((tmp_path / "resume.json").read_text())
     for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
         assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
+    # And back into EP=2 itself: the chained optimizer's own entries, bitwise.
+    torchrun(WORKER, 2, "resume", str(tmp_path / "same.json"), str(run_dir), "parallel.ep=2",
+             "train.seed=999")
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["rng_restored"]
+    assert all(same[k] == reference[k] for k in ("loss", "grad_norm", "next_loss",
+                                                  "next_grad_norm"))
 
 
 def test_init_from_loads_weights_only_into_another_layout(saved, tmp_path):
