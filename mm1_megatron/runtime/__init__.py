@@ -10,6 +10,7 @@ from mm1_megatron.runtime.cpu_compat import (
 )
 from mm1_megatron.runtime.distributed import (
     DistEnv,
+    comm_device,
     dist_env_from_environ,
     expand_slurm_nodelist,
     init_distributed,
@@ -24,6 +25,7 @@ __all__ = [
     "DistEnv",
     "applied_patches",
     "apply_cpu_compat",
+    "comm_device",
     "describe_backends",
     "detect_backends",
     "dist_env_from_environ",

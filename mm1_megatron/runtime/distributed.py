@@ -256,3 +256,11 @@ __all__ = [
     "process_groups",
     "shutdown_distributed",
 ]
+
+
+def comm_device() -> torch.device:
+    """Where the small tensors of our own collectives (flags, loss sums, counts) live: the GPU
+    under NCCL, which takes no host tensors; the host under gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

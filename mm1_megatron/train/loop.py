@@ -16,7 +16,8 @@ from mm1_megatron.config import Config, save_run_config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.model.specs import use_transformer_engine
-from mm1_megatron.runtime import describe_backends, init_distributed, shutdown_distributed
+from mm1_megatron.runtime import (comm_device, describe_backends, init_distributed,
+                                  shutdown_distributed)
 from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
                                           device_peak_tflops, peak_memory_gb)
 from mm1_megatron.train.checkpoint import (latest_checkpoint, load_checkpoint,
@@ -113,7 +114,7 @@ class Trainer:
 
     def _agree_on_stop(self) -> None:
         """Every rank stops together (a signal may reach only some ranks)."""
-        flag = torch.tensor([float(self.exit_code)])
+        flag = torch.tensor([float(self.exit_code)], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.stop_reason is None:
             self.stop_reason, self.exit_code = "another rank asked to stop", int(flag.item())
@@ -122,7 +123,7 @@ class Trainer:
     def _metrics(self, result, seconds: float, images: int) -> StepMetrics:
         cfg = self.cfg
         world = dist.get_world_size()
-        counts = torch.tensor([float(images)])  # this DP rank's images; sum over DP ranks
+        counts = torch.tensor([float(images)], device=comm_device())  # summed over DP ranks
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         images_global = counts.item()
         rows = cfg.train.global_batch_size

@@ -13,6 +13,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe import moe_utils
 
 from mm1_megatron.config import Config
+from mm1_megatron.runtime import comm_device
 
 
 def _sum(tensor: torch.Tensor, group) -> None:
@@ -29,7 +30,7 @@ class MoEMetrics:
         llm = cfg.llm
         self.moe_layers = [i + 1 for i in range(llm.num_layers) if llm.is_moe_layer(i)]
         # Tokens routed to each expert, [layer, expert]; only this stage's rows get filled.
-        self.tokens = torch.zeros(llm.num_layers, llm.moe.num_experts)
+        self.tokens = torch.zeros(llm.num_layers, llm.moe.num_experts, device=comm_device())
         for chunk in model:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):
@@ -37,7 +38,7 @@ class MoEMetrics:
 
     def _count(self, router, inputs, output) -> None:
         routing_map = output[1]  # [tokens, experts] bool
-        self.tokens[router.layer_number - 1] += routing_map.sum(0).float().detach().cpu()
+        self.tokens[router.layer_number - 1] += routing_map.sum(0).float().detach()
 
     def _token_groups(self) -> list:
         """Groups whose ranks route different tokens through the same layers."""

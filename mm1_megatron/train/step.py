@@ -27,6 +27,7 @@ from mm1_megatron.config import Config
 from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
 from mm1_megatron.model.specs import init_tp_comm_overlap
+from mm1_megatron.runtime import comm_device
 from mm1_megatron.model.params import count_params
 from mm1_megatron.train.optim import peak_lr_and_weight_decay
 
@@ -128,7 +129,7 @@ def _non_finite(model: list[DDP], loss_sum: Optional[torch.Tensor]) -> bool:
             if bad or (grad is not None and not bool(torch.isfinite(grad).all())):
                 bad = True
                 break
-    flag = torch.tensor([1.0 if bad else 0.0])
+    flag = torch.tensor([1.0 if bad else 0.0], device=comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -158,7 +159,7 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
         micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
     # [loss sum, tokens] overall and per source, summed over the global batch; computed on
     # the last pipeline stage and sent to the others (rank 0 logs it).
-    summed = torch.zeros(2 + 2 * len(SOURCES))
+    summed = torch.zeros(2 + 2 * len(SOURCES), device=comm_device())
     if ps.is_pipeline_last_stage():
         summed = torch.stack([r["lm loss"] for r in reports]).sum(0)
         dist.all_reduce(summed, group=ps.get_data_parallel_group())
