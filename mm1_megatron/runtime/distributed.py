@@ -247,9 +247,18 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def comm_device() -> torch.device:
+    """Where the small tensors of our own collectives (flags, loss sums, counts) live: the GPU
+    under NCCL, which takes no host tensors; the host under gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 __all__ = [
     "DistEnv",
     "ParallelLayout",
+    "comm_device",
     "dist_env_from_environ",
     "expand_slurm_nodelist",
     "init_distributed",
@@ -257,10 +266,3 @@ __all__ = [
     "shutdown_distributed",
 ]
 
-
-def comm_device() -> torch.device:
-    """Where the small tensors of our own collectives (flags, loss sums, counts) live: the GPU
-    under NCCL, which takes no host tensors; the host under gloo."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -72,7 +72,6 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_logging_rank:
             save_run_config(cfg)  # mm1-eval / the converters read it back
-        if self.is_logging_rank:
             print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
         # Model FLOPs of one row (decoder) and one image (encoder + connector), for TFLOP/s.
         self.flops_per_row_and_image = training_flops_per_sequence(cfg, images=1)

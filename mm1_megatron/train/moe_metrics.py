@@ -47,14 +47,25 @@ class MoEMetrics:
             groups.append(ps.get_tensor_model_parallel_group())  # SP splits the sequence
         return groups
 
+    def _tracked_names(self) -> list[str]:
+        """What Megatron's routers record, by config: the same list on every rank, even on a
+        pipeline stage without MoE layers (its tracker stays empty)."""
+        moe = self.cfg.llm.moe
+        return ([name for name, coeff in (("load_balancing_loss", moe.aux_loss_coeff),
+                                          ("z_loss", moe.z_loss_coeff)) if coeff > 0])
+
     def _router_losses(self, num_microbatches: int) -> dict[str, torch.Tensor]:
         """Megatron's tracker, reduced: values per layer, summed over micro-batches there."""
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         out = {}
-        for name, entry in tracker.items():
-            values = entry["values"].float().clone()
+        for name in self._tracked_names():
+            entry = tracker.get(name)
+            values = (torch.zeros(self.cfg.llm.num_layers, device=comm_device()) if entry is None
+                      else entry["values"].float().clone())
             _sum(values, ps.get_pipeline_model_parallel_group())  # each stage fills its layers
-            if entry.get("reduce_group") is not None:
+            if entry is None:
+                pass  # no MoE layer on this stage, nor on its DP/TP peers: nothing to reduce
+            elif entry.get("reduce_group") is not None:
                 # load balancing: each rank holds its tokens' share of one loss (global
                 # expert counts), summed over the reduce group, then averaged over DP.
                 _sum(values, entry["reduce_group"])

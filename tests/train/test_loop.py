@@ -179,3 +179,15 @@ def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data,
     assert sorted(after) == [3, 4]
     for step in (3, 4):
         assert abs(after[step] - reference[step]) <= 1e-5 * reference[step], step
+
+
+def test_pipeline_stage_without_moe_layers_logs_and_finishes(demo_data, tmp_path):
+    """MoE only on layer 1 of 4 (layer_freq=4) with PP=2: stage 1 has no router, yet the MoE
+    metrics' collectives still line up across stages."""
+    result = run(torchrun_command(2, command(demo_data, tmp_path / "run", "train.train_steps=2",
+                                             "parallel.pp=2", "llm.moe.layer_freq=4")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for tag in ("moe/z_loss/layer_1", "moe/load_balancing_loss/layer_1",
+                "moe/expert_load_imbalance/layer_1"):
+        assert len(scalars(tmp_path / "run", tag)) == 2, tag
+    assert not scalars(tmp_path / "run", "moe/z_loss/layer_3")
