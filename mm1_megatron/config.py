@@ -463,6 +463,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def single_process_config(cfg: Config) -> Config:
+    """The same model in one process: no model parallelism, one model chunk (evaluation,
+    conversion). Only `parallel` changes."""
+    out = copy.deepcopy(cfg)
+    out.parallel = ParallelConfig(world_size=1)
+    return out
+
+
 RUN_CONFIG = "config.yaml"  # the resolved config a run started with, in its run_dir
 
 

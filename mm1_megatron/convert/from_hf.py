@@ -28,7 +28,7 @@ from mm1_megatron.config import Config, ConfigError, load_config
 from mm1_megatron.convert.mappings import (LLAMA_PREFIXES, MM1_PREFIXES, ConvertError, Item,
                                            candidates, expand, from_hf)
 from mm1_megatron.convert.verify import (LOGIT_TOL, megatron_logits, megatron_model, probe,
-                                         single_process_config)
+                                         reference_config)
 
 
 # ---------------------------------------------------------------------------- HF side
@@ -164,6 +164,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.model.vision import interpolate_position_grid
     from mm1_megatron.runtime import init_distributed
+    from mm1_megatron.train.checkpoint import model_sharded_state
     from megatron.core import parallel_state as ps
 
     if not (clip or llama or mm1):
@@ -171,7 +172,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
     if mm1 and (clip or llama):
         raise ConvertError("--mm1 imports a whole model; do not combine it with --clip/--llama")
     out = Path(out)
-    c = single_process_config(cfg)
+    c = reference_config(cfg)
     ensure_process_group()
     if not ps.model_parallel_is_initialized():
         init_distributed(c.parallel, seed=c.train.seed, environ={})
@@ -187,7 +188,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
         report["imported"]["mm1"] = _assign(items, w, ("", ""), local)
     if clip:
         w = HFWeights(clip)
-        src = _check_clip(cfg, w)
+        _check_clip(cfg, w)  # raises on a CLIP of another shape
         prefix = _clip_prefix(w)
         items = expand(cfg, {"vision": "vision_tower."})
 
@@ -217,7 +218,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        dist_checkpointing.save({"model": {"chunk0": model.sharded_state_dict()}, "step": 0,
+        dist_checkpointing.save({"model": model_sharded_state([model]), "step": 0,
                                  "extra": {"imported_from": {k: str(v) for k, v in
                                                              dict(clip=clip, llama=llama,
                                                                   mm1=mm1).items() if v}}},

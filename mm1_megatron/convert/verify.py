@@ -8,14 +8,13 @@ Megatron side by re-running the full sequence).
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from mm1_megatron.config import Config, ParallelConfig
+from mm1_megatron.config import Config, single_process_config
 from mm1_megatron.convert.mappings import ConvertError
 from mm1_megatron.data.tokenizer import EOS_ID
 
@@ -23,9 +22,9 @@ LOGIT_TOL = 1e-3
 GREEDY_TOKENS = 16
 
 
-def single_process_config(cfg: Config) -> Config:
-    c = copy.deepcopy(cfg)
-    c.parallel = ParallelConfig(world_size=1)
+def reference_config(cfg: Config) -> Config:
+    """The parity gate's reference: one process, fp32, no recompute, no grouped GEMM."""
+    c = single_process_config(cfg)
     c.train.precision, c.train.fp8 = "fp32", None
     c.llm.recompute = c.vision.recompute = "none"
     c.llm.moe.grouped_gemm = False
@@ -36,22 +35,19 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
     """MM1Model of `cfg` in this process (TP=PP=EP=1, fp32), weights from `ckpt` (any layout);
     `round_to`: round the weights through that dtype (an export cast to bf16 is compared with
     the same rounded weights)."""
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from mm1_megatron.convert.reader import ensure_process_group
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.runtime import init_distributed
+    from mm1_megatron.train.checkpoint import load_model_weights
 
-    c = single_process_config(cfg)
+    c = reference_config(cfg)
     ensure_process_group()
     if not ps.model_parallel_is_initialized():
         init_distributed(c.parallel, seed=c.train.seed, environ={})
     model = MM1Model(c, use_te=False)
-    state = model.sharded_state_dict()
-    loaded = dist_checkpointing.load(state, str(ckpt))
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in loaded.items() if k in own})
+    load_model_weights(ckpt, [model])
     if round_to is not None:
         with torch.no_grad():
             for p in model.parameters():

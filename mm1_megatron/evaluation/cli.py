@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mm1_megatron.config import PRESETS, ConfigError, load_config, load_run_config
+from mm1_megatron.config import (PRESETS, ConfigError, load_config, load_run_config,
+                                 single_process_config)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -73,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mm1_megatron.data.tokenizer import Tokenizer
     from mm1_megatron.evaluation.evaluator import FewShotEvaluator, format_table
     from mm1_megatron.evaluation.model_io import (build_eval_model, load_model_weights,
-                                                  resolve_checkpoint, single_process_config)
+                                                  resolve_checkpoint)
     from mm1_megatron.evaluation.tasks import load_task
 
     try:

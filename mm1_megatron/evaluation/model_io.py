@@ -2,33 +2,17 @@
 
 dist_checkpointing matches tensors by their global keys (layer numbers include pipeline and
 model-chunk offsets; TP/EP shards carry their global offsets), so requesting only the model
-part, `{"model": {"chunk0": model.sharded_state_dict()}}`, from a checkpoint saved at any
+part (`train.checkpoint.load_model_weights`) from a checkpoint saved at any
 TP/PP/EP/DP layout (and any number of model chunks) assembles the full tensors here. The
 optimizer, scheduler and RNG states in the checkpoint are not read.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Optional, Union
 
 from mm1_megatron.config import Config
-
-
-def single_process_config(cfg: Config) -> Config:
-    """The same model with no model parallelism (TP=PP=CP=EP=1, one model chunk)."""
-    cfg = copy.deepcopy(cfg)
-    p = cfg.parallel
-    p.tp = p.pp = p.cp = p.ep = 1
-    p.expert_tp = None
-    p.dp = None
-    p.world_size = None
-    p.virtual_stages = None
-    p.first_stage_layers = None
-    p.sequence_parallel = False
-    p.overlap_grad_reduce = p.overlap_param_gather = False
-    return cfg
 
 
 def resolve_checkpoint(run_dir: Optional[Union[str, Path]] = None,
@@ -66,9 +50,7 @@ def load_model_weights(model, path: Union[str, Path]) -> int:
     """Load the model part of a checkpoint into a one-process MM1Model; returns its step."""
     from megatron.core import dist_checkpointing
 
-    path = Path(path)
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    loaded = dist_checkpointing.load({"model": {"chunk0": model.sharded_state_dict()}},
-                                     str(path))
-    model.load_state_dict(loaded["model"]["chunk0"])
-    return int(common.get("step", -1))
+    from mm1_megatron.train import checkpoint
+
+    checkpoint.load_model_weights(path, [model])
+    return int(dist_checkpointing.load_common_state_dict(str(path)).get("step", -1))

@@ -49,20 +49,26 @@ def _rng_object() -> ShardedObject:
                          replica_id=0)
 
 
+def _unwrapped(chunk):
+    return getattr(chunk, "module", chunk)  # DDP-wrapped (training) or bare (eval, convert)
+
+
 def model_sharded_state(model) -> dict[str, Any]:
     """All model chunks of this rank. dist_checkpointing matches tensors by their global keys
     (layer numbers include the chunk's offset), so any chunking loads any other."""
-    return {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(model)}
+    return {f"chunk{i}": _unwrapped(chunk).sharded_state_dict()
+            for i, chunk in enumerate(model)}
 
 
 def load_model_state(model, loaded: dict[str, Any]) -> None:
     for i, chunk in enumerate(model):
-        chunk.module.load_state_dict(loaded[f"chunk{i}"])
+        _unwrapped(chunk).load_state_dict(loaded[f"chunk{i}"])
 
 
 def load_model_weights(path: str | Path, model) -> None:
-    """Collective. Only the model part of a checkpoint (any layout), e.g. to initialise a new
-    run; optimizer, scheduler and loader start fresh."""
+    """Collective. Only the model part of a checkpoint (any layout) into `model`, a list of
+    chunks: to initialise a new run (optimizer, scheduler and loader start fresh), or to
+    evaluate / convert in one process."""
     if not Path(path, "metadata.json").is_file():
         raise FileNotFoundError(f"{path}: not a dist_checkpointing checkpoint directory")
     loaded = dist_checkpointing.load({"model": model_sharded_state(model)}, str(path))

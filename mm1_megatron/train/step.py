@@ -26,9 +26,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mm1_megatron.config import Config
 from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
+from mm1_megatron.model.params import count_params
 from mm1_megatron.model.specs import init_tp_comm_overlap
 from mm1_megatron.runtime import comm_device
-from mm1_megatron.model.params import count_params
 from mm1_megatron.train.optim import peak_lr_and_weight_decay
 
 
@@ -136,7 +136,7 @@ def _non_finite(model: list[DDP], loss_sum: Optional[torch.Tensor]) -> bool:
 
 @dataclass
 class StepResult:
-    loss: Optional[float]  # per-token LM loss over the global batch (every rank)
+    loss: float  # per-token LM loss over the global batch (every rank)
     grad_norm: Optional[float]
     skipped: bool  # NaN/Inf loss or gradient: no update
     lr: float

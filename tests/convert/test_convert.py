@@ -41,10 +41,11 @@ def _save_single(run_dir: str, overrides: list[str]) -> None:
     from megatron.core import dist_checkpointing
 
     from mm1_megatron.config import load_config
-    from mm1_megatron.convert.verify import single_process_config
+    from mm1_megatron.convert.verify import reference_config
     from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.train.checkpoint import model_sharded_state
 
-    cfg = single_process_config(load_config("tiny", overrides))
+    cfg = reference_config(load_config("tiny", overrides))
     model = MM1Model(cfg, use_te=False)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -52,8 +53,7 @@ def _save_single(run_dir: str, overrides: list[str]) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     ckpt = Path(run_dir) / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
-    dist_checkpointing.save({"model": {"chunk0": model.sharded_state_dict()}, "step": 1},
-                            str(ckpt))
+    dist_checkpointing.save({"model": model_sharded_state([model]), "step": 1}, str(ckpt))
     (ckpt.parent / "latest").write_text(ckpt.name + "\n")
 
 

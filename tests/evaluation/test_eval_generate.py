@@ -60,9 +60,9 @@ def test_stop_rules(demo_data):
 def one_process_case(run_dir: str, tokenizer: str) -> dict:
     """Load the latest checkpoint of `run_dir` into a one-process model; generate with and
     without the KV cache, batched and one row at a time."""
-    from mm1_megatron.config import load_config
+    from mm1_megatron.config import load_config, single_process_config
     from mm1_megatron.evaluation.model_io import (build_eval_model, load_model_weights,
-                                                  resolve_checkpoint, single_process_config)
+                                                  resolve_checkpoint)
     from tests.evaluation.common import EVAL_OVERRIDES, fixed_prompts
     from tests.model._parity_worker import BASE
 
