@@ -34,7 +34,7 @@ def build_and_save(run_dir: Path, overrides: list[str]):
     from mm1_megatron.convert.verify import reference_config
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.runtime import init_distributed
-    from mm1_megatron.train.checkpoint import model_sharded_state
+    from mm1_megatron.checkpoint import model_sharded_state
 
     cfg = load_config("tiny", overrides)
     ensure_process_group()

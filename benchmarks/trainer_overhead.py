@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
                                    "train.warmup_steps=1", f"checkpoint.save_interval={10**6}",
                                    f"logging.log_interval={10**6}"])
         clock = StepClock()
-        trainer = Trainer(cfg, callbacks=default_callbacks() + [clock])
+        trainer = Trainer(cfg, callbacks=default_callbacks(cfg) + [clock])
         trainer.setup()
 
         # Bare loop first: the same model/optimizer and the very same batches (a fresh loader

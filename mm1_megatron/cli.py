@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from mm1_megatron.config import PRESETS, ConfigError, load_config
+from mm1_megatron.config import PRESETS, Config, ConfigError, load_config
 from mm1_megatron.plan import format_plan, make_plan
 
 
@@ -37,6 +37,19 @@ _QUIET = [
 ]
 
 
+def run_callbacks(cfg: Config) -> list:
+    """The run's callbacks: the trainer's defaults, plus few-shot evaluation (captioning /
+    VQA every eval.interval steps) when eval.tasks is set."""
+    from mm1_megatron.train.callbacks import default_callbacks
+
+    callbacks = default_callbacks(cfg)
+    if cfg.eval.tasks:
+        from mm1_megatron.evaluation.callback import FewShotEval
+
+        callbacks.append(FewShotEval.from_config(cfg))
+    return callbacks
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     for category, message in _QUIET:
         warnings.filterwarnings("ignore", message=message, category=category)
@@ -62,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from mm1_megatron.train.loop import train
 
-    return train(cfg)
+    return train(cfg, run_callbacks(cfg))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@
 #   MM1_SKIP_NODE_CHECK=1      skip the health check
 #   SRUN_EXTRA_ARGS    more srun options for the training step (e.g. "--label --cpu-bind=none")
 # The layouts (tp/pp/ep, micro-batch, recompute, fp8) and the node count they were planned for
-# live in the presets (mm1_megatron/config.py), never here.
+# live in the presets (mm1_megatron/config/presets.py), never here.
 
 set -euo pipefail
 

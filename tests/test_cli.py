@@ -58,3 +58,23 @@ def test_launch_script_is_the_same_main():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "preset: tiny" in out.stdout
+
+
+def test_entry_point_adds_few_shot_evaluation_only_when_tasks_are_set():
+    """The trainer knows nothing of evaluation: `mm1-train` composes it into the callbacks."""
+    from mm1_megatron.cli import run_callbacks
+    from mm1_megatron.config import load_config
+    from mm1_megatron.evaluation.callback import FewShotEval
+    from mm1_megatron.train.callbacks import Checkpointing, SampleLog, TensorBoard
+
+    plain = run_callbacks(load_config("tiny", [], this_machine=False))
+    assert not any(isinstance(cb, FewShotEval) for cb in plain)
+    assert isinstance(plain[-1], Checkpointing) and any(isinstance(cb, TensorBoard)
+                                                        for cb in plain)
+    assert not any(isinstance(cb, SampleLog) for cb in plain)  # logging.sample_ids is off
+    cfg = load_config("tiny", ["eval.tasks=a.jsonl,b.jsonl", "eval.interval=5",
+                               "logging.sample_ids=true"], this_machine=False)
+    evals = [cb for cb in run_callbacks(cfg) if isinstance(cb, FewShotEval)]
+    assert len(evals) == 1 and evals[0].interval == 5
+    assert [p.name for p in evals[0].task_files] == ["a.jsonl", "b.jsonl"]
+    assert any(isinstance(cb, SampleLog) for cb in run_callbacks(cfg))

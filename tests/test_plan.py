@@ -1,6 +1,5 @@
 """tools/plan.py: the paper's targets, the LR rule and the JSON/table outputs."""
 
-import copy
 import importlib.util
 import json
 import math
@@ -10,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mm1_megatron import planner
 from mm1_megatron.config import PRESETS, get_preset, load_config, set_field, validate
+from mm1_megatron.model.flops import llm_forward_flops, training_flops_per_sequence
 from mm1_megatron.model.params import count_params
-from mm1_megatron.plan import make_plan
-from mm1_megatron.planner import (GIB, estimate, resolve_layout, search,
-                                  stage_memory)
-from mm1_megatron.train.flops import llm_forward_flops, training_flops_per_sequence
-from mm1_megatron.train.optim import paper_peak_lr
+from mm1_megatron.model.recipe import paper_peak_lr
+from mm1_megatron.plan import h100, make_plan
+from mm1_megatron.plan.h100 import estimate, resolve_layout, stage_memory
+from mm1_megatron.plan.search import planning_validate
 
 ROOT = Path(__file__).resolve().parents[1]
 MM1 = ["mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe64", "mm1-7b-moe32"]
@@ -118,7 +116,7 @@ def test_every_preset_plans(preset):
 
 
 # --------------------------------------------------------------------------------------------
-# H100 memory / time model (mm1_megatron/planner.py)
+# H100 memory / time model (mm1_megatron/plan/h100.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -126,7 +124,7 @@ def _cfg(preset: str, world: int, **fields):
     cfg = get_preset(preset)
     for key, value in fields.items():
         set_field(cfg, key.replace("__", "."), value)
-    planner.planning_validate(cfg, world)
+    planning_validate(cfg, world)
     return cfg
 
 
@@ -190,7 +188,7 @@ def test_expert_state_is_sharded_by_ep():
 
 @pytest.mark.parametrize("attention", ["fused", "unfused"])
 def test_activation_memory_full_below_selective_below_none(monkeypatch, attention):
-    monkeypatch.setattr(planner, "ATTENTION", attention)
+    monkeypatch.setattr(h100, "ATTENTION", attention)
     acts = {}
     for mode in ("none", "selective", "full"):
         cfg = _cfg("mm1-30b", 256, llm__recompute=mode, vision__recompute=mode)
@@ -215,11 +213,11 @@ def test_plan_counts_are_params_py_and_flops_py():
     model_flops = t["model_tflops_per_gpu"] * 1e12 * t["step_s"] * 256
     assert model_flops == pytest.approx(training_flops_per_sequence(cfg).total * 512)
     seq = cfg.data.seq_length
-    layers = sum(sum(planner._decoder_layer_forward(cfg, i, seq)) for i in range(52))
+    layers = sum(sum(h100._decoder_layer_forward(cfg, i, seq)) for i in range(52))
     assert layers + 2 * seq * cfg.llm.vocab_size * cfg.llm.hidden_size == \
         llm_forward_flops(cfg.llm, seq)
     moe = get_preset("mm1-3b-moe64")
-    layers = sum(sum(planner._decoder_layer_forward(moe, i, seq)) for i in range(32))
+    layers = sum(sum(h100._decoder_layer_forward(moe, i, seq)) for i in range(32))
     assert layers + 2 * seq * moe.llm.vocab_size * moe.llm.hidden_size == \
         llm_forward_flops(moe.llm, seq)
 

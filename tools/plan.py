@@ -7,7 +7,7 @@
 Without --nodes (and no WORLD_SIZE / parallel.world_size) an MM1 preset is planned at its
 `parallel.planned_nodes`. Validation is the project's own, for the target cluster: FP8 counts as
 available (the plan is for H100s with Transformer Engine, not for this machine).
-Memory and time figures are modelled (mm1_megatron/planner.py), not measured.
+Memory and time figures are modelled (mm1_megatron/plan/h100.py), not measured.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import sys
 
 from mm1_megatron.config import (PRESETS, Config, ConfigError, get_preset, parse_override,
                                  set_field, validate)
-from mm1_megatron.plan import format_plan, make_plan
-from mm1_megatron.planner import USABLE_GIB, search
+from mm1_megatron.plan import USABLE_GIB, format_plan, make_plan, search
 
 
 def _config(preset: str, overrides: list[str], check: bool) -> Config:

@@ -164,7 +164,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.model.vision import interpolate_position_grid
     from mm1_megatron.runtime import init_distributed
-    from mm1_megatron.train.checkpoint import model_sharded_state
+    from mm1_megatron.checkpoint import model_sharded_state
     from megatron.core import parallel_state as ps
 
     if not (clip or llama or mm1):

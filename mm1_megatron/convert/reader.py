@@ -29,20 +29,12 @@ def ensure_process_group() -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run dir / checkpoints dir with a `latest` marker."""
-    path = Path(path)
-    if not path.exists():
-        raise ConvertError(f"checkpoint {path}: no such file or directory")
-    for marker in (path / "checkpoints" / "latest", path / "latest"):
-        if marker.is_file():
-            target = marker.parent / marker.read_text().strip()
-            if not target.is_dir():
-                raise ConvertError(f"{marker} names {target.name!r}, which is not a checkpoint "
-                                   "directory")
-            return target
-    if not (path / "metadata.json").is_file() or not (path / ".metadata").is_file():
-        raise ConvertError(f"{path} is not a Megatron-Core dist_checkpointing checkpoint "
-                           "(no metadata.json/.metadata, and no `latest` marker)")
-    return path
+    from mm1_megatron.checkpoint import resolve_checkpoint as resolve
+
+    try:
+        return resolve(path)
+    except FileNotFoundError as err:
+        raise ConvertError(str(err)) from None
 
 
 class CheckpointReader:

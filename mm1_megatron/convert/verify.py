@@ -40,7 +40,7 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
     from mm1_megatron.convert.reader import ensure_process_group
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.runtime import init_distributed
-    from mm1_megatron.train.checkpoint import load_model_weights
+    from mm1_megatron.checkpoint import load_model_weights
 
     c = reference_config(cfg)
     ensure_process_group()

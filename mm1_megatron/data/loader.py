@@ -23,7 +23,6 @@ from mm1_megatron.data.mixture import SOURCES, LoaderState, MixtureSampler, RowS
 from mm1_megatron.data.packing import IMAGE, Document, PackedRow, Packer
 from mm1_megatron.data.shards import BadSample, ShardDataset, SkipCounter, open_dataset
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from mm1_megatron.model.mm1 import document_attention_mask
 
 
 @dataclass(frozen=True)
@@ -148,13 +147,14 @@ class MultimodalLoader:
         loss_masks = [row.loss_mask.clone() for row in rows]
         images = self._images(rows, loss_masks)
         tokens = torch.stack([r.tokens for r in rows])
-        document_ids = torch.stack([r.document_ids for r in rows])
         return dict(
             tokens=tokens,
             labels=torch.stack([r.labels for r in rows]),
             loss_mask=torch.stack(loss_masks),
             position_ids=torch.arange(tokens.shape[1]).expand(len(rows), -1),
-            attention_mask=document_attention_mask(document_ids),
+            # Which packed document each position belongs to; the model turns it into its
+            # attention mask (or, under Transformer Engine, packed-sequence boundaries).
+            document_ids=torch.stack([r.document_ids for r in rows]),
             sources=torch.stack([r.sources for r in rows]),
             images=images,
             sample_ids=[list(r.doc_ids) for r in rows],  # global sample ids per row

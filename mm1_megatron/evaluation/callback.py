@@ -1,8 +1,8 @@
 """In-training few-shot evaluation: every N steps, 0- and k-shot scores on small held-out
 task files, logged to TensorBoard beside the loss as `eval/<task>/<k>shot`.
 
-Wiring (mm1_megatron/train): add `FewShotEval.from_config(cfg)` to the callbacks when
-`cfg.eval.tasks` is non-empty. Every rank runs the evaluation (the forward passes are
+Wiring (`mm1-train`, mm1_megatron/cli.py): `FewShotEval.from_config(cfg)` joins the
+default callbacks when `cfg.eval.tasks` is non-empty. Every rank runs the evaluation (the forward passes are
 collective under TP/EP); rank 0 writes the scalars. Greedy decoding, dropout off, no RNG
 draws: training continues exactly as without the callback (the model is put back in train
 mode; the MoE expert-load counters are restored, so eval tokens do not count as training

@@ -2,7 +2,7 @@
 
 dist_checkpointing matches tensors by their global keys (layer numbers include pipeline and
 model-chunk offsets; TP/EP shards carry their global offsets), so requesting only the model
-part (`train.checkpoint.load_model_weights`) from a checkpoint saved at any
+part (`checkpoint.load_model_weights`) from a checkpoint saved at any
 TP/PP/EP/DP layout (and any number of model chunks) assembles the full tensors here. The
 optimizer, scheduler and RNG states in the checkpoint are not read.
 """
@@ -18,19 +18,11 @@ from mm1_megatron.config import Config
 def resolve_checkpoint(run_dir: Optional[Union[str, Path]] = None,
                        checkpoint: Optional[Union[str, Path]] = None) -> Path:
     """`checkpoint` (a step directory) if given, else the latest complete one in `run_dir`."""
-    from mm1_megatron.train.checkpoint import latest_checkpoint
+    from mm1_megatron.checkpoint import resolve_checkpoint as resolve
 
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not (path / "metadata.json").exists() and not (path / "common.pt").exists():
-            raise FileNotFoundError(f"{path}: not a dist_checkpointing checkpoint directory")
-        return path
-    if run_dir is None:
+    if checkpoint is None and run_dir is None:
         raise ValueError("give a run directory or a checkpoint directory")
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint (checkpoints/latest is missing)")
-    return path
+    return resolve(checkpoint if checkpoint is not None else run_dir)
 
 
 def build_eval_model(cfg: Config, seed: Optional[int] = None):
@@ -50,7 +42,7 @@ def load_model_weights(model, path: Union[str, Path]) -> int:
     """Load the model part of a checkpoint into a one-process MM1Model; returns its step."""
     from megatron.core import dist_checkpointing
 
-    from mm1_megatron.train import checkpoint
+    from mm1_megatron import checkpoint
 
     checkpoint.load_model_weights(path, [model])
     return int(dist_checkpointing.load_common_state_dict(str(path)).get("step", -1))

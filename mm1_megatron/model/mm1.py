@@ -96,14 +96,18 @@ class MM1Model(MegatronModule):
         return rows_first.transpose(0, 1).contiguous()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], images: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns per-token loss [b, s] when `labels` are given on the last stage, else the
         logits (last stage) or hidden states (other stages).
 
-        `attention_mask` is a [b, 1, s, s] bool mask, True where attention is blocked (causal
-        within each packed document, nothing across documents).
+        `attention_mask` is a [b, 1, s, s] bool mask, True where attention is blocked. Packed
+        rows give `document_ids` [b, s] instead (what the data loader emits) and the model
+        builds the mask: causal within each packed document, nothing across documents.
         """
+        if attention_mask is None and document_ids is not None:
+            attention_mask = document_attention_mask(document_ids)
         decoder_input = None
         if self.pre_process:
             decoder_input = self._spliced_embeddings(input_ids, position_ids, images)

@@ -10,25 +10,47 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from mm1_megatron.config import Config
 from mm1_megatron.data.mixture import SOURCES
-
-if TYPE_CHECKING:
-    from mm1_megatron.train.loop import StepMetrics, Trainer
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the Slurm scripts use it)
 EXIT_NON_FINITE = 3  # too many NaN/Inf steps in a row: checkpoint written, needs a human
 
 
+@dataclass
+class StepMetrics:
+    """What one optimizer step measured, reduced over ranks (what callbacks log)."""
+
+    step: int
+    loss: Optional[float]
+    grad_norm: Optional[float]
+    lr: float
+    skipped: bool
+    skipped_total: int
+    step_time: float
+    tokens_per_s: float
+    images_per_s: float
+    tflops_per_device: float
+    mfu: Optional[float]
+    memory_gb: float
+    source_losses: dict[int, float] = field(default_factory=dict)
+    moe: dict[str, float] = field(default_factory=dict)
+    data_skips: dict[str, int] = field(default_factory=dict)
+
+
 class Callback:
-    def on_setup(self, trainer: "Trainer") -> None: ...  # before anything is built or loaded
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-    def on_step(self, trainer: "Trainer", metrics: "StepMetrics") -> None: ...
-    def on_train_end(self, trainer: "Trainer") -> None: ...
+    """Hooks of the run. `trainer` is the `train.loop.Trainer` (not imported here: the loop
+    imports this module): cfg, run_dir, step, model, is_logging_rank, save(), request_stop()."""
+
+    def on_setup(self, trainer) -> None: ...  # before anything is built or loaded
+    def on_train_start(self, trainer) -> None: ...
+    def on_step(self, trainer, metrics: StepMetrics) -> None: ...
+    def on_train_end(self, trainer) -> None: ...
 
 
 class ConsoleLog(Callback):
@@ -52,7 +74,7 @@ class TensorBoard(Callback):
         self.writer = None
 
     def on_train_start(self, trainer) -> None:
-        if trainer.is_logging_rank and trainer.cfg.logging.tensorboard:
+        if trainer.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(trainer.run_dir / "tensorboard"))
@@ -89,8 +111,7 @@ class SampleLog(Callback):
     def on_train_start(self, trainer) -> None:
         from megatron.core import parallel_state as ps
 
-        if (trainer.cfg.logging.sample_ids and ps.get_tensor_model_parallel_rank() == 0
-                and ps.get_pipeline_model_parallel_rank() == 0):
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             path = trainer.run_dir / "samples" / f"dp_rank_{ps.get_data_parallel_rank()}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = path.open("a")
@@ -174,9 +195,14 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def default_callbacks() -> list[Callback]:
-    return [PreemptionSignals(), NonFiniteGuard(), ConsoleLog(), TensorBoard(), SampleLog(),
-            Checkpointing()]
+def default_callbacks(cfg: Config) -> list[Callback]:
+    """What every run has; the entry point adds others (e.g. few-shot evaluation)."""
+    callbacks: list[Callback] = [PreemptionSignals(), NonFiniteGuard(), ConsoleLog()]
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoard())
+    if cfg.logging.sample_ids:
+        callbacks.append(SampleLog())
+    return callbacks + [Checkpointing()]
 
 
 # Peak device memory on GPUs (what limits a layout); peak host RSS on CPU runs.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -12,49 +11,26 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from mm1_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights,
+                                     save_checkpoint)
 from mm1_megatron.config import Config, save_run_config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
 from mm1_megatron.data.mixture import LoaderState
+from mm1_megatron.model.flops import training_flops_per_sequence
 from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import (comm_device, describe_backends, init_distributed,
                                   shutdown_distributed)
-from mm1_megatron.train.callbacks import (Callback, Timer, default_callbacks,
+from mm1_megatron.train.callbacks import (Callback, StepMetrics, Timer, default_callbacks,
                                           device_peak_tflops, peak_memory_gb)
-from mm1_megatron.train.checkpoint import (latest_checkpoint, load_checkpoint,
-                                           load_model_weights, save_checkpoint)
-from mm1_megatron.train.flops import training_flops_per_sequence
 from mm1_megatron.train.moe_metrics import MoEMetrics
 from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
-
-
-@dataclass
-class StepMetrics:
-    step: int
-    loss: Optional[float]
-    grad_norm: Optional[float]
-    lr: float
-    skipped: bool
-    skipped_total: int
-    step_time: float
-    tokens_per_s: float
-    images_per_s: float
-    tflops_per_device: float
-    mfu: Optional[float]
-    memory_gb: float
-    source_losses: dict[int, float] = field(default_factory=dict)
-    moe: dict[str, float] = field(default_factory=dict)
-    data_skips: dict[str, int] = field(default_factory=dict)
 
 
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Optional[list[Callback]] = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.callbacks = default_callbacks() if callbacks is None else callbacks
-        if cfg.eval.tasks:  # few-shot captioning / VQA every eval.interval steps
-            from mm1_megatron.evaluation.callback import FewShotEval
-
-            self.callbacks.append(FewShotEval.from_config(cfg))
+        self.callbacks = default_callbacks(cfg) if callbacks is None else callbacks
         self.stop_reason: Optional[str] = None
         self.exit_code = 0
         self.step = 0
@@ -167,8 +143,10 @@ class Trainer:
         return self.exit_code
 
 
-def train(cfg: Config) -> int:
-    trainer = Trainer(cfg)
+def train(cfg: Config, callbacks: Optional[list[Callback]] = None) -> int:
+    """Set up, train, shut the process groups down. `callbacks`: default_callbacks(cfg) when
+    not given (the entry point adds its own, e.g. few-shot evaluation)."""
+    trainer = Trainer(cfg, callbacks)
     trainer.setup()
     try:
         return trainer.train()

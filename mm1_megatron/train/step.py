@@ -2,7 +2,8 @@
 
 A batch is a dict of tensors for one micro-batch:
   tokens [b, s], labels [b, s], loss_mask [b, s] (float), position_ids [b, s],
-  attention_mask [b, 1, s, s] (bool, True = blocked), images [n, 3, H, W] (n may be 0).
+  document_ids [b, s] (packed documents; the model builds the attention from them),
+  images [n, 3, H, W] (n may be 0).
 Loss is averaged per token over the whole global batch (`calculate_per_token_loss`), so every
 layout (any DP size, any micro-batch split) optimises exactly the same objective.
 """
@@ -29,7 +30,7 @@ from mm1_megatron.model.mm1 import MM1Model
 from mm1_megatron.model.params import count_params
 from mm1_megatron.model.specs import init_tp_comm_overlap
 from mm1_megatron.runtime import comm_device
-from mm1_megatron.train.optim import peak_lr_and_weight_decay
+from mm1_megatron.model.recipe import peak_lr_and_weight_decay
 
 
 def build_model(cfg: Config, use_te: bool) -> list[DDP]:
@@ -99,8 +100,6 @@ def num_microbatches(cfg: Config) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
-
-
 def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_loss: torch.Tensor):
     mask = loss_mask.float()
     weighted = per_token_loss.float() * mask
@@ -115,8 +114,8 @@ def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_lo
 
 def _forward_step(data_iterator: Iterator[dict], model: DDP):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                   images=batch.get("images"), labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
+                   labels=batch["labels"], document_ids=batch["document_ids"])
     return output, partial(_loss, batch["loss_mask"], batch.get("sources"))
 
 

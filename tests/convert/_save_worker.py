@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from mm1_megatron.config import load_config
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
-from mm1_megatron.train.checkpoint import model_sharded_state
+from mm1_megatron.checkpoint import model_sharded_state
 from mm1_megatron.train.step import build_model
 
 

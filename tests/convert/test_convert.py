@@ -43,7 +43,7 @@ def _save_single(run_dir: str, overrides: list[str]) -> None:
     from mm1_megatron.config import load_config
     from mm1_megatron.convert.verify import reference_config
     from mm1_megatron.model.mm1 import MM1Model
-    from mm1_megatron.train.checkpoint import model_sharded_state
+    from mm1_megatron.checkpoint import model_sharded_state
 
     cfg = reference_config(load_config("tiny", overrides))
     model = MM1Model(cfg, use_te=False)

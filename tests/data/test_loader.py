@@ -36,7 +36,7 @@ def test_batches_match_the_model_contract(demo_data):
         placeholders = int((batch["tokens"] == cfg.llm.image_token_id).sum())
         assert placeholders == batch["images"].shape[0] * cfg.connector.num_tokens
         assert batch["images"].shape[1:] == (3, cfg.vision.image_size, cfg.vision.image_size)
-        assert batch["attention_mask"].shape == (b, 1, s, s)
+        assert batch["document_ids"].shape == (b, s)
         assert (batch["loss_mask"][batch["labels"] == cfg.llm.image_token_id] == 0).all()
     assert loader.packer.stats.efficiency > 0.5
     assert not loader.skips.counts

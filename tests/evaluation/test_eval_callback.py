@@ -22,7 +22,7 @@ def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dic
                                "llm.vocab_size=2048", f"run_dir={run_dir}",
                                "train.train_steps=3", "train.warmup_steps=1",
                                "checkpoint.save_interval=100", "data.prefetch=0"])
-    callbacks = default_callbacks()
+    callbacks = default_callbacks(cfg)
     evaluation = FewShotEval([f"{tasks}/caption.jsonl", f"{tasks}/vqa.jsonl"], interval=2,
                              shots=(0, 2), limit=3, max_new_tokens=4)
     if with_eval:

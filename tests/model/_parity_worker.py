@@ -15,9 +15,8 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from mm1_megatron.config import load_config
-from mm1_megatron.model.mm1 import document_attention_mask
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
-from mm1_megatron.train.checkpoint import load_model_state, model_sharded_state
+from mm1_megatron.checkpoint import load_model_state, model_sharded_state
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
 
 STEPS = 3
@@ -69,7 +68,7 @@ def microbatches(cfg, rows: list[dict]) -> list[dict]:
             tokens=tokens, labels=torch.stack([r["labels"] for r in group]),
             loss_mask=torch.stack([r["loss_mask"] for r in group]),
             position_ids=torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1),
-            attention_mask=document_attention_mask(torch.stack([r["docs"] for r in group])),
+            document_ids=torch.stack([r["docs"] for r in group]),
             images=torch.cat([r["images"] for r in group])))
     return batches
 

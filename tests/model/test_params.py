@@ -9,7 +9,7 @@ import pytest
 
 from mm1_megatron.config import PRESETS, get_preset, set_field
 from mm1_megatron.model.params import connector_params, count_params
-from mm1_megatron.train.flops import (connector_forward_flops, llm_forward_flops,
+from mm1_megatron.model.flops import (connector_forward_flops, llm_forward_flops,
                                       vision_forward_flops)
 
 SCRIPT = Path(__file__).with_name("_count_modules.py")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mm1_megatron.train.checkpoint import _prune, _write_latest, latest_checkpoint
+from mm1_megatron.checkpoint.directory import latest_checkpoint, prune, write_latest
 from tests._procs import torchrun
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
@@ -92,9 +92,9 @@ def test_latest_is_replaced_atomically_and_old_ones_pruned(tmp_path):
     for step in (1, 2, 3):
         (root / f"step_{step:08d}").mkdir(parents=True)
     (root / "step_00000004.partial").mkdir()  # a crash mid-save
-    _write_latest(root, "step_00000003")
+    write_latest(root, "step_00000003")
     assert latest_checkpoint(tmp_path) == root / "step_00000003"
-    _prune(root, keep_last=2)
+    prune(root, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002",
                                                       "step_00000003"]
     assert not (root / "latest.tmp").exists()

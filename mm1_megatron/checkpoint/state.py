@@ -1,19 +1,15 @@
-"""Distributed checkpoints with Megatron-Core dist_checkpointing: save, find latest, resume.
+"""Distributed checkpoints with Megatron-Core dist_checkpointing: save, resume, weights only.
 
-Layout under `run_dir/checkpoints/`:
-  step_00000100/   one dist_checkpointing directory (model, optimizer, scheduler, step,
-                   data-loader state, per-rank RNG states)
-  latest           text file naming the newest complete checkpoint
-A checkpoint is written to `step_N.partial/` and renamed only after every rank has finished,
-then `latest` is replaced atomically: a crash mid-save never leaves `latest` pointing at a
-partial checkpoint. The optimizer is saved `fully_reshardable`, so a checkpoint loads into any
-TP/PP/EP/DP layout; RNG states are restored only when the layout is unchanged.
+A checkpoint holds the model, optimizer, scheduler, step, data-loader state (`extra`) and
+per-rank RNG states (directory layout and `latest`: `checkpoint.directory`). The optimizer is
+saved `fully_reshardable`, so a checkpoint loads into any TP/PP/EP/DP layout; RNG states are
+restored only when the layout is unchanged. The model part alone (`load_model_weights`) loads
+into any layout too: evaluation, conversion and `checkpoint.init_from` use it.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -25,13 +21,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+from mm1_megatron.checkpoint.directory import checkpoint_root, prune, step_dir_name, write_latest
+
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
                        "chained_optim_avoid_prefix": True}
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def _layout() -> dict[str, int]:
@@ -87,8 +80,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
     all ranks and made of plain Python values."""
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step:08d}"
-    partial = root / f"step_{step:08d}.partial"
+    final = root / step_dir_name(step)
+    partial = root / f"{final.name}.partial"
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -101,36 +94,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_latest(root, final.name)
-        _prune(root, keep_last)
+        write_latest(root, final.name)
+        prune(root, keep_last)
     dist.barrier()
     return final
-
-
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / "latest.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "latest")
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("step_*.partial"):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    root = checkpoint_root(run_dir)
-    marker = root / "latest"
-    if not marker.exists():
-        return None
-    path = root / marker.read_text().strip()
-    if not _STEP_DIR.match(path.name) or not path.is_dir():
-        raise FileNotFoundError(f"{marker}: names {path.name!r}, which is not a complete "
-                                "checkpoint directory")
-    return path
 
 
 def _load_optimizer(optimizer, loaded: dict) -> None:

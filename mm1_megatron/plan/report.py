@@ -1,5 +1,5 @@
 """The run plan: layout, parameter counts, learning rate, FLOPs and the modelled H100 memory
-and step time (`mm1_megatron/planner.py`) of a resolved config.
+and step time (`plan.h100`) of a resolved config.
 
 `tools/plan.py` prints it (JSON or a table); `mm1-train --dry-run` prints it before exiting.
 Without a world size (config, launcher) an MM1 preset is planned at `parallel.planned_nodes`.
@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mm1_megatron.config import Config, data_parallel_size, resolve_world_size
+from mm1_megatron.model.flops import training_flops_per_sequence
 from mm1_megatron.model.params import count_params
-from mm1_megatron.planner import estimate
-from mm1_megatron.train.flops import training_flops_per_sequence
-from mm1_megatron.train.optim import peak_lr_and_weight_decay
+from mm1_megatron.model.recipe import peak_lr_and_weight_decay
+from mm1_megatron.plan.h100 import estimate
 
 
 def layout(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str, int]:

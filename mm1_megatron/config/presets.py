@@ -1,0 +1,110 @@
+"""The preset registry: `PRESETS` and `get_preset`, built in code from the schema."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Optional
+
+from mm1_megatron.config.schema import (CheckpointConfig, Config, ConfigError, ConnectorConfig,
+                                        DataConfig, Fp8Format, LLMConfig, LoggingConfig,
+                                        MoEConfig, ParallelConfig, Recompute, TrainConfig,
+                                        VisionConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: one registry. Shapes and their parameter counts are tabulated in README.md and
+# checked against the built Megatron-Core modules in tests/test_presets.py.
+# --------------------------------------------------------------------------------------------
+
+# Full-scale runs: bf16 on 8-GPU H100 nodes, the paper's batch and sequence. Each MM1 preset's
+# layout is the one `tools/plan.py --search` picked for its node count (`planned_nodes`) with
+# >= 15% memory margin; dp follows from the launcher's world size.
+_GPU_RUN = dict(gpus_per_node=8, sequence_parallel=True, overlap_grad_reduce=True,
+                overlap_param_gather=True)
+
+
+def _tiny() -> Config:
+    """Seconds-fast model for tests: 84 px images (6x6 patches) -> 9 tokens."""
+    return Config(
+        preset="tiny",
+        run_dir="runs/tiny",
+        vision=VisionConfig(image_size=84, hidden_size=32, num_layers=2, num_attention_heads=2,
+                            ffn_hidden_size=64),
+        connector=ConnectorConfig(num_tokens=9, hidden_size=32, depth=1),
+        llm=LLMConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                      vocab_size=512),
+        data=DataConfig(seq_length=128, max_images_per_sequence=4),
+        train=TrainConfig(global_batch_size=4, micro_batch_size=2, train_steps=20, lr=1e-3,
+                          warmup_steps=2, precision="fp32"),
+        checkpoint=CheckpointConfig(save_interval=10),
+        logging=LoggingConfig(log_interval=1),
+    )
+
+
+def _demo() -> Config:
+    """The README's CPU demo: ViT + C-Abstractor + a small MoE decoder, minutes on 2 cores."""
+    return Config(
+        preset="demo",
+        run_dir="runs/demo",
+        vision=VisionConfig(image_size=112, hidden_size=128, num_layers=4, num_attention_heads=4,
+                            ffn_hidden_size=512),
+        connector=ConnectorConfig(num_tokens=16, hidden_size=128, depth=2),
+        llm=LLMConfig(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512,
+                      vocab_size=2048, moe=MoEConfig(num_experts=4, layer_freq=2)),
+        # 256 tokens with up to 8 images packs the demo data at ~90% (512 / 4 images: ~50%).
+        data=DataConfig(seq_length=256, max_images_per_sequence=8, path="demo_data",
+                        tokenizer_model="demo_data/tokenizer.model"),
+        train=TrainConfig(global_batch_size=8, micro_batch_size=2, train_steps=100, lr=1e-3,
+                          warmup_steps=10, precision="fp32"),
+        checkpoint=CheckpointConfig(save_interval=50),
+        logging=LoggingConfig(log_interval=10),
+    )
+
+
+def _mm1(name: str, llm: LLMConfig, nodes: int, micro_batch: int = 1,
+         vision_recompute: Recompute = "none", fp8: Optional[Fp8Format] = None,
+         **parallel: Any) -> Config:
+    return Config(preset=name, run_dir=f"runs/{name}", llm=llm,
+                  vision=VisionConfig(recompute=vision_recompute),
+                  parallel=ParallelConfig(**_GPU_RUN, planned_nodes=nodes,
+                                          tp_comm_overlap=parallel.get("tp", 1) > 1, **parallel),
+                  train=TrainConfig(micro_batch_size=micro_batch, fp8=fp8))
+
+
+# Llama-style decoders; vocabulary 32k (our sentencepiece model), untied embeddings.
+_LLM_3B = LLMConfig(num_layers=32, hidden_size=2560, num_attention_heads=32,
+                    ffn_hidden_size=7680)
+_LLM_7B = LLMConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                    ffn_hidden_size=12800)
+_LLM_30B = LLMConfig(num_layers=52, hidden_size=7168, num_attention_heads=56,
+                     num_query_groups=8, ffn_hidden_size=20480)
+
+
+def _with_moe(llm: LLMConfig, num_experts: int, layer_freq: int) -> LLMConfig:
+    return dataclasses.replace(llm, moe=MoEConfig(num_experts=num_experts, layer_freq=layer_freq))
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny": _tiny,
+    "demo": _demo,
+    # 8 nodes: pure DP (dp=64).
+    "mm1-3b": lambda: _mm1("mm1-3b", _LLM_3B, nodes=8),
+    # 16 nodes: tp=2, dp=64.
+    "mm1-7b": lambda: _mm1("mm1-7b", _LLM_7B, nodes=16, tp=2),
+    # 32 nodes x 8 H100, FP8: tp=2, pp=4 with 7 decoder layers next to the ViT on stage 0 (15
+    # on the others), dp=32, ViT fully recomputed.
+    "mm1-30b": lambda: _mm1("mm1-30b", _LLM_30B, nodes=32, fp8="hybrid", vision_recompute="full",
+                            tp=2, pp=4, first_stage_layers=7),
+    # 16 nodes: ep=64 (one expert per GPU), dp=128.
+    "mm1-3b-moe64": lambda: _mm1("mm1-3b-moe64", _with_moe(_LLM_3B, 64, 2), nodes=16, ep=64),
+    # 16 nodes: tp=2, ep=32 (expert_tp = tp), dp=64.
+    "mm1-7b-moe32": lambda: _mm1("mm1-7b-moe32", _with_moe(_LLM_7B, 32, 4), nodes=16, tp=2,
+                                 ep=32),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]())  # presets share section objects; never alias them

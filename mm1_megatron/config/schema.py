@@ -1,0 +1,250 @@
+"""Config schema: `ConfigError`, the typed section dataclasses, `Config`, and the Literal
+aliases their fields use.
+
+A run is fully described by one `Config`. Field annotations here are what overrides are
+type-checked against (`mm1_megatron.config.overrides`), so they resolve in this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+ConnectorType = Literal["c_abstractor", "avg_pool", "attn_pool"]
+Dispatcher = Literal["alltoall", "allgather"]
+Precision = Literal["bf16", "fp16", "fp32"]
+Fp8Format = Literal["hybrid", "e4m3"]
+Fp8Recipe = Literal["delayed", "tensorwise"]
+Recompute = Literal["none", "selective", "full"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always attributed to one dotted field."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(f"{field_name}: {reason}")
+        self.field_name = field_name
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style ViT (pre-LN, learned position embeddings, class token)."""
+
+    image_size: int = 378
+    patch_size: int = 14
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 5120
+    class_token: bool = True
+    layernorm_eps: float = 1e-5
+    # Which layer's output feeds the connector: -1 the last, -2 the penultimate, or 1..N.
+    # Layers after it are not built.
+    feature_layer: int = -1
+    recompute: Recompute = "none"
+    recompute_layers: int = 1  # full recompute: layers per checkpointed group
+
+    @property
+    def layers_built(self) -> int:
+        return self.feature_layer if self.feature_layer > 0 else \
+            self.num_layers + 1 + self.feature_layer
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision-language connector; every type maps the patch grid to `num_tokens` LLM tokens."""
+
+    type: ConnectorType = "c_abstractor"
+    num_tokens: int = 144  # 12x12 for the grid-based connectors
+    hidden_size: int = 1024  # conv channels of the C-Abstractor
+    depth: int = 3  # ResNet blocks before and after the adaptive pooling
+    mlp_depth: int = 2  # readout MLP layers
+    pos_emb: bool = True  # learned position embedding on the patch grid (Honeybee)
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.num_tokens)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in the decoder; `num_experts=0` means dense."""
+
+    num_experts: int = 0
+    layer_freq: int = 1  # every Nth decoder layer is an MoE layer (layer 0, N, 2N, ...)
+    top_k: int = 2
+    aux_loss_coeff: float = 0.01  # GShard load-balancing loss
+    z_loss_coeff: float = 0.001  # ST-MoE router z-loss
+    dispatcher: Dispatcher = "alltoall"
+    expert_ffn_hidden_size: Optional[int] = None  # None: same as llm.ffn_hidden_size
+    grouped_gemm: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, no biases."""
+
+    num_layers: int = 32
+    hidden_size: int = 2560
+    num_attention_heads: int = 32
+    num_query_groups: Optional[int] = None  # None: multi-head attention; else GQA
+    ffn_hidden_size: int = 6912
+    vocab_size: int = 32000
+    image_token_id: int = 3  # placeholder id; each image occupies connector.num_tokens of them
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    recompute: Recompute = "none"
+    recompute_layers: int = 1  # full recompute: layers per checkpointed group
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe.expert_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.num_experts > 0 and layer % self.moe.layer_freq == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+@dataclass
+class DataConfig:
+    seq_length: int = 4096
+    max_images_per_sequence: int = 16
+    # Mixture weights (MM1: 45% interleaved, 45% caption pairs, 10% text-only).
+    weight_interleaved: float = 0.45
+    weight_caption: float = 0.45
+    weight_text: float = 0.10
+    path: str = ""  # root folder holding the three shard sets
+    tokenizer_model: str = ""  # sentencepiece .model
+    num_workers: int = 2  # DALI decoding threads
+    prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    cp: int = 1  # context parallel
+    ep: int = 1  # expert parallel
+    expert_tp: Optional[int] = None  # tensor parallel inside experts; None: same as tp
+    dp: Optional[int] = None  # None: derived as world_size / (tp * pp * cp)
+    sequence_parallel: bool = False
+    first_stage_layers: Optional[int] = None  # decoder layers on pipeline stage 0 (uneven PP)
+    # Model chunks per pipeline rank: Megatron-Core's interleaved 1F1B schedule, which cuts
+    # the pipeline bubble by this factor at the cost of more point-to-point traffic.
+    virtual_stages: Optional[int] = None
+    world_size: Optional[int] = None  # None: from the launcher's environment at run time
+    gpus_per_node: Optional[int] = None  # set for GPU clusters: TP must stay inside a node
+    # Nodes the layout was planned for (tools/plan.py); the world size of a dry run or plan
+    # when neither parallel.world_size nor a launcher (torchrun/Slurm) gives one.
+    planned_nodes: Optional[int] = None
+    distributed_optimizer: bool = True
+    # Megatron-Core communication overlaps (on in the GPU presets).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # Transformer Engine userbuffers: the decoder's TP all-gathers / reduce-scatters overlap
+    # its GEMMs (needs TE on GPUs, tp>1 with sequence parallelism; ignored at tp=1).
+    tp_comm_overlap: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 512
+    micro_batch_size: int = 1
+    train_steps: int = 200_000
+    lr: Optional[float] = None  # None: the paper's rule over non-embedding LLM parameters
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay_ratio: float = 0.1  # decoupled weight decay = ratio * peak lr
+    warmup_steps: int = 2000
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    precision: Precision = "bf16"
+    fp8: Optional[Fp8Format] = None  # needs Transformer Engine on Hopper
+    fp8_recipe: Fp8Recipe = "delayed"
+    seed: int = 1234
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps before the run saves and stops
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 1000
+    keep_last: int = 3
+    resume: bool = True  # resume from the latest checkpoint in run_dir when there is one
+    # A new run (nothing to resume) starts from these model weights: a checkpoint directory
+    # of any layout, e.g. one written by mm1-import-hf from CLIP + Llama weights.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+    # Write run_dir/samples/dp_rank_N.jsonl: the global sample ids each step trained on (for
+    # auditing data order and exact resume).
+    sample_ids: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """In-training few-shot evaluation (mm1_megatron/evaluation): off while `tasks` is empty."""
+
+    tasks: str = ""  # comma-separated JSONL task files (format: mm1_megatron/evaluation/tasks.py)
+    interval: int = 1000  # steps between evaluations
+    shots: str = "0,4"  # comma-separated in-context example counts
+    limit: Optional[int] = 64  # examples per task (None: all)
+    batch_size: int = 8
+    seed: int = 0  # draws the in-context examples
+    max_new_tokens: Optional[int] = None  # None: 20 for captioning, 10 for VQA
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    run_dir: str = "runs/default"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+

@@ -1,0 +1,213 @@
+"""Validation: every check names one field; runs before any process group starts. Also the
+world-size helpers (`launcher_world_size`, `resolve_world_size`, `data_parallel_size`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from mm1_megatron.config.schema import Config, ConfigError
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every check names one field. Runs before any process group starts.
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, field_name: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, reason)
+
+
+def launcher_world_size(environ: Optional[dict[str, str]] = None) -> Optional[int]:
+    """World size announced by torchrun or Slurm, if any (None for a plain `python` call)."""
+    env = os.environ if environ is None else environ
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if env.get(var):
+            return int(env[var])
+    return None
+
+
+def resolve_world_size(cfg: Config, environ: Optional[dict[str, str]] = None) -> int:
+    p = cfg.parallel
+    if p.world_size is not None:
+        return p.world_size
+    launched = launcher_world_size(environ)
+    if launched is not None:
+        return launched
+    if p.planned_nodes is not None and p.dp is None:
+        return p.planned_nodes * (p.gpus_per_node or 8)
+    return p.model_parallel_size * (p.dp or 1)
+
+
+def data_parallel_size(cfg: Config, environ: Optional[dict[str, str]] = None) -> int:
+    return resolve_world_size(cfg, environ) // cfg.parallel.model_parallel_size
+
+
+_MAY_BE_ZERO = {"train.warmup_steps", "data.prefetch", "eval.seed"}
+_SIGNED = {"vision.feature_layer"}  # checked by its own rule
+
+
+def _validate_positive(cfg: Config) -> None:
+    for section in ("vision", "connector", "llm", "data", "parallel", "train", "eval"):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value, name = getattr(obj, f.name), f"{section}.{f.name}"
+            if isinstance(value, int) and not isinstance(value, bool) and name not in _SIGNED:
+                floor = 0 if name in _MAY_BE_ZERO else 1
+                _require(value >= floor, name, f"must be >= {floor}, got {value}")
+
+
+def _validate_model(cfg: Config) -> None:
+    v, c, llm, moe = cfg.vision, cfg.connector, cfg.llm, cfg.llm.moe
+    _require(v.image_size % v.patch_size == 0, "vision.image_size",
+             f"{v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
+    _require(v.hidden_size % v.num_attention_heads == 0, "vision.num_attention_heads",
+             f"{v.num_attention_heads} does not divide vision.hidden_size={v.hidden_size}")
+    _require(1 <= v.layers_built <= v.num_layers, "vision.feature_layer",
+             f"{v.feature_layer} is not a layer of the {v.num_layers}-layer encoder")
+    if c.type in ("c_abstractor", "avg_pool"):
+        _require(c.grid_size**2 == c.num_tokens, "connector.num_tokens",
+                 f"{c.num_tokens} is not a square; {c.type} pools the patch grid to n x n")
+        _require(c.grid_size <= v.grid_size, "connector.num_tokens",
+                 f"a {c.grid_size}x{c.grid_size} grid exceeds the {v.grid_size}x{v.grid_size} "
+                 "patch grid")
+    if c.type == "attn_pool":
+        _require(v.hidden_size % v.num_attention_heads == 0, "vision.num_attention_heads",
+                 "attn_pool uses the vision heads")
+    _require(llm.hidden_size % llm.num_attention_heads == 0, "llm.num_attention_heads",
+             f"{llm.num_attention_heads} does not divide llm.hidden_size={llm.hidden_size}")
+    _require(llm.num_attention_heads % llm.query_groups == 0, "llm.num_query_groups",
+             f"{llm.query_groups} does not divide llm.num_attention_heads="
+             f"{llm.num_attention_heads}")
+    if moe.num_experts > 0:
+        _require(moe.layer_freq <= llm.num_layers and llm.num_layers % moe.layer_freq == 0,
+                 "llm.moe.layer_freq",
+                 f"{moe.layer_freq} does not divide llm.num_layers={llm.num_layers}, so the "
+                 "MoE layers would not repeat evenly")
+        _require(1 <= moe.top_k <= moe.num_experts, "llm.moe.top_k",
+                 f"{moe.top_k} must be between 1 and llm.moe.num_experts={moe.num_experts}")
+    _require(0 <= llm.image_token_id < llm.vocab_size, "llm.image_token_id",
+             f"{llm.image_token_id} is outside the vocabulary (llm.vocab_size={llm.vocab_size})")
+    _require(cfg.parallel.cp == 1, "parallel.cp",
+             "context parallelism is not wired into the MM1 model yet; use cp=1")
+    # One image must fit a sequence with room for at least one text token.
+    _require(cfg.data.seq_length > c.num_tokens, "data.seq_length",
+             f"{cfg.data.seq_length} is too short for one image's {c.num_tokens} tokens")
+
+
+def _validate_parallel(cfg: Config, environ: Optional[dict[str, str]]) -> None:
+    p, llm, moe, v = cfg.parallel, cfg.llm, cfg.llm.moe, cfg.vision
+    _require(llm.num_attention_heads % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide llm.num_attention_heads={llm.num_attention_heads}")
+    _require(llm.query_groups % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide the {llm.query_groups} query groups (llm.num_query_groups)")
+    _require(v.num_attention_heads % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide vision.num_attention_heads={v.num_attention_heads}")
+    _require(llm.vocab_size % p.tp == 0, "parallel.tp",
+             f"{p.tp} does not divide llm.vocab_size={llm.vocab_size}")
+    if p.gpus_per_node is not None:
+        _require(p.gpus_per_node % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide parallel.gpus_per_node={p.gpus_per_node}: a TP group "
+                 "must stay inside one node's NVLink domain")
+    if moe.num_experts > 0 and p.tp > 1:
+        _require(p.sequence_parallel, "parallel.sequence_parallel",
+                 "must be true for MoE with tp>1 (Megatron-Core requirement)")
+    if p.overlap_param_gather:
+        _require(p.distributed_optimizer, "parallel.overlap_param_gather",
+                 "needs parallel.distributed_optimizer=true")
+    if p.tp_comm_overlap and p.tp > 1:
+        _require(p.sequence_parallel, "parallel.tp_comm_overlap",
+                 "needs parallel.sequence_parallel=true (TE overlaps its SP all-gathers)")
+
+    if p.first_stage_layers is not None:
+        _require(p.pp > 1 and p.first_stage_layers < llm.num_layers,
+                 "parallel.first_stage_layers",
+                 f"{p.first_stage_layers} needs parallel.pp>1 and fewer than "
+                 f"llm.num_layers={llm.num_layers}")
+        rest = llm.num_layers - p.first_stage_layers
+        _require(rest % (p.pp - 1) == 0, "parallel.first_stage_layers",
+                 f"the remaining {rest} layers do not split evenly over {p.pp - 1} stages")
+    else:
+        _require(llm.num_layers % p.pp == 0, "parallel.pp",
+                 f"{p.pp} does not divide llm.num_layers={llm.num_layers}; "
+                 "set parallel.first_stage_layers for an uneven split")
+    if p.virtual_stages is not None:
+        # With pp=2 a rank's next and previous stage are one peer, and their forward and
+        # backward messages can cross (Megatron-LM's own rule; seen wrong on gloo here).
+        _require(p.pp > 2 and p.first_stage_layers is None, "parallel.virtual_stages",
+                 "interleaving needs parallel.pp>2 and an even split (no first_stage_layers)")
+        _require(llm.num_layers % (p.pp * p.virtual_stages) == 0, "parallel.virtual_stages",
+                 f"pp*virtual_stages={p.pp * p.virtual_stages} does not divide "
+                 f"llm.num_layers={llm.num_layers}")
+
+    world = resolve_world_size(cfg, environ)
+    _require(world % p.model_parallel_size == 0, "parallel.world_size",
+             f"world size {world} is not divisible by tp*pp*cp={p.model_parallel_size}")
+    dp = world // p.model_parallel_size
+    if p.dp is not None:
+        _require(p.dp == dp, "parallel.dp",
+                 f"world size {world} != tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp}")
+
+    if moe.num_experts > 0:
+        _require(moe.num_experts % p.ep == 0, "parallel.ep",
+                 f"{p.ep} does not divide llm.moe.num_experts={moe.num_experts}")
+        expert_tp = p.expert_tp or p.tp
+        _require((p.tp * p.cp * dp) % (p.ep * expert_tp) == 0, "parallel.ep",
+                 f"ep*expert_tp={p.ep * expert_tp} must divide tp*cp*dp={p.tp * p.cp * dp}")
+    else:
+        _require(p.ep == 1, "parallel.ep", f"{p.ep} > 1 needs experts (llm.moe.num_experts>0)")
+
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+             f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
+             f"{t.micro_batch_size}*{dp}")
+    if p.virtual_stages is not None:
+        micro = t.global_batch_size // per_step
+        _require(micro % p.pp == 0, "parallel.virtual_stages",
+                 f"the interleaved schedule runs micro-batches in groups of pp={p.pp}; "
+                 f"{micro} micro-batches per step is not a multiple")
+
+
+def _validate_train(cfg: Config, fp8_ok: bool) -> None:
+    t = cfg.train
+    if t.fp8 is not None:
+        _require(fp8_ok, "train.fp8",
+                 f"{t.fp8!r} needs Transformer Engine and an FP8 GPU (Hopper); not found here")
+        _require(t.precision == "bf16", "train.fp8", "FP8 training runs with train.precision=bf16")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
+    _require(t.warmup_steps < t.train_steps, "train.warmup_steps",
+             f"{t.warmup_steps} is not below train.train_steps={t.train_steps}")
+    for shots in filter(None, (k.strip() for k in cfg.eval.shots.split(","))):
+        _require(shots.isdigit(), "eval.shots", f"{shots!r} is not a number of examples")
+    d = cfg.data
+    weights = (d.weight_interleaved, d.weight_caption, d.weight_text)
+    _require(all(w >= 0 for w in weights) and sum(weights) > 0, "data.weight_interleaved",
+             "mixture weights must be non-negative and not all zero")
+
+
+def fp8_available() -> bool:
+    """Transformer Engine importable and an FP8-capable GPU (Ada/Hopper or newer)."""
+    from mm1_megatron.runtime.backends import detect_backends
+
+    return detect_backends().fp8_available
+
+
+def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
+             fp8_ok: Optional[bool] = None) -> Config:
+    """Refuse an inconsistent config; raises ConfigError naming the field."""
+    _validate_positive(cfg)
+    _validate_model(cfg)
+    _validate_parallel(cfg, environ)
+    if fp8_ok is None:  # checked against this machine (not for dry runs / cluster plans)
+        fp8_ok = cfg.train.fp8 is None or fp8_available()
+        if cfg.parallel.tp_comm_overlap and cfg.parallel.tp > 1:
+            from mm1_megatron.runtime.backends import detect_backends
+
+            _require(detect_backends().layer_spec == "transformer_engine",
+                     "parallel.tp_comm_overlap", "needs Transformer Engine on GPUs; not found "
+                     "here (set parallel.tp_comm_overlap=false)")
+    _validate_train(cfg, fp8_ok)
+    return cfg
