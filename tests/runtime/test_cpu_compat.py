@@ -591,6 +591,39 @@ def test_registry_conditions() -> None:
     assert all(p.name == p.apply.__name__ for p in PATCHES)
 
 
+# What the registry's conditions mean, as each patch module's docstring must say it.
+_APPLIES_WHEN = {"_no_cuda": "Applies when: no CUDA",
+                 "_no_te": "Applies when: no Transformer Engine",
+                 "_no_fused_adam": "Applies when: no fused Adam"}
+
+
+def test_patch_modules_documented_and_registered() -> None:
+    # One module per patch, each in the registry exactly once, each docstring naming the
+    # Megatron-Core call that fails, its error, when the patch applies and when to drop it.
+    import importlib
+    import pkgutil
+    from collections import Counter
+
+    from mm1_megatron.runtime import cpu_compat
+
+    package = cpu_compat.__name__
+    modules = sorted(m.name for m in pkgutil.iter_modules(cpu_compat.__path__)
+                     if not m.name.startswith("_"))
+    registered = Counter(p.apply.__module__ for p in PATCHES)
+    assert sorted(registered) == [f"{package}.{m}" for m in modules], (registered, modules)
+    assert set(registered.values()) == {1}, registered
+    for patch in PATCHES:
+        module = importlib.import_module(patch.apply.__module__)
+        assert patch.name == "patch_" + module.__name__.rpartition(".")[2], patch.name
+        assert getattr(module, patch.name) is patch.apply is getattr(cpu_compat, patch.name)
+        doc = module.__doc__ or ""
+        for phrase in ("Breaks (Megatron-Core 0.16.1): ", "Error: ",
+                       _APPLIES_WHEN[patch.condition.__name__], "Redirect: ", "Drop when: "):
+            assert phrase in doc, f"{module.__name__} docstring lacks {phrase!r}"
+        breaks = doc.split("Breaks (Megatron-Core 0.16.1): ", 1)[1].split("Error: ", 1)[0]
+        assert "``" in breaks, f"{module.__name__}: name the failing Megatron-Core call"
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend detection (it decides which patches apply)
 # ---------------------------------------------------------------------------------------------
