@@ -75,10 +75,22 @@ def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
                                                       metadata=_OPTIMIZER_SHARDING)}
 
 
+def finish_param_sync(model) -> None:
+    """Collective. With `overlap_param_gather` the distributed optimizer's updated shards reach
+    the other DP ranks only in the next forward's pre-hooks: until then every rank holds its
+    own shard at step N and the others' at N-1. Gather now (as Megatron-LM does before a save)
+    and keep the hooks for the next forward, which then finds nothing left to gather."""
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):  # Megatron DDP with overlap_param_gather
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
                     extra: Optional[dict] = None, keep_last: int = 3) -> Path:
     """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
     all ranks and made of plain Python values."""
+    finish_param_sync(model)
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     partial = root / f"{final.name}.partial"

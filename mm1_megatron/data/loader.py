@@ -67,6 +67,7 @@ class MultimodalLoader:
         self.micro_batch_size = cfg.train.micro_batch_size
         self.image_token_id = cfg.llm.image_token_id
         self.tokens_per_image = cfg.connector.num_tokens
+        self.max_images = d.max_images_per_sequence
         self.state = state or LoaderState(0, None)
 
     def _document(self, source: int, epoch: int, index: int, doc_id: int) -> Optional[Document]:
@@ -143,7 +144,19 @@ class MultimodalLoader:
                     break
             yield self.collate(rows), self.state
 
+    def _check_image_slots(self, rows: list[PackedRow]) -> None:
+        """Each row's placeholders are its images (the model only asserts this on the device,
+        without a host sync), at most `data.max_images_per_sequence` of them."""
+        k = self.tokens_per_image
+        for i, row in enumerate(rows):
+            slots = int((row.tokens == self.image_token_id).sum())
+            if slots != len(row.images) * k or len(row.images) > self.max_images:
+                raise ValueError(f"packed row {i} (documents {row.doc_ids}) has {slots} image "
+                                 f"placeholder tokens for {len(row.images)} images x {k} tokens "
+                                 f"(data.max_images_per_sequence={self.max_images})")
+
     def collate(self, rows: list[PackedRow]) -> dict:
+        self._check_image_slots(rows)
         loss_masks = [row.loss_mask.clone() for row in rows]
         images = self._images(rows, loss_masks)
         tokens = torch.stack([r.tokens for r in rows])

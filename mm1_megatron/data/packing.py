@@ -189,3 +189,20 @@ class Packer:
         self.stats.real_tokens += cursor
         self.stats.slots += s
         return row
+
+
+def segment_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[b, s] document ids of a micro-batch -> (cu_seqlens [n + 1] int32, longest segment).
+
+    The rows laid end to end as one sequence of b*s tokens, cut wherever the document changes
+    and at every row start: each packed document is one segment, each run of padding another
+    (it carries no loss). This is the `thd` form Transformer Engine's fused attention takes
+    (Megatron-Core's PackedSeqParams), computed here on the host where reading the ids costs
+    no device synchronisation.
+    """
+    b, s = document_ids.shape
+    change = torch.ones(b, s, dtype=torch.bool)
+    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = change.reshape(-1).nonzero().flatten()
+    cu_seqlens = torch.cat([starts, torch.tensor([b * s])]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -13,12 +13,14 @@ from mm1_megatron.model.specs import decoder_block_spec
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def precision_kwargs(cfg: Config) -> dict:
+def precision_kwargs(cfg: Config, fp8: bool = True) -> dict:
+    """Dtype flags of a TransformerConfig; `fp8=False` keeps the module out of FP8 whatever
+    `train.fp8` says (the image encoder)."""
     t = cfg.train
     dtype = _DTYPES[t.precision]
     kwargs = dict(params_dtype=dtype, pipeline_dtype=dtype, bf16=t.precision == "bf16",
                   fp16=t.precision == "fp16")
-    if t.fp8 is not None:
+    if fp8 and t.fp8 is not None:
         kwargs.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe)
     return kwargs
 

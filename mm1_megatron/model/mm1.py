@@ -38,6 +38,13 @@ class MM1Model(MegatronModule):
         self.connector = build_connector(cfg) if pre_process else None
         self.image_size = cfg.vision.image_size
         self.language_model = decoder  # not `decoder`: schedules read that as a TransformerBlock
+        # Mixed precision as Megatron-Core's Float16Module does it: every module in the run's
+        # dtype (the patch conv, norms and connector included, which torch creates in fp32),
+        # float inputs cast on entry, fp32 out of the last stage. The loss is computed in fp32
+        # and the optimizer keeps fp32 master weights.
+        self.dtype = decoder.config.params_dtype
+        if self.dtype != torch.float32:
+            self.to(dtype=self.dtype)
 
     # finalize_model_grads looks these up on the module that has `pre_process` (this one) to
     # all-reduce a tied embedding between the first and last pipeline stage.
@@ -65,7 +72,7 @@ class MM1Model(MegatronModule):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, num_tokens, llm_hidden]."""
-        features = self.vision(images)
+        features = self.vision(images.to(self.dtype))
         if self.cfg.vision.class_token:
             features = features[:, 1:]  # the connectors work on the patch grid
         return self.connector(features)
@@ -74,17 +81,16 @@ class MM1Model(MegatronModule):
                             images: Optional[torch.Tensor]) -> torch.Tensor:
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
         slots = input_ids == self.image_token_id  # [b, s]
-        per_row = slots.sum(dim=1)
-        too_many = per_row > self.max_images_per_row * self.tokens_per_image
-        if bool(too_many.any()):
-            row = int(too_many.nonzero()[0])
-            raise ValueError(f"row {row} holds {int(per_row[row]) // self.tokens_per_image} "
-                             f"images; data.max_images_per_sequence="
-                             f"{self.max_images_per_row}")
         num_images = 0 if images is None else images.shape[0]
-        if int(per_row.sum()) != num_images * self.tokens_per_image:
-            raise ValueError(f"the batch has {int(per_row.sum())} image placeholder tokens but "
-                             f"{num_images} images x {self.tokens_per_image} tokens")
+        # Checked on the device, no host sync (reading the counts would stall a GPU every
+        # micro-batch): the loader checks them on the host with row-level detail first.
+        per_row = slots.sum(dim=1)
+        limit = self.max_images_per_row * self.tokens_per_image
+        torch._assert_async((per_row <= limit).all(), "a row holds more than "
+                            f"data.max_images_per_sequence={self.max_images_per_row} images")
+        torch._assert_async(per_row.sum() == num_images * self.tokens_per_image,
+                            f"the batch's image placeholder tokens are not {num_images} images "
+                            f"x {self.tokens_per_image} tokens")
         if num_images == 0:
             # Every rank must run the encoder: its TP collectives and the gradient
             # all-reduce would otherwise differ between ranks with and without images.
@@ -114,9 +120,10 @@ class MM1Model(MegatronModule):
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
                     decoder_input)
-        return self.language_model(input_ids=input_ids, position_ids=position_ids,
-                            attention_mask=attention_mask, decoder_input=decoder_input,
-                            labels=labels)
+        output = self.language_model(input_ids=input_ids, position_ids=position_ids,
+                                     attention_mask=attention_mask, decoder_input=decoder_input,
+                                     labels=labels)
+        return output.float() if self.post_process else output
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

@@ -48,15 +48,40 @@ def vision_layer_spec(use_te: bool) -> ModuleSpec:
     return spec
 
 
+def userbuffer_kwargs(cfg, te_version: str) -> dict:
+    """Arguments of TE's `initialize_ub` for `parallel.tp_comm_overlap`, as Megatron-LM passes
+    them: buffers sized for the decoder's [seq x micro-batch / cp, hidden] activations, the
+    bootstrap over NCCL (TE's default picks MPI wherever torch has it, which dies under plain
+    srun), and FP8 as quantization modes from TE 2.7 on (`use_fp8` before)."""
+    from packaging.version import Version
+
+    p = cfg.parallel
+    if Version(te_version) < Version("1.9"):
+        raise RuntimeError(f"parallel.tp_comm_overlap needs Transformer Engine >= 1.9 "
+                           f"(NCCL bootstrap); found {te_version}")
+    tokens = cfg.data.seq_length * cfg.train.micro_batch_size // p.cp
+    kwargs = dict(shape=[tokens, cfg.llm.hidden_size], tp_size=p.tp, bootstrap_backend="nccl")
+    fp8 = cfg.train.fp8 is not None
+    if Version(te_version) >= Version("2.7"):
+        kwargs["quantization_modes"] = ["FP8" if fp8 else "NONE"]  # UserBufferQuantizationMode
+    else:
+        kwargs["use_fp8"] = fp8
+    return kwargs
+
+
 def init_tp_comm_overlap(cfg) -> None:
-    """Transformer Engine's userbuffers for `parallel.tp_comm_overlap`, sized for the decoder's
-    [seq x micro-batch, hidden] activations (as Megatron-LM does); once per process, before
-    the model is built. A thin switch onto TE: validation refuses it where TE is absent."""
+    """Transformer Engine's userbuffers for `parallel.tp_comm_overlap`; once per process,
+    before the model is built. A thin switch onto TE: validation refuses it where TE is
+    absent. `UB_SKIPMC=1` in the environment turns off CUDA multicast in TE's userbuffers
+    (for nodes or containers without multicast support)."""
     p = cfg.parallel
     if not (p.tp_comm_overlap and p.tp > 1):
         return
-    from transformer_engine.pytorch.module.base import initialize_ub
+    import transformer_engine
+    from transformer_engine.pytorch.module import base
 
-    tokens = cfg.data.seq_length * cfg.train.micro_batch_size // p.cp
-    initialize_ub(shape=[tokens, cfg.llm.hidden_size], tp_size=p.tp,
-                  use_fp8=cfg.train.fp8 is not None)
+    kwargs = userbuffer_kwargs(cfg, transformer_engine.__version__)
+    if "quantization_modes" in kwargs:
+        kwargs["quantization_modes"] = [base.UserBufferQuantizationMode[m]
+                                        for m in kwargs["quantization_modes"]]
+    base.initialize_ub(**kwargs)

@@ -30,7 +30,10 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
         attention_dropout=0.0,
         # The encoder lives whole on the first pipeline stage.
         **parallel_kwargs(cfg, decoder=False),
-        **precision_kwargs(cfg),
+        # Never FP8 (train.fp8 is the decoder's): its GEMMs see 730 x images rows, which TE's
+        # FP8 refuses unless the image count is a multiple of 4, and the encoder is ~10% of
+        # the FLOPs. Megatron-Bridge keeps vision backbones out of FP8 by default too.
+        **precision_kwargs(cfg, fp8=False),
         **recompute_kwargs(v.recompute, v.recompute_layers),
     )
 

@@ -94,11 +94,13 @@ class MoEMetrics:
         per_layer["expert_load_imbalance"] = tokens[rows].max(1).values / \
             tokens[rows].mean(1).clamp_min(1e-9)
         self.tokens = torch.zeros_like(tokens)
+        # The tracker is indexed by layer; the imbalance rows are MoE layers only.
+        names = list(per_layer)
+        table = torch.stack([per_layer[n] if n == "expert_load_imbalance" else per_layer[n][rows]
+                             for n in names]).tolist()  # one read on the host
         out = {}
-        for name, values in per_layer.items():
-            # The tracker is indexed by layer; the imbalance rows are MoE layers only.
-            layer_values = values if name == "expert_load_imbalance" else values[rows]
-            out[name] = float(layer_values.mean())
-            for layer, value in zip(self.moe_layers, layer_values.tolist()):
+        for name, layer_values in zip(names, table):
+            out[name] = sum(layer_values) / len(layer_values)
+            for layer, value in zip(self.moe_layers, layer_values):
                 out[f"{name}/layer_{layer}"] = value
         return out

@@ -105,10 +105,11 @@ def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_lo
     weighted = per_token_loss.float() * mask
     total = weighted.sum()
     # Report [sum, tokens] overall and per source; the schedule divides by all loss tokens.
+    # Masked sums, not boolean indexing: indexing by a mask reads it on the host (a sync).
     report = [total.detach(), mask.sum().detach()]
     for source in range(len(SOURCES)):
-        picked = (sources == source) if sources is not None else torch.zeros_like(mask).bool()
-        report += [weighted[picked].sum().detach(), mask[picked].sum().detach()]
+        picked = (sources == source).float() if sources is not None else torch.zeros_like(mask)
+        report += [(weighted * picked).sum().detach(), (mask * picked).sum().detach()]
     return total, mask.sum().to(torch.int), {"lm loss": torch.stack(report)}
 
 
@@ -120,15 +121,15 @@ def _forward_step(data_iterator: Iterator[dict], model: DDP):
 
 
 def _non_finite(model: list[DDP], loss_sum: Optional[torch.Tensor]) -> bool:
-    """True on every rank if any rank sees a NaN/Inf loss or gradient."""
-    bad = loss_sum is not None and not bool(torch.isfinite(loss_sum).all())
+    """True on every rank if any rank sees a NaN/Inf loss or gradient. One fused check over
+    DDP's contiguous gradient buffers and one read on the host, whatever the parameter count."""
+    finite = torch.ones((), dtype=torch.bool, device=comm_device())
     for chunk in model:
-        for param in chunk.parameters():
-            grad = getattr(param, "main_grad", None)
-            if bad or (grad is not None and not bool(torch.isfinite(grad).all())):
-                bad = True
-                break
-    flag = torch.tensor([1.0 if bad else 0.0], device=comm_device())
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            finite &= torch.isfinite(buffer.grad_data).all()
+    if loss_sum is not None:
+        finite &= torch.isfinite(loss_sum).all()
+    flag = (~finite).float().reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -167,15 +168,13 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
                        group=ps.get_pipeline_model_parallel_group())
     lr = optimizer.param_groups[0]["lr"]
     if _non_finite(model, summed[0]):
-        return StepResult(loss=float(summed[0] / summed[1]), grad_norm=None, skipped=True,
-                          lr=lr)
+        sums = summed.tolist()
+        return StepResult(loss=sums[0] / sums[1], grad_norm=None, skipped=True, lr=lr)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    loss, per_source = (summed[0] / summed[1]).item(), {}
-    for source in range(len(SOURCES)):
-        total, tokens = summed[2 + 2 * source], summed[3 + 2 * source]
-        if tokens > 0:
-            per_source[source] = (total / tokens).item()
-    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated, lr=lr,
-                      source_losses=per_source)
+    sums = summed.tolist()  # one read of the sums, after the step is queued
+    per_source = {source: sums[2 + 2 * source] / sums[3 + 2 * source]
+                  for source in range(len(SOURCES)) if sums[3 + 2 * source] > 0}
+    return StepResult(loss=sums[0] / sums[1], grad_norm=grad_norm, skipped=not updated,
+                      lr=lr, source_losses=per_source)

@@ -90,3 +90,17 @@ def test_undecodable_image_is_blank_and_counted(tmp_path, demo_data):
         assert batch["loss_mask"].sum() > 0  # the other documents keep theirs
     assert len(found) == 1
     assert loader.skips.counts["undecodable_image"] == 1
+
+
+def test_collate_refuses_rows_whose_placeholders_are_not_their_images(demo_data):
+    """The host-side check the model relies on (it only asserts on the device, no sync)."""
+    import pytest
+
+    loader = MultimodalLoader(config(demo_data), 0, 1, log=None)
+    rows = [row for row, _ in itertools.islice(loader.rows, 4)]
+    row = next(r for r in rows if r.images)
+    loader.collate([row])  # a consistent row passes
+    row.images = row.images[:-1]
+    with pytest.raises(ValueError, match=r"packed row 0 \(documents .*\) has \d+ image "
+                                         r"placeholder tokens for \d+ images x 16 tokens"):
+        loader.collate([row])

@@ -66,9 +66,9 @@ def case_shapes_and_limits() -> dict:
     out["finite"] = bool(torch.isfinite(loss).all())
 
     def refused(ids, n_images):
-        try:
+        try:  # a device-side assert (torch._assert_async): no host sync on a GPU
             model(ids, pos[:1], mask[:1], torch.randn(n_images, 3, 378, 378))
-        except ValueError as err:
+        except RuntimeError as err:
             return str(err)
         return None
 
@@ -82,9 +82,8 @@ def test_image_shapes_and_limits():
     for kind, shape in r["tokens"].items():
         assert shape == [2, 144, 64], kind  # 144 tokens at the LLM width, every connector
     assert r["loss_shape"] == [3, 17 * 147 + 8] and r["finite"]  # rows with 0, 1, 16 images
-    assert r["over_limit"] == "row 0 holds 17 images; data.max_images_per_sequence=16"
-    assert r["mismatch"] == ("the batch has 288 image placeholder tokens but 1 images x 144 "
-                             "tokens")
+    assert r["over_limit"] == "a row holds more than data.max_images_per_sequence=16 images"
+    assert r["mismatch"] == "the batch's image placeholder tokens are not 1 images x 144 tokens"
 
 
 # ----------------------------------------------------------------------------- isolation
@@ -262,3 +261,20 @@ def test_feature_layer_must_exist(value):
     cfg = _cfg(vision__feature_layer=value)
     with pytest.raises(ConfigError, match="vision.feature_layer"):
         validate(cfg, environ={})
+
+
+def test_userbuffers_bootstrap_over_nccl_with_te_version_arguments():
+    """`initialize_ub` as Megatron-LM calls it (TE is absent here: the arguments are checked)."""
+    from mm1_megatron.model.specs import userbuffer_kwargs
+
+    cfg = _cfg(parallel__tp=2, train__fp8="hybrid", data__seq_length=4096,
+               train__micro_batch_size=2)
+    new = userbuffer_kwargs(cfg, "2.8.0")
+    assert new["bootstrap_backend"] == "nccl" and new["quantization_modes"] == ["FP8"]
+    assert new["shape"] == [8192, cfg.llm.hidden_size] and new["tp_size"] == 2
+    assert "use_fp8" not in new
+    old = userbuffer_kwargs(_cfg(parallel__tp=2), "2.5.0")
+    assert old["use_fp8"] is False and old["bootstrap_backend"] == "nccl"
+    assert "quantization_modes" not in old
+    with pytest.raises(RuntimeError, match="Transformer Engine >= 1.9"):
+        userbuffer_kwargs(cfg, "1.8.0")

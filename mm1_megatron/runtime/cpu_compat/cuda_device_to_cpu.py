@@ -58,7 +58,10 @@ class _CpuRedirectMode(TorchFunctionMode):
         if func is torch.Tensor.type and self.cuda_type_names_for and len(args) == 1 \
                 and not kwargs:
             name = func(*args)
-            caller = sys._getframe(1).f_globals.get("__name__", "")
+            frame = sys._getframe(1)
+            while frame.f_code.co_name == "__torch_function__":  # other modes stacked above
+                frame = frame.f_back
+            caller = frame.f_globals.get("__name__", "")
             if caller.startswith(self.cuda_type_names_for):
                 return self.cuda_type_names.get(name, name)
             return name
