@@ -39,7 +39,7 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
 
     from mm1_megatron.convert.reader import ensure_process_group
     from mm1_megatron.model.mm1 import MM1Model
-    from mm1_megatron.runtime import init_distributed
+    from mm1_megatron.runtime import init_distributed, training_device
     from mm1_megatron.checkpoint import load_model_weights
 
     c = reference_config(cfg)
@@ -52,7 +52,7 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(round_to).float())
-    return model.eval()
+    return model.to(training_device()).eval()
 
 
 def probe(cfg: Config, images: bool = True, seed: int = 0):
@@ -73,11 +73,14 @@ def probe(cfg: Config, images: bool = True, seed: int = 0):
 
 @torch.no_grad()
 def megatron_logits(model, ids: torch.Tensor, pixels: Optional[torch.Tensor]) -> torch.Tensor:
-    from mm1_megatron.model.mm1 import document_attention_mask
+    """Logits on the host (the HF side runs there), the forward on the model's device."""
+    from mm1_megatron.runtime import to_device
 
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
-    mask = document_attention_mask(torch.zeros_like(ids))
-    return model(ids, pos, mask, images=pixels).float()
+    batch = to_device({"ids": ids, "pos": torch.arange(ids.shape[1]).unsqueeze(0),
+                       "docs": torch.zeros_like(ids), "pixels": pixels},
+                      next(model.parameters()).device)
+    return model(batch["ids"], batch["pos"], images=batch["pixels"],
+                 document_ids=batch["docs"]).float().cpu()
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from mm1_megatron.data.mixture import SOURCES, LoaderState, MixtureSampler, RowS
 from mm1_megatron.data.packing import IMAGE, Document, PackedRow, Packer
 from mm1_megatron.data.shards import BadSample, ShardDataset, SkipCounter, open_dataset
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mm1_megatron.runtime import pin_batch
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class MultimodalLoader:
         loss_masks = [row.loss_mask.clone() for row in rows]
         images = self._images(rows, loss_masks)
         tokens = torch.stack([r.tokens for r in rows])
-        return dict(
+        return pin_batch(dict(
             tokens=tokens,
             labels=torch.stack([r.labels for r in rows]),
             loss_mask=torch.stack(loss_masks),
@@ -171,7 +172,7 @@ class MultimodalLoader:
             sources=torch.stack([r.sources for r in rows]),
             images=images,
             sample_ids=[list(r.doc_ids) for r in rows],  # global sample ids per row
-        )
+        ))
 
 
 class Prefetcher:

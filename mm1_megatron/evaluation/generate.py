@@ -60,12 +60,12 @@ class Generator:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         embeddings = lm.embedding(input_ids=tokens, position_ids=positions)
         slots = tokens == self.image_token_id
-        n_slots = int(slots.sum())
         n_image_tokens = 0 if image_tokens is None else image_tokens.shape[0] * \
             image_tokens.shape[1]
-        if n_slots != n_image_tokens:
-            raise ValueError(f"{n_slots} image placeholders but {n_image_tokens} image tokens")
-        if n_slots:
+        # A device-side check: reading the count on the host would stall a GPU every step.
+        torch._assert_async(slots.sum() == n_image_tokens,
+                            f"the image placeholders are not {n_image_tokens} image tokens")
+        if n_image_tokens:
             rows_first = embeddings.transpose(0, 1).masked_scatter(
                 slots.unsqueeze(-1), image_tokens.to(embeddings.dtype))
             embeddings = rows_first.transpose(0, 1).contiguous()
@@ -133,10 +133,11 @@ class Generator:
             if keep_logits:
                 step_logits.append(logits.cpu())
             nxt = self._pick(logits)
+            picked = nxt.tolist()  # one read of the step's tokens
             for i in range(b):
                 if reasons[i] is not None:
                     continue
-                t = int(nxt[i])
+                t = picked[i]
                 if t in self.stop_ids:
                     reasons[i] = self.stop_ids[t]
                 elif t in self.newline_ids:

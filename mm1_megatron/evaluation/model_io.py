@@ -29,11 +29,12 @@ def build_eval_model(cfg: Config, seed: Optional[int] = None):
     """Start a one-process world (if none is up) and build the MM1Model in eval mode."""
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.model.specs import use_transformer_engine
-    from mm1_megatron.runtime import init_distributed
+    from mm1_megatron.runtime import init_distributed, training_device
 
     init_distributed(cfg.parallel, seed=cfg.train.seed if seed is None else seed,
                      environ={})  # always a world of one, whatever launched us
     model = MM1Model(cfg, use_transformer_engine())
+    model.to(training_device())
     model.eval()
     return model
 

@@ -6,11 +6,12 @@ from mm1_megatron.runtime.cpu_compat import (
     CompatPatch,
     applied_patches,
     apply_cpu_compat,
+    device_audit,
     needed_patches,
 )
+from mm1_megatron.runtime.device import comm_device, pin_batch, to_device, training_device
 from mm1_megatron.runtime.distributed import (
     DistEnv,
-    comm_device,
     dist_env_from_environ,
     expand_slurm_nodelist,
     init_distributed,
@@ -28,10 +29,14 @@ __all__ = [
     "comm_device",
     "describe_backends",
     "detect_backends",
+    "device_audit",
     "dist_env_from_environ",
     "expand_slurm_nodelist",
     "init_distributed",
     "needed_patches",
+    "pin_batch",
     "process_groups",
     "shutdown_distributed",
+    "to_device",
+    "training_device",
 ]

@@ -247,18 +247,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def comm_device() -> torch.device:
-    """Where the small tensors of our own collectives (flags, loss sums, counts) live: the GPU
-    under NCCL, which takes no host tensors; the host under gloo."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 __all__ = [
     "DistEnv",
     "ParallelLayout",
-    "comm_device",
     "dist_env_from_environ",
     "expand_slurm_nodelist",
     "init_distributed",

@@ -29,7 +29,7 @@ from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
 from mm1_megatron.model.params import count_params
 from mm1_megatron.model.specs import init_tp_comm_overlap
-from mm1_megatron.runtime import comm_device
+from mm1_megatron.runtime import comm_device, to_device, training_device
 from mm1_megatron.model.recipe import peak_lr_and_weight_decay
 
 
@@ -53,6 +53,9 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
         module = MM1Model(cfg, use_te, pre_process=first, post_process=last,
                           pp_rank=ps.get_pipeline_model_parallel_rank(), vp_stage=vp)
         module.model_type = ModelType.encoder_or_decoder  # what the schedules expect of a GPT
+        # Weights are initialised on the host (identical for every TP size); the whole module,
+        # buffers included, goes to the device before DDP, as Megatron-LM does.
+        module.to(training_device())
         # Later chunks' gradients are ready last; one bucket each (as Megatron-LM does).
         model.append(DDP(config=module.config, ddp_config=ddp_config, module=module,
                          disable_bucketing=vp_stage > 0))
@@ -114,7 +117,7 @@ def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_lo
 
 
 def _forward_step(data_iterator: Iterator[dict], model: DDP):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
                    labels=batch["labels"], document_ids=batch["document_ids"])
     return output, partial(_loss, batch["loss_mask"], batch.get("sources"))
@@ -169,12 +172,12 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
     lr = optimizer.param_groups[0]["lr"]
     if _non_finite(model, summed[0]):
         sums = summed.tolist()
-        return StepResult(loss=sums[0] / sums[1], grad_norm=None, skipped=True, lr=lr)
+        return StepResult(loss=sums[0] / max(sums[1], 1.0), grad_norm=None, skipped=True, lr=lr)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
     sums = summed.tolist()  # one read of the sums, after the step is queued
     per_source = {source: sums[2 + 2 * source] / sums[3 + 2 * source]
                   for source in range(len(SOURCES)) if sums[3 + 2 * source] > 0}
-    return StepResult(loss=sums[0] / sums[1], grad_norm=grad_norm, skipped=not updated,
+    return StepResult(loss=sums[0] / max(sums[1], 1.0), grad_norm=grad_norm, skipped=not updated,
                       lr=lr, source_losses=per_source)

@@ -25,11 +25,14 @@ Patch modules import only from sibling modules, never from this ``__init__``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Optional
 
-from ._registry import _APPLIED
+import torch
+
+from ._registry import _APPLIED, STAND_IN
 from .clip_vit_default_norm import patch_clip_vit_default_norm
 from .cuda_device_to_cpu import patch_cuda_device_to_cpu
 from .cuda_rng_tracker import patch_cuda_rng_tracker
@@ -130,11 +133,50 @@ def install(backends: Optional["Backends"] = None, *,
 apply_cpu_compat = install  # the name the rest of the project (and its tests) use
 
 
+def stand_in_device() -> torch.device:
+    """The device that stands in for the GPU here: the host, or `meta` in a device audit."""
+    return STAND_IN.device
+
+
+@contextlib.contextmanager
+def device_audit() -> Iterator[None]:
+    """Within: what Megatron-Core (and our code, through `runtime.device`) puts on "the GPU"
+    goes to the `meta` device instead of the host, so any tensor left on the host meets a meta
+    tensor and raises a device mismatch, as it would on a GPU; values the host reads from meta
+    tensors (`item`, `tolist`, `bool`, ...) read as zeros. Needs the CUDA-absent patches
+    (`install()`); build the model inside the audit."""
+    if "patch_cuda_device_to_cpu" not in _APPLIED:
+        raise RuntimeError("device_audit needs the CPU compatibility patches (install())")
+    from megatron.core.distributed import param_and_grad_buffer
+
+    previous = STAND_IN.device, STAND_IN.auditing, param_and_grad_buffer._coalescing_manager
+    STAND_IN.device, STAND_IN.auditing = torch.device("meta"), True
+    # torch has no meta kernels for the *coalesced* c10d ops DDP's buffers use; issued one by
+    # one (as gloo would run them anyway) each has one.
+    param_and_grad_buffer._coalescing_manager = _one_by_one
+    try:
+        yield
+    finally:
+        (STAND_IN.device, STAND_IN.auditing,
+         param_and_grad_buffer._coalescing_manager) = previous
+
+
+class _Done:
+    def wait(self) -> None: ...
+
+
+@contextlib.contextmanager
+def _one_by_one(group=None, device=None, async_ops: bool = False) -> Iterator[_Done]:
+    yield _Done()
+
+
 __all__ = [
     "PATCHES",
     "CompatPatch",
     "applied_patches",
     "apply_cpu_compat",
+    "device_audit",
+    "stand_in_device",
     "install",
     "needed_patches",
     "patch_clip_vit_default_norm",

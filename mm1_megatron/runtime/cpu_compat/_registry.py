@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import torch
+
 # Names of the patches in effect in this process, in the order they were applied.
 _APPLIED: list[str] = []
 
@@ -24,3 +26,15 @@ def _once(fn: Callable[[], None]) -> Callable[[], None]:
         _APPLIED.append(fn.__name__)
 
     return wrapper
+
+
+class StandIn:
+    """What stands in for the GPU while CUDA is absent: the host, or the `meta` device during
+    a device audit (`cpu_compat.device_audit`), where a tensor our code leaves on the host
+    meets the model's tensors on `meta` and raises a device mismatch, as it would on a GPU."""
+
+    device = torch.device("cpu")
+    auditing = False
+
+
+STAND_IN = StandIn()

@@ -13,6 +13,8 @@ available`` (pin_memory).
 Applies when: no CUDA (``Backends.cuda_available`` is False).
 Redirect: a torch-function mode rewrites only the device arguments: with no GPU "the
 device" is the CPU, the tensors are the same, and pinning has no meaning without a GPU.
+During a device audit (``cpu_compat.device_audit``) "the device" is ``meta`` instead, and
+host reads of meta tensors return zeros.
 Drop when: Megatron-Core allocates on the current / configured device instead of the
 literal ``"cuda"`` and ``.cuda()`` (in the schedules, optimizers, ``clip_grads``, DDP and
 ``CLIPViTModel``) and pins memory only when an accelerator is present.
@@ -30,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._registry import _once
+from ._registry import STAND_IN, _once
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -66,15 +68,50 @@ class _CpuRedirectMode(TorchFunctionMode):
                 return self.cuda_type_names.get(name, name)
             return name
         if self.redirect_devices:
-            if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            target = STAND_IN.device
+            if func is torch.Tensor.pin_memory:
                 return args[0]
+            if func is torch.Tensor.cuda:
+                return args[0].to(target)
             if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-                kwargs = {**kwargs, "device": torch.device("cpu")}
+                kwargs = {**kwargs, "device": target}
             if kwargs.get("pin_memory"):
                 kwargs = {**kwargs, "pin_memory": False}
             if func is torch.Tensor.to and any(_is_cuda_device(a) for a in args[1:]):
-                args = tuple(torch.device("cpu") if _is_cuda_device(a) else a for a in args)
+                args = tuple(target if _is_cuda_device(a) else a for a in args)
+            if STAND_IN.auditing and func in _HOST_READS and args and \
+                    isinstance(args[0], torch.Tensor) and args[0].is_meta:
+                return _HOST_READS[func](args[0])
+            if STAND_IN.auditing and func is torch.tensor and args and \
+                    isinstance(args[0], (list, tuple)):  # e.g. torch.tensor([norms...])
+                args = (_meta_as_zeros(args[0]),) + tuple(args[1:])
         return func(*args, **kwargs)
+
+
+def _meta_as_zeros(data: Any) -> Any:
+    if isinstance(data, torch.Tensor) and data.is_meta:
+        return _zeros_on_host(data).tolist()
+    if isinstance(data, (list, tuple)):
+        return type(data)(_meta_as_zeros(d) for d in data)
+    return data
+
+
+def _zeros_on_host(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(t.shape, dtype=t.dtype)
+
+
+# During a device audit a meta tensor read by the host reads as zeros, so a whole step (the
+# optimizer's grad norm, our loss sums) runs through with shapes and devices checked.
+_HOST_READS = {
+    torch.Tensor.item: lambda t: _zeros_on_host(t).item(),
+    torch.Tensor.tolist: lambda t: _zeros_on_host(t).tolist(),
+    torch.Tensor.__bool__: lambda t: False,
+    torch.Tensor.__float__: lambda t: 0.0,
+    torch.Tensor.__int__: lambda t: 0,
+    torch.Tensor.__index__: lambda t: 0,
+    torch.Tensor.cpu: _zeros_on_host,
+    torch.Tensor.numpy: lambda t: _zeros_on_host(t).numpy(),
+}
 
 
 _MODE: Optional[_CpuRedirectMode] = None

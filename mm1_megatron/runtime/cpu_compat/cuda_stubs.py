@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._registry import _once
+from ._registry import STAND_IN, _once
 
 
 class _NoOpEvent:
@@ -85,7 +85,7 @@ def patch_cuda_stubs() -> None:
     """``torch.cuda`` device, stream and event calls -> CPU no-ops (see the module docstring)."""
     cuda = torch.cuda
     cpu_stream = _NoOpStream()  # one "current" stream, so identity comparisons behave
-    cuda.current_device = lambda: "cpu"  # type: ignore[assignment, return-value]
+    cuda.current_device = lambda: STAND_IN.device.type  # type: ignore[assignment, return-value]
     cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     cuda.Event = _NoOpEvent  # type: ignore[assignment, misc]
     cuda.Stream = _NoOpStream  # type: ignore[assignment, misc]

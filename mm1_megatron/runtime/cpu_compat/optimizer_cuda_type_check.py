@@ -23,12 +23,10 @@ from __future__ import annotations
 from ._registry import _once
 from .cuda_device_to_cpu import _redirect_mode
 
-# CPU type name -> the name the same dtype has on a GPU
-_CUDA_TYPE_NAMES = {
-    "torch.FloatTensor": "torch.cuda.FloatTensor",
-    "torch.HalfTensor": "torch.cuda.HalfTensor",
-    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
-}
+# CPU (and, in a device audit, meta) type name -> the name the same dtype has on a GPU
+_CUDA_TYPE_NAMES = {f"torch.{prefix}{kind}": f"torch.cuda.{kind}"
+                    for prefix in ("", "meta.")
+                    for kind in ("FloatTensor", "HalfTensor", "BFloat16Tensor")}
 
 
 @_once
