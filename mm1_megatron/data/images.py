@@ -102,6 +102,9 @@ class ImageDecoder:
         self.device, self.seed, self.max_pixels = device, seed, max_pixels
         self._cuda = device == "mixed"
         self._device_id = torch.cuda.current_device() if self._cuda else None
+        # Our own stream for the copy out of DALI: queued behind the training kernels on the
+        # default stream, it would wait for the step it is meant to overlap.
+        self._stream = torch.cuda.Stream(self._device_id) if self._cuda else None
         # Why each image of the last `decode` call was skipped: index -> reason, for logging.
         self.last_errors: dict[int, str] = {}
         self.rebuilds = 0
@@ -120,17 +123,31 @@ class ImageDecoder:
     def _run(self, batch: list[bytes]) -> torch.Tensor:
         (out,) = self._pipe.run(**{_INPUT: [np.frombuffer(b, dtype=np.uint8) for b in batch]})
         dense = out.as_tensor()
-        result = torch.empty(dense.shape(), dtype=torch.float32,
-                             device=f"cuda:{self._device_id}" if self._cuda else "cpu")
-        stream = torch.cuda.current_stream(self._device_id) if self._cuda else None
-        feed_ndarray(dense, result, cuda_stream=stream)
+        if not self._cuda:
+            result = torch.empty(dense.shape(), dtype=torch.float32)
+            feed_ndarray(dense, result)
+            return result
+        with torch.cuda.stream(self._stream):
+            result = torch.empty(dense.shape(), dtype=torch.float32,
+                                 device=f"cuda:{self._device_id}")
+            feed_ndarray(dense, result, cuda_stream=self._stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        # Handed over by the event: this (prefetch) thread waits for the copy, the training
+        # stream does not; the memory is not reused while training kernels may read it.
+        done.synchronize()
+        result.record_stream(torch.cuda.default_stream(self._device_id))
         return result
 
     def _run_or_rebuild(self, batch: list[bytes]) -> torch.Tensor | str:
-        """The decoded batch, or DALI's error message (after replacing the dead pipeline)."""
+        """The decoded batch, or DALI's error message (after replacing the dead pipeline).
+        A failure of the device (CUDA, memory) is raised: it says nothing about the images,
+        and counting it as undecodable would silently blank good data."""
         try:
             return self._run(batch)
         except RuntimeError as e:
+            if is_device_failure(str(e)):
+                raise
             self._pipe = self._build()
             self.rebuilds += 1
             return _dali_reason(str(e))
@@ -170,6 +187,15 @@ class ImageDecoder:
                 sorted(self.last_errors)
         tensor = outs[0] if len(outs) == 1 else torch.cat(outs)
         return tensor, sorted(self.last_errors)
+
+
+# Errors of the machine, not of an image: raised, never counted as a bad sample.
+_DEVICE_FAILURES = re.compile(r"CUDA|cuda[A-Z]\w*|out of memory|[Aa]llocat|CUBLAS|NCCL|"
+                              r"[Dd]evice-side|driver|illegal memory access", re.MULTILINE)
+
+
+def is_device_failure(message: str) -> bool:
+    return bool(_DEVICE_FAILURES.search(message))
 
 
 def _dali_reason(message: str) -> str:

@@ -185,3 +185,25 @@ def test_rejects_bad_arguments():
         ImageDecoder(S, batch_size=2, device="gpu")
     with pytest.raises(ValueError, match="> 0"):
         ImageDecoder(0, batch_size=2, device="cpu")
+
+
+def test_device_failures_are_raised_not_counted_as_bad_images():
+    """A CUDA or allocation failure of the pipeline says nothing about the images: it must
+    stop the run, not blank good data (fault injected into the DALI pipeline's run)."""
+    from mm1_megatron.data.images import is_device_failure
+
+    dec = ImageDecoder(S, batch_size=4, num_threads=1, device="cpu")
+    real_run = dec._pipe.run
+
+    def failing(**feed):
+        raise RuntimeError("Critical error in pipeline:\nCUDA error: out of memory")
+
+    dec._pipe.run = failing
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        dec.decode(GOOD)
+    assert dec.rebuilds == 0 and not dec.last_errors
+    dec._pipe.run = real_run
+    out, bad = dec.decode([GOOD[0], BAD["truncated_jpeg"]])  # a decode failure: skipped
+    assert bad == [1] and out.shape[0] == 1 and not is_device_failure(dec.last_errors[1])
+    assert is_device_failure("Can't allocate 12582912 bytes on device 0")
+    assert not is_device_failure("nvJPEG error: bad Huffman code")

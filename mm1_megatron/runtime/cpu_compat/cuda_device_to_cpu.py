@@ -71,8 +71,8 @@ class _CpuRedirectMode(TorchFunctionMode):
             target = STAND_IN.device
             if func is torch.Tensor.pin_memory:
                 return args[0]
-            if func is torch.Tensor.cuda:
-                return args[0].to(target)
+            if func is torch.Tensor.cuda:  # (a tensor built on meta stays there)
+                return args[0] if args[0].is_meta else args[0].to(target)
             if "device" in kwargs and _is_cuda_device(kwargs["device"]):
                 kwargs = {**kwargs, "device": target}
             if kwargs.get("pin_memory"):
