@@ -181,3 +181,18 @@ def test_run_config_round_trip(tmp_path):
     assert load_run_config(tmp_path, ["train.lr=1e-4"]).train.lr == 1e-4
     with pytest.raises(ConfigError, match="config.yaml"):
         load_run_config(tmp_path / "elsewhere")
+
+
+def test_te_runs_take_one_row_per_micro_batch_with_pipeline_parallelism():
+    """Under TE packed rows are one THD sequence; stages exchange [s, b, h]: b must be 1."""
+    from mm1_megatron.config import set_field, validate
+
+    cfg = get_preset("mm1-30b")  # pp=4
+    set_field(cfg, "parallel.world_size", 256)
+    validate(cfg, environ={}, fp8_ok=True)  # as planned: one row per micro-batch
+    set_field(cfg, "train.micro_batch_size", 2)
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        validate(cfg, environ={}, fp8_ok=True)
+    set_field(cfg, "parallel.pp", 1)
+    set_field(cfg, "parallel.first_stage_layers", None)
+    validate(cfg, environ={}, fp8_ok=True)  # without a pipeline, rows end to end are fine

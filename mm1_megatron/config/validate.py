@@ -201,13 +201,21 @@ def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
     _validate_positive(cfg)
     _validate_model(cfg)
     _validate_parallel(cfg, environ)
+    transformer_engine = True  # dry runs and cluster plans: the GPU nodes have TE
     if fp8_ok is None:  # checked against this machine (not for dry runs / cluster plans)
-        fp8_ok = cfg.train.fp8 is None or fp8_available()
-        if cfg.parallel.tp_comm_overlap and cfg.parallel.tp > 1:
-            from mm1_megatron.runtime.backends import detect_backends
+        from mm1_megatron.runtime.backends import detect_backends
 
-            _require(detect_backends().layer_spec == "transformer_engine",
-                     "parallel.tp_comm_overlap", "needs Transformer Engine on GPUs; not found "
-                     "here (set parallel.tp_comm_overlap=false)")
+        fp8_ok = cfg.train.fp8 is None or fp8_available()
+        transformer_engine = detect_backends().layer_spec == "transformer_engine"
+        if cfg.parallel.tp_comm_overlap and cfg.parallel.tp > 1:
+            _require(transformer_engine, "parallel.tp_comm_overlap", "needs Transformer Engine "
+                     "on GPUs; not found here (set parallel.tp_comm_overlap=false)")
+    if transformer_engine:
+        # Packed rows run as one THD sequence of micro_batch x seq tokens under TE; pipeline
+        # stages exchange [seq, micro_batch, hidden] tensors, which only agree at one row.
+        _require(cfg.train.micro_batch_size == 1 or cfg.parallel.pp == 1,
+                 "train.micro_batch_size", f"{cfg.train.micro_batch_size} rows per micro-batch "
+                 "with parallel.pp > 1: packed rows run as THD sequences under Transformer "
+                 "Engine, one row per micro-batch with pipeline parallelism")
     _validate_train(cfg, fp8_ok)
     return cfg

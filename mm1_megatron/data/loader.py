@@ -20,7 +20,7 @@ import torch
 from mm1_megatron.config import Config
 from mm1_megatron.data.images import ImageDecoder
 from mm1_megatron.data.mixture import SOURCES, LoaderState, MixtureSampler, RowStream, rank_rows
-from mm1_megatron.data.packing import IMAGE, Document, PackedRow, Packer
+from mm1_megatron.data.packing import IMAGE, Document, PackedRow, Packer, segment_boundaries
 from mm1_megatron.data.shards import BadSample, ShardDataset, SkipCounter, open_dataset
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from mm1_megatron.runtime import pin_batch
@@ -161,14 +161,18 @@ class MultimodalLoader:
         loss_masks = [row.loss_mask.clone() for row in rows]
         images = self._images(rows, loss_masks)
         tokens = torch.stack([r.tokens for r in rows])
+        document_ids = torch.stack([r.document_ids for r in rows])
+        cu_seqlens, max_seqlen = segment_boundaries(document_ids)
         return pin_batch(dict(
             tokens=tokens,
             labels=torch.stack([r.labels for r in rows]),
             loss_mask=torch.stack(loss_masks),
             position_ids=torch.arange(tokens.shape[1]).expand(len(rows), -1),
-            # Which packed document each position belongs to; the model turns it into its
-            # attention mask (or, under Transformer Engine, packed-sequence boundaries).
-            document_ids=torch.stack([r.document_ids for r in rows]),
+            # Which packed document each position belongs to (the model's dense mask) and the
+            # same as THD segment boundaries of the rows end to end (Transformer Engine).
+            document_ids=document_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             sources=torch.stack([r.sources for r in rows]),
             images=images,
             sample_ids=[list(r.doc_ids) for r in rows],  # global sample ids per row

@@ -5,6 +5,9 @@ of attention, and RoPE scores depend only on relative offsets, so a padded row s
 as the row alone would. Images are encoded once per batch and spliced over their placeholders
 (in row order, as in training).
 
+Under Transformer Engine (whose causal mask type ignores a padding mask) rows are batched
+only with rows of the same prompt length, so nothing is padded.
+
 KV cache: Megatron-Core's `StaticInferenceContext` (`inference_context=` of GPTModel.forward).
 Prefill runs the whole prompt once and stores every layer's keys and values; each decode step
 feeds one token per row and attends over the cache. Works with the local layer spec on CPU
@@ -96,9 +99,29 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
+            if getattr(self.model, "packed_sequences", False) and len(set(map(len, prompts))) > 1:
+                return self._generate_by_length(prompts, images, max_new)
             return self._generate(prompts, images, keep_logits, max_new)
         finally:
             self.model.train(was_training)
+
+    def _generate_by_length(self, prompts, images, max_new: int) -> Generation:
+        """Under Transformer Engine the attention's causal mask type ignores our key-padding
+        mask, so left-padded rows would attend to their padding: rows of one prompt length
+        need no padding and are generated together, in as many batches as lengths."""
+        k = self.model.tokens_per_image
+        counts = [sum(t == self.image_token_id for t in p) // k for p in prompts]
+        firsts = [sum(counts[:i]) for i in range(len(prompts))]
+        tokens: list = [None] * len(prompts)
+        reasons: list = [None] * len(prompts)
+        for length in sorted(set(map(len, prompts))):
+            rows = [i for i, p in enumerate(prompts) if len(p) == length]
+            picked = [images[firsts[i]:firsts[i] + counts[i]] for i in rows if counts[i]]
+            part = self._generate([prompts[i] for i in rows],
+                                  torch.cat(picked) if picked else None, False, max_new)
+            for i, t, r in zip(rows, part.tokens, part.stop_reasons):
+                tokens[i], reasons[i] = t, r
+        return Generation(tokens, reasons)
 
     def _generate(self, prompts, images, keep_logits: bool, max_new: int) -> Generation:
         device = next(self.model.parameters()).device

@@ -38,6 +38,8 @@ class MM1Model(MegatronModule):
         self.connector = build_connector(cfg) if pre_process else None
         self.image_size = cfg.vision.image_size
         self.language_model = decoder  # not `decoder`: schedules read that as a TransformerBlock
+        # Packed rows as THD segments under Transformer Engine; the local spec takes the mask.
+        self.packed_sequences = use_te
         # Mixed precision as Megatron-Core's Float16Module does it: every module in the run's
         # dtype (the patch conv, norms and connector included, which torch creates in fp32),
         # float inputs cast on entry, fp32 out of the last stage. The loss is computed in fp32
@@ -104,26 +106,57 @@ class MM1Model(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
         """Returns per-token loss [b, s] when `labels` are given on the last stage, else the
-        logits (last stage) or hidden states (other stages).
+        logits [b, s, V] (last stage) or hidden states (other stages).
 
-        `attention_mask` is a [b, 1, s, s] bool mask, True where attention is blocked. Packed
-        rows give `document_ids` [b, s] instead (what the data loader emits) and the model
-        builds the mask: causal within each packed document, nothing across documents.
+        Attention over packed rows: `attention_mask` ([b, 1, s, s] bool, True = blocked), or
+        the loader's `document_ids` [b, s] (turned into that mask: causal within each
+        document, nothing across) and `cu_seqlens` / `max_seqlen` (the same documents as
+        segment boundaries). Under Transformer Engine the rows run as one THD sequence cut at
+        `cu_seqlens`: TE ignores a dense mask with its causal mask type (documents would see
+        each other) and materialises s x s scores with an arbitrary one.
         """
-        if attention_mask is None and document_ids is not None:
-            attention_mask = document_attention_mask(document_ids)
+        kwargs = self.language_inputs(input_ids, position_ids, attention_mask, images, labels,
+                                      document_ids, cu_seqlens, max_seqlen)
+        output = self.language_model(**kwargs)
+        if kwargs.get("packed_seq_params") is not None and self.post_process:
+            output = output.reshape(*input_ids.shape, *output.shape[2:])  # [1, b*s] -> [b, s]
+        return output.float() if self.post_process else output
+
+    def language_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None,
+                        images: Optional[torch.Tensor] = None,
+                        labels: Optional[torch.Tensor] = None,
+                        document_ids: Optional[torch.Tensor] = None,
+                        cu_seqlens: Optional[torch.Tensor] = None,
+                        max_seqlen: Optional[int] = None) -> dict:
+        """The decoder's (GPTModel's) keyword arguments for this micro-batch."""
+        thd = self.packed_sequences and cu_seqlens is not None
         decoder_input = None
         if self.pre_process:
             decoder_input = self._spliced_embeddings(input_ids, position_ids, images)
+            if thd:  # [s, b, h] -> [b*s, 1, h]: the rows end to end, as cu_seqlens counts them
+                decoder_input = decoder_input.transpose(0, 1).reshape(-1, 1,
+                                                                      decoder_input.shape[-1])
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
                     decoder_input)
-        output = self.language_model(input_ids=input_ids, position_ids=position_ids,
-                                     attention_mask=attention_mask, decoder_input=decoder_input,
-                                     labels=labels)
-        return output.float() if self.post_process else output
+        if thd:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            flat = lambda t: None if t is None else t.reshape(1, -1)  # noqa: E731
+            return dict(input_ids=flat(input_ids), position_ids=flat(position_ids),
+                        attention_mask=None, decoder_input=decoder_input, labels=flat(labels),
+                        packed_seq_params=PackedSeqParams(
+                            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen))
+        if attention_mask is None and document_ids is not None:
+            attention_mask = document_attention_mask(document_ids)
+        return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                    decoder_input=decoder_input, labels=labels)
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

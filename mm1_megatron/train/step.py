@@ -3,6 +3,7 @@
 A batch is a dict of tensors for one micro-batch:
   tokens [b, s], labels [b, s], loss_mask [b, s] (float), position_ids [b, s],
   document_ids [b, s] (packed documents; the model builds the attention from them),
+  cu_seqlens [n + 1] int32 and max_seqlen (the same documents as THD segments, for TE),
   images [n, 3, H, W] (n may be 0).
 Loss is averaged per token over the whole global batch (`calculate_per_token_loss`), so every
 layout (any DP size, any micro-batch split) optimises exactly the same objective.
@@ -119,7 +120,8 @@ def _loss(loss_mask: torch.Tensor, sources: Optional[torch.Tensor], per_token_lo
 def _forward_step(data_iterator: Iterator[dict], model: DDP):
     batch = to_device(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], images=batch.get("images"),
-                   labels=batch["labels"], document_ids=batch["document_ids"])
+                   labels=batch["labels"], document_ids=batch["document_ids"],
+                   cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"))
     return output, partial(_loss, batch["loss_mask"], batch.get("sources"))
 
 

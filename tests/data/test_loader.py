@@ -37,6 +37,13 @@ def test_batches_match_the_model_contract(demo_data):
         assert placeholders == batch["images"].shape[0] * cfg.connector.num_tokens
         assert batch["images"].shape[1:] == (3, cfg.vision.image_size, cfg.vision.image_size)
         assert batch["document_ids"].shape == (b, s)
+        # The same documents as THD segments of the rows end to end (the TE path).
+        cu = batch["cu_seqlens"].tolist()
+        assert cu[0] == 0 and cu[-1] == b * s and isinstance(batch["max_seqlen"], int)
+        flat = batch["document_ids"].reshape(-1).tolist()
+        for start, end in zip(cu[:-1], cu[1:]):
+            assert len(set(flat[start:end])) == 1 and (end - start) <= batch["max_seqlen"]
+            assert start % s == 0 or flat[start] != flat[start - 1]  # cut at a change only
         assert (batch["loss_mask"][batch["labels"] == cfg.llm.image_token_id] == 0).all()
     assert loader.packer.stats.efficiency > 0.5
     assert not loader.skips.counts

@@ -81,6 +81,12 @@ def one_process_case(run_dir: str, tokenizer: str) -> dict:
     gen = Generator(model, tok, max_new_tokens=6, use_cache=True, stop_at_newline=False)
     r = gen.generate([prompts[1]], images[n0:n0 + n1], keep_logits=True)
     out["row1_alone"] = {"tokens": r.tokens, "logits": [x.tolist() for x in r.step_logits]}
+    # The TE path: rows batched only with rows of their length (no padding), here a repeated
+    # 0-shot prompt beside the others; the local spec honours padding, so tokens must agree.
+    model.packed_sequences = True
+    r = gen.generate(prompts + [prompts[0]], torch.cat([images, images[:n0]]))
+    model.packed_sequences = False
+    out["by_length"] = r.tokens
     return out
 
 
@@ -113,6 +119,11 @@ def test_left_padding_does_not_change_a_row(ep2_run):
     batched = [step[1] for step in local["cache"]["logits"]]
     alone = [step[0] for step in local["row1_alone"]["logits"]]
     assert max_diff(batched, alone) < TOL
+
+
+def test_te_path_batches_rows_by_length_with_the_same_tokens(ep2_run):
+    _, _, local = ep2_run
+    assert local["by_length"] == local["cache"]["tokens"] + [local["cache"]["tokens"][0]]
 
 
 def test_ep2_checkpoint_evaluates_identically_in_one_process(ep2_run):
