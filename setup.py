@@ -41,6 +41,7 @@ setup(
             "mm1-eval=mm1_megatron.evaluation.cli:main",
             "mm1-convert-hf=mm1_megatron.convert.to_hf:main",
             "mm1-import-hf=mm1_megatron.convert.from_hf:main",
+            "mm1-gpu-check=mm1_megatron.gpu_check:main",
         ],
     },
 )

@@ -1,7 +1,8 @@
 """The package's layers, read from its imports (AST, nothing executed): every import points
 down, siblings stay apart, and no module imports itself back through others.
 
-    runtime < config < {model, data} < checkpoint < train < {evaluation, convert} < cli
+    runtime < config < {model, data} < checkpoint < train < {evaluation, convert}
+        < {cli, gpu_check}
     plan sits on model and config only (training never imports it, it never imports training)
     tools/, launch/, benchmarks/ sit on top and may import anything.
 """
@@ -28,7 +29,8 @@ BENEATH: dict[str, set[str]] = {
     "evaluation": {"train"},
     "convert": {"train"},
     "cli": {"plan", "evaluation", "convert"},
-    "top": {"cli"},  # tools/, launch/, benchmarks/
+    "gpu_check": {"plan", "evaluation", "convert"},  # mm1-gpu-check, beside mm1-train
+    "top": {"cli", "gpu_check"},  # tools/, launch/, benchmarks/
 }
 ROOT = "root"  # mm1_megatron/__init__.py: importable by everyone, imports nothing of ours
 # Imports that break the rules and are tolerated for now: (importer, imported) modules.

@@ -22,9 +22,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _PACKAGE = Path(__file__).resolve().parents[1]
-_NOT_OURS = (_PACKAGE / "data", _PACKAGE / "runtime" / "host_syncs.py")
+_NOT_OURS = (_PACKAGE / "data", _PACKAGE / "runtime" / "host_syncs.py",
+             _PACKAGE / "runtime" / "cpu_compat")  # not on the GPU path
 
-# Tensor methods / torch functions that read device memory from the host.
+# Tensor methods / torch functions that read device memory from the host (a `.to("cpu")` of a
+# device tensor too; on a CPU run such copies cannot be told from no-ops and are not counted).
 SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
            "masked_select", "cpu", "numpy", "argwhere", "unique", "repeat_interleave"}
 
@@ -60,13 +62,17 @@ class HostSyncCounter(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         syncing = name in SYNCING or (name == "__getitem__" and len(args) > 1
                                       and _is_bool_index(args[1]))
-        if name == "to" and (kwargs or {}).get("device", args[1] if len(args) > 1 else None) \
+        if name == "to" and args and torch.is_tensor(args[0]) and args[0].device.type != "cpu" \
+                and (kwargs or {}).get("device", args[1] if len(args) > 1 else None) \
                 in ("cpu", torch.device("cpu")):
-            syncing = True
+            syncing = True  # a copy from the device to the host
         if syncing:
             caller = sys._getframe(1)
-            while caller is not None and caller.f_code.co_filename.startswith(torch.__path__[0]):
-                caller = caller.f_back  # torch's own wrappers (e.g. Tensor.__format__)
+            # Skip torch's own wrappers (e.g. Tensor.__format__) and other torch-function
+            # modes stacked above this one (the CPU compatibility layer's).
+            while caller is not None and (caller.f_code.co_filename.startswith(torch.__path__[0])
+                                          or caller.f_code.co_name == "__torch_function__"):
+                caller = caller.f_back
             if caller is not None and _ours(caller.f_code.co_filename):
                 where = Path(caller.f_code.co_filename).relative_to(_PACKAGE.parent)
                 self.sites[f"{where}:{caller.f_lineno} {name}"] += 1
