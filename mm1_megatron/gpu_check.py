@@ -18,6 +18,7 @@ Without a GPU it says so in one line and exits 0; `--cpu-parts` runs the checks 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -27,7 +28,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -100,22 +101,29 @@ def _train(cfg, watch: Optional[Callable] = None) -> list[float]:
     return losses
 
 
-# -- the checks ------------------------------------------------------------------------------
-
-def check_te_spec_builds(ctx: Context) -> Result:
-    _need_gpu()
+@contextlib.contextmanager
+def _tiny_bf16_world() -> Iterator:
+    """`tiny` in bf16 in a world of one, shut down afterwards."""
     from mm1_megatron.config import load_config, single_process_config
-    from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.runtime import init_distributed, shutdown_distributed
 
     cfg = single_process_config(load_config("tiny", ["train.precision=bf16"]))
     init_distributed(cfg.parallel, seed=0, environ={})
     try:
-        te = MM1Model(cfg, use_te=True)
-        local = MM1Model(cfg, use_te=False)
-        n_te, n_local = (sum(p.numel() for p in m.parameters()) for m in (te, local))
+        yield cfg
     finally:
         shutdown_distributed()
+
+
+# -- the checks ------------------------------------------------------------------------------
+
+def check_te_spec_builds(ctx: Context) -> Result:
+    _need_gpu()
+    from mm1_megatron.model.mm1 import MM1Model
+
+    with _tiny_bf16_world() as cfg:
+        n_te, n_local = (sum(p.numel() for p in MM1Model(cfg, use_te=te).parameters())
+                         for te in (True, False))
     ok = n_te == n_local
     return Result("te_spec_builds", "pass" if ok else "fail",
                   f"TE spec {n_te:,} parameters, local spec {n_local:,}",
@@ -127,14 +135,11 @@ def check_te_vs_local_logits(ctx: Context) -> Result:
     from megatron.core import dist_checkpointing
 
     from mm1_megatron.checkpoint import load_model_weights, model_sharded_state
-    from mm1_megatron.config import load_config, single_process_config
     from mm1_megatron.convert.verify import probe
     from mm1_megatron.model.mm1 import MM1Model
-    from mm1_megatron.runtime import init_distributed, shutdown_distributed, to_device
+    from mm1_megatron.runtime import to_device
 
-    cfg = single_process_config(load_config("tiny", ["train.precision=bf16"]))
-    init_distributed(cfg.parallel, seed=0, environ={})
-    try:
+    with _tiny_bf16_world() as cfg:
         local = MM1Model(cfg, use_te=False)
         ckpt = ctx.work / "te_vs_local"
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -145,13 +150,14 @@ def check_te_vs_local_logits(ctx: Context) -> Result:
         out = {}
         for name, model in (("local", local), ("te", te)):
             model.cuda().eval()
-            b = to_device({"ids": ids, "pos": torch.arange(ids.shape[1]).unsqueeze(0),
-                           "docs": torch.zeros_like(ids), "pixels": pixels})
+            s = ids.shape[1]  # one document: the TE model runs it as one THD segment
+            b = to_device({"ids": ids, "pos": torch.arange(s).unsqueeze(0),
+                           "docs": torch.zeros_like(ids), "pixels": pixels,
+                           "cu": torch.tensor([0, s], dtype=torch.int32)})
             with torch.no_grad():
                 out[name] = model(b["ids"], b["pos"], images=b["pixels"],
-                                  document_ids=b["docs"]).float()
-    finally:
-        shutdown_distributed()
+                                  document_ids=b["docs"], cu_seqlens=b["cu"],
+                                  max_seqlen=s).float()
     diff = float((out["te"] - out["local"]).abs().max())
     scale = float(out["local"].abs().max())
     ok = diff <= BF16_REL_TOL * scale
