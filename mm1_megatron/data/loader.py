@@ -45,7 +45,9 @@ def document_tokens(tokenizer: Tokenizer, segments: list) -> list[int]:
 
 class MultimodalLoader:
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int,
-                 state: Optional[LoaderState] = None, log=print):
+                 state: Optional[LoaderState] = None, log=print, decode_images: bool = True):
+        """`decode_images=False`: this rank neither reads nor decodes images (only the ranks
+        that run the encoder, one per tensor-parallel group, do; the step shares them)."""
         d = cfg.data
         root = Path(d.path)
         self.tokenizer = Tokenizer.load(d.tokenizer_model)
@@ -62,8 +64,11 @@ class MultimodalLoader:
                              cfg.llm.image_token_id, pad_id=PAD_ID)
         self.stream = RowStream(sampler, self.packer, self._document, state)
         self.rows = rank_rows(self.stream, dp_rank, dp_size)
+        self.decode_images = decode_images
+        self.image_size = cfg.vision.image_size
         self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
-                                    num_threads=d.num_workers, seed=cfg.train.seed)
+                                    num_threads=d.num_workers, seed=cfg.train.seed) \
+            if decode_images else None
         self.skips = SkipCounter(log=log)
         self.micro_batch_size = cfg.train.micro_batch_size
         self.image_token_id = cfg.llm.image_token_id
@@ -90,29 +95,27 @@ class MultimodalLoader:
             out.append(cache[key][ref.number])
         return out
 
-    def _images(self, rows: list[PackedRow], loss_masks: list[torch.Tensor]) -> torch.Tensor:
+    def _images(self, rows: list[PackedRow]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(images [n, 3, H, W] in placeholder order, or None where this rank does not decode;
+        per-image flags, 0 for an undecodable image, which stands in as a blank)."""
         refs = [ref for row in rows for ref in row.images]
-        size = self.decoder.size
+        ok = torch.ones(len(refs))
+        if not self.decode_images:
+            return None, ok
+        size = self.image_size
         if not refs:
-            return torch.empty(0, 3, size, size)
+            return torch.empty(0, 3, size, size), ok
         decoded, bad = self.decoder.decode(self._image_bytes(refs))
         if not bad:
-            return decoded
-        # Blank image for each undecodable one; its document gets no loss in this row.
+            return decoded, ok
         full = torch.zeros(len(refs), 3, size, size, dtype=decoded.dtype,
                            device=decoded.device)
         bad = set(bad)
         full[[i for i in range(len(refs)) if i not in bad]] = decoded
-        first = 0
-        for row, mask in zip(rows, loss_masks):
-            starts = self._image_starts(row)
-            for j, start in enumerate(starts):
-                if first + j in bad:
-                    mask[row.document_ids == row.document_ids[start]] = 0.0
-                    self.skips.add(self._undecodable(refs[first + j],
-                                                     self.decoder.last_errors.get(first + j, "")))
-            first += len(starts)
-        return full
+        for i in sorted(bad):
+            ok[i] = 0.0
+            self.skips.add(self._undecodable(refs[i], self.decoder.last_errors.get(i, "")))
+        return full, ok
 
     def _undecodable(self, ref: ImageRef, detail: str) -> BadSample:
         ds = self.datasets[ref.source]
@@ -158,15 +161,23 @@ class MultimodalLoader:
 
     def collate(self, rows: list[PackedRow]) -> dict:
         self._check_image_slots(rows)
-        loss_masks = [row.loss_mask.clone() for row in rows]
-        images = self._images(rows, loss_masks)
+        images, image_ok = self._images(rows)
         tokens = torch.stack([r.tokens for r in rows])
         document_ids = torch.stack([r.document_ids for r in rows])
         cu_seqlens, max_seqlen = segment_boundaries(document_ids)
+        # Which row and document each image belongs to: a document whose image could not be
+        # decoded carries no loss in this row (applied here, and again by the step on ranks
+        # that learn the flags from the decoding rank).
+        owners = [(r, int(row.document_ids[start])) for r, row in enumerate(rows)
+                  for start in self._image_starts(row)]
+        image_rows = torch.tensor([r for r, _ in owners], dtype=torch.long)
+        image_documents = torch.tensor([d for _, d in owners], dtype=torch.long)
+        loss_mask = drop_loss_of_undecoded(torch.stack([r.loss_mask for r in rows]),
+                                           document_ids, image_rows, image_documents, image_ok)
         return pin_batch(dict(
             tokens=tokens,
             labels=torch.stack([r.labels for r in rows]),
-            loss_mask=torch.stack(loss_masks),
+            loss_mask=loss_mask,
             position_ids=torch.arange(tokens.shape[1]).expand(len(rows), -1),
             # Which packed document each position belongs to (the model's dense mask) and the
             # same as THD segment boundaries of the rows end to end (Transformer Engine).
@@ -174,9 +185,24 @@ class MultimodalLoader:
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
             sources=torch.stack([r.sources for r in rows]),
-            images=images,
+            images=images,  # None where this rank does not decode
+            image_ok=image_ok, image_rows=image_rows, image_documents=image_documents,
             sample_ids=[list(r.doc_ids) for r in rows],  # global sample ids per row
         ))
+
+
+def drop_loss_of_undecoded(loss_mask: torch.Tensor, document_ids: torch.Tensor,
+                           image_rows: torch.Tensor, image_documents: torch.Tensor,
+                           image_ok: torch.Tensor) -> torch.Tensor:
+    """`loss_mask` [b, s] without the positions of documents holding an undecodable image
+    (`image_ok` 0), with tensor ops only (no host sync where the flags live on a GPU)."""
+    if image_ok.numel() == 0:
+        return loss_mask
+    b = loss_mask.shape[0]
+    in_row = image_rows[:, None, None] == torch.arange(b, device=loss_mask.device)[None, :, None]
+    in_doc = document_ids[None] == image_documents[:, None, None]  # [n, b, s]
+    dropped = ((in_row & in_doc).to(loss_mask.dtype) * (1 - image_ok)[:, None, None]).sum(0)
+    return loss_mask * (dropped == 0).to(loss_mask.dtype)
 
 
 class Prefetcher:

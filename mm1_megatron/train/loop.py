@@ -67,9 +67,14 @@ class Trainer:
             load_model_weights(cfg.checkpoint.init_from, self.model)
             if self.is_logging_rank:
                 print(f"initialised model weights from {cfg.checkpoint.init_from}", flush=True)
+        # Images are read and decoded only where the encoder runs (the first pipeline stage),
+        # once per tensor-parallel group; the step shares them (train.step.share_images).
+        decodes = ps.is_pipeline_first_stage(ignore_virtual=True) and \
+            ps.get_tensor_model_parallel_rank() == 0
         self.loader = MultimodalLoader(cfg, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size(), loader_state,
-                                       log=print if self.is_logging_rank else None)
+                                       log=print if self.is_logging_rank else None,
+                                       decode_images=decodes)
         self.loader_state = loader_state or LoaderState(0, None)
         self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
             if cfg.data.prefetch > 0 else iter(self.loader)
@@ -125,7 +130,7 @@ class Trainer:
                 pairs = list(itertools.islice(self.batches, micro))
                 batches = [batch for batch, _ in pairs]
                 self.loader_state = pairs[-1][1]  # consumed, not prefetched
-                images = sum(int(b["images"].shape[0]) for b in batches)
+                images = sum(int(b["image_ok"].numel()) for b in batches)
                 self.sample_ids = [row for b in batches for row in b["sample_ids"]]
                 result = train_step(self.cfg, self.model, self.optimizer, self.scheduler,
                                     batches)

@@ -26,12 +26,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm1_megatron.config import Config
+from mm1_megatron.data.loader import drop_loss_of_undecoded
 from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
 from mm1_megatron.model.params import count_params
+from mm1_megatron.model.recipe import peak_lr_and_weight_decay
 from mm1_megatron.model.specs import init_tp_comm_overlap
 from mm1_megatron.runtime import comm_device, to_device, training_device
-from mm1_megatron.model.recipe import peak_lr_and_weight_decay
 
 
 def build_model(cfg: Config, use_te: bool) -> list[DDP]:
@@ -125,6 +126,39 @@ def _forward_step(data_iterator: Iterator[dict], model: DDP):
     return output, partial(_loss, batch["loss_mask"], batch.get("sources"))
 
 
+def share_images(cfg: Config, microbatches: list[dict]) -> None:
+    """Images are read and decoded once per tensor-parallel group, on the first pipeline stage
+    (where the encoder runs; see `train.loop`): its TP rank 0 broadcasts them to the TP peers,
+    and which images could not be decoded to every stage, which each drop those documents'
+    loss themselves. In the training thread: collectives from the prefetch thread would race
+    the step's on the same communicators."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if (tp == 1 and pp == 1) or not microbatches or "image_ok" not in microbatches[0]:
+        return  # this rank decoded its images itself (or the batches carry them)
+    device, size = training_device(), cfg.vision.image_size
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    for batch in microbatches:
+        ok = batch["image_ok"].to(device)
+        if first and tp > 1:
+            group, src = ps.get_tensor_model_parallel_group(), \
+                ps.get_tensor_model_parallel_src_rank()
+            images = batch["images"]
+            images = torch.empty(ok.numel(), 3, size, size, device=device) if images is None \
+                else images.to(device)
+            if ok.numel():
+                dist.broadcast(images, src=src, group=group)
+            dist.broadcast(ok, src=src, group=group)
+            batch["images"] = images
+        if pp > 1:
+            dist.broadcast(ok, src=ps.get_pipeline_model_parallel_first_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        batch["image_ok"] = ok
+        batch["loss_mask"] = drop_loss_of_undecoded(
+            batch["loss_mask"].to(device), batch["document_ids"].to(device),
+            batch["image_rows"].to(device), batch["image_documents"].to(device), ok)
+
+
 def _non_finite(model: list[DDP], loss_sum: Optional[torch.Tensor]) -> bool:
     """True on every rank if any rank sees a NaN/Inf loss or gradient. One fused check over
     DDP's contiguous gradient buffers and one read on the host, whatever the parameter count."""
@@ -156,6 +190,7 @@ def train_step(cfg: Config, model: list[DDP], optimizer: MegatronOptimizer,
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     microbatches = list(microbatches)
+    share_images(cfg, microbatches)
     # Every model chunk walks the same micro-batches (masks and positions are needed on all).
     data = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
     reports = get_forward_backward_func()(

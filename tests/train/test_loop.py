@@ -191,3 +191,38 @@ def test_pipeline_stage_without_moe_layers_logs_and_finishes(demo_data, tmp_path
                 "moe/expert_load_imbalance/layer_1"):
         assert len(scalars(tmp_path / "run", tag)) == 2, tag
     assert not scalars(tmp_path / "run", "moe/z_loss/layer_3")
+
+
+def test_images_decoded_once_per_tp_group_and_on_the_first_stage_only(demo_data, tmp_path):
+    """Only the first pipeline stage's TP rank 0 reads and decodes images; its TP peer gets
+    them by broadcast and every stage learns which could not be decoded (their documents
+    carry no loss). TP=2 and PP=2 on data with an undecodable image match one process."""
+    from mm1_megatron.data.shards import RawSample, write_dataset
+    from tests.data._fixtures import jpeg
+
+    data = tmp_path / "data"
+    good, bad = jpeg(1, (64, 48)), b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4
+    write_dataset([RawSample([0, f"picture number {i}"], [("jpg", bad if i == 1 else good)])
+                   for i in range(6)], data / "caption", "caption")
+    (data / "tokenizer.model").write_bytes((demo_data / "tokenizer.model").read_bytes())
+    mixture = ["data.weight_interleaved=0", "data.weight_text=0", "llm.moe.num_experts=0",
+               "train.warmup_steps=0",
+               "data.prefetch=0"]
+    # PP stages draw their initial weights in another order, so PP=2 starts from the single
+    # process's step-1 checkpoint (resharded on resume) and is compared on steps 2-3.
+    assert run(command(data, tmp_path / "pp2", *mixture, "train.train_steps=1")).returncode == 0
+    losses = {}
+    for name, nproc, layout in (("single", 1, []),
+                                ("tp2", 2, ["parallel.tp=2"]),
+                                ("pp2", 2, ["parallel.pp=2"])):
+        cmd = command(data, tmp_path / name, *mixture, *layout, "train.train_steps=3")
+        result = run(torchrun_command(nproc, cmd) if nproc > 1 else cmd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = newest_scalars(tmp_path / name, "loss/lm")
+        skipped = newest_scalars(tmp_path / name, "data/skipped_undecodable_image")
+        assert skipped and max(skipped.values()) >= 1, name  # counted where it was decoded
+    assert sorted(losses["single"]) == [1, 2, 3] and sorted(losses["pp2"]) == [2, 3]
+    for name in ("tp2", "pp2"):
+        for step, got in losses[name].items():
+            want = losses["single"][step]
+            assert abs(got - want) <= 1e-5 * want, (name, step, got, want)
