@@ -1,6 +1,6 @@
 # Shared part of the MM1 Slurm scripts; sourced by slurm/mm1_*.sh after they set PRESET.
 #
-#   mkdir -p logs && sbatch slurm/mm1_30b.sh [key.sub=value ...]     # overrides go to mm1-train
+#   sbatch slurm/mm1_30b.sh [key.sub=value ...]     # overrides go to mm1-train
 #   bash slurm/mm1_30b.sh --dry-run [key.sub=value ...]              # anywhere, Slurm or not
 #
 # What a job does: a health check on every node (one task per node), then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MM1 30B: dense decoder, FP8 (Transformer Engine), 32 nodes x 8 H100 80GB = 256 GPUs.
 # Layout (tp/pp/ep, micro-batch, recompute, fp8): preset mm1-30b, mm1_megatron/config/presets.py.
-#   mkdir -p logs && sbatch slurm/mm1_30b.sh [key.sub=value ...]   # options: slurm/common.sh
+#   sbatch slurm/mm1_30b.sh [key.sub=value ...]   # options: slurm/common.sh
 #   bash slurm/mm1_30b.sh --dry-run    # plan + srun command, anywhere
 # --time is a per-site choice; --signal=USR1@600 (to the job steps, i.e. the trainer) asks for a
 # checkpoint 10 minutes before the limit, after which the job requeues itself.

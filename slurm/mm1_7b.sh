@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MM1 7B: dense decoder, bf16, 16 nodes x 8 H100 80GB = 128 GPUs.
 # Layout (tp/pp/ep, micro-batch, recompute, fp8): preset mm1-7b, mm1_megatron/config/presets.py.
-#   mkdir -p logs && sbatch slurm/mm1_7b.sh [key.sub=value ...]   # options: slurm/common.sh
+#   sbatch slurm/mm1_7b.sh [key.sub=value ...]   # options: slurm/common.sh
 #   bash slurm/mm1_7b.sh --dry-run    # plan + srun command, anywhere
 # --time is a per-site choice; --signal=USR1@600 (to the job steps, i.e. the trainer) asks for a
 # checkpoint 10 minutes before the limit, after which the job requeues itself.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MM1 7B-MoE: 32 experts on every 4th layer (47B total); 16 nodes x 8 H100 80GB.
 # Layout (tp/pp/ep, micro-batch, recompute, fp8): preset mm1-7b-moe32, mm1_megatron/config/presets.py.
-#   mkdir -p logs && sbatch slurm/mm1_7b_moe32.sh [key.sub=value ...]   # options: slurm/common.sh
+#   sbatch slurm/mm1_7b_moe32.sh [key.sub=value ...]   # options: slurm/common.sh
 #   bash slurm/mm1_7b_moe32.sh --dry-run    # plan + srun command, anywhere
 # --time is a per-site choice; --signal=USR1@600 (to the job steps, i.e. the trainer) asks for a
 # checkpoint 10 minutes before the limit, after which the job requeues itself.

@@ -135,19 +135,24 @@ def tiny_overrides(data: Path, run_dir: Path, *more: str) -> list[str]:
             "llm.vocab_size=2048", f"run_dir={run_dir}", "logging.log_interval=1", *more]
 
 
+# Jobs are submitted from the checkout itself, as a user types `sbatch slurm/mm1_30b.sh` in a
+# fresh clone: the scripts write logs/%x-%j.{out,err}, and logs/ is part of the repository.
+LOGS = REPO / "logs"
+
+
 def job_log(workdir: Path, job_id: str) -> str:
-    return _tail(workdir / "logs" / f"mm1-30b-{job_id}.out", 10**7)
+    return _tail(LOGS / f"mm1-30b-{job_id}.out", 10**7)
 
 
 def job_err(workdir: Path, job_id: str) -> str:
-    return _tail(workdir / "logs" / f"mm1-30b-{job_id}.err")
+    return _tail(LOGS / f"mm1-30b-{job_id}.err")
 
 
 def submit_and_wait(cluster: Cluster, workdir: Path, args: list[str], env: dict[str, str]
                     ) -> tuple[str, int]:
-    (workdir / "logs").mkdir(exist_ok=True)  # the scripts' --output=logs/%x-%j.out
-    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, str(SLURM / "mm1_30b.sh"), *args]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+    assert LOGS.is_dir(), "logs/ must ship with the repository (sbatch cannot create it)"
+    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, "slurm/mm1_30b.sh", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=JOB_TIMEOUT)
@@ -270,11 +275,10 @@ def test_sbatch_trains_on_cpu_with_gloo(slurm: Cluster, demo_data: Path, tmp_pat
 def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
                                                tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    (tmp_path / "logs").mkdir()
-    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, str(SLURM / "mm1_30b.sh"),
+    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, "slurm/mm1_30b.sh",
            *tiny_overrides(demo_data, run_dir, "train.train_steps=60",
                            "checkpoint.save_interval=1000")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(slurm), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(slurm), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     job_id = ""
     try:
