@@ -4,9 +4,9 @@ resume (`state`), the run directory's `checkpoints/` with `latest` and retention
 
 from mm1_megatron.checkpoint.directory import (checkpoint_root, latest_checkpoint,
                                                resolve_checkpoint)
-from mm1_megatron.checkpoint.state import (load_checkpoint, load_model_state,
+from mm1_megatron.checkpoint.state import (CheckpointSaveError, load_checkpoint, load_model_state,
                                            load_model_weights, model_sharded_state,
                                            save_checkpoint)
 
-__all__ = ["checkpoint_root", "latest_checkpoint", "resolve_checkpoint", "load_checkpoint",
+__all__ = ["CheckpointSaveError", "checkpoint_root", "latest_checkpoint", "resolve_checkpoint", "load_checkpoint",
            "load_model_state", "load_model_weights", "model_sharded_state", "save_checkpoint"]

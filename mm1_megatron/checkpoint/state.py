@@ -9,6 +9,7 @@ into any layout too: evaluation, conversion and `checkpoint.init_from` use it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -20,8 +21,11 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
-from mm1_megatron.checkpoint.directory import checkpoint_root, prune, step_dir_name, write_latest
+from mm1_megatron.checkpoint.directory import (checkpoint_root, latest_checkpoint, prune,
+                                               step_dir_name, write_latest)
+from mm1_megatron.runtime import comm_device
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
                        "chained_optim_avoid_prefix": True}
@@ -86,22 +90,76 @@ def finish_param_sync(model) -> None:
             chunk.enable_forward_pre_hook()
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that did not complete; its partial directory is gone and `latest` untouched."""
+
+
+def _bytes_in(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _no_space(root: Path, needed: int) -> str:
+    free = shutil.disk_usage(root).free
+    return (f"no space left on device: {root} (a checkpoint needs ~{needed / 2**30:.2f} GB, "
+            f"{free / 2**30:.2f} GB free)")
+
+
+def _is_out_of_space(err: BaseException) -> bool:
+    """ENOSPC anywhere in the chain; torch's zip writer reports a full disk only as
+    'unexpected pos', and dist_checkpointing wraps each rank's error in a CheckpointException."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text \
+                or "unexpected pos" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
                     extra: Optional[dict] = None, keep_last: int = 3) -> Path:
     """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
-    all ranks and made of plain Python values."""
+    all ranks and made of plain Python values. Raises CheckpointSaveError on every rank when
+    the save cannot complete (the disk cannot hold another checkpoint the size of the last
+    one, or a write fails): the partial directory is removed, `latest` is untouched."""
     finish_param_sync(model)
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     partial = root / f"{final.name}.partial"
+    needed = 0
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    dist.barrier()
+        previous = latest_checkpoint(run_dir)
+        needed = _bytes_in(previous) if previous is not None else 0
+    # Refuse before writing when the previous checkpoint would not fit again (rank 0 decides).
+    verdict = torch.tensor([float(needed), float(shutil.disk_usage(root).free)
+                            if dist.get_rank() == 0 else 0.0], device=comm_device())
+    dist.broadcast(verdict, src=0)
+    needed, free = (int(v) for v in verdict.tolist())
+    if needed > free:
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointSaveError(_no_space(root, needed))
     state = _sharded_state(model, optimizer, is_loading=False)
     state.update(step=step, scheduler=scheduler.state_dict(), extra=extra or {},
                  layout=_layout(), rng_state=_rng_object())
-    dist_checkpointing.save(state, str(partial))
+    try:
+        dist_checkpointing.save(state, str(partial))
+    # torch's CheckpointException (each rank's write errors, gathered on every rank) derives
+    # from BaseException, not Exception.
+    except (Exception, CheckpointException) as err:  # noqa: BLE001
+        written = 0
+        if dist.get_rank() == 0:
+            written = _bytes_in(partial) if partial.exists() else 0
+            shutil.rmtree(partial, ignore_errors=True)
+        if _is_out_of_space(err):
+            raise CheckpointSaveError(_no_space(root, max(needed, written))) from err
+        first = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+        raise CheckpointSaveError(f"checkpoint save to {partial} failed: "
+                                  f"{type(err).__name__}: {first}") from err
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)

@@ -20,6 +20,7 @@ from mm1_megatron.data.mixture import SOURCES
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the Slurm scripts use it)
 EXIT_NON_FINITE = 3  # too many NaN/Inf steps in a row: checkpoint written, needs a human
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (e.g. disk full): the previous one kept
 
 
 @dataclass

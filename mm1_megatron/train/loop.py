@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from mm1_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights,
-                                     save_checkpoint)
+from mm1_megatron.checkpoint import (CheckpointSaveError, latest_checkpoint, load_checkpoint,
+                                     load_model_weights, save_checkpoint)
 from mm1_megatron.config import Config, save_run_config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
 from mm1_megatron.data.mixture import LoaderState
@@ -20,8 +20,8 @@ from mm1_megatron.model.flops import training_flops_per_sequence
 from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import (comm_device, describe_backends, init_distributed,
                                   shutdown_distributed)
-from mm1_megatron.train.callbacks import (Callback, StepMetrics, Timer, default_callbacks,
-                                          device_peak_tflops, peak_memory_gb)
+from mm1_megatron.train.callbacks import (EXIT_SAVE_FAILED, Callback, StepMetrics, Timer,
+                                          default_callbacks, device_peak_tflops, peak_memory_gb)
 from mm1_megatron.train.moe_metrics import MoEMetrics
 from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
 
@@ -35,6 +35,7 @@ class Trainer:
         self.exit_code = 0
         self.step = 0
         self.last_saved_step: Optional[int] = None
+        self.save_failed = False
         self.skipped_total = 0
         self.sample_ids: list[list[int]] = []  # global sample ids of the last step's rows
 
@@ -80,10 +81,18 @@ class Trainer:
             if cfg.data.prefetch > 0 else iter(self.loader)
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                        extra={"loader": self.loader_state.to_dict(),
-                               "skipped_steps": self.skipped_total},
-                        keep_last=self.cfg.checkpoint.keep_last)
+        if self.save_failed:
+            return  # said once; the run is stopping
+        try:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                            self.scheduler, extra={"loader": self.loader_state.to_dict(),
+                                                   "skipped_steps": self.skipped_total},
+                            keep_last=self.cfg.checkpoint.keep_last)
+        except CheckpointSaveError as err:  # raised on every rank alike
+            self.save_failed = True
+            self.request_stop(f"step {self.step} not saved: {err}; the last complete "
+                              "checkpoint is kept", EXIT_SAVE_FAILED)
+            return
         self.last_saved_step = self.step
         if self.is_logging_rank:
             print(f"saved checkpoint at step {self.step}", flush=True)
