@@ -3,7 +3,7 @@
     python tools/prepare_data.py --kind caption --input pairs.jsonl --images-root imgs/ \\
         --output data/caption [--shard-size-mb 64] [--tokenizer tok.model]
 
-Input: one JSON object per line (blank lines ignored); image paths are relative to
+Input: one JSON object per line (UTF-8; blank lines ignored); image paths are relative to
 --images-root (or absolute); image type from the file extension (jpg/jpeg, png, webp, bmp,
 gif, tif/tiff). An optional "id" (string or number) is kept in the shard's json.
 
@@ -11,30 +11,66 @@ gif, tif/tiff). An optional "id" (string or number) is kept in the shard's json.
     interleaved  {"segments": [{"text": "Intro ..."}, {"image": "a.jpg"}, {"text": "..."}]}
     text         {"text": "A whole document ..."}
 
-A bad line (invalid JSON, missing/empty field, missing or zero-byte image file, unsupported
-image type, a document with only images) is skipped and counted per reason; the first few are
-printed with their line numbers. Image bytes are copied as they are (no re-encoding);
+A bad line (not UTF-8, invalid JSON, missing/empty field, missing or zero-byte image file,
+unsupported image type, a document with only images) is skipped and counted per reason; the
+first few are printed as FILE:LINE. Image bytes are copied as they are (no re-encoding);
 undecodable images are caught later by the image decoder.
+
+The dataset is written to OUT.incomplete/ (next to OUT) and swapped in only at the end (OUT
+renamed to OUT.prepare_data-old, the new one renamed to OUT, the old one deleted): until then
+an existing OUT is untouched and usable, whatever happens (bad input, an error, Ctrl-C, a
+killed process; the next run removes a stale OUT.incomplete/ and finishes an interrupted
+swap). If no line is usable, nothing is written: exit status 2 and one line saying why.
+--output must be a new folder or one this tool wrote (no other files in it).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from mm1_megatron.data.shards import IMAGE_EXTS, KINDS, RawSample, normalize_ext, write_dataset
+from mm1_megatron.data.shards import (IMAGE_EXTS, KINDS, BadSample, DatasetError, RawSample,
+                                      SkipCounter, normalize_ext, write_dataset)
 
 MAX_PRINTED = 10
+# How the one-line "no usable samples" error names each skip reason.
+_REASON_TEXT = {
+    "not_utf8": "not UTF-8",
+    "bad_json": "bad JSON or fields not those of --kind {kind}",
+    "missing_image": "missing image under --images-root {root}",
+    "zero_byte_image": "zero-byte image",
+    "unsupported_image": "unsupported image type",
+    "empty_text": "empty text",
+    "images_only": "images but no text",
+}
+# What a dataset folder written by this tool holds; anything else in OUT is not ours to delete.
+_DATASET_ENTRIES = ("manifest.json", "manifest.json.tmp", "index")
 
 
 class _Bad(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
+
+
+class PrepareError(ValueError):
+    """A user error the CLI reports as one line (exit 2); the existing dataset is unchanged."""
+
+
+def _utf8(value: str, where: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a JSON "\ud800" escape
+        raise _Bad("not_utf8", f"{where}: \\u{ord(value[e.start]):04x} is not a character "
+                               "(lone surrogate escape)") from None
+    return value
 
 
 def _image(root: Path, ref: object, where: str) -> tuple[str, bytes]:
@@ -48,6 +84,8 @@ def _image(root: Path, ref: object, where: str) -> tuple[str, bytes]:
         data = path.read_bytes()
     except OSError as e:
         raise _Bad("missing_image", f"{where}={ref!r}: {e.strerror}") from None
+    except ValueError as e:  # embedded NUL, unencodable name
+        raise _Bad("missing_image", f"{where}={ref!r}: {e}") from None
     if not data:
         raise _Bad("zero_byte_image", f"{where}={ref!r}")
     return ext, data
@@ -58,7 +96,7 @@ def _text(value: object, where: str) -> str:
         raise _Bad("bad_json", f"{where} missing or not a string")
     if not value.strip():
         raise _Bad("empty_text", where)
-    return value
+    return _utf8(value, where)
 
 
 def parse_line(kind: str, line: str, images_root: Path) -> RawSample:
@@ -70,7 +108,7 @@ def parse_line(kind: str, line: str, images_root: Path) -> RawSample:
     if not isinstance(obj, dict):
         raise _Bad("bad_json", "line is not a JSON object")
     sid = obj.get("id")
-    sid = None if sid is None else str(sid)
+    sid = None if sid is None else _utf8(str(sid), "id")
     if kind == "caption":
         img = _image(images_root, obj.get("image"), "image")
         return RawSample([0, _text(obj.get("text"), "text")], [img], sid)
@@ -94,35 +132,129 @@ def parse_line(kind: str, line: str, images_root: Path) -> RawSample:
     return RawSample(out, images, sid)
 
 
+def _decode(raw: bytes, lineno: int) -> str:
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Bad("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
+                               "valid UTF-8") from None
+
+
+# ---- output folder: written as OUT.incomplete/, swapped in at the end -----------------------
+
+def _foreign(folder: Path) -> list[str]:
+    """Entries of `folder` that a dataset written by this tool does not hold."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in _DATASET_ENTRIES and
+                  not (p.name.startswith("shard-") and p.name.endswith(".tar")))
+
+
+def _check_replaceable(folder: Path, shown: str) -> None:
+    if not folder.is_dir():
+        raise PrepareError(f"{shown} exists and is not a folder")
+    extra = _foreign(folder)
+    if extra:
+        raise PrepareError(f"{shown} holds files prepare_data did not write "
+                           f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); "
+                           "refusing to replace it: choose another --output or remove them")
+
+
+def _output_paths(output: Union[str, Path]) -> tuple[Path, Path, Path]:
+    """(OUT, OUT.incomplete, OUT.prepare_data-old); repairs what a killed run left behind."""
+    out = Path(os.path.realpath(output))
+    if not out.name or out == out.parent:
+        raise PrepareError(f"--output {output}: not a usable dataset folder name")
+    tmp = out.with_name(out.name + ".incomplete")
+    old = out.with_name(out.name + ".prepare_data-old")
+    if old.exists() or old.is_symlink():
+        _check_replaceable(old, str(old))
+        if out.exists():
+            shutil.rmtree(old)  # killed after the swap, before deleting the old dataset
+        else:
+            os.replace(old, out)  # killed between the two renames: put the old dataset back
+    if out.exists():
+        _check_replaceable(out, f"--output {output}")
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)  # a stale partial dataset from a crashed run
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    return out, tmp, old
+
+
+def _swap_in(tmp: Path, out: Path, old: Path) -> None:
+    had_old = out.exists()
+    if had_old:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if had_old:
+            os.replace(old, out)
+        raise
+    if had_old:
+        shutil.rmtree(old)
+
+
+def _no_samples(inputs: list, root: Path, kind: str, counts: dict, had_old: bool) -> str:
+    where = ", ".join(str(p) for p in inputs)
+    lines = sum(counts.values())
+    if lines:
+        parts = ", ".join(f"{n} {_REASON_TEXT.get(r, r).format(kind=kind, root=root)}"
+                          for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        why = f"{lines} line{'s' * (lines != 1)}: {parts}"
+    else:
+        why = "no non-blank lines"
+    kept = "; nothing written, the existing dataset is unchanged" if had_old else \
+        "; nothing written"
+    return f"no usable samples in {where} ({why}){kept}"
+
+
 def prepare(kind: str, inputs: list[Union[str, Path]], images_root: Union[str, Path],
             output: Union[str, Path], shard_size_mb: float = 64.0, tokenizer=None,
             progress: bool = True, log=print) -> tuple[dict, collections.Counter]:
-    """Returns (manifest, skipped input lines per reason)."""
+    """Returns (manifest, skipped input lines per reason). Raises PrepareError when no line is
+    usable; on any error an existing dataset at `output` is left as it was."""
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not one of {KINDS}")
     root = Path(images_root)
-    skipped: collections.Counter = collections.Counter()
+    out, tmp, old = _output_paths(output)
+    skips = SkipCounter(log=None)
 
     def samples() -> Iterator[RawSample]:
         for path in inputs:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    if not raw.strip():
                         continue
                     try:
-                        yield parse_line(kind, line, root)
+                        yield parse_line(kind, _decode(raw, lineno), root)
                     except _Bad as e:
-                        skipped[e.reason] += 1
-                        if sum(skipped.values()) <= MAX_PRINTED:
+                        skips.add(BadSample(str(path), f"line {lineno}", e.reason, e.detail))
+                        if sum(skips.counts.values()) <= MAX_PRINTED:
                             log(f"{path}:{lineno}: skipped: {e}")
 
     total = 0
     for path in inputs:
         with open(path, "rb") as f:
             total += sum(1 for line in f if line.strip())
-    manifest = write_dataset(samples(), output, kind, shard_size_mb=shard_size_mb,
-                             tokenizer=tokenizer, progress=progress, total=total)
-    return manifest, skipped
+    stream = samples()
+    first = next(stream, None)  # all lines bad: stop before anything is created
+    if first is None:
+        raise PrepareError(_no_samples(inputs, root, kind, skips.snapshot(), out.exists()))
+    try:
+        manifest = write_dataset(itertools.chain([first], stream), tmp, kind,
+                                 shard_size_mb=shard_size_mb, tokenizer=tokenizer,
+                                 progress=progress, total=total)
+        _swap_in(tmp, out, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    hidden = sum(skips.counts.values()) - MAX_PRINTED
+    if hidden > 0:
+        log(f"... and {hidden} more skipped line{'s' * (hidden != 1)} (not listed)")
+    return manifest, skips.counts
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -144,9 +276,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ValueError(f"{path}: input file not found")
         manifest, skipped = prepare(args.kind, args.input, args.images_root, args.output,
                                     args.shard_size_mb, tok, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
+    except PrepareError as e:
+        print(f"prepare_data: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, DatasetError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nprepare_data: interrupted; the existing dataset is unchanged", file=sys.stderr)
+        return 130
     print(f"{args.output}: {manifest['samples']} samples in {len(manifest['shards'])} shards, "
           f"{manifest['images']} images, {manifest['bytes'] / 2**20:.1f} MiB; "
           f"skipped input lines: {dict(skipped) or 0}")

@@ -1,0 +1,178 @@
+"""tools/prepare_data.py over an existing dataset: bad lines skipped as FILE:LINE, all-bad input
+is one stderr line, and no error or crash ever damages the dataset already at --output."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mm1_megatron.data.shards import open_dataset
+from tests.data._fixtures import TEXT, jpeg, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = [sys.executable, "tools/prepare_data.py", "--no-progress"]
+
+
+def _args(kind: str, jsonl: Path, root: Path, out: Path, shard_mb: str = "1") -> list[str]:
+    return TOOL + ["--kind", kind, "--input", str(jsonl), "--images-root", str(root),
+                   "--output", str(out), "--shard-size-mb", shard_mb]
+
+
+def _run(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(_args(*args, **kw), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    for n in range(6):
+        (root / f"{n}.jpg").write_bytes(jpeg(n))
+    return root
+
+
+@pytest.fixture
+def old(tmp_path, images) -> Path:
+    """An existing 6-sample caption dataset at tmp_path/caption."""
+    jsonl = write_jsonl(tmp_path / "old.jsonl",
+                        [{"image": f"{n}.jpg", "text": f"old {n}"} for n in range(6)])
+    done = _run("caption", jsonl, images, tmp_path / "caption")
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "caption"
+
+
+def _assert_old_intact(out: Path) -> None:
+    ds = open_dataset(out, verify=True)
+    assert len(ds) == 6 and [ds.read(i).texts for i in range(6)] == \
+        [[f"old {n}"] for n in range(6)]
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + "."))
+
+
+def test_non_utf8_line_skipped_with_file_line(tmp_path, images, old):
+    jsonl = tmp_path / "new.jsonl"
+    lines = [json.dumps({"image": f"{n}.jpg", "text": TEXT[n]}).encode() for n in range(4)]
+    lines.insert(2, b'{"image": "5.jpg", "text": "caf\xe9 in Latin-1"}')  # line 3
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    done = _run("caption", jsonl, images, old)
+    assert done.returncode == 0, done.stderr
+    assert f"{jsonl}:3: skipped: not_utf8" in done.stdout
+    assert "4 samples in 1 shards" in done.stdout and "{'not_utf8': 1}" in done.stdout
+    ds = open_dataset(old, verify=True)
+    assert [ds.read(i).texts for i in range(len(ds))] == [[t] for t in TEXT[:4]]
+    assert _leftovers(old) == []
+
+
+@pytest.mark.parametrize("case", ["bad_lines", "wrong_images_root", "wrong_kind"])
+def test_all_lines_bad_is_one_line_and_keeps_old_dataset(tmp_path, images, old, case):
+    manifest = (old / "manifest.json").read_bytes()
+    jsonl, root, kind = tmp_path / "bad.jsonl", images, "caption"
+    if case == "bad_lines":
+        jsonl.write_bytes(b'{"image": "nope.jpg", "text": "x"}\n' * 10 + b"\n"
+                          + b'{"image": "0.jpg", "text": "\xff\xfe"}\n' * 2)
+        want = [f"no usable samples in {jsonl} (12 lines: 10 missing image under "
+                f"--images-root {images}, 2 not UTF-8)"]
+    else:
+        write_jsonl(jsonl, [{"image": f"{n}.jpg", "text": TEXT[n]} for n in range(3)])
+        if case == "wrong_images_root":
+            root = tmp_path / "elsewhere"
+            want = [f"(3 lines: 3 missing image under --images-root {root})"]
+        else:
+            kind = "interleaved"
+            want = ["(3 lines: 3 bad JSON or fields not those of --kind interleaved)"]
+    done = _run(kind, jsonl, root, old)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prepare_data: no usable samples in "), err
+    assert err[0].endswith("; nothing written, the existing dataset is unchanged"), err
+    for text in want:
+        assert text in err[0], err
+    assert (old / "manifest.json").read_bytes() == manifest
+    _assert_old_intact(old)
+    assert _leftovers(old) == []
+
+
+def _wait_for_reader(fifo: Path, proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Block until `proc` opens `fifo` for reading (it then waits for image bytes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("prepare_data never reached the FIFO image")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_crash_mid_write_keeps_old_dataset(tmp_path, images, old, sig):
+    # Lines 1-3 are written (one shard each), then the tool blocks reading an image that is a
+    # FIFO; it is killed there, with shards of the new dataset already on disk.
+    os.mkfifo(images / "slow.jpg")
+    jsonl = write_jsonl(tmp_path / "new.jsonl",
+                        [{"image": f"{n}.jpg", "text": TEXT[n]} for n in range(3)]
+                        + [{"image": "slow.jpg", "text": "never read"}])
+    proc = subprocess.Popen(_args("caption", jsonl, images, old, shard_mb="0.001"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fd = None
+    try:
+        fd = _wait_for_reader(images / "slow.jpg", proc)
+        _assert_old_intact(old)  # while the new dataset is being written
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if fd is not None:
+            os.close(fd)
+    _assert_old_intact(old)
+    if sig == signal.SIGKILL:  # no chance to clean up: the partial dataset stays behind
+        assert _leftovers(old) == ["caption.incomplete"]
+        assert (old.parent / "caption.incomplete" / "shard-000001.tar").exists()
+    else:
+        assert proc.returncode == 130 and stderr.strip().splitlines() == \
+            ["prepare_data: interrupted; the existing dataset is unchanged"], stderr
+        assert _leftovers(old) == []
+    (images / "slow.jpg").unlink()
+    (images / "slow.jpg").write_bytes(jpeg(9))
+    done = _run("caption", jsonl, images, old)
+    assert done.returncode == 0, done.stderr
+    ds = open_dataset(old, verify=True)
+    assert [ds.read(i).texts for i in range(len(ds))] == [[t] for t in TEXT[:3]] + \
+        [["never read"]]
+    assert _leftovers(old) == []
+
+
+def test_killed_between_renames_restores_old_dataset(tmp_path, old):
+    # The swap renames OUT aside before renaming the new one in; a kill in between leaves no
+    # OUT. The next run (even one that writes nothing) puts the old dataset back.
+    aside = old.with_name("caption.prepare_data-old")
+    old.rename(aside)
+    done = _run("caption", write_jsonl(tmp_path / "bad.jsonl", ["{broken"]), tmp_path, old)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    _assert_old_intact(old)
+    assert _leftovers(old) == []
+
+
+def test_refuses_output_holding_other_files(tmp_path, images):
+    jsonl = write_jsonl(tmp_path / "c.jsonl", [{"image": "0.jpg", "text": TEXT[0]}])
+    before = sorted(p.name for p in images.iterdir())
+    done = _run("caption", jsonl, images, images)  # --output pointed at the images by mistake
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"prepare_data: --output {images} holds files prepare_data did not write (0.jpg, "
+        "1.jpg, 2.jpg, ...); refusing to replace it: choose another --output or remove them"]
+    assert sorted(p.name for p in images.iterdir()) == before
