@@ -78,3 +78,52 @@ def test_entry_point_adds_few_shot_evaluation_only_when_tasks_are_set():
     assert len(evals) == 1 and evals[0].interval == 5
     assert [p.name for p in evals[0].task_files] == ["a.jsonl", "b.jsonl"]
     assert any(isinstance(cb, SampleLog) for cb in run_callbacks(cfg))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("checkpoint.save_interval=0", "checkpoint.save_interval"),  # was ZeroDivisionError
+    ("logging.log_interval=0", "logging.log_interval"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("llm.moe.layer_freq=0", "llm.moe.layer_freq"),
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=.nan", "train.lr"),
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.adam_eps=0", "train.adam_eps"),
+    ("data.weight_text=-1", "data.weight_text"),  # used to blame data.weight_interleaved
+])
+def test_out_of_range_values_are_one_line_naming_the_field(override, field):
+    out = mm1_train("--preset", "tiny", override, "--dry-run")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"mm1-train: config error: {field}: ")
+    assert out.stdout == ""
+
+
+def test_malformed_config_file_is_one_line_with_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n  micro_batch_size: [1\nllm:\n  num_layers: 2\n")
+    out = mm1_train("--preset", "tiny", "--config", str(path), "--dry-run")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"mm1-train: config error: {path}:4: ")
+    assert out.stdout == ""
+
+
+def test_training_here_checks_the_data_and_tokenizer_first(demo_data, tmp_path):
+    """A run (no --dry-run) is refused before any process group starts when its data is not
+    there or its tokenizer does not fit the model; dry runs plan for a cluster and do not
+    look at the files."""
+    run_dir = f"run_dir={tmp_path}/run"
+    out = mm1_train("--preset", "tiny", run_dir)  # tiny names no data: was a loader traceback
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().startswith("mm1-train: config error: data.path: ")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    data = [f"data.path={demo_data}", f"data.tokenizer_model={demo_data}/tokenizer.model"]
+    out = mm1_train("--preset", "tiny", run_dir, *data)  # 2048 pieces, 512 embedding rows
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().startswith("mm1-train: config error: llm.vocab_size: 512 ")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists()
+    assert mm1_train("--preset", "tiny", "--dry-run").returncode == 0

@@ -196,3 +196,175 @@ def test_te_runs_take_one_row_per_micro_batch_with_pipeline_parallelism():
     set_field(cfg, "parallel.pp", 1)
     set_field(cfg, "parallel.first_stage_layers", None)
     validate(cfg, environ={}, fp8_ok=True)  # without a pipeline, rows end to end are fine
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14 finding 7: ranges of every field, YAML syntax errors, and the data files a run on
+# this machine reads.
+# --------------------------------------------------------------------------------------------
+
+
+def _int_fields(obj, prefix=""):
+    """Dotted names of every int / Optional[int] field, nested sections included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _int_fields(value, name + ".")
+        elif hints[f.name] in (int, typing.Optional[int]):
+            yield name
+
+
+ZERO_ALLOWED = {"train.warmup_steps", "train.seed", "data.prefetch", "eval.seed",
+                "llm.moe.num_experts"}
+
+
+def test_every_int_field_of_every_section_is_range_checked():
+    names = list(_int_fields(get_preset("tiny")))
+    assert {"checkpoint.save_interval", "checkpoint.keep_last", "logging.log_interval",
+            "llm.moe.layer_freq", "eval.limit", "eval.max_new_tokens"} <= set(names)
+    for name in names:
+        if name == "vision.feature_layer":  # signed: -1 is the last layer, its own rule
+            continue
+        bad = -1 if name in ZERO_ALLOWED else 0
+        err = _error("tiny", f"{name}={bad}")
+        assert err.field_name == name, str(err)
+        assert err.reason == f"must be >= {bad + 1}, got {bad}"
+    # Zero where zero means something, and the optional eval fields left unset, stay valid.
+    _check(load_config("tiny", [f"{name}=0" for name in sorted(ZERO_ALLOWED)]
+                       + ["eval.limit=null", "eval.max_new_tokens=null"], this_machine=False))
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ("train.lr=-1", "train.lr", "must be > 0"),
+    ("train.lr=0", "train.lr", "must be > 0"),
+    ("train.lr=.nan", "train.lr", "finite"),
+    ("train.lr=.inf", "train.lr", "finite"),
+    ("train.grad_clip=-1", "train.grad_clip", "must be >= 0"),
+    ("train.grad_clip=.nan", "train.grad_clip", "finite"),
+    ("train.weight_decay_ratio=-0.1", "train.weight_decay_ratio", "must be >= 0"),
+    ("train.adam_eps=0", "train.adam_eps", "must be > 0"),
+    ("train.adam_beta1=1", "train.adam_beta1", "[0, 1)"),
+    ("train.adam_beta2=1.5", "train.adam_beta2", "[0, 1)"),
+    ("train.adam_beta2=-0.5", "train.adam_beta2", "must be >= 0"),
+    ("train.adam_beta2=.nan", "train.adam_beta2", "finite"),
+    ("llm.norm_eps=0", "llm.norm_eps", "must be > 0"),
+    ("llm.rope_theta=-1", "llm.rope_theta", "must be > 0"),
+    ("vision.layernorm_eps=.inf", "vision.layernorm_eps", "finite"),
+    ("llm.moe.aux_loss_coeff=-0.01", "llm.moe.aux_loss_coeff", "must be >= 0"),
+    ("data.weight_text=-1", "data.weight_text", "must be >= 0"),
+    ("data.weight_caption=.nan", "data.weight_caption", "finite"),
+])
+def test_float_fields_must_be_finite_and_in_range(text, field, words):
+    err = _error("tiny", text)
+    assert err.field_name == field, str(err)
+    assert words in err.reason, str(err)
+    # The boundary values that mean something stay valid: no clipping, no decay, beta1 = 0.
+    _check(load_config("tiny", ["train.grad_clip=0", "train.weight_decay_ratio=0",
+                                "train.adam_beta1=0", "data.weight_text=0", "train.lr=null",
+                                "llm.moe.aux_loss_coeff=0"], this_machine=False))
+
+
+def test_malformed_yaml_file_is_one_config_error_with_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n   micro_batch_size: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", [], str(path), this_machine=False)
+    assert info.value.field_name == f"{path}:3"
+    assert "mapping values are not allowed here" in info.value.reason
+    assert "\n" not in str(info.value)
+    path.write_text("train: {lr: 1.0e-4\nllm:\n  num_layers: 2\n")  # unclosed flow mapping
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", [], str(path), this_machine=False)
+    assert info.value.field_name.startswith(f"{path}:") and "\n" not in str(info.value)
+    path.write_bytes(b"train:\n  lr: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config("tiny", [], str(path), this_machine=False)
+
+
+def test_config_mirrors_the_data_layers_names():
+    """config sits below data, so the loader's source folders and the tokenizer's special ids
+    are repeated in validate.py; they must stay equal."""
+    import importlib
+
+    from mm1_megatron.data.mixture import SOURCES
+    from mm1_megatron.data.tokenizer import SPECIAL_TOKENS
+
+    checks = importlib.import_module("mm1_megatron.config.validate")  # not the function
+    assert checks.SOURCES == SOURCES
+    assert checks.TOKENIZER_SPECIALS == SPECIAL_TOKENS
+
+
+def _machine_error(preset: str, *overrides: str) -> ConfigError:
+    """The error of a run on this machine; dry runs and plans (this_machine=False) and
+    library use (the default) do not look at the data files."""
+    for this_machine in (False, None):
+        load_config(preset, list(overrides), this_machine=this_machine)
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, list(overrides), this_machine=True)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def test_data_path_must_hold_a_dataset_on_this_machine(demo_data, tmp_path):
+    tok = f"data.tokenizer_model={demo_data}/tokenizer.model"
+    err = _machine_error("tiny")  # the tiny preset names no data
+    assert err.field_name == "data.path" and "not set" in err.reason
+    err = _machine_error("demo", f"data.path={tmp_path}/missing", tok)
+    assert err.field_name == "data.path" and "no such directory" in err.reason
+    err = _machine_error("demo", f"data.path={demo_data}/tokenizer.model", tok)
+    assert err.field_name == "data.path" and "not a directory" in err.reason
+    err = _machine_error("demo", f"data.path={tmp_path}", tok)
+    assert err.field_name == "data.path" and "no dataset folder" in err.reason
+    (tmp_path / "caption").symlink_to(demo_data / "caption")
+    err = _machine_error("demo", f"data.path={tmp_path}", tok, "data.weight_caption=0")
+    assert err.field_name == "data.path" and "data.weight_caption" in err.reason
+    load_config("demo", [f"data.path={tmp_path}", tok], this_machine=True)  # caption only
+
+
+def test_tokenizer_model_must_be_a_sentencepiece_file_on_this_machine(demo_data, tmp_path):
+    data = f"data.path={demo_data}"
+    err = _machine_error("demo", data, "data.tokenizer_model=")
+    assert err.field_name == "data.tokenizer_model" and "not set" in err.reason
+    err = _machine_error("demo", data, f"data.tokenizer_model={tmp_path}/missing.model")
+    assert err.field_name == "data.tokenizer_model" and "no such file" in err.reason
+    err = _machine_error("demo", data, f"data.tokenizer_model={demo_data}")
+    assert err.field_name == "data.tokenizer_model" and "not a file" in err.reason
+    (tmp_path / "junk.model").write_bytes(b"not a model\n")
+    err = _machine_error("demo", data, f"data.tokenizer_model={tmp_path}/junk.model")
+    assert err.field_name == "data.tokenizer_model" and "not a sentencepiece model" in err.reason
+
+
+def test_tokenizer_without_the_fixed_special_ids_is_refused(demo_data, tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()  # sentencepiece's defaults: <unk>=0 <s>=1 </s>=2, no <pad>, no <image>
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a photo of a cat on a mat", "two dogs play in the park"] * 20),
+        model_writer=buf, vocab_size=30, hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "plain.model").write_bytes(buf.getvalue())
+    err = _machine_error("demo", f"data.path={demo_data}",
+                         f"data.tokenizer_model={tmp_path}/plain.model")
+    assert err.field_name == "data.tokenizer_model" and "special token" in err.reason
+
+
+def test_tokenizer_vocabulary_must_fit_the_model_on_this_machine(demo_data):
+    """`mm1-train --preset tiny` with the demo tokenizer (2048 pieces) used to crash in the
+    embedding (512 rows) at step 1."""
+    data = [f"data.path={demo_data}", f"data.tokenizer_model={demo_data}/tokenizer.model"]
+    err = _machine_error("tiny", *data)
+    assert err.field_name == "llm.vocab_size"
+    assert "512 is smaller than the tokenizer's vocabulary of 2048" in err.reason
+    load_config("tiny", data + ["llm.vocab_size=2048"], this_machine=True)
+    load_config("demo", data, this_machine=True)
+    # The model reads every llm.image_token_id as an image slot: not a text piece...
+    err = _machine_error("tiny", *data, "llm.vocab_size=2048", "llm.image_token_id=7")
+    assert err.field_name == "llm.image_token_id" and "<image> id 3" in err.reason
+    # ...but an id the tokenizer never produces is fine.
+    load_config("tiny", data + ["llm.vocab_size=4096", "llm.image_token_id=3000"],
+                this_machine=True)

@@ -151,26 +151,69 @@ def save_run_config(cfg: Config) -> Path:
     return path
 
 
+def _yaml_problem(err: yaml.YAMLError, text: str) -> tuple[Optional[int], str]:
+    """(1-based line or None, one-line description) of a YAML syntax error."""
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, err.position) + 1 if isinstance(err.position, int) else None
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else \
+            repr(err.character)
+        return line, f"unacceptable character {char}: {err.reason}"
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    if mark is not None:
+        problem += f" (column {mark.column + 1})"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context:
+        where = f" from line {context_mark.line + 1}" if context_mark is not None else ""
+        problem += f", {context}{where}"
+    return (mark.line + 1 if mark is not None else None), " ".join(problem.split())
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """Parse a YAML config file; a syntax error is a ConfigError naming FILE:LINE (one line).
+    OSError (missing or unreadable file) propagates for the caller to report."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}", f"not UTF-8 text (byte {err.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line, problem = _yaml_problem(err, text)
+        raise ConfigError(f"{path}:{line}" if line else str(path), problem) from None
+
+
 def load_run_config(run_dir: str | Path, overrides: list[str] = (),
-                    this_machine: bool = False) -> Config:
+                    this_machine: Optional[bool] = False) -> Config:
     """The config a run trained with (run_dir/config.yaml), plus overrides."""
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise ConfigError(str(path), "no such file: the run's config is written by mm1-train "
                           "at start; give --preset (and the run's overrides) instead")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a config file must hold a mapping of sections")
     return load_config(data.get("preset", ""), list(overrides), str(path), this_machine)
 
 
 def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str] = None,
-                this_machine: bool = True) -> Config:
-    """Preset -> YAML file (optional) -> command-line overrides, then validation. With
-    `this_machine` off (dry runs, plans for a cluster) FP8 is not checked against the local
-    hardware."""
+                this_machine: Optional[bool] = None) -> Config:
+    """Preset -> YAML file (optional) -> command-line overrides, then validation.
+
+    `this_machine`:
+      True   a run starts here (mm1-train): FP8 / Transformer Engine are checked against the
+             local hardware, and the data this run reads must be here: data.path holds a
+             dataset folder, data.tokenizer_model is a sentencepiece model whose vocabulary
+             fits llm.vocab_size.
+      None   (default; building models in tests, tools) the local hardware is checked, the
+             data files are not looked at.
+      False  dry runs and plans for a cluster: neither.
+    """
     cfg = get_preset(preset)
     if yaml_file:
-        with open(yaml_file) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_yaml_file(yaml_file) or {}
         if not isinstance(data, dict):
             raise ConfigError(yaml_file, "a config file must hold a mapping of sections")
         data.pop("preset", None)
@@ -178,5 +221,6 @@ def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str]
             set_field(cfg, key, value)
     for text in overrides:
         set_field(cfg, *parse_override(text))
-    validate(cfg, fp8_ok=None if this_machine else True)
+    validate(cfg, fp8_ok=None if this_machine is not False else True,
+             data_files=this_machine is True)
     return cfg

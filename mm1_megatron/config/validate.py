@@ -4,8 +4,12 @@ world-size helpers (`launcher_world_size`, `resolve_world_size`, `data_parallel_
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Optional
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from mm1_megatron.config.schema import Config, ConfigError
 
@@ -45,18 +49,57 @@ def data_parallel_size(cfg: Config, environ: Optional[dict[str, str]] = None) ->
     return resolve_world_size(cfg, environ) // cfg.parallel.model_parallel_size
 
 
-_MAY_BE_ZERO = {"train.warmup_steps", "data.prefetch", "eval.seed"}
+# Every int field of every section (nested ones such as llm.moe included) must be >= 1 when set
+# (None stays allowed for Optional fields); these may also be 0, and `_SIGNED` has its own rule.
+_MAY_BE_ZERO = {"train.warmup_steps", "data.prefetch", "eval.seed", "train.seed",
+                "llm.moe.num_experts"}
 _SIGNED = {"vision.feature_layer"}  # checked by its own rule
+# Every float field must be finite and >= 0 when set; these must be > 0. Fields with an upper
+# bound as well (train.min_lr_ratio, the Adam betas) are checked in `_validate_train`.
+_POSITIVE_FLOATS = {"vision.layernorm_eps", "llm.norm_eps", "llm.rope_theta", "train.lr",
+                    "train.adam_eps"}
+
+
+# The loader's dataset folders under data.path, in mixture order (mm1_megatron.data.mixture
+# .SOURCES; config sits below data, so the names are repeated here), one data.weight_* each.
+SOURCES = ("interleaved", "caption", "text")
+# The special pieces and the ids every tokenizer must give them (mm1_megatron.data.tokenizer
+# .SPECIAL_TOKENS, which the loader checks; tests/test_config.py keeps the two equal).
+TOKENIZER_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3, "<eoc>": 4, "<unk>": 5}
+
+
+def _declared(annotation: Any) -> Any:
+    """int for `int` and `Optional[int]`, float for `float` and `Optional[float]`, ..."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else annotation
+    return annotation
+
+
+def _scalar_fields(obj: Any, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted name, declared type, value) of every field of every section, recursively."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _scalar_fields(value, name + ".")
+        else:
+            yield name, _declared(hints[f.name]), value
 
 
 def _validate_positive(cfg: Config) -> None:
-    for section in ("vision", "connector", "llm", "data", "parallel", "train", "eval"):
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            value, name = getattr(obj, f.name), f"{section}.{f.name}"
-            if isinstance(value, int) and not isinstance(value, bool) and name not in _SIGNED:
-                floor = 0 if name in _MAY_BE_ZERO else 1
-                _require(value >= floor, name, f"must be >= {floor}, got {value}")
+    for name, kind, value in _scalar_fields(cfg, ""):
+        if value is None or isinstance(value, bool) or name in _SIGNED:
+            continue
+        if kind is int and isinstance(value, int):
+            floor = 0 if name in _MAY_BE_ZERO else 1
+            _require(value >= floor, name, f"must be >= {floor}, got {value}")
+        elif kind is float and isinstance(value, (int, float)):
+            _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+            if name in _POSITIVE_FLOATS:
+                _require(value > 0, name, f"must be > 0, got {value}")
+            else:
+                _require(value >= 0, name, f"must be >= 0, got {value}")
 
 
 def _validate_model(cfg: Config) -> None:
@@ -178,14 +221,67 @@ def _validate_train(cfg: Config, fp8_ok: bool) -> None:
                  f"{t.fp8!r} needs Transformer Engine and an FP8 GPU (Hopper); not found here")
         _require(t.precision == "bf16", "train.fp8", "FP8 training runs with train.precision=bf16")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
+    for beta in ("adam_beta1", "adam_beta2"):  # torch.optim.Adam's rule: 0 <= beta < 1
+        value = getattr(t, beta)
+        _require(0.0 <= value < 1.0, f"train.{beta}", f"must lie in [0, 1), got {value}")
     _require(t.warmup_steps < t.train_steps, "train.warmup_steps",
              f"{t.warmup_steps} is not below train.train_steps={t.train_steps}")
     for shots in filter(None, (k.strip() for k in cfg.eval.shots.split(","))):
         _require(shots.isdigit(), "eval.shots", f"{shots!r} is not a number of examples")
     d = cfg.data
-    weights = (d.weight_interleaved, d.weight_caption, d.weight_text)
-    _require(all(w >= 0 for w in weights) and sum(weights) > 0, "data.weight_interleaved",
-             "mixture weights must be non-negative and not all zero")
+    # Each weight is finite and >= 0 (`_validate_positive` names the one that is not).
+    _require(sum(getattr(d, f"weight_{source}") for source in SOURCES) > 0,
+             "data.weight_interleaved", "data.weight_interleaved, data.weight_caption and "
+             "data.weight_text are all zero: the mixture would draw nothing")
+
+
+def _validate_data_files(cfg: Config) -> None:
+    """The dataset and tokenizer a run on this machine reads (not for dry runs / plans: the
+    files may live on the cluster only)."""
+    d, llm = cfg.data, cfg.llm
+    _require(bool(d.path), "data.path", "not set; give the folder holding the dataset "
+             f"folders ({', '.join(SOURCES)}), e.g. data.path=demo_data")
+    root = Path(d.path)
+    _require(root.is_dir(), "data.path",
+             f"{d.path}: {'not a directory' if root.exists() else 'no such directory'}")
+    found = [s for s in SOURCES if (root / s / "manifest.json").is_file()]
+    _require(bool(found), "data.path", f"{d.path} holds no dataset folder ({', '.join(SOURCES)}) "
+             "with a manifest.json (prepare one with tools/prepare_data.py)")
+    _require(any(getattr(d, f"weight_{s}") > 0 for s in found), "data.path",
+             f"{d.path} holds only {', '.join(found)}, whose mixture weight is zero "
+             f"({', '.join(f'data.weight_{s}' for s in found)})")
+
+    _require(bool(d.tokenizer_model), "data.tokenizer_model",
+             "not set; give the sentencepiece .model (e.g. DATA/tokenizer.model)")
+    path = Path(d.tokenizer_model)
+    _require(path.is_file(), "data.tokenizer_model",
+             f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    try:
+        proto = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("data.tokenizer_model", f"{path}: cannot read ({e.strerror})") from None
+    import sentencepiece as spm  # here: dry runs and plans never load a tokenizer
+
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=proto) if proto else None
+    except RuntimeError:
+        sp = None
+    _require(sp is not None, "data.tokenizer_model", f"{path}: not a sentencepiece model")
+    size = sp.get_piece_size()
+    for piece, want in TOKENIZER_SPECIALS.items():
+        _require(want < size and sp.id_to_piece(want) == piece, "data.tokenizer_model",
+                 f"{path}: special token {piece!r} must have id {want} (train the model with "
+                 "tools/train_tokenizer.py)")
+    _require(size <= llm.vocab_size, "llm.vocab_size",
+             f"{llm.vocab_size} is smaller than the tokenizer's vocabulary of {size} pieces "
+             f"({path}): its ids would overflow the embedding")
+    # The model reads every id equal to llm.image_token_id as an image slot: it must be the
+    # tokenizer's <image> or an id the tokenizer never produces.
+    image = TOKENIZER_SPECIALS["<image>"]
+    if llm.image_token_id != image and llm.image_token_id < size:
+        raise ConfigError("llm.image_token_id", f"{llm.image_token_id} is the tokenizer's "
+                          f"piece {sp.id_to_piece(llm.image_token_id)!r}, so text would be "
+                          f"read as image slots; use the tokenizer's <image> id {image}")
 
 
 def fp8_available() -> bool:
@@ -196,8 +292,9 @@ def fp8_available() -> bool:
 
 
 def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
-             fp8_ok: Optional[bool] = None) -> Config:
-    """Refuse an inconsistent config; raises ConfigError naming the field."""
+             fp8_ok: Optional[bool] = None, data_files: bool = False) -> Config:
+    """Refuse an inconsistent config; raises ConfigError naming the field. `data_files`: also
+    check the dataset folder and tokenizer a run on this machine reads."""
     _validate_positive(cfg)
     _validate_model(cfg)
     _validate_parallel(cfg, environ)
@@ -218,4 +315,6 @@ def validate(cfg: Config, environ: Optional[dict[str, str]] = None,
                  "with parallel.pp > 1: packed rows run as THD sequences under Transformer "
                  "Engine, one row per micro-batch with pipeline parallelism")
     _validate_train(cfg, fp8_ok)
+    if data_files:
+        _validate_data_files(cfg)
     return cfg
