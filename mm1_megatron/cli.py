@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -73,9 +74,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_plan(make_plan(cfg)))
         print(describe_backends(cfg.train.precision, cfg.train.fp8))
         return 0
+    from mm1_megatron.checkpoint.run_lock import RunDirLocked
     from mm1_megatron.train.loop import train
 
-    return train(cfg, run_callbacks(cfg))
+    try:
+        return train(cfg, run_callbacks(cfg))
+    except RunDirLocked as err:  # every rank stops; rank 0 says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mm1-train: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from megatron.core import parallel_state as ps
 
 from mm1_megatron.checkpoint import (CheckpointSaveError, latest_checkpoint, load_checkpoint,
                                      load_model_weights, save_checkpoint)
+from mm1_megatron.checkpoint.run_lock import RunDirLocked, RunLock
 from mm1_megatron.config import Config, save_run_config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
 from mm1_megatron.data.mixture import LoaderState
@@ -36,6 +37,7 @@ class Trainer:
         self.step = 0
         self.last_saved_step: Optional[int] = None
         self.save_failed = False
+        self.lock: Optional[RunLock] = None
         self.skipped_total = 0
         self.sample_ids: list[list[int]] = []  # global sample ids of the last step's rows
 
@@ -46,7 +48,7 @@ class Trainer:
             cb.on_setup(self)
         self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.is_logging_rank = dist.get_rank() == 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_run_dir()  # before anything is written there
         if self.is_logging_rank:
             save_run_config(cfg)  # mm1-eval / the converters read it back
             print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
@@ -79,6 +81,24 @@ class Trainer:
         self.loader_state = loader_state or LoaderState(0, None)
         self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
             if cfg.data.prefetch > 0 else iter(self.loader)
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds run_dir/.lock for the whole run; every rank learns whether it did."""
+        refused = ""
+        if self.is_logging_rank:
+            self.lock = RunLock(self.run_dir)
+            try:
+                self.lock.acquire()
+            except RunDirLocked as err:
+                refused = str(err)
+        flag = torch.tensor([1.0 if refused else 0.0], device=comm_device())
+        dist.broadcast(flag, src=0)
+        if flag.item():
+            raise RunDirLocked(refused or f"run_dir {self.run_dir} is in use by another run")
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def save(self) -> None:
         if self.save_failed:
@@ -161,8 +181,9 @@ def train(cfg: Config, callbacks: Optional[list[Callback]] = None) -> int:
     """Set up, train, shut the process groups down. `callbacks`: default_callbacks(cfg) when
     not given (the entry point adds its own, e.g. few-shot evaluation)."""
     trainer = Trainer(cfg, callbacks)
-    trainer.setup()
     try:
+        trainer.setup()
         return trainer.train()
     finally:
+        trainer.close()
         shutdown_distributed()

@@ -226,3 +226,34 @@ def test_images_decoded_once_per_tp_group_and_on_the_first_stage_only(demo_data,
         for step, got in losses[name].items():
             want = losses["single"][step]
             assert abs(got - want) <= 1e-5 * want, (name, step, got, want)
+
+
+def test_one_run_per_run_dir_and_a_killed_holder_does_not_block(demo_data, tmp_path):
+    """A second mm1-train on a run directory in use is refused in one line naming the holder
+    (nothing written); after the holder is SIGKILLed the next run starts."""
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command(demo_data, run_dir, "train.train_steps=500"), cwd=REPO,
+                             stdout=log, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 180
+        while "step " not in (tmp_path / "first.log").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        events = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        second = run(command(demo_data, run_dir, "train.train_steps=500"))
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.strip().splitlines() == [
+            f"mm1-train: run_dir {run_dir} is in use by pid {first.pid} on "
+            f"{__import__('socket').gethostname()}; wait for it to finish or choose another "
+            "run_dir"]
+        assert sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")) == events
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        log.close()
+    third = run(command(demo_data, run_dir, "train.train_steps=2"))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "saved checkpoint at step 2" in third.stdout
