@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
@@ -38,6 +39,54 @@ _QUIET = [
 ]
 
 
+# Fields of the model sections a run may change between restarts (how it computes, not what).
+_NOT_MODEL_SHAPE = {"recompute", "recompute_layers", "dispatcher", "grouped_gemm",
+                    "aux_loss_coeff", "z_loss_coeff"}
+
+
+def _model_fields(sections: dict) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(sub, f"{prefix}.{key}")
+        elif prefix.rsplit(".", 1)[-1] not in _NOT_MODEL_SHAPE:
+            out[prefix] = value
+
+    for section in ("vision", "connector", "llm"):
+        walk(sections.get(section, {}), section)
+    return out
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse, before any process group starts, a start that would lose work in run_dir:
+    starting over on its checkpoints without checkpoint.overwrite, or resuming them with
+    another model shape (which would fail in the load, after config.yaml was replaced)."""
+    from mm1_megatron.checkpoint.directory import complete_checkpoints
+    from mm1_megatron.config import RUN_CONFIG
+    from mm1_megatron.config.overrides import read_yaml_file
+
+    existing = complete_checkpoints(cfg.run_dir)
+    if not existing:
+        return
+    if not cfg.checkpoint.resume:
+        if not cfg.checkpoint.overwrite:
+            raise ConfigError("checkpoint.resume", f"false, but {cfg.run_dir} holds checkpoints "
+                              f"(newest {existing[-1].name}) this run would overwrite; use a new "
+                              "run_dir, or checkpoint.overwrite=true to delete them")
+        return
+    saved = Path(cfg.run_dir) / RUN_CONFIG
+    if saved.is_file():
+        before, now = _model_fields(read_yaml_file(saved) or {}), _model_fields(cfg.to_dict())
+        changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+                   for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError("run_dir", f"{cfg.run_dir} holds checkpoints of another model "
+                              f"({'; '.join(changed)}); resume with the run's config, or use a "
+                              "new run_dir (checkpoint.init_from starts from other weights)")
+
+
 def run_callbacks(cfg: Config) -> list:
     """The run's callbacks: the trainer's defaults, plus few-shot evaluation (captioning /
     VQA every eval.interval steps) when eval.tasks is set."""
@@ -59,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # A dry run plans for the cluster: FP8 is checked against the machine only to train.
         cfg = load_config(args.preset, args.overrides, args.config,
                           this_machine=not args.dry_run)
+        if not args.dry_run:
+            check_run_dir(cfg)
     except ConfigError as err:
         print(f"mm1-train: config error: {err}", file=sys.stderr)
         return 2

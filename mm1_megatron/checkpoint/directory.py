@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -33,23 +34,49 @@ def write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / "latest")
 
 
-def prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
-    for old in steps[:-keep_last]:
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete step directories of a run, oldest save first (by the time they were
+    written, not by step number: a run that restarted lower must not lose its new saves)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
+    return sorted(steps, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def prune(root: Path, keep_last: int, keep: Optional[str] = None) -> None:
+    """Keep the `keep_last` most recent saves (and `keep`, the one just written)."""
+    steps = [p for p in complete_checkpoints(root.parent) if p.name != keep]
+    for old in steps[:max(0, len(steps) - (keep_last - (keep is not None)))]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.partial"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def resume_point(run_dir: str | Path) -> tuple[Optional[Path], Optional[str]]:
+    """(checkpoint to resume from, or None; a warning when `latest` could not be followed)."""
     root = checkpoint_root(run_dir)
     marker = root / "latest"
-    if not marker.exists():
-        return None
-    path = root / marker.read_text().strip()
-    if not STEP_DIR.match(path.name) or not path.is_dir():
-        raise FileNotFoundError(f"{marker}: names {path.name!r}, which is not a complete "
-                                "checkpoint directory")
+    complete = complete_checkpoints(run_dir)
+    if marker.exists():
+        path = root / marker.read_text().strip()
+        if STEP_DIR.match(path.name) and path.is_dir():
+            return path, None
+        if not complete:
+            raise FileNotFoundError(f"{marker}: names {path.name!r}, which is not a complete "
+                                    "checkpoint directory, and no other checkpoint is there")
+        return complete[-1], (f"{marker} names {path.name!r}, which is not a complete "
+                              f"checkpoint; using the newest complete one, {complete[-1].name}")
+    if complete:
+        return complete[-1], (f"{marker} is missing; using the newest complete checkpoint, "
+                              f"{complete[-1].name}")
+    return None, None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    path, warning = resume_point(run_dir)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return path
 
 

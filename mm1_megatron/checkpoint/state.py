@@ -165,7 +165,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         write_latest(root, final.name)
-        prune(root, keep_last)
+        prune(root, keep_last, keep=final.name)
     dist.barrier()
     return final
 

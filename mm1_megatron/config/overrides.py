@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -147,7 +148,9 @@ def save_run_config(cfg: Config) -> Path:
     read when no --preset is given)."""
     path = Path(cfg.run_dir) / RUN_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp = path.with_suffix(".yaml.tmp")  # atomic: readers never see half a file
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
     return path
 
 

@@ -204,6 +204,9 @@ class CheckpointConfig:
     save_interval: int = 1000
     keep_last: int = 3
     resume: bool = True  # resume from the latest checkpoint in run_dir when there is one
+    # resume=false in a run_dir holding checkpoints is refused unless this is set: then the
+    # old checkpoints are deleted when the new run starts.
+    overwrite: bool = False
     # A new run (nothing to resume) starts from these model weights: a checkpoint directory
     # of any layout, e.g. one written by mm1-import-hf from CLIP + Llama weights.
     init_from: Optional[str] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,8 +12,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from mm1_megatron.checkpoint import (CheckpointSaveError, latest_checkpoint, load_checkpoint,
+from mm1_megatron.checkpoint import (CheckpointSaveError, checkpoint_root, load_checkpoint,
                                      load_model_weights, save_checkpoint)
+from mm1_megatron.checkpoint.directory import complete_checkpoints, resume_point
 from mm1_megatron.checkpoint.run_lock import RunDirLocked, RunLock
 from mm1_megatron.config import Config, save_run_config
 from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
@@ -49,22 +51,31 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.is_logging_rank = dist.get_rank() == 0
         self._lock_run_dir()  # before anything is written there
+        latest, warning = resume_point(self.run_dir) if cfg.checkpoint.resume else (None, None)
         if self.is_logging_rank:
-            save_run_config(cfg)  # mm1-eval / the converters read it back
+            if not cfg.checkpoint.resume and cfg.checkpoint.overwrite:
+                for old in complete_checkpoints(self.run_dir):  # asked for (cli checked)
+                    shutil.rmtree(old)
+                (checkpoint_root(self.run_dir) / "latest").unlink(missing_ok=True)
+            if warning:
+                print(f"mm1-train: warning: {warning}", file=sys.stderr, flush=True)
+            if latest is None:  # a resumed run rewrites it once its checkpoint has loaded
+                save_run_config(cfg)  # mm1-eval / the converters read it back
             print(describe_backends(cfg.train.precision, cfg.train.fp8), flush=True)
+        dist.barrier()
         # Model FLOPs of one row (decoder) and one image (encoder + connector), for TFLOP/s.
         self.flops_per_row_and_image = training_flops_per_sequence(cfg, images=1)
         self.model = build_model(cfg, use_transformer_engine())
         self.moe_metrics = MoEMetrics(cfg, self.model) if cfg.llm.moe.num_experts else None
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         loader_state = None
-        latest = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
         if latest is not None:
             restored = load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
             self.step = self.last_saved_step = restored["step"]
             loader_state = LoaderState.from_dict(restored["extra"]["loader"])
             self.skipped_total = restored["extra"].get("skipped_steps", 0)
             if self.is_logging_rank:
+                save_run_config(cfg)
                 print(f"resumed from {latest} at step {self.step}", flush=True)
         elif cfg.checkpoint.init_from:
             load_model_weights(cfg.checkpoint.init_from, self.model)

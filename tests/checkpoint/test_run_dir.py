@@ -1,0 +1,78 @@
+"""No checkpoint is lost in any order of start, restart and start-over: retention by recency,
+`checkpoint.resume=false` refused on a run's checkpoints unless `checkpoint.overwrite=true`, a
+missing `latest` resumes from the newest complete checkpoint, and resuming with another model
+shape is refused before anything is written."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mm1_megatron.checkpoint.directory import complete_checkpoints, prune
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train(data: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mm1_megatron.cli", "--preset", "tiny", f"data.path={data}",
+           f"data.tokenizer_model={data}/tokenizer.model", "llm.vocab_size=2048",
+           f"run_dir={run_dir}", "train.warmup_steps=0", "checkpoint.save_interval=1",
+           *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_retention_keeps_the_newest_saves_not_the_highest_steps(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step_00000010", "step_00000002", "step_00000003"):  # saved in this order
+        (root / name).mkdir(parents=True)
+        (root / name / "x").write_text(name)
+        time.sleep(0.02)
+    now = time.time()
+    for age, name in ((30, "step_00000010"), (20, "step_00000002"), (10, "step_00000003")):
+        os.utime(root / name, (now - age, now - age))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [
+        "step_00000010", "step_00000002", "step_00000003"]
+    prune(root, keep_last=2, keep="step_00000003")
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(demo_data, run_dir, "train.train_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert names(run_dir) == ["latest", "step_00000001", "step_00000002"]
+    config = (run_dir / "config.yaml").read_bytes()
+
+    # Starting over on them is refused in one line; nothing is touched.
+    over = train(demo_data, run_dir, "train.train_steps=2", "checkpoint.resume=false")
+    assert over.returncode == 2
+    assert over.stderr.strip().splitlines() == [over.stderr.strip()]
+    assert over.stderr.startswith("mm1-train: config error: checkpoint.resume: false, but")
+    assert names(run_dir) == ["latest", "step_00000001", "step_00000002"]
+
+    # Resuming with another model shape: refused before config.yaml is replaced.
+    other = train(demo_data, run_dir, "train.train_steps=3", "llm.hidden_size=128")
+    assert other.returncode == 2
+    assert "llm.hidden_size 64 -> 128" in other.stderr and len(other.stderr.splitlines()) == 1
+    assert (run_dir / "config.yaml").read_bytes() == config
+
+    # `latest` lost: the newest complete checkpoint is resumed, with a warning.
+    (run_dir / "checkpoints" / "latest").unlink()
+    again = train(demo_data, run_dir, "train.train_steps=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "latest is missing; using the newest complete checkpoint, step_00000002" \
+        in again.stderr
+    assert "at step 2" in again.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+    # Asked for: start over, the old checkpoints go.
+    fresh = train(demo_data, run_dir, "train.train_steps=1", "checkpoint.resume=false",
+                  "checkpoint.overwrite=true")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert names(run_dir) == ["latest", "step_00000001"]
