@@ -18,3 +18,29 @@ def demo_data(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
                     str(out)], check=True, capture_output=True, timeout=300)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite():
+    """Every process the suite starts (ranks, their dist_checkpointing helpers, workers) is
+    gone when it ends: a leftover shows up here as an error, not as memory held under PID 1."""
+    import time
+
+    import psutil
+
+    started = time.time()
+    yield
+
+    def orphans():
+        found = []
+        for proc in psutil.process_iter(["ppid", "create_time", "cmdline"]):
+            info = proc.info
+            line = " ".join(info["cmdline"] or [])
+            if info["ppid"] == 1 and (info["create_time"] or 0) >= started and (
+                    "multiprocessing" in line or "mm1_megatron" in line or str(REPO) in line):
+                found.append(proc)
+        return found
+
+    _, alive = psutil.wait_procs(orphans(), timeout=15)
+    assert not alive, "processes outlived the test suite: " + "; ".join(
+        " ".join(p.cmdline())[:160] for p in alive)
