@@ -63,10 +63,15 @@ def check_run_dir(cfg: Config) -> None:
     """Refuse, before any process group starts, a start that would lose work in run_dir:
     starting over on its checkpoints without checkpoint.overwrite, or resuming them with
     another model shape (which would fail in the load, after config.yaml was replaced)."""
-    from mm1_megatron.checkpoint.directory import complete_checkpoints
+    from mm1_megatron.checkpoint.directory import complete_checkpoints, resume_point
     from mm1_megatron.config import RUN_CONFIG
     from mm1_megatron.config.overrides import read_yaml_file
 
+    if cfg.checkpoint.resume:
+        try:
+            resume_point(cfg.run_dir)  # every checkpoint damaged or missing: say so now
+        except FileNotFoundError as err:
+            raise ConfigError("run_dir", str(err)) from None
     existing = complete_checkpoints(cfg.run_dir)
     if not existing:
         return

@@ -10,10 +10,12 @@ partial checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -53,23 +55,78 @@ def prune(root: Path, keep_last: int, keep: Optional[str] = None) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+MANIFEST = "files.json"  # written last into each checkpoint: every file's size and end sums
+_SUM_BYTES = 64 * 1024
+
+
+def _end_sums(path: Path, size: int) -> list[int]:
+    """crc32 of the first and last 64 KiB: cheap at any checkpoint size, and a truncated or
+    overwritten file end changes them."""
+    with path.open("rb") as f:
+        head = f.read(_SUM_BYTES)
+        f.seek(max(0, size - _SUM_BYTES))
+        tail = f.read(_SUM_BYTES)
+    return [zlib.crc32(head), zlib.crc32(tail)]
+
+
+def write_manifest(checkpoint: Path) -> None:
+    files = {str(p.relative_to(checkpoint)): p for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    entries = {name: {"bytes": p.stat().st_size, "sums": _end_sums(p, p.stat().st_size)}
+               for name, p in files.items()}
+    tmp = checkpoint / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=0))
+    os.replace(tmp, checkpoint / MANIFEST)
+
+
+def damage(checkpoint: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's files against its manifest (missing, truncated or
+    changed file), or None. A checkpoint written before manifests existed is not checked."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())
+    except ValueError:
+        return f"{manifest}: unreadable"
+    for name, entry in entries.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{path}: {size} bytes, {entry['bytes']} when it was saved"
+        if _end_sums(path, size) != entry["sums"]:
+            return f"{path}: its contents changed since it was saved"
+    return None
+
+
 def resume_point(run_dir: str | Path) -> tuple[Optional[Path], Optional[str]]:
-    """(checkpoint to resume from, or None; a warning when `latest` could not be followed)."""
+    """(checkpoint to resume from, or None; a warning when `latest` could not be followed or
+    was damaged and an earlier complete checkpoint is used instead)."""
     root = checkpoint_root(run_dir)
     marker = root / "latest"
     complete = complete_checkpoints(run_dir)
+    notes: list[str] = []
+    chosen: Optional[Path] = None
     if marker.exists():
         path = root / marker.read_text().strip()
         if STEP_DIR.match(path.name) and path.is_dir():
-            return path, None
-        if not complete:
-            raise FileNotFoundError(f"{marker}: names {path.name!r}, which is not a complete "
-                                    "checkpoint directory, and no other checkpoint is there")
-        return complete[-1], (f"{marker} names {path.name!r}, which is not a complete "
-                              f"checkpoint; using the newest complete one, {complete[-1].name}")
-    if complete:
-        return complete[-1], (f"{marker} is missing; using the newest complete checkpoint, "
-                              f"{complete[-1].name}")
+            chosen = path
+        else:
+            notes.append(f"{marker} names {path.name!r}, which is not a complete checkpoint")
+    elif complete:
+        notes.append(f"{marker} is missing")
+    candidates = ([chosen] if chosen else []) + [p for p in reversed(complete) if p != chosen]
+    for candidate in candidates:
+        problem = damage(candidate)
+        if problem is None:
+            if candidate != chosen or notes:
+                notes.append(f"using the newest complete checkpoint, {candidate.name}")
+            return candidate, "; ".join(notes) or None
+        notes.append(f"{candidate.name} is damaged ({problem})")
+    if notes:
+        raise FileNotFoundError(f"no usable checkpoint in {root}: " + "; ".join(notes))
     return None, None
 
 

@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mm1_megatron.checkpoint.directory import (checkpoint_root, latest_checkpoint, prune,
-                                               step_dir_name, write_latest)
+                                               step_dir_name, write_latest, write_manifest)
 from mm1_megatron.runtime import comm_device
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -162,6 +162,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
                                   f"{type(err).__name__}: {first}") from err
     dist.barrier()
     if dist.get_rank() == 0:
+        write_manifest(partial)  # sizes and end sums, verified before a resume loads it
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         write_latest(root, final.name)

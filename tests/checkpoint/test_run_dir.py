@@ -76,3 +76,25 @@ def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, tmp_path):
                   "checkpoint.overwrite=true")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert names(run_dir) == ["latest", "step_00000001"]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(demo_data, run_dir, "train.train_steps=2").returncode == 0
+    step2 = run_dir / "checkpoints" / "step_00000002"
+    assert (step2 / "files.json").is_file()  # sizes and end sums, written with the save
+    shard = sorted(step2.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    again = train(demo_data, run_dir, "train.train_steps=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    warning = [line for line in again.stderr.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and shard.name in warning[0]
+    assert "using the newest complete checkpoint, step_00000001" in warning[0]
+    assert "at step 1" in again.stdout
+    # None left intact: one line, nothing started.
+    for checkpoint in (run_dir / "checkpoints").glob("step_*"):
+        (checkpoint / "common.pt").write_bytes(b"")
+    none = train(demo_data, run_dir, "train.train_steps=4")
+    assert none.returncode == 2
+    assert none.stderr.startswith("mm1-train: config error: run_dir: no usable checkpoint in")
+    assert len(none.stderr.strip().splitlines()) == 1
