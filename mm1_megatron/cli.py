@@ -69,9 +69,11 @@ def check_run_dir(cfg: Config) -> None:
 
     if cfg.checkpoint.resume:
         try:
-            resume_point(cfg.run_dir)  # every checkpoint damaged or missing: say so now
+            resume_from, _ = resume_point(cfg.run_dir)  # all damaged or missing: say so now
         except FileNotFoundError as err:
             raise ConfigError("run_dir", str(err)) from None
+        if resume_from is not None and not cfg.data.allow_change:
+            _check_same_dataset(cfg, resume_from)
     existing = complete_checkpoints(cfg.run_dir)
     if not existing:
         return
@@ -90,6 +92,23 @@ def check_run_dir(cfg: Config) -> None:
             raise ConfigError("run_dir", f"{cfg.run_dir} holds checkpoints of another model "
                               f"({'; '.join(changed)}); resume with the run's config, or use a "
                               "new run_dir (checkpoint.init_from starts from other weights)")
+
+
+def _check_same_dataset(cfg: Config, checkpoint: Path) -> None:
+    """The loader position in `checkpoint` refers to the dataset it was saved with."""
+    from megatron.core import dist_checkpointing
+
+    from mm1_megatron.data.loader import dataset_fingerprint
+
+    saved = (dist_checkpointing.load_common_state_dict(str(checkpoint)) or {}).get(
+        "extra", {}).get("dataset")
+    now = dataset_fingerprint(cfg.data.path)
+    if saved is not None and saved != now:
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ConfigError("data.path", f"{cfg.data.path} is not the data {checkpoint.name} was "
+                          f"trained on ({', '.join(changed)} changed); its loader position "
+                          "would be applied to other samples: set data.allow_change=true to "
+                          "continue on this data anyway")
 
 
 def run_callbacks(cfg: Config) -> list:

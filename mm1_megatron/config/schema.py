@@ -146,6 +146,9 @@ class DataConfig:
     tokenizer_model: str = ""  # sentencepiece .model
     num_workers: int = 2  # DALI decoding threads
     prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline)
+    # A resumed run refuses a dataset other than the one its checkpoint's loader position
+    # refers to (manifest hashes), unless this is set.
+    allow_change: bool = False
 
 
 @dataclass

@@ -9,6 +9,8 @@ that DALI cannot decode becomes a blank image and its document carries no loss i
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -43,6 +45,20 @@ def document_tokens(tokenizer: Tokenizer, segments: list) -> list[int]:
     return tokens + [EOS_ID]
 
 
+DROPPED_IMAGES = "dropped_images_row_limit"
+
+
+def dataset_fingerprint(path: str | Path) -> dict[str, str]:
+    """Per source folder, a hash of its manifest: a checkpoint remembers which data its loader
+    position refers to."""
+    out = {}
+    for name in SOURCES:
+        manifest = Path(path) / name / "manifest.json"
+        if manifest.is_file():
+            out[name] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    return out
+
+
 class MultimodalLoader:
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int,
                  state: Optional[LoaderState] = None, log=print, decode_images: bool = True):
@@ -75,6 +91,18 @@ class MultimodalLoader:
         self.tokens_per_image = cfg.connector.num_tokens
         self.max_images = d.max_images_per_sequence
         self.state = state or LoaderState(0, None)
+        for key, value in self.state.counters.items():  # resumed: the counts continue
+            if key == DROPPED_IMAGES:
+                self.packer.stats.images_dropped = value
+            elif key.startswith("skipped_"):
+                self.skips.counts[key[len("skipped_"):]] = value
+
+    def counters(self) -> dict[str, int]:
+        """What the data lost so far: skipped samples per reason, images dropped at the
+        per-row limit (TensorBoard `data/<key>`)."""
+        out = {f"skipped_{reason}": n for reason, n in self.skips.snapshot().items()}
+        out[DROPPED_IMAGES] = self.packer.stats.images_dropped
+        return out
 
     def _document(self, source: int, epoch: int, index: int, doc_id: int) -> Optional[Document]:
         try:
@@ -146,7 +174,9 @@ class MultimodalLoader:
                 self.state = state
                 if len(rows) == self.micro_batch_size:
                     break
-            yield self.collate(rows), self.state
+            batch = self.collate(rows)
+            self.state = dataclasses.replace(self.state, counters=self.counters())
+            yield batch, self.state
 
     def _check_image_slots(self, rows: list[PackedRow]) -> None:
         """Each row's placeholders are its images (the model only asserts this on the device,

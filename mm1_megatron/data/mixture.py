@@ -77,19 +77,22 @@ class RowSnapshot:
 class LoaderState:
     rows: int  # global rows consumed
     snapshot: Optional[RowSnapshot]  # None: from the very beginning
+    # What the data lost up to here ("skipped_<reason>", "dropped_images_row_limit"): stored
+    # with the position, so a resumed run's counters continue instead of restarting at 0.
+    counters: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         snap = None if self.snapshot is None else {
             "drawn": self.snapshot.mixture.drawn, "counts": list(self.snapshot.mixture.counts),
             "first_chunk": self.snapshot.first_chunk}
-        return {"rows": self.rows, "snapshot": snap}
+        return {"rows": self.rows, "snapshot": snap, "counters": dict(self.counters)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
         s = d["snapshot"]
         snap = None if s is None else RowSnapshot(MixtureState(s["drawn"], list(s["counts"])),
                                                   s["first_chunk"])
-        return cls(d["rows"], snap)
+        return cls(d["rows"], snap, dict(d.get("counters", {})))
 
 
 ReadDocument = Callable[[int, int, int, int], Optional[Document]]

@@ -41,7 +41,7 @@ class StepMetrics:
     memory_gb: float
     source_losses: dict[int, float] = field(default_factory=dict)
     moe: dict[str, float] = field(default_factory=dict)
-    data_skips: dict[str, int] = field(default_factory=dict)
+    data_counters: dict[str, int] = field(default_factory=dict)
 
 
 class Callback:
@@ -91,7 +91,7 @@ class TensorBoard(Callback):
                    MEMORY_TAG: m.memory_gb}
         scalars.update({f"loss/{SOURCES[s]}": v for s, v in m.source_losses.items()})
         scalars.update({f"moe/{k}": v for k, v in m.moe.items()})
-        scalars.update({f"data/skipped_{k}": v for k, v in m.data_skips.items()})
+        scalars.update({f"data/{k}": v for k, v in m.data_counters.items()})
         for name, value in scalars.items():
             if value is not None:
                 w.add_scalar(name, value, step)

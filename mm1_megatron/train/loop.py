@@ -17,7 +17,7 @@ from mm1_megatron.checkpoint import (CheckpointSaveError, checkpoint_root, load_
 from mm1_megatron.checkpoint.directory import complete_checkpoints, resume_point
 from mm1_megatron.checkpoint.run_lock import RunDirLocked, RunLock
 from mm1_megatron.config import Config, save_run_config
-from mm1_megatron.data.loader import MultimodalLoader, Prefetcher
+from mm1_megatron.data.loader import MultimodalLoader, Prefetcher, dataset_fingerprint
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.model.flops import training_flops_per_sequence
 from mm1_megatron.model.specs import use_transformer_engine
@@ -90,6 +90,7 @@ class Trainer:
                                        log=print if self.is_logging_rank else None,
                                        decode_images=decodes)
         self.loader_state = loader_state or LoaderState(0, None)
+        self.dataset = dataset_fingerprint(cfg.data.path)  # checked on resume (mm1-train)
         self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
             if cfg.data.prefetch > 0 else iter(self.loader)
 
@@ -117,7 +118,8 @@ class Trainer:
         try:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                             self.scheduler, extra={"loader": self.loader_state.to_dict(),
-                                                   "skipped_steps": self.skipped_total},
+                                                   "skipped_steps": self.skipped_total,
+                                                   "dataset": self.dataset},
                             keep_last=self.cfg.checkpoint.keep_last)
         except CheckpointSaveError as err:  # raised on every rank alike
             self.save_failed = True
@@ -159,7 +161,7 @@ class Trainer:
             mfu=None if peak is None else tflops / peak, memory_gb=peak_memory_gb(),
             source_losses=result.source_losses,
             moe=self.moe_metrics.collect(num_microbatches(cfg)) if self.moe_metrics else {},
-            data_skips=self.loader.skips.snapshot())
+            data_counters=self.loader_state.counters)  # of the batches consumed
 
     def train(self) -> int:
         for cb in self.callbacks:

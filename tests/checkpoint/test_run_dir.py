@@ -98,3 +98,54 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, tmp_path
     assert none.returncode == 2
     assert none.stderr.startswith("mm1-train: config error: run_dir: no usable checkpoint in")
     assert len(none.stderr.strip().splitlines()) == 1
+
+
+def _tensorboard(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def test_data_counters_continue_on_resume_and_another_dataset_is_refused(demo_data, tmp_path):
+    """Undecodable images and images dropped at the per-row limit are counted, and the counts
+    continue after a resume (they restarted at 0); resuming on another dataset is refused
+    unless data.allow_change=true (the old position was applied to new data silently)."""
+    from mm1_megatron.data.shards import RawSample, write_dataset
+    from tests.data._fixtures import jpeg
+
+    def dataset(root: Path, docs: int) -> Path:
+        bad = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4
+        # Interleaved documents of 3 images with a limit of 2 per row: one image of each
+        # document is dropped; every third document holds an undecodable image.
+        samples = [RawSample([f"story {i}", 0, "then", 1, "and", 2, "end"],
+                             [("jpg", bad if i % 3 == 0 and j == 0 else jpeg(i + j, (48, 32)))
+                              for j in range(3)]) for i in range(docs)]
+        write_dataset(samples, root / "interleaved", "interleaved")
+        (root / "tokenizer.model").write_bytes((demo_data / "tokenizer.model").read_bytes())
+        return root
+
+    data = dataset(tmp_path / "data", 9)
+    mix = ["data.weight_caption=0", "data.weight_text=0", "data.max_images_per_sequence=2",
+           "data.prefetch=0"]
+    run_dir = tmp_path / "run"
+    assert train(data, run_dir, *mix, "train.train_steps=2").returncode == 0
+    again = train(data, run_dir, *mix, "train.train_steps=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for tag in ("data/skipped_undecodable_image", "data/dropped_images_row_limit"):
+        counts = _tensorboard(run_dir, tag)
+        assert sorted(counts) == [1, 2, 3, 4], tag
+        assert counts[1] > 0 and all(counts[s + 1] >= counts[s] for s in (1, 2, 3)), (tag, counts)
+
+    other = dataset(tmp_path / "other", 12)
+    refused = train(other, run_dir, *mix, "train.train_steps=5")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("mm1-train: config error: data.path: ")
+    assert "interleaved changed" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    allowed = train(other, run_dir, *mix, "train.train_steps=5", "data.allow_change=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
