@@ -107,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append(r)
             print(f"  {task.name} {k}-shot: {r.reported:.1f} ({r.examples} examples, "
                   f"{time.perf_counter() - start:.1f}s)", flush=True)
+            for skip in r.skipped[:3]:
+                print(f"  skipped {skip['id']}: {skip['reason']}", flush=True)
     print()
     print(format_table(results))
     if args.output:
@@ -114,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump({"checkpoint": str(path), "step": step, "results": [
                 {"task": r.task, "kind": r.kind, "shots": r.shots, "metric": r.metric,
                  "score": r.score, "reported": r.reported, "examples": r.examples,
-                 "predictions": r.predictions} for r in results]}, f, indent=1)
+                 "predictions": r.predictions, "skipped": r.skipped} for r in results]},
+                      f, indent=1)
     return 0
 
 

@@ -27,8 +27,11 @@ class TaskResult:
     # CIDEr-D as pycocoevalcap returns it (papers print it x100, see `reported`), or VQA
     # accuracy in percent.
     score: float
-    examples: int
+    examples: int  # scored
     predictions: list[dict] = field(default_factory=list)
+    # Examples not scored because an image of their prompt (theirs or an in-context
+    # example's) is missing or undecodable: {"id", "reason"}.
+    skipped: list[dict] = field(default_factory=list)
 
     @property
     def reported(self) -> float:
@@ -94,10 +97,20 @@ class FewShotEvaluator:
 
     def evaluate(self, task: Task, shots: int, limit: Optional[int] = None) -> TaskResult:
         indices = list(range(len(task) if limit is None else min(limit, len(task))))
-        predictions = []
+        predictions, skipped = [], []
         for start in range(0, len(indices), self.batch_size):
             batch = indices[start:start + self.batch_size]
             prompts = self.prompts(task, shots, batch)
+            usable = []
+            for i, prompt in zip(batch, prompts):  # one bad image costs one example
+                try:
+                    self.images.get(prompt.images)
+                    usable.append((i, prompt))
+                except (OSError, ValueError) as err:
+                    skipped.append({"id": task.examples[i].id, "reason": str(err)})
+            if not usable:
+                continue
+            batch, prompts = [i for i, _ in usable], [p for _, p in usable]
             images = self.images.get([p for prompt in prompts for p in prompt.images])
             gen = self.generator.generate([p.tokens for p in prompts], images,
                                           max_new_tokens=self.max_new_tokens[task.kind])
@@ -105,7 +118,8 @@ class FewShotEvaluator:
                 text = self.tokenizer.decode(ids)
                 predictions.append({"id": task.examples[i].id, "raw": text, "stop": reason,
                                     "prediction": postprocess(text, self.separator)})
-        examples = [task.examples[i] for i in indices]
+        scored = {p["id"] for p in predictions}
+        examples = [task.examples[i] for i in indices if task.examples[i].id in scored]
         if task.kind == CAPTION:
             score, per = cider_d({p["id"]: p["prediction"] for p in predictions},
                                  {e.id: list(e.captions) for e in examples})
@@ -116,19 +130,27 @@ class FewShotEvaluator:
                 p["vqa_acc"] = vqa_accuracy(p["prediction"], e.answers)
             score = 100.0 * sum(p["vqa_acc"] for p in predictions) / max(1, len(predictions))
         return TaskResult(task.name, task.kind, shots, METRIC[task.kind], float(score),
-                          len(examples), predictions)
+                          len(examples), predictions, skipped)
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
     """One row per task, one column per shot count: CIDEr x100 / VQA accuracy %."""
     shots = sorted({r.shots for r in results})
-    tasks = list(dict.fromkeys((r.task, r.metric, r.examples) for r in results))
+    tasks = list(dict.fromkeys((r.task, r.metric) for r in results))
     by = {(r.task, r.shots): r for r in results}
-    head = ["task", "metric", "n"] + [f"{k}-shot" for k in shots]
+    any_skipped = any(r.skipped for r in results)
+    head = ["task", "metric", "n"] + [f"{k}-shot" for k in shots] + \
+        (["skipped (bad images)"] if any_skipped else [])
     rows = [head]
-    for name, metric, n in tasks:
-        rows.append([name, "CIDEr" if metric == "cider" else "VQA acc", str(n)] +
-                    [f"{by[name, k].reported:.1f}" if (name, k) in by else "-" for k in shots])
+    for name, metric in tasks:
+        mine = [r for r in results if r.task == name]
+        n = "/".join(sorted({str(r.examples) for r in mine}))  # scored, per shot count
+        row = [name, "CIDEr" if metric == "cider" else "VQA acc", n] + \
+            [f"{by[name, k].reported:.1f}" if (name, k) in by else "-" for k in shots]
+        if any_skipped:
+            row.append("/".join(str(len(by[name, k].skipped)) if (name, k) in by else "-"
+                                for k in shots))
+        rows.append(row)
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

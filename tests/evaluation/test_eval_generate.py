@@ -157,3 +157,34 @@ def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
     assert [(r["task"], r["shots"]) for r in results] == [
         ("caption", 0), ("caption", 4), ("caption", 8), ("vqa", 0), ("vqa", 4), ("vqa", 8)]
     assert all(len(r["predictions"]) == 2 for r in results)
+
+
+def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, demo_data):
+    """One missing image costs one example, counted in the table, not the whole evaluation."""
+    root, _, _ = ep2_run
+    tasks = root / "tasks_missing"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+                    str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
+    lines = (tasks / "caption.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["image"] = "images/not-there.jpg"
+    (tasks / "caption.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    from tests.evaluation.common import EVAL_OVERRIDES
+    from tests.model._parity_worker import BASE
+
+    cmd = [sys.executable, str(REPO / "tools" / "eval_fewshot.py"), "--run-dir",
+           str(root / "run"), "--preset", "tiny", "--task", str(tasks / "caption.jsonl"),
+           "--shots", "0", "--limit", "3", "--max-new-tokens", "4", "--output",
+           str(root / "eval_missing.json"), *BASE, *EVAL_OVERRIDES,
+           f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.strip().splitlines()
+    assert table[-3].split(" | ")[-1].strip() == "skipped (bad images)"
+    assert table[-1].startswith("caption ") and table[-1].split(" | ")[2].strip() == "2"
+    assert table[-1].split(" | ")[-1].strip() == "1"
+    (result,) = json.loads((root / "eval_missing.json").read_text())["results"]
+    assert result["examples"] == 2 and len(result["predictions"]) == 2
+    assert result["skipped"][0]["id"] == first["id"] and "not-there.jpg" in \
+        result["skipped"][0]["reason"]
