@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mm1_megatron.checkpoint.directory import complete_checkpoints, write_latest
 from mm1_megatron.config import Config, ConfigError, load_config
 from mm1_megatron.convert.mappings import (LLAMA_PREFIXES, MM1_PREFIXES, ConvertError, Item,
                                            candidates, expand, from_hf)
@@ -212,8 +213,11 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
 
     root = out / "checkpoints"
     final = root / "step_00000000"
-    if final.exists() and not overwrite:
-        raise ConvertError(f"{final} already exists (pass --overwrite to replace it)")
+    existing = complete_checkpoints(out)
+    if existing and not overwrite:  # latest would point back at step 0 over a run's saves
+        raise ConvertError(f"{out} already holds checkpoints (newest {existing[-1].name}); "
+                           "import into a new run directory, or pass --overwrite to replace "
+                           "step_00000000 and point latest at it")
     partial = root / "step_00000000.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -230,7 +234,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
-    (root / "latest").write_text(final.name + "\n")
+    write_latest(root, final.name)
     report["checkpoint"] = str(final)
     return report
 

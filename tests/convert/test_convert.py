@@ -201,6 +201,9 @@ def case_conversions(root: str, multi_rank_run: str) -> dict:
     dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("encoder.weight",
                                                                   torch.ones(4, 4))}, str(other))
     errors["other_model"] = _error(export, other, bad / "o7", dense, **quiet)
+    # importing into a run directory that holds checkpoints would point `latest` back at 0
+    errors["import_over_run"] = _error(import_hf, root_p / "imported", dense, clip=clip,
+                                       llama=llama)
     # a failure after files were written (here: the parity gate) leaves nothing behind
     from mm1_megatron.convert import verify
     from mm1_megatron.convert.mappings import ConvertError
@@ -309,6 +312,7 @@ def test_bad_inputs_give_one_clear_error_and_leave_nothing(report):
     assert "no stock transformers architecture" in e["moe_to_llama"]
     assert "no MM1 model tensors" in e["other_model"]
     assert "injected failure" in e["parity_fail"]
+    assert "already holds checkpoints (newest step_00000000)" in e["import_over_run"]
     for msg in e.values():
         assert "\n" not in msg and msg != "NO ERROR"
     assert report["left_behind"] == []  # no output dir, no *.incomplete
