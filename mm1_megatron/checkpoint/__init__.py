@@ -8,5 +8,6 @@ from mm1_megatron.checkpoint.state import (CheckpointSaveError, load_checkpoint,
                                            load_model_weights, model_sharded_state,
                                            save_checkpoint)
 
-__all__ = ["CheckpointSaveError", "checkpoint_root", "latest_checkpoint", "resolve_checkpoint", "load_checkpoint",
-           "load_model_state", "load_model_weights", "model_sharded_state", "save_checkpoint"]
+__all__ = ["CheckpointSaveError", "checkpoint_root", "latest_checkpoint", "resolve_checkpoint",
+           "load_checkpoint", "load_model_state", "load_model_weights", "model_sharded_state",
+           "save_checkpoint"]

@@ -23,7 +23,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mm1_megatron.checkpoint.directory import (checkpoint_root, latest_checkpoint, prune,
+from mm1_megatron.checkpoint.directory import (checkpoint_root, complete_checkpoints, prune,
                                                step_dir_name, write_latest, write_manifest)
 from mm1_megatron.runtime import comm_device
 
@@ -132,8 +132,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        previous = latest_checkpoint(run_dir)
-        needed = _bytes_in(previous) if previous is not None else 0
+        previous = complete_checkpoints(run_dir)  # newest last; no file checks on this path
+        needed = _bytes_in(previous[-1]) if previous else 0
     # Refuse before writing when the previous checkpoint would not fit again (rank 0 decides).
     verdict = torch.tensor([float(needed), float(shutil.disk_usage(root).free)
                             if dist.get_rank() == 0 else 0.0], device=comm_device())

@@ -28,6 +28,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from mm1_megatron.data.tokenizer import BOS_ID, EOC_ID, EOS_ID, PAD_ID, Tokenizer
+from mm1_megatron.model.mm1 import splice_image_tokens
 
 
 @dataclass
@@ -69,9 +70,7 @@ class Generator:
         torch._assert_async(slots.sum() == n_image_tokens,
                             f"the image placeholders are not {n_image_tokens} image tokens")
         if n_image_tokens:
-            rows_first = embeddings.transpose(0, 1).masked_scatter(
-                slots.unsqueeze(-1), image_tokens.to(embeddings.dtype))
-            embeddings = rows_first.transpose(0, 1).contiguous()
+            embeddings = splice_image_tokens(embeddings, slots, image_tokens)
         return embeddings
 
     def _logits(self, tokens: torch.Tensor, decoder_input: torch.Tensor, mask: torch.Tensor,

@@ -98,10 +98,7 @@ class MM1Model(MegatronModule):
             # all-reduce would otherwise differ between ranks with and without images.
             blank = embeddings.new_zeros(1, 3, self.image_size, self.image_size)
             return embeddings + 0.0 * self.encode_images(blank).sum()
-        image_tokens = self.encode_images(images).to(embeddings.dtype)
-        rows_first = embeddings.transpose(0, 1)  # [b, s, h]; masked_scatter fills in row order
-        rows_first = rows_first.masked_scatter(slots.unsqueeze(-1), image_tokens)
-        return rows_first.transpose(0, 1).contiguous()
+        return splice_image_tokens(embeddings, slots, self.encode_images(images))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,
@@ -157,6 +154,16 @@ class MM1Model(MegatronModule):
             attention_mask = document_attention_mask(document_ids)
         return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                     decoder_input=decoder_input, labels=labels)
+
+
+def splice_image_tokens(embeddings: torch.Tensor, slots: torch.Tensor,
+                        image_tokens: torch.Tensor) -> torch.Tensor:
+    """[s, b, h] embeddings with the image tokens [n, k, h] written over the placeholder
+    positions `slots` [b, s], in row order (row 0's images first)."""
+    rows_first = embeddings.transpose(0, 1)  # [b, s, h]; masked_scatter fills in row order
+    rows_first = rows_first.masked_scatter(slots.unsqueeze(-1),
+                                           image_tokens.to(embeddings.dtype))
+    return rows_first.transpose(0, 1).contiguous()
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.is_logging_rank = dist.get_rank() == 0
         self._lock_run_dir()  # before anything is written there
-        latest, warning = resume_point(self.run_dir) if cfg.checkpoint.resume else (None, None)
+        latest, warning = self._resume_point() if cfg.checkpoint.resume else (None, None)
         if self.is_logging_rank:
             if not cfg.checkpoint.resume and cfg.checkpoint.overwrite:
                 for old in complete_checkpoints(self.run_dir):  # asked for (cli checked)
@@ -93,6 +93,20 @@ class Trainer:
         self.dataset = dataset_fingerprint(cfg.data.path)  # checked on resume (mm1-train)
         self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
             if cfg.data.prefetch > 0 else iter(self.loader)
+
+    def _resume_point(self) -> tuple[Optional[Path], Optional[str]]:
+        """Rank 0 checks the checkpoint files once (files.json) and tells every rank which
+        checkpoint to load; every rank reading them would multiply the I/O by the world."""
+        choice: list = [None]
+        if self.is_logging_rank:
+            try:
+                choice = [resume_point(self.run_dir)]
+            except FileNotFoundError as err:  # all damaged since mm1-train checked them
+                choice = [str(err)]
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise FileNotFoundError(choice[0])
+        return choice[0]
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds run_dir/.lock for the whole run; every rank learns whether it did."""
