@@ -279,3 +279,30 @@ def test_search_finds_a_fitting_layout_at_least_as_fast_as_the_preset(capsys, pr
         key, value = text.split("=", 1)
         set_field(again, key, None if value == "null" else __import__("yaml").safe_load(value))
     validate(again, environ={"WORLD_SIZE": str(nodes * 8)}, fp8_ok=True)
+
+
+@pytest.mark.parametrize("preset", ["mm1-3b-moe64", "mm1-7b-moe32"])
+def test_moe_lr_comes_from_the_dense_backbone_unless_asked(preset):
+    """The paper trains its MoE models with the dense model's recipe (train.lr_params=dense);
+    `active` counts the top-2 experts and gives a lower LR."""
+    dense_name = preset.split("-moe")[0]
+    dense = plan_json("--preset", dense_name)
+    moe = plan_json("--preset", preset)
+    assert moe["lr"] == pytest.approx(dense["lr"])
+    assert "dense non-embedding" in moe["lr_source"]
+    active = plan_json("--preset", preset, "train.lr_params=active")
+    assert active["lr"] < 0.95 * dense["lr"]
+    n = active["params"]["non_embedding_active"]
+    assert active["lr"] == pytest.approx(paper_peak_lr(n))
+
+
+@pytest.mark.parametrize("preset", ["mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe64",
+                                    "mm1-7b-moe32"])
+def test_mm1_presets_follow_the_paper_and_its_encoder(preset):
+    """DFN5B-CLIP-ViT-H/14-378: quick-GELU, squash resize; 45/45/10 over packed sequences;
+    fp32 routing; Honeybee/timm LayerNorm2d eps."""
+    cfg = get_preset(preset)
+    assert cfg.vision.activation == "quick_gelu" and cfg.vision.resize == "squash"
+    assert cfg.data.mixture_unit == "sequences"
+    assert cfg.connector.norm_eps == 1e-6
+    assert cfg.llm.moe.router_dtype == "fp32" and cfg.train.lr_params == "dense"

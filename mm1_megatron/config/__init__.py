@@ -20,9 +20,10 @@ from mm1_megatron.config.overrides import (RUN_CONFIG, load_config, load_run_con
 from mm1_megatron.config.presets import PRESETS, get_preset
 from mm1_megatron.config.schema import (CheckpointConfig, Config, ConfigError, ConnectorConfig,
                                         ConnectorType, DataConfig, Dispatcher, EvalConfig,
-                                        Fp8Format, Fp8Recipe, LLMConfig, LoggingConfig, MoEConfig,
-                                        ParallelConfig, Precision, Recompute, TrainConfig,
-                                        VisionConfig)
+                                        Fp8Format, Fp8Recipe, ImageResize, LLMConfig,
+                                        LoggingConfig, LrParams, MixtureUnit, MoEConfig,
+                                        ParallelConfig, Precision, Recompute, RouterDtype,
+                                        TrainConfig, VisionActivation, VisionConfig)
 from mm1_megatron.config.validate import (data_parallel_size, fp8_available, launcher_world_size,
                                           resolve_world_size, validate)
 
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "ConnectorConfig", "ConnectorType", "DataConfig",
     "Dispatcher", "EvalConfig", "Fp8Format", "Fp8Recipe", "LLMConfig", "LoggingConfig",
     "MoEConfig", "ParallelConfig", "Precision", "Recompute", "TrainConfig", "VisionConfig",
+    "ImageResize", "LrParams", "MixtureUnit", "RouterDtype", "VisionActivation",
     # presets
     "PRESETS", "get_preset",
     # overrides and loading

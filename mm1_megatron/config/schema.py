@@ -18,6 +18,11 @@ Precision = Literal["bf16", "fp16", "fp32"]
 Fp8Format = Literal["hybrid", "e4m3"]
 Fp8Recipe = Literal["delayed", "tensorwise"]
 Recompute = Literal["none", "selective", "full"]
+VisionActivation = Literal["quick_gelu", "gelu"]
+ImageResize = Literal["squash", "crop"]
+MixtureUnit = Literal["sequences", "documents"]
+RouterDtype = Literal["fp32", "model"]
+LrParams = Literal["dense", "active"]
 
 
 class ConfigError(ValueError):
@@ -46,6 +51,13 @@ class VisionConfig:
     ffn_hidden_size: int = 5120
     class_token: bool = True
     layernorm_eps: float = 1e-5
+    # MLP activation. MM1's encoder, DFN5B-CLIP-ViT-H/14-378, is open_clip's
+    # `ViT-H-14-378-quickgelu` (HF config `hidden_act: quick_gelu`): x * sigmoid(1.702 x).
+    activation: VisionActivation = "quick_gelu"
+    # Image preprocessing: `squash` resizes the whole image to image_size^2 (bicubic), as
+    # DFN5B's open_clip preprocessing does (nothing cropped, aspect not kept); `crop` resizes
+    # the shorter side and centre-crops (OpenAI CLIP's preprocessing; edges are lost).
+    resize: ImageResize = "squash"
     # Which layer's output feeds the connector: -1 the last, -2 the penultimate, or 1..N.
     # Layers after it are not built.
     feature_layer: int = -1
@@ -76,6 +88,9 @@ class ConnectorConfig:
     depth: int = 3  # ResNet blocks before and after the adaptive pooling
     mlp_depth: int = 2  # readout MLP layers
     pos_emb: bool = True  # learned position embedding on the patch grid (Honeybee)
+    # LayerNorm2d eps of the ResNet blocks: 1e-6, timm's LayerNorm2d default that Honeybee's
+    # C-Abstractor (kakaobrain/honeybee, built on timm's RegNet blocks) inherits.
+    norm_eps: float = 1e-6
 
     @property
     def grid_size(self) -> int:
@@ -94,6 +109,9 @@ class MoEConfig:
     dispatcher: Dispatcher = "alltoall"
     expert_ffn_hidden_size: Optional[int] = None  # None: same as llm.ffn_hidden_size
     grouped_gemm: bool = False
+    # Router logits, softmax and top-k in fp32 (ST-MoE; Megatron-LM's MoE recipes) or in the
+    # model's dtype (bf16 on GPUs).
+    router_dtype: RouterDtype = "fp32"
 
 
 @dataclass
@@ -146,6 +164,11 @@ class DataConfig:
     tokenizer_model: str = ""  # sentencepiece .model
     num_workers: int = 2  # DALI decoding threads
     prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline)
+    # What the 45/45/10 weights count. `sequences`: each packed row holds documents of one
+    # source and the weights apply to rows (MM1's recipe in Apple's axlearn mixes per-source
+    # packed sequences); `documents`: the weights apply to documents and all sources are
+    # packed into one stream (short captions then fill far fewer rows than 45%).
+    mixture_unit: MixtureUnit = "sequences"
     # A resumed run refuses a dataset other than the one its checkpoint's loader position
     # refers to (manifest hashes), unless this is set.
     allow_change: bool = False
@@ -188,6 +211,10 @@ class TrainConfig:
     micro_batch_size: int = 1
     train_steps: int = 200_000
     lr: Optional[float] = None  # None: the paper's rule over non-embedding LLM parameters
+    # Which parameter count that rule sees for an MoE decoder: `dense`, the dense backbone the
+    # MoE model is built from (the paper reuses the dense model's recipe for MoE), or
+    # `active`, the parameters one token goes through. Same thing for a dense decoder.
+    lr_params: LrParams = "dense"
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay_ratio: float = 0.1  # decoupled weight decay = ratio * peak lr
     warmup_steps: int = 2000

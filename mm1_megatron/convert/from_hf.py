@@ -97,11 +97,15 @@ def _check_clip(cfg: Config, w: HFWeights) -> dict:
     if src.get("num_hidden_layers", v.layers_built) < v.layers_built:
         raise ConvertError(f"config mismatch: {w.path} has {src['num_hidden_layers']} layers, "
                            f"vision.feature_layer needs {v.layers_built}")
-    act = src.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ConvertError(f"{w.path}: hidden_act={act!r}; the Megatron CLIP ViT uses exact "
-                           "GELU, so this encoder cannot be imported without changing its "
-                           "outputs")
+    # Never guessed: transformers defaults a missing hidden_act to quick_gelu, older
+    # exporters meant gelu, and the two give different features.
+    act = src.get("hidden_act")
+    if act is None:
+        raise ConvertError(f"{w.path / 'config.json'}: no hidden_act in the vision config; "
+                           "add it (DFN5B / OpenAI CLIP: quick_gelu)")
+    if act != v.activation:
+        raise ConvertError(f"config mismatch: {w.path} has hidden_act={act!r}, "
+                           f"vision.activation={v.activation!r}")
     return src
 
 

@@ -21,7 +21,7 @@ def vision_config_dict(cfg: Config) -> dict[str, Any]:
     return dict(hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
                 num_hidden_layers=v.layers_built, num_attention_heads=v.num_attention_heads,
                 num_channels=3, image_size=v.image_size, patch_size=v.patch_size,
-                hidden_act="gelu",  # Megatron's CLIP ViT uses exact F.gelu, not quick_gelu
+                hidden_act=v.activation,  # "quick_gelu" | "gelu": same names in transformers
                 layer_norm_eps=v.layernorm_eps, attention_dropout=0.0)
 
 
@@ -40,7 +40,7 @@ def text_config_dict(cfg: Config) -> dict[str, Any]:
 def connector_dict(cfg: Config) -> dict[str, Any]:
     c = cfg.connector
     return dict(type=c.type, num_tokens=c.num_tokens, hidden_size=c.hidden_size, depth=c.depth,
-                mlp_depth=c.mlp_depth, pos_emb=c.pos_emb,
+                mlp_depth=c.mlp_depth, pos_emb=c.pos_emb, norm_eps=c.norm_eps,
                 num_heads=cfg.vision.num_attention_heads)
 
 
@@ -53,6 +53,7 @@ def mm1_config(cfg: Config):
                        vision_class_token=cfg.vision.class_token, moe_num_experts=moe.num_experts,
                        moe_layer_freq=moe.layer_freq, moe_top_k=moe.top_k,
                        moe_ffn_hidden_size=cfg.llm.expert_ffn_hidden_size,
+                       moe_router_fp32=moe.router_dtype == "fp32",
                        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     config.architectures = ["MM1ForConditionalGeneration"]
     config.auto_map = {"AutoConfig": "configuration_mm1.MM1Config",

@@ -15,7 +15,7 @@ from mm1_megatron.config import Config
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over channels of an NCHW map."""
+    """LayerNorm over channels of an NCHW map (eps: `connector.norm_eps`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -35,19 +35,19 @@ class SqueezeExcite(nn.Module):
 class BottleneckBlock(nn.Module):
     """RegNet-style residual block (Honeybee's C-Abstractor): 1x1 -> depthwise 3x3 -> SE -> 1x1."""
 
-    def __init__(self, in_channels: int, out_channels: int, se_ratio: float = 0.25):
+    def __init__(self, in_channels: int, out_channels: int, eps: float, se_ratio: float = 0.25):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.norm_in = LayerNorm2d(out_channels)
+        self.norm_in = LayerNorm2d(out_channels, eps=eps)
         self.conv_mid = nn.Conv2d(out_channels, out_channels, 3, padding=1, groups=out_channels,
                                   bias=False)
-        self.norm_mid = LayerNorm2d(out_channels)
+        self.norm_mid = LayerNorm2d(out_channels, eps=eps)
         self.se = SqueezeExcite(out_channels, max(1, round(in_channels * se_ratio)))
         self.conv_out = nn.Conv2d(out_channels, out_channels, 1, bias=False)
-        self.norm_out = LayerNorm2d(out_channels)
+        self.norm_out = LayerNorm2d(out_channels, eps=eps)
         self.shortcut = (nn.Identity() if in_channels == out_channels else
                          nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                       LayerNorm2d(out_channels)))
+                                       LayerNorm2d(out_channels, eps=eps)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.silu(self.norm_in(self.conv_in(x)))
@@ -73,14 +73,19 @@ class CAbstractor(nn.Module):
     """Conv blocks -> AdaptiveAvgPool2d to n x n -> conv blocks -> MLP readout (Honeybee)."""
 
     def __init__(self, vision_hidden: int, num_patches: int, llm_hidden: int, channels: int,
-                 depth: int, mlp_depth: int, grid: int, pos_emb: bool):
+                 depth: int, mlp_depth: int, grid: int, pos_emb: bool, norm_eps: float):
         super().__init__()
-        self.pos_emb = nn.Parameter(torch.zeros(1, num_patches, vision_hidden)) if pos_emb else None
+        self.pos_emb = None
+        if pos_emb:  # Honeybee: timm trunc_normal_(std=.02), cut at +-2 (absolute)
+            self.pos_emb = nn.Parameter(torch.empty(1, num_patches, vision_hidden))
+            nn.init.trunc_normal_(self.pos_emb, std=0.02)
         self.stage_in = nn.Sequential(*[BottleneckBlock(vision_hidden if i == 0 else channels,
-                                                        channels) for i in range(depth)])
+                                                        channels, norm_eps)
+                                        for i in range(depth)])
         # 27x27 does not divide into 12x12, so pooling is adaptive (not pixel shuffle).
         self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.stage_out = nn.Sequential(*[BottleneckBlock(channels, channels) for _ in range(depth)])
+        self.stage_out = nn.Sequential(*[BottleneckBlock(channels, channels, norm_eps)
+                                         for _ in range(depth)])
         self.readout = _readout(channels, llm_hidden, mlp_depth)
 
     def resize_position_grid(self, grid: int) -> None:
@@ -130,7 +135,7 @@ def build_connector(cfg: Config) -> nn.Module:
     c, v, llm_hidden = cfg.connector, cfg.vision, cfg.llm.hidden_size
     if c.type == "c_abstractor":
         return CAbstractor(v.hidden_size, v.num_patches, llm_hidden, c.hidden_size, c.depth,
-                           c.mlp_depth, c.grid_size, c.pos_emb)
+                           c.mlp_depth, c.grid_size, c.pos_emb, c.norm_eps)
     if c.type == "avg_pool":
         return AvgPoolConnector(v.hidden_size, llm_hidden, c.grid_size)
     if c.type == "attn_pool":

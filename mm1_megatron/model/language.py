@@ -84,6 +84,7 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
             moe_layer_freq=moe.layer_freq,
             moe_router_topk=moe.top_k,
             moe_router_load_balancing_type="aux_loss",
+            moe_router_dtype="fp32" if moe.router_dtype == "fp32" else None,
             moe_aux_loss_coeff=moe.aux_loss_coeff * shards,
             moe_z_loss_coeff=moe.z_loss_coeff * shards,
             moe_token_dispatcher_type=moe.dispatcher,

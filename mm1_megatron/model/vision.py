@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -13,6 +14,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mm1_megatron.config import Config
 from mm1_megatron.model.language import parallel_kwargs, precision_kwargs, recompute_kwargs
 from mm1_megatron.model.specs import vision_layer_spec
+
+
+# quick_gelu is x * sigmoid(1.702 x): OpenAI CLIP's and DFN5B's (open_clip
+# `ViT-H-14-378-quickgelu`); gelu is the exact erf form.
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 def vision_transformer_config(cfg: Config) -> TransformerConfig:
@@ -25,7 +31,7 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
         normalization="LayerNorm",
         layernorm_epsilon=v.layernorm_eps,
         add_bias_linear=True,
-        activation_func=F.gelu,
+        activation_func=VISION_ACTIVATIONS[v.activation],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # The encoder lives whole on the first pipeline stage.

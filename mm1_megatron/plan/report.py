@@ -12,7 +12,7 @@ from typing import Any, Optional
 from mm1_megatron.config import Config, data_parallel_size, resolve_world_size
 from mm1_megatron.model.flops import training_flops_per_sequence
 from mm1_megatron.model.params import count_params
-from mm1_megatron.model.recipe import peak_lr_and_weight_decay
+from mm1_megatron.model.recipe import lr_rule_params, peak_lr_and_weight_decay
 from mm1_megatron.plan.h100 import estimate
 
 
@@ -29,7 +29,8 @@ def make_plan(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str
     world = resolve_world_size(cfg, environ)
     environ = {"WORLD_SIZE": str(world)}
     params = count_params(cfg)
-    lr, weight_decay = peak_lr_and_weight_decay(cfg.train.lr, params.non_embedding_active,
+    lr_params = lr_rule_params(cfg)
+    lr, weight_decay = peak_lr_and_weight_decay(cfg.train.lr, lr_params,
                                                 cfg.train.weight_decay_ratio)
     flops = training_flops_per_sequence(cfg)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
@@ -38,7 +39,8 @@ def make_plan(cfg: Config, environ: Optional[dict[str, str]] = None) -> dict[str
         "layout": layout(cfg, environ),
         "params": params.to_dict(),
         "lr": lr,
-        "lr_source": "train.lr" if cfg.train.lr is not None else "paper rule",
+        "lr_source": "train.lr" if cfg.train.lr is not None else
+        f"paper rule, N = {lr_params:,} ({cfg.train.lr_params} non-embedding LLM parameters)",
         "weight_decay": weight_decay,
         "flops_per_sequence": flops.to_dict(),
         "flops_per_step": flops.total * cfg.train.global_batch_size,

@@ -29,8 +29,7 @@ from mm1_megatron.config import Config
 from mm1_megatron.data.loader import drop_loss_of_undecoded
 from mm1_megatron.data.mixture import SOURCES
 from mm1_megatron.model.mm1 import MM1Model
-from mm1_megatron.model.params import count_params
-from mm1_megatron.model.recipe import peak_lr_and_weight_decay
+from mm1_megatron.model.recipe import lr_rule_params, peak_lr_and_weight_decay
 from mm1_megatron.model.specs import init_tp_comm_overlap
 from mm1_megatron.runtime import comm_device, to_device, training_device
 
@@ -70,7 +69,7 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
 def build_optimizer(cfg: Config, model: list[DDP]) -> tuple[MegatronOptimizer,
                                                              OptimizerParamScheduler]:
     t = cfg.train
-    peak, _ = peak_lr_and_weight_decay(t.lr, count_params(cfg).non_embedding_active,
+    peak, _ = peak_lr_and_weight_decay(t.lr, lr_rule_params(cfg),
                                        t.weight_decay_ratio)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam",  # Megatron's "adam" is AdamW (decoupled weight decay)

@@ -65,7 +65,7 @@ def _tiny_hf_sources(root: Path) -> tuple[str, str]:
     torch.manual_seed(0)
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=84, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5))
+        image_size=84, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5))
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,

@@ -254,6 +254,56 @@ def test_resize_for_higher_resolution_and_feature_layer():
     assert r["position_rows"] == 1 + 144 and r["class_row_kept"]
 
 
+def case_encoder_fidelity() -> dict:
+    """quick_gelu vs gelu ViT on the same weights; fp32 router logits in a bf16 MoE decoder;
+    the C-Abstractor's Honeybee initialisation."""
+    import torch
+
+    from mm1_megatron.model.connector import CAbstractor, LayerNorm2d
+    from mm1_megatron.model.mm1 import MM1Model
+
+    cfg = _cfg()
+    _start(cfg)
+    images = torch.randn(2, 3, 84, 84)
+    features = {}
+    for act in ("quick_gelu", "gelu", "quick_gelu_again"):
+        set_field(cfg, "vision.activation", act.removesuffix("_again"))
+        torch.manual_seed(0)
+        model = MM1Model(cfg, use_te=False)
+        with torch.no_grad():
+            features[act] = model.vision(images)
+    diff = {act: float((features[act] - features["quick_gelu"]).abs().max())
+            for act in ("gelu", "quick_gelu_again")}
+    out = {"activation_diff": diff}
+    abstractor = model.connector
+    assert isinstance(abstractor, CAbstractor)
+    out["pos_emb_std"] = float(abstractor.pos_emb.std())
+    out["pos_emb_max"] = float(abstractor.pos_emb.abs().max())
+    out["norm_eps"] = sorted({m.eps for m in abstractor.modules() if isinstance(m, LayerNorm2d)})
+
+    moe = _cfg(llm__moe__num_experts=4, llm__moe__layer_freq=2, train__precision="bf16")
+    dtypes = {}
+    for router_dtype in ("fp32", "model"):
+        set_field(moe, "llm.moe.router_dtype", router_dtype)
+        torch.manual_seed(0)
+        router = MM1Model(moe, use_te=False).language_model.decoder.layers[0].mlp.router
+        x = torch.randn(8, 1, moe.llm.hidden_size, dtype=torch.bfloat16)
+        dtypes[router_dtype] = str(router.gating(x).dtype)
+    out["router_logits"] = dtypes
+    return out
+
+
+def test_encoder_activation_router_dtype_and_connector_init():
+    (r,) = run_ranks(__file__, "case_encoder_fidelity")
+    # The switch reaches the ViT's MLP (init weights are small, so the gap is too).
+    assert r["activation_diff"]["quick_gelu_again"] == 0.0
+    assert r["activation_diff"]["gelu"] > 1e-5
+    # Honeybee's timm trunc_normal_(std=0.02) cuts at +-2 absolute (as torch's does).
+    assert 0.015 < r["pos_emb_std"] < 0.025 and 0 < r["pos_emb_max"] <= 2
+    assert r["norm_eps"] == [1e-6]
+    assert r["router_logits"] == {"fp32": "torch.float32", "model": "torch.bfloat16"}
+
+
 @pytest.mark.parametrize("value", [0, -3, 3])
 def test_feature_layer_must_exist(value):
     from mm1_megatron.config import ConfigError, validate

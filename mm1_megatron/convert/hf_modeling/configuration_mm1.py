@@ -14,7 +14,7 @@ class MM1Config(PretrainedConfig):
 
     def __init__(self, vision_config=None, text_config=None, connector=None, image_token_id=3,
                  vision_class_token=True, moe_num_experts=0, moe_layer_freq=1, moe_top_k=2,
-                 moe_ffn_hidden_size=None, **kwargs):
+                 moe_ffn_hidden_size=None, moe_router_fp32=False, **kwargs):
         if isinstance(vision_config, dict) or vision_config is None:
             vision_config = CLIPVisionConfig(**(vision_config or {}))
         if isinstance(text_config, dict) or text_config is None:
@@ -28,6 +28,7 @@ class MM1Config(PretrainedConfig):
         self.moe_layer_freq = moe_layer_freq
         self.moe_top_k = moe_top_k
         self.moe_ffn_hidden_size = moe_ffn_hidden_size
+        self.moe_router_fp32 = moe_router_fp32  # router logits, top-k and softmax in fp32
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

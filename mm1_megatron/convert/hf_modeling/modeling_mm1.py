@@ -1,8 +1,8 @@
 """MM1 for `transformers`: CLIP-style ViT -> connector -> Llama-style decoder (dense or MoE).
 
 Shipped into every exported directory and loaded with `trust_remote_code=True`; it depends on
-torch and transformers only. The ViT layers are transformers' `CLIPEncoder` (pre-LN, exact
-GELU: Megatron's CLIP uses `F.gelu`, not quick_gelu), the decoder is transformers'
+torch and transformers only. The ViT layers are transformers' `CLIPEncoder` (pre-LN, the
+activation named by `vision_config.hidden_act`: quick_gelu for MM1's DFN5B encoder), the decoder is transformers'
 `LlamaModel` whose MLP is swapped for `MM1SparseMoeBlock` on the MoE layers, and the three
 connectors are re-implemented here with the parameter names of `mm1_megatron.model.connector`.
 
@@ -96,17 +96,18 @@ class SqueezeExcite(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, se_ratio: float = 0.25):
+    def __init__(self, cin: int, cout: int, eps: float, se_ratio: float = 0.25):
         super().__init__()
         self.conv_in = nn.Conv2d(cin, cout, 1, bias=False)
-        self.norm_in = LayerNorm2d(cout)
+        self.norm_in = LayerNorm2d(cout, eps=eps)
         self.conv_mid = nn.Conv2d(cout, cout, 3, padding=1, groups=cout, bias=False)
-        self.norm_mid = LayerNorm2d(cout)
+        self.norm_mid = LayerNorm2d(cout, eps=eps)
         self.se = SqueezeExcite(cout, max(1, round(cin * se_ratio)))
         self.conv_out = nn.Conv2d(cout, cout, 1, bias=False)
-        self.norm_out = LayerNorm2d(cout)
+        self.norm_out = LayerNorm2d(cout, eps=eps)
         self.shortcut = (nn.Identity() if cin == cout else
-                         nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), LayerNorm2d(cout)))
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
+                                       LayerNorm2d(cout, eps=eps)))
 
     def forward(self, x):
         y = F.silu(self.norm_in(self.conv_in(x)))
@@ -130,13 +131,15 @@ def _to_grid(patches: torch.Tensor) -> torch.Tensor:
 
 class CAbstractor(nn.Module):
     def __init__(self, vision_hidden, num_patches, llm_hidden, channels, depth, mlp_depth, grid,
-                 pos_emb):
+                 pos_emb, norm_eps):
         super().__init__()
         self.pos_emb = nn.Parameter(torch.zeros(1, num_patches, vision_hidden)) if pos_emb else None
         self.stage_in = nn.Sequential(*[BottleneckBlock(vision_hidden if i == 0 else channels,
-                                                        channels) for i in range(depth)])
+                                                        channels, norm_eps)
+                                        for i in range(depth)])
         self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.stage_out = nn.Sequential(*[BottleneckBlock(channels, channels) for _ in range(depth)])
+        self.stage_out = nn.Sequential(*[BottleneckBlock(channels, channels, norm_eps)
+                                         for _ in range(depth)])
         self.readout = _readout(channels, llm_hidden, mlp_depth)
 
     def forward(self, patches):
@@ -177,7 +180,8 @@ def build_connector(config: MM1Config) -> nn.Module:
     if c["type"] == "c_abstractor":
         num_patches = (v.image_size // v.patch_size) ** 2
         return CAbstractor(v.hidden_size, num_patches, llm_hidden, c["hidden_size"], c["depth"],
-                           c["mlp_depth"], grid, c["pos_emb"])
+                           c["mlp_depth"], grid, c["pos_emb"],
+                           c.get("norm_eps", 1e-5))  # exports before norm_eps: nn's default
     if c["type"] == "avg_pool":
         return AvgPoolConnector(v.hidden_size, llm_hidden, grid)
     if c["type"] == "attn_pool":
@@ -205,16 +209,19 @@ class MM1SparseMoeBlock(nn.Module):
     chosen (= softmax over all experts renormalised over the top k); dropless; the expert
     outputs are weighted by those probabilities and summed."""
 
-    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int):
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int,
+                 router_fp32: bool = False):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.router_fp32 = top_k, router_fp32
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList([MM1Expert(hidden, ffn) for _ in range(num_experts)])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        top_logits, top_idx = torch.topk(self.gate(flat), self.top_k, dim=-1)
+        logits = (F.linear(flat.float(), self.gate.weight.float()) if self.router_fp32
+                  else self.gate(flat))
+        top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
         probs = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(flat.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
@@ -266,7 +273,8 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         for i, layer in enumerate(self.language_model.layers):
             if config.is_moe_layer(i):
                 layer.mlp = MM1SparseMoeBlock(text.hidden_size, ffn, config.moe_num_experts,
-                                              config.moe_top_k)
+                                              config.moe_top_k,
+                                              getattr(config, "moe_router_fp32", False))
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
 
