@@ -159,11 +159,11 @@ def measure_packing(data_dir: str, seq_length: int, max_images: int, tokens_per_
     start = time.process_time()
     list(itertools.islice(loader.stream, rows))
     seconds = time.process_time() - start
-    one_per_row = loader.packer.stats.one_per_row_efficiency(seq_length)
+    one_per_row = loader.packing.one_per_row_efficiency(seq_length)
     return {"rows_per_s_per_core": round(rows / seconds, 1),
-            "efficiency": round(loader.packer.stats.efficiency, 4),
+            "efficiency": round(loader.packing.efficiency, 4),
             "one_per_row_efficiency": round(one_per_row, 4),
-            "efficiency_ratio": round(loader.packer.stats.efficiency / one_per_row, 2)}
+            "efficiency_ratio": round(loader.packing.efficiency / one_per_row, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

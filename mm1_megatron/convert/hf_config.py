@@ -72,6 +72,21 @@ def llama_config(cfg: Config):
     return config
 
 
+def image_processor_dict(cfg: Config) -> dict[str, Any]:
+    """preprocessor_config.json: a CLIPImageProcessor doing what our DALI decoder does
+    (`vision.resize`, bicubic = resample 3). A `{"height", "width"}` size resizes to exactly
+    that, aspect not kept, in both of transformers' backends (PIL and torchvision); crop_size is
+    written in both modes for readers that take it as the model's input size."""
+    size = cfg.vision.image_size
+    square = {"height": size, "width": size}
+    geometry = dict(size=square, do_center_crop=False) if cfg.vision.resize == "squash" else \
+        dict(size={"shortest_edge": size}, do_center_crop=True)
+    return dict(image_processor_type="CLIPImageProcessor", do_resize=True, resample=3,
+                **geometry, crop_size=square, do_rescale=True, rescale_factor=1 / 255,
+                do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                do_convert_rgb=True)
+
+
 def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Optional[str]) -> list[str]:
     """generation_config.json, preprocessor_config.json, tokenizer files. Returns notes."""
     notes = []
@@ -81,13 +96,8 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
         gen["suppress_tokens"] = [cfg.llm.image_token_id]  # placeholders are never generated
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if images:
-        size = cfg.vision.image_size
-        (out / "preprocessor_config.json").write_text(json.dumps(dict(
-            image_processor_type="CLIPImageProcessor", do_resize=True,
-            size={"shortest_edge": size}, resample=3, do_center_crop=True,
-            crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
-            do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-            do_convert_rgb=True), indent=2) + "\n")
+        (out / "preprocessor_config.json").write_text(
+            json.dumps(image_processor_dict(cfg), indent=2) + "\n")
     if tokenizer_model and Path(tokenizer_model).is_file():
         shutil.copyfile(tokenizer_model, out / "tokenizer.model")
         specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -109,5 +119,6 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
     return notes
 
 
-__all__ = ["mm1_config", "llama_config", "write_side_files", "vision_config_dict",
-           "text_config_dict", "connector_dict", "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID"]
+__all__ = ["mm1_config", "llama_config", "write_side_files", "image_processor_dict",
+           "vision_config_dict", "text_config_dict", "connector_dict", "BOS_ID", "EOS_ID",
+           "PAD_ID", "UNK_ID"]

@@ -4,11 +4,19 @@ One pipeline for both machines: the decoder runs with `device="mixed"` (nvJPEG, 
 GPU) when CUDA is available and `device="cpu"` (libjpeg-turbo etc., `device_id=None`) otherwise;
 `choose_device` is the only place that decides.
 
-Geometry is CLIP's: shorter side to `size` with a cubic filter, then a centred `size` x `size`
-crop. We express it as one resize of the centred square region of interest (ROI) of the source
-to `size` x `size`. That is the same source window (exact to sub-pixel instead of rounded to the
-resized grid) but never materialises the resized full image, whose long side for a 100:1
-panorama at 378 would be 37,800 pixels.
+Geometry follows the image encoder (`resize`, from `cfg.vision.resize`):
+
+- `squash` (default): the whole image to `size` x `size` with a cubic, antialiased filter; the
+  aspect ratio is not kept and nothing is cropped. MM1's encoder, DFN5B-CLIP-ViT-H/14-378, was
+  trained so: its open_clip preprocess config says `resize_mode: squash`, `interpolation:
+  bicubic` (`open_clip_config.json` of https://huggingface.co/apple/DFN5B-CLIP-ViT-H-14-378).
+- `crop`: OpenAI CLIP's shorter side to `size`, then a centred `size` x `size` crop (the edges
+  of a non-square image are lost). We express it as one resize of the centred square region of
+  interest (ROI) of the source to `size` x `size`: the same source window (exact to sub-pixel
+  instead of rounded to the resized grid) without materialising the resized full image, whose
+  long side for a 100:1 panorama at 378 would be 37,800 pixels.
+
+Both modes are one DALI pipeline with the mode as a build-time parameter, on either device.
 
 Bad images never kill a batch. A cheap header check (Pillow reads only the header) rejects empty,
 unidentifiable, unsupported-format and oversized images before DALI sees them; a failure DALI
@@ -37,6 +45,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"})
 # 64 MPix: far beyond any photo we train on, far below what would exhaust host memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+RESIZE_MODES = ("squash", "crop")  # see the module docstring; `cfg.vision.resize`
 _INPUT = "encoded"
 
 
@@ -66,17 +75,21 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | Non
 
 
 @pipeline_def
-def _clip_pipeline(size: int, decoder_device: str):
+def _clip_pipeline(size: int, decoder_device: str, resize: str):
     encoded = fn.external_source(name=_INPUT, dtype=types.UINT8, batch=True)
-    # Centred square ROI of side min(h, w), in source pixels (HWC shape, read from the header).
-    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
-    h, w = shape[0], shape[1]
-    side = dmath.min(h, w)
-    y0, x0 = (h - side) * 0.5, (w - side) * 0.5
+    roi = {}
+    if resize == "crop":
+        # Centred square ROI of side min(h, w), in source pixels (HWC shape, read from the header).
+        shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+        h, w = shape[0], shape[1]
+        side = dmath.min(h, w)
+        y0, x0 = (h - side) * 0.5, (w - side) * 0.5
+        roi = dict(roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + side, x0 + side))
     images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
     # antialias (DALI's default) widens the cubic kernel when shrinking, like PIL's BICUBIC.
+    # Without an ROI, both output sides given = the whole image stretched to size x size.
     images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True,
-                       roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + side, x0 + side))
+                       **roi)
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                     mean=[m * 255 for m in CLIP_MEAN],
                                     std=[s * 255 for s in CLIP_STD])
@@ -86,20 +99,24 @@ class ImageDecoder:
     """Decode batches of encoded images to `[n, 3, size, size]` float32, skipping bad ones.
 
     `decode` accepts any number of images (chunked by `batch_size`, DALI's max batch size).
-    The output lives on the GPU for device "mixed", on the CPU for "cpu".
+    The output lives on the GPU for device "mixed", on the CPU for "cpu". `resize` is "squash"
+    (whole image to size x size) or "crop" (centred square), as in the module docstring.
     """
 
     def __init__(self, size: int, batch_size: int, num_threads: int = 2,
                  device: str | None = None, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "squash"):
         if size <= 0 or batch_size <= 0 or num_threads <= 0:
             raise ValueError(f"size, batch_size, num_threads must be > 0, "
                              f"got {size}, {batch_size}, {num_threads}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         device = device or choose_device()
         if device not in ("cpu", "mixed"):
             raise ValueError(f"device must be 'cpu' or 'mixed', got {device!r}")
         self.size, self.batch_size, self.num_threads = size, batch_size, num_threads
         self.device, self.seed, self.max_pixels = device, seed, max_pixels
+        self.resize = resize
         self._cuda = device == "mixed"
         self._device_id = torch.cuda.current_device() if self._cuda else None
         # Our own stream for the copy out of DALI: queued behind the training kernels on the
@@ -113,7 +130,7 @@ class ImageDecoder:
     def _build(self):
         # Synchronous and unprefetched: each run consumes exactly the batch just fed, so an
         # error belongs to that batch and nothing else is queued in a pipeline we discard.
-        pipe = _clip_pipeline(size=self.size, decoder_device=self.device,
+        pipe = _clip_pipeline(size=self.size, decoder_device=self.device, resize=self.resize,
                               batch_size=self.batch_size, num_threads=self.num_threads,
                               device_id=self._device_id, seed=self.seed,
                               prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)

@@ -1,6 +1,6 @@
 """The training data loader: shards -> tokenized documents -> global packed rows -> batches.
 
-Every rank plans the same global rows (mixture.RowStream, text only: shards are read with
+Every rank plans the same global rows (mixture.row_stream, text only: shards are read with
 `images=False`), takes rows j with j % dp == its rank, and only then reads and decodes those
 rows' images with DALI. Bad samples (see shards.BAD_REASONS) are skipped and counted; an image
 that DALI cannot decode becomes a blank image and its document carries no loss in that row
@@ -21,8 +21,9 @@ import torch
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.images import ImageDecoder
-from mm1_megatron.data.mixture import SOURCES, LoaderState, MixtureSampler, RowStream, rank_rows
-from mm1_megatron.data.packing import IMAGE, Document, PackedRow, Packer, segment_boundaries
+from mm1_megatron.data.mixture import SOURCES, LoaderState, rank_rows, row_stream
+from mm1_megatron.data.packing import (IMAGE, Document, PackedRow, Packer, PackingStats,
+                                       segment_boundaries)
 from mm1_megatron.data.shards import BadSample, ShardDataset, SkipCounter, open_dataset
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from mm1_megatron.runtime import pin_batch
@@ -74,11 +75,17 @@ class MultimodalLoader:
             raise FileNotFoundError(f"{root}: no dataset folder ({', '.join(SOURCES)}) with a "
                                     "manifest.json")
         sizes = [len(ds) if ds is not None else 0 for ds in self.datasets]
-        sampler = MixtureSampler(sizes, [d.weight_interleaved, d.weight_caption, d.weight_text],
-                                 seed=cfg.train.seed)
-        self.packer = Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
-                             cfg.llm.image_token_id, pad_id=PAD_ID)
-        self.stream = RowStream(sampler, self.packer, self._document, state)
+        if state is not None and state.unit != d.mixture_unit:
+            raise ValueError(f"data.mixture_unit={d.mixture_unit}: the checkpoint's loader "
+                             f"position counts {state.unit}; resume with "
+                             f"data.mixture_unit={state.unit} or start a new run")
+        self.packing = PackingStats()  # shared by the packers (one per source: sequences)
+        self.stream = row_stream(
+            d.mixture_unit, sizes, [d.weight_interleaved, d.weight_caption, d.weight_text],
+            cfg.train.seed,
+            lambda: Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
+                           cfg.llm.image_token_id, pad_id=PAD_ID, stats=self.packing),
+            self._document, state)
         self.rows = rank_rows(self.stream, dp_rank, dp_size)
         self.decode_images = decode_images
         self.image_size = cfg.vision.image_size
@@ -90,10 +97,10 @@ class MultimodalLoader:
         self.image_token_id = cfg.llm.image_token_id
         self.tokens_per_image = cfg.connector.num_tokens
         self.max_images = d.max_images_per_sequence
-        self.state = state or LoaderState(0, None)
+        self.state = state or self.stream.start
         for key, value in self.state.counters.items():  # resumed: the counts continue
             if key == DROPPED_IMAGES:
-                self.packer.stats.images_dropped = value
+                self.packing.images_dropped = value
             elif key.startswith("skipped_"):
                 self.skips.counts[key[len("skipped_"):]] = value
 
@@ -101,7 +108,7 @@ class MultimodalLoader:
         """What the data lost so far: skipped samples per reason, images dropped at the
         per-row limit (TensorBoard `data/<key>`)."""
         out = {f"skipped_{reason}": n for reason, n in self.skips.snapshot().items()}
-        out[DROPPED_IMAGES] = self.packer.stats.images_dropped
+        out[DROPPED_IMAGES] = self.packing.images_dropped
         return out
 
     def _document(self, source: int, epoch: int, index: int, doc_id: int) -> Optional[Document]:

@@ -86,14 +86,15 @@ class PackingStats:
 
 class Packer:
     def __init__(self, seq_length: int, tokens_per_image: int, max_images: int,
-                 image_token_id: int, pad_id: int = 0):
+                 image_token_id: int, pad_id: int = 0, stats: Optional[PackingStats] = None):
+        """`stats`: shared with other packers (one per source when rows are per source)."""
         if tokens_per_image >= seq_length:
             raise ValueError(f"one image ({tokens_per_image} tokens) does not fit a row of "
                              f"{seq_length}")
         self.seq_length, self.k = seq_length, tokens_per_image
         self.max_images, self.image_token_id, self.pad_id = max_images, image_token_id, pad_id
         self.open: list[Chunk] = []
-        self.stats = PackingStats()
+        self.stats = stats if stats is not None else PackingStats()
 
     # -- chunking ------------------------------------------------------------------------
     def chunks(self, doc: Document) -> list[Chunk]:

@@ -40,12 +40,14 @@ class TaskResult:
 
 
 class ImageCache:
-    """path -> decoded [3, S, S] tensor, DALI CPU/GPU decode, LRU-bounded."""
+    """path -> decoded [3, S, S] tensor, DALI CPU/GPU decode, LRU-bounded. `resize` is
+    `cfg.vision.resize`: evaluation must see images shaped as in training."""
 
-    def __init__(self, size: int, capacity: int = 256, num_threads: int = 2):
+    def __init__(self, size: int, capacity: int = 256, num_threads: int = 2,
+                 resize: str = "squash"):
         from mm1_megatron.data.images import ImageDecoder
 
-        self.decoder = ImageDecoder(size, batch_size=16, num_threads=num_threads)
+        self.decoder = ImageDecoder(size, batch_size=16, num_threads=num_threads, resize=resize)
         self.capacity = capacity
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -79,7 +81,7 @@ class FewShotEvaluator:
     def __init__(self, model, tokenizer: Tokenizer, image_size: int, batch_size: int = 8,
                  seed: int = 0, use_cache: bool = True,
                  max_new_tokens: Optional[dict] = None, separator: str = SEPARATOR,
-                 images: Optional[ImageCache] = None):
+                 images: Optional[ImageCache] = None, resize: str = "squash"):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -87,7 +89,7 @@ class FewShotEvaluator:
         self.separator = separator
         self.max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
         self.generator = Generator(model, tokenizer, use_cache=use_cache)
-        self.images = images or ImageCache(image_size)
+        self.images = images or ImageCache(image_size, resize=resize)
 
     def prompts(self, task: Task, shots: int, indices: Sequence[int]):
         return [build_prompt(self.tokenizer, task.kind, task.examples[i],

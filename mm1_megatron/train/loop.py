@@ -89,7 +89,7 @@ class Trainer:
                                        ps.get_data_parallel_world_size(), loader_state,
                                        log=print if self.is_logging_rank else None,
                                        decode_images=decodes)
-        self.loader_state = loader_state or LoaderState(0, None)
+        self.loader_state = self.loader.state
         self.dataset = dataset_fingerprint(cfg.data.path)  # checked on resume (mm1-train)
         self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
             if cfg.data.prefetch > 0 else iter(self.loader)

@@ -1,4 +1,5 @@
-"""DALI image decoding: shape/layout, agreement with a PIL reference, determinism, bad images."""
+"""DALI image decoding: shape/layout, agreement with a PIL reference (squash and crop),
+nothing cropped in squash mode, determinism, bad images."""
 
 import io
 
@@ -28,15 +29,19 @@ def encode(w: int, h: int, mode: str = "RGB", fmt: str = "JPEG", seed: int = 0) 
     return buf.getvalue()
 
 
-def pil_reference(data: bytes, size: int, box: bool = False) -> torch.Tensor:
-    """CLIP preprocessing in PIL + torch: shorter side to `size` (BICUBIC), centre crop, normalise.
-
-    `box=True` resizes the centred square straight to size x size (PIL's `box`), the exact
-    geometry of our DALI ROI resize, which isolates the filter difference from crop rounding.
+def pil_reference(data: bytes, size: int, box: bool = False,
+                  resize: str = "crop") -> torch.Tensor:
+    """CLIP preprocessing in PIL + torch, normalised. `resize="squash"`: the whole image to
+    size x size (BICUBIC), open_clip's `squash`. `"crop"`: shorter side to `size` (BICUBIC),
+    centre crop; `box=True` resizes the centred square straight to size x size (PIL's `box`),
+    the exact geometry of our DALI ROI resize, which isolates the filter difference from crop
+    rounding.
     """
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
-    if box:
+    if resize == "squash":
+        im = im.resize((size, size), Image.BICUBIC)
+    elif box:
         s = min(w, h)
         im = im.resize((size, size), Image.BICUBIC,
                        box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
@@ -51,7 +56,17 @@ def pil_reference(data: bytes, size: int, box: bool = False) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def decoder() -> ImageDecoder:
-    return ImageDecoder(S, batch_size=8, num_threads=2, device="cpu", seed=0)
+    return ImageDecoder(S, batch_size=8, num_threads=2, device="cpu", seed=0)  # squash
+
+
+@pytest.fixture(scope="module")
+def crop_decoder() -> ImageDecoder:
+    return ImageDecoder(S, batch_size=8, num_threads=2, device="cpu", seed=0, resize="crop")
+
+
+@pytest.fixture(scope="module")
+def decoders(decoder, crop_decoder) -> dict[str, ImageDecoder]:
+    return {"squash": decoder, "crop": crop_decoder}
 
 
 GOOD = [encode(640, 480, seed=1), encode(333, 500, seed=2), encode(1024, 768, seed=3),
@@ -84,8 +99,23 @@ def test_shape_dtype_and_chw_layout(decoder):
 
 
 @pytest.mark.parametrize("size", [S, 378])
-def test_matches_pil_bicubic_reference(size, decoder):
+def test_matches_pil_bicubic_reference_squash(size, decoder):
     dec = decoder if size == S else ImageDecoder(size, batch_size=8, num_threads=2, device="cpu")
+    images = GOOD + [encode(2000, 40, seed=5), encode(379, 377, seed=6), encode(40, 700, seed=7)]
+    out, bad = dec.decode(images)
+    assert bad == []
+    for i, data in enumerate(images):
+        diff = (out[i] - pil_reference(data, size, resize="squash")).abs()
+        print(f"size {size} image {i}: vs PIL squash mean {diff.mean():.4f} max {diff.max():.3f}")
+        # Measured (normalised units, 1/255 of a pixel value ~ 0.015): mean <= 0.0027,
+        # max <= 0.045 (DALI cubic vs PIL bicubic, +-3 levels); bounds leave ~3x headroom.
+        assert diff.mean() < 0.01 and diff.max() < 0.2
+
+
+@pytest.mark.parametrize("size", [S, 378])
+def test_matches_pil_bicubic_reference_crop(size, crop_decoder):
+    dec = crop_decoder if size == S else \
+        ImageDecoder(size, batch_size=8, num_threads=2, device="cpu", resize="crop")
     images = GOOD + [encode(2000, 40, seed=5), encode(379, 377, seed=6)]
     out, bad = dec.decode(images)
     assert bad == []
@@ -99,6 +129,34 @@ def test_matches_pil_bicubic_reference(size, decoder):
         # vs the same window mean <= 0.0033, max <= 0.045 (DALI cubic vs PIL bicubic, +-3 levels).
         assert diff.mean() < 0.05 and diff.max() < 0.5
         assert box_diff.mean() < 0.01 and box_diff.max() < 0.2
+
+
+def _edges_image(w: int = 300, h: int = 100) -> bytes:
+    """Grey, with its leftmost 10% of columns pure red and its rightmost 10% pure blue (PNG)."""
+    rgb = np.full((h, w, 3), 128, np.uint8)
+    rgb[:, : w // 10] = (255, 0, 0)
+    rgb[:, w - w // 10:] = (0, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _colour(rgb) -> torch.Tensor:
+    return (torch.tensor(rgb, dtype=torch.float32).view(3, 1) / 255 - MEAN[:, :, 0]) / STD[:, :, 0]
+
+
+def test_squash_keeps_the_edges_crop_drops_them(decoders):
+    data = _edges_image()  # 3:1
+    red, blue, grey = _colour((255, 0, 0)), _colour((0, 0, 255)), _colour((128, 128, 128))
+    (sq,), _ = decoders["squash"].decode([data])
+    # 10% of 84 columns = 8.4: the outer 6 columns are clear of the filter's reach into grey.
+    torch.testing.assert_close(sq[:, :, :6], red.view(3, 1, 1).expand(3, S, 6), atol=0.02, rtol=0)
+    torch.testing.assert_close(sq[:, :, -6:], blue.view(3, 1, 1).expand(3, S, 6), atol=0.02,
+                               rtol=0)
+    assert (sq[:, :, S // 2] - grey).abs().max() < 0.02
+    # Crop keeps the centred 100x100 window: all grey, both coloured bands are gone.
+    (cr,), _ = decoders["crop"].decode([data])
+    assert (cr - grey.view(3, 1, 1)).abs().max() < 0.02
 
 
 def test_deterministic_across_runs_and_thread_counts(decoder):
@@ -122,8 +180,10 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("resize", ["squash", "crop"])
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_image_is_skipped_and_neighbours_unchanged(case, decoder):
+def test_bad_image_is_skipped_and_neighbours_unchanged(case, resize, decoders):
+    decoder = decoders[resize]
     good_a, good_b = GOOD[0], GOOD[1]
     out, bad = decoder.decode([good_a, BAD[case], good_b])
     assert bad == [1], decoder.last_errors
@@ -147,22 +207,24 @@ def test_oversized_header_is_rejected():
     assert bad == [0] and "size" in dec.last_errors[0] and out.shape == (1, 3, S, S)
 
 
+@pytest.mark.parametrize("resize", ["squash", "crop"])
 @pytest.mark.parametrize("case", ["png", "rgba_png", "grayscale_jpeg", "cmyk_jpeg", "wide",
                                   "tall", "tiny"])
-def test_valid_variants_decode_like_pil(case, decoder):
+def test_valid_variants_decode_like_pil(case, resize, decoders):
     data = {
         "png": encode(300, 200, fmt="PNG"),
         "rgba_png": encode(300, 200, mode="RGBA", fmt="PNG"),
         "grayscale_jpeg": encode(300, 200, mode="L"),
         "cmyk_jpeg": encode(300, 200, mode="CMYK"),
-        "wide": encode(4000, 40),  # 100:1; resized as a 40x40 window, not a 37800-wide image
+        # 100:1; cropped: resized as a 40x40 window, not a 37800-wide image
+        "wide": encode(4000, 40),
         "tall": encode(30, 900),
         "tiny": encode(3, 2),
     }[case]
-    out, bad = decoder.decode([data])
+    out, bad = decoders[resize].decode([data])
     assert bad == [] and out.shape == (1, 3, S, S)
-    diff = (out[0] - pil_reference(data, S, box=True)).abs()
-    print(f"{case}: mean {diff.mean():.4f} max {diff.max():.3f}")
+    diff = (out[0] - pil_reference(data, S, box=True, resize=resize)).abs()
+    print(f"{case} {resize}: mean {diff.mean():.4f} max {diff.max():.3f}")
     assert diff.mean() < 0.05
 
 
@@ -185,6 +247,8 @@ def test_rejects_bad_arguments():
         ImageDecoder(S, batch_size=2, device="gpu")
     with pytest.raises(ValueError, match="> 0"):
         ImageDecoder(0, batch_size=2, device="cpu")
+    with pytest.raises(ValueError, match="resize must be one of"):
+        ImageDecoder(S, batch_size=2, device="cpu", resize="pad")
 
 
 def test_device_failures_are_raised_not_counted_as_bad_images():

@@ -4,6 +4,7 @@ images decoded as blanks with their document's loss off."""
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 
 from mm1_megatron.config import load_config
@@ -45,12 +46,13 @@ def test_batches_match_the_model_contract(demo_data):
             assert len(set(flat[start:end])) == 1 and (end - start) <= batch["max_seqlen"]
             assert start % s == 0 or flat[start] != flat[start - 1]  # cut at a change only
         assert (batch["loss_mask"][batch["labels"] == cfg.llm.image_token_id] == 0).all()
-    assert loader.packer.stats.efficiency > 0.5
+    assert loader.packing.efficiency > 0.5
     assert not loader.skips.counts
 
 
-def test_resume_exact_and_across_dp_sizes(demo_data):
-    cfg = config(demo_data)
+@pytest.mark.parametrize("unit", ["sequences", "documents"])
+def test_resume_exact_and_across_dp_sizes(demo_data, unit):
+    cfg = config(demo_data, f"data.mixture_unit={unit}")
     full = batches(MultimodalLoader(cfg, 0, 1, log=None), 8)
     first = MultimodalLoader(cfg, 0, 1, log=None)
     batches(first, 3)
@@ -58,7 +60,8 @@ def test_resume_exact_and_across_dp_sizes(demo_data):
     rest = batches(MultimodalLoader(cfg, 0, 1, state, log=None), 5)
     assert all(same(a, b) for a, b in zip(full[3:], rest))
     # DP=2: micro-batch 1 so row j -> rank j % 2; after 2 rows each, resume on one rank.
-    cfg1 = config(demo_data, "train.micro_batch_size=1", "train.global_batch_size=8")
+    cfg1 = config(demo_data, "train.micro_batch_size=1", "train.global_batch_size=8",
+                  f"data.mixture_unit={unit}")
     rows = batches(MultimodalLoader(cfg1, 0, 1, log=None), 8)
     ranks = [MultimodalLoader(cfg1, r, 2, log=None) for r in range(2)]
     got = [batches(loader, 2) for loader in ranks]
@@ -67,6 +70,10 @@ def test_resume_exact_and_across_dp_sizes(demo_data):
                                           rows[:4]))
     resumed = batches(MultimodalLoader(cfg1, 0, 1, ranks[1].state, log=None), 4)
     assert all(same(x, y) for x, y in zip(resumed, rows[4:8]))
+    other = "documents" if unit == "sequences" else "sequences"
+    with pytest.raises(ValueError, match=f"data.mixture_unit={other}: .* counts {unit}"):
+        MultimodalLoader(config(demo_data, f"data.mixture_unit={other}"), 0, 1,
+                         ranks[1].state, log=None)
 
 
 def test_undecodable_image_is_blank_and_counted(tmp_path, demo_data):

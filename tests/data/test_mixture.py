@@ -4,8 +4,11 @@ import itertools
 
 import pytest
 
-from mm1_megatron.data.mixture import (LoaderState, MixtureSampler, RowStream, rank_rows)
+from mm1_megatron.data.mixture import (LoaderState, MixtureSampler, RowStream, SourceRowStream,
+                                       rank_rows, row_stream)
 from mm1_megatron.data.packing import IMAGE, Document, Packer
+
+UNITS = ["sequences", "documents"]
 
 SIZES = [40, 60, 25]  # interleaved, caption, text
 WEIGHTS = [0.45, 0.45, 0.10]
@@ -24,10 +27,11 @@ def read(source: int, epoch: int, index: int, doc_id: int):
     return Document(doc_id, source, tokens, payloads)
 
 
-def stream(start=None) -> RowStream:
-    return RowStream(MixtureSampler(SIZES, WEIGHTS, seed=3),
-                     Packer(seq_length=96, tokens_per_image=8, max_images=4, image_token_id=3),
-                     read, start)
+def stream(start=None, unit="documents") -> RowStream | SourceRowStream:
+    return row_stream(unit, SIZES, WEIGHTS, 3,
+                      lambda: Packer(seq_length=96, tokens_per_image=8, max_images=4,
+                                     image_token_id=3),
+                      read, start)
 
 
 def signature(row) -> tuple:
@@ -59,15 +63,20 @@ def test_epochs_visit_every_sample_once():
     assert [i for _, e, i in first if e == 0] != [i for _, e, i in first if e == 1]
 
 
-def test_resume_is_exact():
-    full = [signature(r) for r, _ in take(iter(stream()), 60)]
-    first = take(iter(stream()), 23)
+@pytest.mark.parametrize("unit", UNITS)
+def test_resume_is_exact(unit):
+    full = [signature(r) for r, _ in take(iter(stream(unit=unit)), 60)]
+    first = take(iter(stream(unit=unit)), 23)
     state = LoaderState.from_dict(first[-1][1].to_dict())  # through a checkpoint's dict
-    rest = [signature(r) for r, _ in take(iter(stream(state)), 37)]
+    rest = [signature(r) for r, _ in take(iter(stream(state, unit)), 37)]
     assert [signature(r) for r, _ in first] + rest == full
 
 
-def test_resume_from_dp2_on_dp1_and_dp3():
+@pytest.mark.parametrize("unit", UNITS)
+def test_resume_from_dp2_on_dp1_and_dp3(unit):
+    def stream(start=None):
+        return globals()["stream"](start, unit)
+
     full = [signature(r) for r, _ in take(iter(stream()), 48)]
     # DP=2 for 5 steps of 2 rows per rank: each rank sees its rows, states agree at the end.
     ranks = [take(rank_rows(stream(), r, 2), 10) for r in range(2)]
@@ -93,7 +102,62 @@ def test_no_document_repeated_or_lost_and_bad_ones_counted():
     assert len(missing) == s.skipped_documents >= 1  # bad samples leave exactly their gap
 
 
+def test_sequences_rows_hold_one_source_in_the_mixture_share():
+    """`sequences`: each row packs one source; row shares are within one row of 45/45/10 at
+    every prefix; every source still visits each of its documents once per epoch."""
+    s = stream(unit="sequences")
+    rows = [row for row, _ in take(iter(s), 200)]
+    counts = [0, 0, 0]
+    for i, row in enumerate(rows, 1):
+        sources = set(row.sources.tolist()) - {-1}
+        assert len(sources) == 1
+        counts[sources.pop()] += 1
+        assert all(abs(c - w * i) <= 1 for c, w in zip(counts, WEIGHTS))
+    # Per source, ids are draw number * 3 + source: in order, gaps only for bad samples.
+    for source, size in enumerate(SIZES):
+        drawn = sorted({d // 3 for row in rows for d in row.doc_ids if d % 3 == source})
+        assert drawn == sorted(drawn)
+        missing = set(range(drawn[-1] + 1)) - set(drawn)
+        assert len(missing) == (s.streams[source].skipped_documents if source == 0 else 0)
+    assert s.skipped_documents >= 1
+
+
+def test_documents_mode_mixes_sources_within_rows():
+    rows = [row for row, _ in take(iter(stream(unit="documents")), 40)]
+    assert any(len(set(row.sources.tolist()) - {-1}) > 1 for row in rows)
+
+
+def test_a_position_of_one_unit_does_not_resume_the_other():
+    _, state = take(iter(stream(unit="documents")), 5)[-1]
+    with pytest.raises(ValueError, match="per documents"):
+        stream(LoaderState.from_dict(state.to_dict()), "sequences")
+    _, state = take(iter(stream(unit="sequences")), 5)[-1]
+    with pytest.raises(ValueError, match="per sequences"):
+        stream(LoaderState.from_dict(state.to_dict()), "documents")
+    # A checkpoint from before data.mixture_unit: per documents.
+    old = {"rows": 3, "snapshot": None, "counters": {}}
+    assert LoaderState.from_dict(old).unit == "documents"
+
+
 @pytest.mark.parametrize("bad", [{"rows": 3}, {}])
 def test_state_dict_shape(bad):
     with pytest.raises(KeyError):
         LoaderState.from_dict(bad)
+
+
+def test_shares_tool_reports_what_each_unit_realises():
+    """tools/mixture_shares.py on its realistic-length corpus: per-sequence mixing gives
+    45/45/10 of the rows; per-document mixing leaves short captions far fewer rows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parents[2] / "tools" / "mixture_shares.py"
+    out = subprocess.run([sys.executable, str(tool), "--synthetic", "--rows", "120"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    shares = json.loads(out.strip().splitlines()[-1])
+    for got, want in zip(shares["sequences"]["rows"], WEIGHTS):
+        assert abs(got - want) <= 1 / 120 + 1e-4
+    assert shares["documents"]["documents"][1] == pytest.approx(0.45, abs=0.02)
+    assert shares["documents"]["rows"][1] < 0.25  # captions: ~170 of 4096 positions each
