@@ -25,7 +25,8 @@ MOE = ["llm.moe.num_experts=4", "llm.moe.layer_freq=2"]
 LAYOUTS = {
     # one save covers TP, PP and EP (expert_tp=1 so EP fits dp=1), c_abstractor, GQA
     "tp2pp2ep2_moe_cabs": MOE + ["llm.num_query_groups=2", "connector.type=c_abstractor"],
-    "single_moe_attn_pool": MOE + ["connector.type=attn_pool"],
+    # exact-GELU ViT (quick_gelu, the default, is in the other two)
+    "single_moe_attn_pool": MOE + ["connector.type=attn_pool", "vision.activation=gelu"],
     "single_dense_avg_pool": ["llm.num_query_groups=2", "connector.type=avg_pool"],
 }
 PARALLEL_4 = ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.expert_tp=1",
@@ -129,7 +130,9 @@ def case_conversions(root: str, multi_rank_run: str) -> dict:
             extra["decoder_only"] = root_p / "hf" / (name + "_llama")
         rep = export(run, root_p / "hf" / name, cfg[name], **quiet, **extra)
         out["export"][name] = {"parity": rep["parity"], "llama_parity": rep.get("llama_parity"),
-                               "files": sorted(p.name for p in (root_p / "hf" / name).iterdir())}
+                               "files": sorted(p.name for p in (root_p / "hf" / name).iterdir()),
+                               "hidden_act": json.loads((root_p / "hf" / name / "config.json")
+                                                        .read_text())["vision_config"]["hidden_act"]}
         out["export"][name]["llama_files"] = sorted(
             p.name for p in Path(extra["decoder_only"]).iterdir()) if extra else None
 
@@ -265,6 +268,8 @@ def test_export_passes_parity_gate(report, name):
     for f in ("config.json", "model.safetensors", "generation_config.json",
               "preprocessor_config.json", "configuration_mm1.py", "modeling_mm1.py"):
         assert f in rep["files"]
+    assert rep["hidden_act"] == ("gelu" if "vision.activation=gelu" in LAYOUTS[name]
+                                 else "quick_gelu")
 
 
 def test_stock_llama_export_matches_megatron_text_logits(report):
