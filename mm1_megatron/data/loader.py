@@ -90,7 +90,8 @@ class MultimodalLoader:
         self.decode_images = decode_images
         self.image_size = cfg.vision.image_size
         self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
-                                    num_threads=d.num_workers, seed=cfg.train.seed) \
+                                    num_threads=d.num_workers, seed=cfg.train.seed,
+                                    resize=cfg.vision.resize) \
             if decode_images else None
         self.skips = SkipCounter(log=log)
         self.micro_batch_size = cfg.train.micro_batch_size

@@ -98,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limits = {"caption": args.max_new_tokens, "vqa": args.max_new_tokens}
     evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                  batch_size=args.batch_size, seed=args.seed,
-                                 use_cache=not args.no_kv_cache, max_new_tokens=limits)
+                                 use_cache=not args.no_kv_cache, max_new_tokens=limits,
+                                 resize=cfg.vision.resize)
     results = []
     for task in tasks:
         for k in args.shots:

@@ -107,7 +107,7 @@ def test_matches_pil_bicubic_reference_squash(size, decoder):
     for i, data in enumerate(images):
         diff = (out[i] - pil_reference(data, size, resize="squash")).abs()
         print(f"size {size} image {i}: vs PIL squash mean {diff.mean():.4f} max {diff.max():.3f}")
-        # Measured (normalised units, 1/255 of a pixel value ~ 0.015): mean <= 0.0027,
+        # Measured (normalised units, 1/255 of a pixel value ~ 0.015): mean <= 0.0031,
         # max <= 0.045 (DALI cubic vs PIL bicubic, +-3 levels); bounds leave ~3x headroom.
         assert diff.mean() < 0.01 and diff.max() < 0.2
 
