@@ -17,7 +17,8 @@ What the weights count (`data.mixture_unit`):
 Source choice is deterministic and exact rather than random: the next unit comes from the
 source furthest below its target share (the greedy rule Megatron's blended datasets use), so
 the realised mixture is within one unit of the weights at every point. Inside a source,
-documents follow a seeded permutation per epoch.
+documents follow a seeded permutation per epoch, evaluated per position in O(1) memory
+(`permutation.FeistelPermutation`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from mm1_megatron.data.packing import Document, Packer, PackedRow
+from mm1_megatron.data.permutation import FeistelPermutation
 
 SOURCES = ("interleaved", "caption", "text")
 MIXTURE_UNITS = ("sequences", "documents")
@@ -64,14 +66,16 @@ class MixtureSampler:
         self.weights = normalised_weights(sizes, weights)
         self.sizes, self.seed = sizes, seed
         self.state = MixtureState(counts=[0] * len(sizes))
-        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._permutations: dict[int, tuple[int, FeistelPermutation]] = {}
 
-    def _permutation(self, source: int, epoch: int) -> torch.Tensor:
-        key = (source, epoch)
-        if key not in self._perm_cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 10_007 + epoch)
-            self._perm_cache = {key: torch.randperm(self.sizes[source], generator=g)}
-        return self._perm_cache[key]
+    def _permutation(self, source: int, epoch: int) -> FeistelPermutation:
+        """Source `source`'s order in `epoch`: O(1) memory whatever the source's size."""
+        cached = self._permutations.get(source)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, FeistelPermutation(self.sizes[source], self.seed,
+                                                stream=(source << 32) + epoch))
+            self._permutations[source] = cached
+        return cached[1]
 
     def draw(self) -> tuple[int, int, int]:
         st = self.state
@@ -79,7 +83,7 @@ class MixtureSampler:
         epoch, position = divmod(st.counts[source], self.sizes[source])
         st.counts[source] += 1
         st.drawn += 1
-        return source, epoch, int(self._permutation(source, epoch)[position])
+        return source, epoch, self._permutation(source, epoch)[position]
 
 
 @dataclass

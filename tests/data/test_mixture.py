@@ -94,7 +94,7 @@ def test_resume_from_dp2_on_dp1_and_dp3(unit):
 
 def test_no_document_repeated_or_lost_and_bad_ones_counted():
     s = stream()
-    docs = [d for row, _ in take(iter(s), 40) for d in row.doc_ids]
+    docs = [d for row, _ in take(iter(s), 100) for d in row.doc_ids]  # > an epoch of source 0
     # Document ids are draw numbers: in order, a split document's chunks adjacent.
     assert docs == sorted(docs)
     distinct = sorted(set(docs))
