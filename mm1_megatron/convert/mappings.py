@@ -13,6 +13,9 @@ prefix) with a `kind` of transform:
 Megatron keys can be stored per layer (`layers.3.x`) or stacked along a leading layer / expert
 axis (`layers.x` [L, ...], `experts.experts.x` [E, ...]); `expand()` turns the tables into
 concrete `Item`s and `resolve()` finds which form a checkpoint holds.
+
+`OPEN_CLIP_VISION*` name open_clip's vision tower in HF CLIP terms: the importer reads an
+open_clip checkpoint through them, then takes the HF path.
 """
 
 from __future__ import annotations
@@ -70,6 +73,35 @@ VISION_LAYER = [
 ]
 # The connector is the same torch module on both sides: names map one to one (see `expand`).
 
+# open_clip's vision tower (`visual.*`, DFN5B's `open_clip_pytorch_model.bin`) under HF
+# CLIPVisionModel names (relative to `vision_model.`), so one path (checks, QKV fusion,
+# interpolation) serves both: (HF name, open_clip name, row third of open_clip's stacked
+# nn.MultiheadAttention in_proj [q; k; v] or None for the whole tensor).
+OPEN_CLIP_VISION = [
+    ("embeddings.class_embedding", "visual.class_embedding", None),
+    ("embeddings.patch_embedding.weight", "visual.conv1.weight", None),
+    ("embeddings.position_embedding.weight", "visual.positional_embedding", None),
+    ("pre_layrnorm.weight", "visual.ln_pre.weight", None),
+    ("pre_layrnorm.bias", "visual.ln_pre.bias", None),
+    ("post_layernorm.weight", "visual.ln_post.weight", None),  # after our features: unused
+    ("post_layernorm.bias", "visual.ln_post.bias", None),
+]
+_OL = "visual.transformer.resblocks.{i}."
+OPEN_CLIP_VISION_LAYER = [
+    (_HL + "layer_norm1.weight", _OL + "ln_1.weight", None),
+    (_HL + "layer_norm1.bias", _OL + "ln_1.bias", None),
+    *((_HL + f"self_attn.{p}_proj.{w}", _OL + f"attn.in_proj_{w}", j)
+      for w in ("weight", "bias") for j, p in enumerate("qkv")),
+    (_HL + "self_attn.out_proj.weight", _OL + "attn.out_proj.weight", None),
+    (_HL + "self_attn.out_proj.bias", _OL + "attn.out_proj.bias", None),
+    (_HL + "layer_norm2.weight", _OL + "ln_2.weight", None),
+    (_HL + "layer_norm2.bias", _OL + "ln_2.bias", None),
+    (_HL + "mlp.fc1.weight", _OL + "mlp.c_fc.weight", None),
+    (_HL + "mlp.fc1.bias", _OL + "mlp.c_fc.bias", None),
+    (_HL + "mlp.fc2.weight", _OL + "mlp.c_proj.weight", None),
+    (_HL + "mlp.fc2.bias", _OL + "mlp.c_proj.bias", None),
+]
+
 LLM = [
     R("language_model.embedding.word_embeddings.weight", "embed_tokens.weight"),
     R("language_model.decoder.final_layernorm.weight", "norm.weight"),
@@ -109,6 +141,16 @@ ALIASES = {
 MM1_PREFIXES = {"vision": "vision_tower.", "connector": "connector.", "llm": "language_model.",
                 "head": ""}
 LLAMA_PREFIXES = {"llm": "model.", "head": ""}
+
+
+def open_clip_names(layers: int) -> dict[str, tuple[str, Optional[int]]]:
+    """HF CLIPVisionModel name (relative to `vision_model.`) -> (open_clip name, in_proj third)
+    for a vision tower of `layers` resblocks."""
+    out = {hf: (oc, part) for hf, oc, part in OPEN_CLIP_VISION}
+    for i in range(layers):
+        out.update({hf.format(i=i): (oc.format(i=i), part)
+                    for hf, oc, part in OPEN_CLIP_VISION_LAYER})
+    return out
 
 
 # ---------------------------------------------------------------------------- expansion

@@ -157,3 +157,34 @@ def verify_llama(ckpt: str | Path, hf_dir: str | Path, cfg: Config,
     g_ref = megatron_greedy(ref_model, ids, None, GREEDY_TOKENS, [EOS_ID])
     g_got = _hf_greedy(hf, ids, None, GREEDY_TOKENS, [EOS_ID])
     return _compare("Llama", ref, got, g_ref, g_got)
+
+
+@torch.no_grad()
+def open_clip_vision_features(get, pixels: torch.Tensor, *, layers: int, heads: int,
+                              eps: float, quick_gelu: bool) -> torch.Tensor:
+    """[n, 1 + grid^2, width] tokens of open_clip's VisionTransformer after `layers` resblocks
+    (before ln_post), from `get(open_clip_name)`. Written from open_clip's forward on its own
+    tensor names (conv1, class token, positional_embedding, ln_pre, pre-LN resblocks whose
+    nn.MultiheadAttention stacks q|k|v in in_proj): the reference of an open_clip import, so a
+    slip in the open_clip -> HF names shows up."""
+    import torch.nn.functional as F
+
+    t = lambda name: get(name).float()
+    conv = t("visual.conv1.weight")
+    x = F.conv2d(pixels.float(), conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    cls = t("visual.class_embedding").reshape(1, 1, -1).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + t("visual.positional_embedding")
+    width = x.shape[-1]
+    ln = lambda h, p: F.layer_norm(h, (width,), t(p + ".weight"), t(p + ".bias"), eps)
+    act = (lambda h: h * torch.sigmoid(1.702 * h)) if quick_gelu else F.gelu
+    linear = lambda h, p: F.linear(h, t(p + ".weight"), t(p + ".bias"))
+    heads_of = lambda h: h.unflatten(-1, (heads, width // heads)).transpose(1, 2)
+    x = ln(x, "visual.ln_pre")
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        q, k, v = F.linear(ln(x, p + "ln_1"), t(p + "attn.in_proj_weight"),
+                           t(p + "attn.in_proj_bias")).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(heads_of(q), heads_of(k), heads_of(v))
+        x = x + linear(a.transpose(1, 2).flatten(2), p + "attn.out_proj")
+        x = x + linear(act(linear(ln(x, p + "ln_2"), p + "mlp.c_fc")), p + "mlp.c_proj")
+    return x
