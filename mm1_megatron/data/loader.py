@@ -1,8 +1,10 @@
-"""The training data loader: shards -> tokenized documents -> global packed rows -> batches.
+"""The training data loader: dataset index -> global row plan -> this rank's rows -> batches.
 
-Every rank plans the same global rows (mixture.row_stream, text only: shards are read with
-`images=False`), takes rows j with j % dp == its rank, and only then reads and decodes those
-rows' images with DALI. Bad samples (see shards.BAD_REASONS) are skipped and counted; an image
+Every rank plans the same global rows (mixture.row_stream) from the datasets' token index
+alone (`ShardDataset.layout`: token counts per text segment and the image positions; no shard
+is read), takes rows j with j % dp == its rank, and only then reads and tokenizes those rows'
+documents and decodes their images with DALI. The index must come from the run's tokenizer
+(checked by sha256 at start). Bad samples (see shards.BAD_REASONS) are skipped and counted; an image
 that DALI cannot decode becomes a blank image and its document carries no loss in that row
 (counted as `undecodable_image`), so a bad file never stalls or desynchronises ranks.
 """
@@ -23,8 +25,9 @@ from mm1_megatron.config import Config
 from mm1_megatron.data.images import ImageDecoder
 from mm1_megatron.data.mixture import SOURCES, LoaderState, rank_rows, row_stream
 from mm1_megatron.data.packing import (IMAGE, Document, PackedRow, Packer, PackingStats,
-                                       segment_boundaries)
-from mm1_megatron.data.shards import BadSample, ShardDataset, SkipCounter, open_dataset
+                                       PlannedRow, segment_boundaries)
+from mm1_megatron.data.shards import (BadSample, DatasetError, ShardDataset, SkipCounter,
+                                      open_dataset, tokenizer_record)
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from mm1_megatron.runtime import pin_batch
 
@@ -60,6 +63,25 @@ def dataset_fingerprint(path: str | Path) -> dict[str, str]:
     return out
 
 
+def check_token_index(datasets: list[Optional[ShardDataset]], tokenizer: Tokenizer) -> None:
+    """Every dataset has the packer's token index, made with this tokenizer."""
+    want = tokenizer_record(tokenizer)
+    for ds in datasets:
+        if ds is None:
+            continue
+        got = ds.tokenizer
+        if got is None:
+            raise DatasetError(f"{ds.folder}: no token index (prepared without --tokenizer); "
+                               f"run: python tools/index_tokens.py {ds.folder} --tokenizer "
+                               f"{tokenizer.path}")
+        if got.get("sha256") != want["sha256"]:
+            raise DatasetError(f"{ds.folder}: indexed with tokenizer {got.get('path')} (sha256 "
+                               f"{str(got.get('sha256'))[:12]}), data.tokenizer_model is "
+                               f"{tokenizer.path} (sha256 {want['sha256'][:12]}); re-index: "
+                               f"python tools/index_tokens.py {ds.folder} --tokenizer "
+                               f"{tokenizer.path}")
+
+
 class MultimodalLoader:
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int,
                  state: Optional[LoaderState] = None, log=print, decode_images: bool = True):
@@ -74,6 +96,7 @@ class MultimodalLoader:
         if not any(self.datasets):
             raise FileNotFoundError(f"{root}: no dataset folder ({', '.join(SOURCES)}) with a "
                                     "manifest.json")
+        check_token_index(self.datasets, self.tokenizer)
         sizes = [len(ds) if ds is not None else 0 for ds in self.datasets]
         if state is not None and state.unit != d.mixture_unit:
             raise ValueError(f"data.mixture_unit={d.mixture_unit}: the checkpoint's loader "
@@ -87,6 +110,9 @@ class MultimodalLoader:
                            cfg.llm.image_token_id, pad_id=PAD_ID, stats=self.packing),
             self._document, state)
         self.rows = rank_rows(self.stream, dp_rank, dp_size)
+        # Splits this rank's documents again once tokenized (stats-free: planning counted).
+        self.builder = Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
+                              cfg.llm.image_token_id, pad_id=PAD_ID)
         self.decode_images = decode_images
         self.image_size = cfg.vision.image_size
         self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
@@ -113,25 +139,55 @@ class MultimodalLoader:
         return out
 
     def _document(self, source: int, epoch: int, index: int, doc_id: int) -> Optional[Document]:
+        """A document as the planner sees it: its layout from the index, nothing read."""
         try:
-            sample = self.datasets[source].read(index, images=False)
+            runs = self.datasets[source].layout(index)
         except BadSample as err:
             self.skips.add(err)
             return None
-        refs = [ImageRef(source, index, j) for j in range(sample.num_images)]
-        return Document(doc_id, source, document_tokens(self.tokenizer, sample.segments), refs)
+        refs = [ImageRef(source, index, j) for j in range(runs.count(IMAGE))]
+        return Document(doc_id, source, None, refs, layout=[1, *runs, 1],  # + BOS, EOS
+                        origin=(source, index))
 
-    def _image_bytes(self, refs: list[ImageRef]) -> list[bytes]:
-        cache: dict[tuple[int, int], list[bytes]] = {}
+    def _build(self, planned: PlannedRow, samples: dict) -> PackedRow:
+        """This rank's row: read and tokenize its documents (once per micro-batch, images too
+        where this rank decodes), split them again and check each chunk matches the plan."""
+        chunks = []
+        for chunk in planned.chunks:
+            source, index = chunk.origin
+            try:
+                if (source, index) not in samples:
+                    samples[source, index] = self.datasets[source].read(
+                        index, images=self.decode_images)
+                sample = samples[source, index]
+            except BadSample as err:  # the index said good; the shard changed since
+                self.skips.add(err)
+                chunks.append(dataclasses.replace(chunk, images=[], void=True))
+                continue
+            doc = Document(chunk.doc_id, source, document_tokens(self.tokenizer,
+                                                                 sample.segments),
+                           [ImageRef(source, index, j) for j in range(sample.num_images)])
+            real, _ = self.builder.split(doc)
+            if chunk.number >= len(real) or real[chunk.number].length != chunk.length:
+                ds = self.datasets[source]
+                raise DatasetError(f"{ds.folder}: sample {index} ({ds.member_name(index, -1)}) "
+                                   "tokenizes differently from its token index; re-run "
+                                   f"tools/index_tokens.py {ds.folder} --tokenizer "
+                                   f"{self.tokenizer.path}")
+            chunks.append(real[chunk.number])
+        return self.builder.build_row(chunks)
+
+    def _image_bytes(self, refs: list[ImageRef], samples: dict) -> list[bytes]:
         out = []
         for ref in refs:
             key = (ref.source, ref.index)
-            if key not in cache:
-                cache[key] = self.datasets[ref.source].read(ref.index, images=True).images
-            out.append(cache[key][ref.number])
+            if key not in samples:
+                samples[key] = self.datasets[ref.source].read(ref.index, images=True)
+            out.append(samples[key].images[ref.number])
         return out
 
-    def _images(self, rows: list[PackedRow]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _images(self, rows: list[PackedRow], samples: dict
+                ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(images [n, 3, H, W] in placeholder order, or None where this rank does not decode;
         per-image flags, 0 for an undecodable image, which stands in as a blank)."""
         refs = [ref for row in rows for ref in row.images]
@@ -141,7 +197,7 @@ class MultimodalLoader:
         size = self.image_size
         if not refs:
             return torch.empty(0, 3, size, size), ok
-        decoded, bad = self.decoder.decode(self._image_bytes(refs))
+        decoded, bad = self.decoder.decode(self._image_bytes(refs, samples))
         if not bad:
             return decoded, ok
         full = torch.zeros(len(refs), 3, size, size, dtype=decoded.dtype,
@@ -197,9 +253,11 @@ class MultimodalLoader:
                                  f"placeholder tokens for {len(row.images)} images x {k} tokens "
                                  f"(data.max_images_per_sequence={self.max_images})")
 
-    def collate(self, rows: list[PackedRow]) -> dict:
+    def collate(self, rows: list[PackedRow | PlannedRow]) -> dict:
+        samples: dict = {}  # (source, index) -> Sample, read once per micro-batch
+        rows = [self._build(r, samples) if isinstance(r, PlannedRow) else r for r in rows]
         self._check_image_slots(rows)
-        images, image_ok = self._images(rows)
+        images, image_ok = self._images(rows, samples)
         tokens = torch.stack([r.tokens for r in rows])
         document_ids = torch.stack([r.document_ids for r in rows])
         cu_seqlens, max_seqlen = segment_boundaries(document_ids)

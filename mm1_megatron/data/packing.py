@@ -13,6 +13,11 @@ Rules (deterministic, order-preserving):
    fit, otherwise the open row is closed (padded) and a new one starts.
 Labels are the next token within the same chunk; loss is off where the target is an image
 placeholder, on each chunk's last position (no target across a boundary) and on padding.
+
+Planning without text. A document may instead carry only its `layout` (`text token count | -1
+per image` per run, from the dataset's token index): the same rules then give the same chunk
+lengths and images, and `close_row` returns a `PlannedRow` (which chunks, no tensors). Only
+the rank that owns a planned row reads and tokenizes its documents (`build_row`).
 """
 
 from __future__ import annotations
@@ -30,11 +35,17 @@ PAD_DOCUMENT = -1  # document id of padding positions
 class Document:
     doc_id: int  # global sample id (stable across resumes)
     source: int  # mixture source index (per-source loss reporting)
-    tokens: list[int]  # text ids with IMAGE markers
+    tokens: Optional[list[int]]  # text ids with IMAGE markers; None: planned from `layout`
     images: list[Any] = field(default_factory=list)  # one payload per IMAGE, in order
+    # Without tokens: per run, a text token count or IMAGE, in order (BOS/EOS included).
+    layout: Optional[list[int]] = None
+    origin: Any = None  # where to read the document back (planned rows)
 
     def __post_init__(self) -> None:
-        markers = sum(1 for t in self.tokens if t == IMAGE)
+        if (self.tokens is None) == (self.layout is None):
+            raise ValueError(f"document {self.doc_id}: give tokens or a layout, not both")
+        markers = sum(1 for t in (self.tokens if self.tokens is not None else self.layout)
+                      if t == IMAGE)
         if markers != len(self.images):
             raise ValueError(f"document {self.doc_id}: {markers} image markers but "
                              f"{len(self.images)} images")
@@ -44,9 +55,27 @@ class Document:
 class Chunk:
     doc_id: int
     source: int
-    tokens: list[int]  # IMAGE markers kept (not yet expanded)
+    tokens: Optional[list[int]]  # IMAGE markers kept (not yet expanded); None when planned
     images: list[Any]
     length: int  # positions once images are expanded
+    number: int = 0  # which chunk of its document
+    origin: Any = None  # the document's `origin`
+    void: bool = False  # unreadable when built: padding without loss in its slot
+
+
+@dataclass
+class PlannedRow:
+    """A row planned from layouts: its chunks in order, without tokens."""
+
+    chunks: list[Chunk]
+
+    @property
+    def images(self) -> list[Any]:
+        return [payload for chunk in self.chunks for payload in chunk.images]
+
+    @property
+    def doc_ids(self) -> list[int]:
+        return [c.doc_id for c in self.chunks]
 
 
 @dataclass
@@ -98,6 +127,19 @@ class Packer:
 
     # -- chunking ------------------------------------------------------------------------
     def chunks(self, doc: Document) -> list[Chunk]:
+        """Split and trim `doc` (rules 1 and 2), counting into `stats`."""
+        out, dropped = self.split(doc)
+        self.stats.images_dropped += dropped
+        self.stats.chunks += len(out)
+        self.stats.chunk_positions += sum(c.length for c in out)
+        if len(out) > 1:
+            self.stats.chunks_split += 1
+        return out
+
+    def split(self, doc: Document) -> tuple[list[Chunk], int]:
+        """(chunks, images dropped), from the tokens or, planned, from the layout alone."""
+        if doc.tokens is None:
+            return self._split_layout(doc)
         pieces: list[list[int]] = [[]]
         lengths = [0]
         for token in doc.tokens:
@@ -108,9 +150,9 @@ class Packer:
             pieces[-1].append(token)
             lengths[-1] += width
         images = iter(doc.images)
-        out = []
+        out, dropped = [], 0
         for piece in pieces:
-            kept, payloads, dropped = [], [], 0
+            kept, payloads = [], []
             for token in piece:
                 if token == IMAGE:
                     payload = next(images)
@@ -119,15 +161,43 @@ class Packer:
                         continue
                     payloads.append(payload)
                 kept.append(token)
-            self.stats.images_dropped += dropped
             length = sum(self.k if t == IMAGE else 1 for t in kept)
             if length:
-                out.append(Chunk(doc.doc_id, doc.source, kept, payloads, length))
-                self.stats.chunks += 1
-                self.stats.chunk_positions += length
-        if len(out) > 1:
-            self.stats.chunks_split += 1
-        return out
+                out.append(Chunk(doc.doc_id, doc.source, kept, payloads, length, len(out),
+                                 doc.origin))
+        return out, dropped
+
+    def _split_layout(self, doc: Document) -> tuple[list[Chunk], int]:
+        """The same rules as for tokens, on run lengths: a text run fills pieces up to
+        `seq_length` and may be cut anywhere; an image starts a new piece if it does not fit."""
+        s, k = self.seq_length, self.k
+        lengths, images = [0], [0]  # per piece: positions, images
+        for run in doc.layout:
+            if run == IMAGE:
+                if lengths[-1] + k > s:
+                    lengths.append(0)
+                    images.append(0)
+                lengths[-1] += k
+                images[-1] += 1
+                continue
+            while run > 0:
+                if lengths[-1] == s:
+                    lengths.append(0)
+                    images.append(0)
+                take = min(run, s - lengths[-1])
+                lengths[-1] += take
+                run -= take
+        out, dropped, first_image = [], 0, 0
+        for length, count in zip(lengths, images):
+            kept = min(count, self.max_images)
+            dropped += count - kept
+            length -= (count - kept) * k
+            if length:
+                out.append(Chunk(doc.doc_id, doc.source, None,
+                                 doc.images[first_image:first_image + kept], length, len(out),
+                                 doc.origin))
+            first_image += count
+        return out, dropped
 
     # -- packing -------------------------------------------------------------------------
     def fits(self, chunk: Chunk) -> bool:
@@ -155,7 +225,18 @@ class Packer:
         if last is not None:
             yield last
 
-    def close_row(self) -> PackedRow:
+    def close_row(self) -> PackedRow | PlannedRow:
+        """Close the open row: tensors, or a `PlannedRow` when its chunks were planned."""
+        chunks, self.open = self.open, []
+        self.stats.rows += 1
+        self.stats.real_tokens += sum(c.length for c in chunks)
+        self.stats.slots += self.seq_length
+        if any(c.tokens is None for c in chunks):
+            return PlannedRow(chunks)
+        return self.build_row(chunks)
+
+    def build_row(self, chunks: list[Chunk]) -> PackedRow:
+        """The tensors of a row of tokenized chunks (a `void` chunk stays padding)."""
         s = self.seq_length
         tokens = torch.full((s,), self.pad_id, dtype=torch.long)
         doc_ids = torch.full((s,), PAD_DOCUMENT, dtype=torch.long)
@@ -164,8 +245,11 @@ class Packer:
         labels = torch.full((s,), self.pad_id, dtype=torch.long)
         images: list[Any] = []
         cursor = 0
-        for index, chunk in enumerate(self.open):
+        for index, chunk in enumerate(chunks):
             start = cursor
+            if chunk.void:
+                cursor += chunk.length
+                continue
             for token in chunk.tokens:
                 if token == IMAGE:
                     tokens[cursor:cursor + self.k] = self.image_token_id
@@ -183,13 +267,8 @@ class Packer:
             # only targets that are placeholders carry no loss.
             loss_mask[start:cursor] = (labels[start:cursor] != self.image_token_id).float()
             loss_mask[cursor - 1] = 0.0  # no target across the boundary
-        row = PackedRow(tokens, labels, loss_mask, doc_ids, sources, images,
-                        [c.doc_id for c in self.open])
-        self.open = []
-        self.stats.rows += 1
-        self.stats.real_tokens += cursor
-        self.stats.slots += s
-        return row
+        return PackedRow(tokens, labels, loss_mask, doc_ids, sources, images,
+                         [c.doc_id for c in chunks])
 
 
 def segment_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -23,6 +23,12 @@ Folder layout::
     DIR/index/samples.npy   one row per sample, numpy structured array (SAMPLE_DTYPE), mmap-able
     DIR/index/images.npy    one row per image (IMAGE_DTYPE); samples[i] owns
                             images[image_start : image_start + num_images]
+    DIR/index/segments.npy         (with a tokenizer) int32 per segment in document order: its
+    DIR/index/segment_offsets.npy  text token count, or -1 for an image; sample i's segments are
+                                   segments[segment_offsets[i] : segment_offsets[i + 1]]
+                                   (none for a bad sample). The packer plans rows from these
+                                   alone (`ShardDataset.layout`); tools/index_tokens.py adds them
+                                   to a dataset prepared without a tokenizer.
 
 Sample i is the i-th sample of the shards in name order. The index holds, per sample: shard
 number, key, the byte offset and size of its json and of each image member inside the tar
@@ -306,6 +312,25 @@ def _read_at(f, offset: int, size: int) -> bytes:
     return f.read(size)
 
 
+def tokenizer_record(tokenizer) -> dict:
+    """How a manifest names the tokenizer its token counts come from."""
+    return {"path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size,
+            "sha256": hashlib.sha256(tokenizer.__getstate__()["proto"]).hexdigest()}
+
+
+def segment_runs(segments: list[Union[str, int]], tokenizer) -> list[int]:
+    """A document's layout for the packer: text token count per text segment, -1 per image."""
+    return [-1 if isinstance(s, int) else tokenizer.count(s) for s in segments]
+
+
+def _save_token_index(folder: Path, runs: list[list[int]]) -> None:
+    offsets = np.zeros(len(runs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in runs])
+    flat = np.fromiter((n for r in runs for n in r), dtype=np.int32, count=int(offsets[-1]))
+    np.save(folder / "index" / "segments.npy", flat)
+    np.save(folder / "index" / "segment_offsets.npy", offsets)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -321,7 +346,7 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
     shards = sorted(folder.glob("*.tar"))
     if not shards:
         raise DatasetError(f"{folder}: no .tar shards")
-    rows, images = [], []
+    rows, images, runs = [], [], []
     shard_entries, bad = [], collections.Counter()
     text_chars = text_tokens = 0
     bar = _progress(progress, None, f"indexing {folder.name}")
@@ -334,8 +359,9 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
                 row = dict(shard=shard_no, key=key.encode(), json_offset=-1, json_size=0,
                            image_start=len(images), num_images=0, text_chars=0,
                            text_tokens=-1 if tokenizer is None else 0, bad=0, bad_member=-1)
-                reason, member = _index_sample(kind, key, members, f, cut == key, row, images,
-                                               tokenizer)
+                reason, member, layout = _index_sample(kind, key, members, f, cut == key, row,
+                                                       images, tokenizer)
+                runs.append([] if reason else layout)
                 if reason:
                     row["bad"], row["bad_member"] = BAD_REASONS.index(reason) + 1, member
                     bad[reason] += 1
@@ -350,34 +376,43 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
     (folder / "index").mkdir(exist_ok=True)
     np.save(folder / "index" / "samples.npy", np.array(rows, dtype=SAMPLE_DTYPE))
     np.save(folder / "index" / "images.npy", np.array(images, dtype=IMAGE_DTYPE))
+    index = {"samples": "index/samples.npy", "images": "index/images.npy"}
+    for stale in ("segments.npy", "segment_offsets.npy"):
+        (folder / "index" / stale).unlink(missing_ok=True)
+    if tokenizer is not None:
+        _save_token_index(folder, runs)
+        index.update(segments="index/segments.npy", segment_offsets="index/segment_offsets.npy")
     manifest = {
         "format": FORMAT, "kind": kind, "shards": shard_entries,
         "samples": len(rows), "bytes": sum(s["bytes"] for s in shard_entries),
         "images": len(images), "bad": dict(sorted(bad.items())),
         "text_chars": text_chars, "text_tokens": None if tokenizer is None else text_tokens,
-        "tokenizer": None if tokenizer is None else {
-            "path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size,
-            "sha256": hashlib.sha256(tokenizer.__getstate__()["proto"]).hexdigest()},
-        "index": {"samples": "index/samples.npy", "images": "index/images.npy"},
+        "tokenizer": None if tokenizer is None else tokenizer_record(tokenizer),
+        "index": index,
         "image_exts": list(IMAGE_EXTS), "bad_reasons": list(BAD_REASONS),
     }
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(folder / "manifest.json")  # atomic: a reader never sees half a manifest
+    _write_manifest(folder, manifest)
     return manifest
 
 
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(folder / "manifest.json")  # atomic: a reader never sees half a manifest
+
+
 def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: dict,
-                  images: list, tokenizer) -> tuple[Optional[str], int]:
+                  images: list, tokenizer) -> tuple[Optional[str], int, list[int]]:
+    """(bad reason or None, bad member, the packer's layout: `segment_runs`)."""
     if "json" not in members:
-        return ("truncated", -1) if truncated else ("bad_json", -1)
+        return ("truncated", -1, []) if truncated else ("bad_json", -1, [])
     row["json_offset"], row["json_size"] = members["json"]
     if truncated and row["json_offset"] + row["json_size"] > _file_size(f):
-        return "truncated", -1
+        return "truncated", -1, []
     try:
         segments, names = parse_sample_json(kind, _read_at(f, *members["json"]))
     except ValueError as e:
-        return e.args[0], -1
+        return e.args[0], -1, []
     if kind == "caption":
         found = [s for s in members if s in IMAGE_EXTS or normalize_ext(s) in IMAGE_EXTS
                  and "." not in s]
@@ -385,11 +420,13 @@ def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: d
         if not found:
             images.append((-1, 0, 0))
             row["num_images"] = 1
-            return "missing_image", 0
+            return "missing_image", 0, []
     texts = [s for s in segments if isinstance(s, str)]
     row["text_chars"] = sum(len(t) for t in texts)
+    layout = []
     if tokenizer is not None:
-        row["text_tokens"] = sum(tokenizer.count(t) for t in texts)
+        layout = segment_runs(segments, tokenizer)
+        row["text_tokens"] = sum(n for n in layout if n >= 0)
     row["num_images"] = len(names)
     problem: tuple[Optional[str], int] = (None, -1)
     for j, name in enumerate(names):
@@ -405,7 +442,7 @@ def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: d
             problem = ("zero_byte_image", j)
     if problem[0] is None and truncated:
         problem = ("truncated", -1)
-    return problem
+    return problem[0], problem[1], layout
 
 
 def _file_size(f) -> int:
@@ -458,6 +495,7 @@ class ShardDataset:
             self.images = np.load(self.folder / "index" / "images.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
             raise DatasetError(f"{self.folder / 'index'}: cannot load index ({e})") from None
+        self._load_token_index()
         per_shard = np.bincount(self.samples["shard"], minlength=len(sizes)) \
             if len(self.samples) else np.zeros(len(sizes), int)
         if len(self.samples) != m.get("samples") or \
@@ -466,6 +504,38 @@ class ShardDataset:
                                "counts (re-run prepare_data)")
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+
+    def _load_token_index(self) -> None:
+        """Memory-mapped: planning reads the few segments it needs, nothing stays in RAM."""
+        self.segments = self.segment_offsets = None
+        if "segments" not in self.manifest.get("index", {}):
+            return
+        try:
+            self.segments = np.load(self.folder / "index" / "segments.npy", mmap_mode="r")
+            self.segment_offsets = np.load(self.folder / "index" / "segment_offsets.npy",
+                                           mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{self.folder / 'index'}: cannot load the token index ({e}); "
+                               "re-run tools/index_tokens.py") from None
+        if len(self.segment_offsets) != len(self.samples) + 1:
+            raise DatasetError(f"{self.folder / 'index'}: segment_offsets.npy does not match "
+                               "samples.npy; re-run tools/index_tokens.py")
+
+    @property
+    def tokenizer(self) -> Optional[dict]:
+        """The manifest's record of the tokenizer its token counts come from (None: none)."""
+        return self.manifest.get("tokenizer") if self.segments is not None else None
+
+    def layout(self, i: int) -> list[int]:
+        """Sample i's layout from the index alone (`segment_runs`: text token count per text
+        segment, -1 per image); raises BadSample like `read`, without touching the shard."""
+        row = self.samples[i]
+        if row["bad"]:
+            raise BadSample(self.shards[int(row["shard"])],
+                            self.member_name(i, int(row["bad_member"])),
+                            BAD_REASONS[int(row["bad"]) - 1])
+        start, end = int(self.segment_offsets[i]), int(self.segment_offsets[i + 1])
+        return self.segments[start:end].tolist()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -557,8 +627,66 @@ def _reopen(folder: Path) -> ShardDataset:
     ds.shards = [s["name"] for s in ds.manifest["shards"]]
     ds.samples = np.load(ds.folder / "index" / "samples.npy", mmap_mode="r")
     ds.images = np.load(ds.folder / "index" / "images.npy", mmap_mode="r")
+    ds._load_token_index()
     ds._files, ds._pid = {}, os.getpid()
     return ds
+
+
+def _shard_runs(args: tuple) -> tuple[list[list[int]], list[int]]:
+    """One shard's samples: (layout per sample, text tokens per sample); -1 tokens if bad."""
+    folder, shard, tokenizer = args
+    ds = _reopen(Path(folder))
+    runs, tokens = [], []
+    for i in np.flatnonzero(ds.samples["shard"] == shard).tolist():
+        try:
+            layout = segment_runs(ds.read(i, images=False).segments, tokenizer)
+        except BadSample:
+            layout, count = [], -1
+        else:
+            count = sum(n for n in layout if n >= 0)
+        runs.append(layout)
+        tokens.append(count)
+    ds.close()
+    return runs, tokens
+
+
+def add_token_index(folder: Union[str, Path], tokenizer, *, workers: int = 1,
+                    progress: bool = False) -> dict:
+    """Write index/segments.npy + segment_offsets.npy (and the text token counts) for
+    `tokenizer` into a prepared dataset, reading each sample's json once, shards in parallel.
+    Returns the updated manifest."""
+    import multiprocessing
+
+    folder = Path(folder)
+    ds = open_dataset(folder)
+    jobs = [(str(folder), shard, tokenizer) for shard in range(len(ds.shards))]
+    bar = _progress(progress, len(jobs), f"token index {folder.name}")
+    results: list = []
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(_shard_runs, jobs):  # in shard order
+                results.append(result)
+                bar.update(1)
+    else:
+        for job in jobs:
+            results.append(_shard_runs(job))
+            bar.update(1)
+    bar.close()
+    runs = [r for shard_runs, _ in results for r in shard_runs]
+    tokens = np.array([t for _, shard_tokens in results for t in shard_tokens], dtype=np.int64)
+    samples = np.array(ds.samples)  # samples are in shard order, so this lines up
+    good = samples["bad"] == 0
+    samples["text_tokens"] = np.where(good, tokens, -1)
+    ds.close()
+    np.save(folder / "index" / "samples.npy", samples)
+    _save_token_index(folder, runs)
+    manifest = dict(ds.manifest)
+    manifest["text_tokens"] = int(samples["text_tokens"][good].sum())
+    manifest["tokenizer"] = tokenizer_record(tokenizer)
+    manifest["index"] = {**manifest.get("index", {}), "segments": "index/segments.npy",
+                         "segment_offsets": "index/segment_offsets.npy"}
+    _write_manifest(folder, manifest)
+    return manifest
 
 
 def open_dataset(folder: Union[str, Path], verify: bool = False) -> ShardDataset:

@@ -126,7 +126,10 @@ def test_data_counters_continue_on_resume_and_another_dataset_is_refused(demo_da
         samples = [RawSample([f"story {i}", 0, "then", 1, "and", 2, "end"],
                              [("jpg", bad if i % 3 == 0 and j == 0 else jpeg(i + j, (48, 32)))
                               for j in range(3)]) for i in range(docs)]
-        write_dataset(samples, root / "interleaved", "interleaved")
+        from mm1_megatron.data.tokenizer import Tokenizer
+
+        write_dataset(samples, root / "interleaved", "interleaved",
+                      tokenizer=Tokenizer.load(demo_data / "tokenizer.model"))
         (root / "tokenizer.model").write_bytes((demo_data / "tokenizer.model").read_bytes())
         return root
 

@@ -2,6 +2,7 @@
 images decoded as blanks with their document's loss off."""
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from mm1_megatron.config import load_config
 from mm1_megatron.data.loader import MultimodalLoader
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.data.shards import RawSample, write_dataset
+from mm1_megatron.data.tokenizer import Tokenizer
 
 
 
@@ -83,8 +85,10 @@ def test_undecodable_image_is_blank_and_counted(tmp_path, demo_data):
     good, bad = jpeg(1, (64, 48)), b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4
     samples = [RawSample([0, f"picture number {i}"], [("jpg", bad if i == 1 else good)])
                for i in range(6)]
-    write_dataset(samples, root / "caption", "caption")
+    (root / "tokenizer.model").parent.mkdir(parents=True)
     (root / "tokenizer.model").write_bytes((demo_data / "tokenizer.model").read_bytes())
+    write_dataset(samples, root / "caption", "caption",
+                  tokenizer=Tokenizer.load(root / "tokenizer.model"))
     cfg = config(root, "data.weight_interleaved=0", "data.weight_text=0",
                  "train.micro_batch_size=1", "data.max_images_per_sequence=6")
     loader = MultimodalLoader(cfg, 0, 1, log=None)
@@ -112,9 +116,84 @@ def test_collate_refuses_rows_whose_placeholders_are_not_their_images(demo_data)
 
     loader = MultimodalLoader(config(demo_data), 0, 1, log=None)
     rows = [row for row, _ in itertools.islice(loader.rows, 4)]
-    row = next(r for r in rows if r.images)
-    loader.collate([row])  # a consistent row passes
+    planned = next(r for r in rows if r.images)
+    loader.collate([planned])  # a consistent row passes
+    row = loader._build(planned, {})
     row.images = row.images[:-1]
     with pytest.raises(ValueError, match=r"packed row 0 \(documents .*\) has \d+ image "
                                          r"placeholder tokens for \d+ images x 16 tokens"):
         loader.collate([row])
+
+
+@pytest.mark.parametrize("unit", ["sequences", "documents"])
+def test_rows_planned_from_the_index_equal_rows_packed_from_tokenized_text(demo_data, unit):
+    """The loader plans from the token index without reading a shard; the rows it builds
+    equal rows packed from every document's tokenized text (the plan before the index)."""
+    from mm1_megatron.data.loader import ImageRef, document_tokens
+    from mm1_megatron.data.mixture import row_stream
+    from mm1_megatron.data.packing import Document, Packer, PlannedRow
+
+    cfg = config(demo_data, f"data.mixture_unit={unit}", "train.micro_batch_size=1")
+    loader = MultimodalLoader(cfg, 0, 1, log=None)
+    reads = []
+    for ds in loader.datasets:  # planning must not read shards
+        ds.read = lambda *a, _read=ds.read, **k: reads.append(a) or _read(*a, **k)
+    planned = [row for row, _ in itertools.islice(loader.rows, 60)]
+    assert reads == [] and all(isinstance(r, PlannedRow) for r in planned)
+
+    def tokenized(source, epoch, index, doc_id):
+        sample = loader.datasets[source].read(index, images=False)
+        return Document(doc_id, source, document_tokens(loader.tokenizer, sample.segments),
+                        [ImageRef(source, index, j) for j in range(sample.num_images)])
+
+    d = cfg.data
+    reference = row_stream(unit, [len(ds) for ds in loader.datasets],
+                           [d.weight_interleaved, d.weight_caption, d.weight_text],
+                           cfg.train.seed,
+                           lambda: Packer(d.seq_length, cfg.connector.num_tokens,
+                                          d.max_images_per_sequence, cfg.llm.image_token_id),
+                           tokenized)
+    want = [row for row, _ in itertools.islice(iter(reference), 60)]
+    for plan, row in zip(planned, want):
+        built = loader._build(plan, {})
+        assert built.doc_ids == row.doc_ids and built.images == row.images
+        for field in ("tokens", "labels", "loss_mask", "document_ids", "sources"):
+            assert torch.equal(getattr(built, field), getattr(row, field))
+
+
+def test_token_index_missing_or_from_another_tokenizer_is_refused(tmp_path, demo_data):
+    import shutil
+    import subprocess
+    import sys
+
+    from mm1_megatron.data.shards import DatasetError
+    from mm1_megatron.data.tokenizer import train_tokenizer
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_data / "text", root / "text")
+    shutil.copy(demo_data / "tokenizer.model", root / "tokenizer.model")
+    cfg = config(root, "data.weight_interleaved=0", "data.weight_caption=0")
+    other = train_tokenizer([f"other words number {i} and more" for i in range(300)], 300,
+                            tmp_path / "other.model", exact_vocab=False)
+    tool = [sys.executable, str(Path(__file__).parents[2] / "tools" / "index_tokens.py"),
+            "--no-progress", "--workers", "2"]
+    subprocess.run([*tool, str(root), "--tokenizer", str(other)], check=True,
+                   capture_output=True, timeout=300)
+    with pytest.raises(DatasetError, match=r"text: indexed with tokenizer .*other.model "
+                       r"\(sha256 \w+\), data.tokenizer_model is .*tokenizer.model"):
+        MultimodalLoader(cfg, 0, 1, log=None)
+    for name in ("segments.npy", "segment_offsets.npy"):  # as prepared without --tokenizer
+        (root / "text" / "index" / name).unlink()
+    manifest = json.loads((root / "text" / "manifest.json").read_text())
+    del manifest["index"]["segments"], manifest["index"]["segment_offsets"]
+    (root / "text" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"no token index .* run: python "
+                                           r"tools/index_tokens.py .*text --tokenizer"):
+        MultimodalLoader(cfg, 0, 1, log=None)
+    out = subprocess.run([*tool, str(root), "--tokenizer", str(root / "tokenizer.model")],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "text: 10 samples" in out
+    got = batches(MultimodalLoader(cfg, 0, 1, log=None), 3)
+    want = batches(MultimodalLoader(config(demo_data, "data.weight_interleaved=0",
+                                           "data.weight_caption=0"), 0, 1, log=None), 3)
+    assert all(same(a, b) for a, b in zip(got, want))

@@ -116,3 +116,39 @@ def test_rows_feed_the_model_mask():
     mask = document_attention_mask(row.document_ids.unsqueeze(0))[0, 0]
     assert not mask[5, 4] and mask[5, 3]  # doc 2 sees itself, not doc 1
     assert torch.equal(mask[:4, :4], ~torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def _random_document(rng: random.Random, doc_id: int) -> tuple[Document, Document]:
+    """The same document twice: with its tokens, and as the layout the token index stores
+    (text runs of random length, images anywhere, sometimes longer than a row)."""
+    runs = []
+    for _ in range(rng.randint(1, 6)):
+        runs.append(IMAGE if rng.random() < 0.4 else rng.choice([0, 1, 5, 30, 63, 64, 65, 150]))
+    tokens = []
+    for run in runs:
+        tokens += [IMAGE] if run == IMAGE else [100 + (doc_id + i) % 50 for i in range(run)]
+    payloads = [f"img{doc_id}.{j}" for j in range(runs.count(IMAGE))]
+    return (Document(doc_id, 0, tokens, payloads),
+            Document(doc_id, 0, None, payloads, layout=runs, origin=doc_id))
+
+
+def test_planning_from_layouts_equals_packing_tokens():
+    """Rows planned from token counts alone, then built from the tokenized documents, equal
+    the rows packed from the tokens: same boundaries, chunks, images, tensors and stats."""
+    rng = random.Random(0)
+    pairs = [_random_document(rng, i) for i in range(400)]
+    by_id = {d.doc_id: d for d, _ in pairs}
+    packed, planned = packer(), packer()
+    want = list(packed.pack(d for d, _ in pairs))
+    got = list(planned.pack(layout for _, layout in pairs))
+    assert len(got) == len(want) > 50
+    builder = packer()
+    for plan, row in zip(got, want):
+        chunks = [builder.split(by_id[c.doc_id])[0][c.number] for c in plan.chunks]
+        assert [c.length for c in chunks] == [c.length for c in plan.chunks]
+        built = builder.build_row(chunks)
+        assert plan.images == row.images and plan.doc_ids == row.doc_ids
+        for field in ("tokens", "labels", "loss_mask", "document_ids", "sources"):
+            assert torch.equal(getattr(built, field), getattr(row, field))
+    assert planned.stats == packed.stats
+    assert packed.stats.chunks_split > 10 and packed.stats.images_dropped > 0
