@@ -84,9 +84,12 @@ def check_token_index(datasets: list[Optional[ShardDataset]], tokenizer: Tokeniz
 
 class MultimodalLoader:
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int,
-                 state: Optional[LoaderState] = None, log=print, decode_images: bool = True):
+                 state: Optional[LoaderState] = None, log=print, decode_images: bool = True,
+                 build_rows: bool = True):
         """`decode_images=False`: this rank neither reads nor decodes images (only the ranks
-        that run the encoder, one per tensor-parallel group, do; the step shares them)."""
+        that run the encoder, one per tensor-parallel group, do; the step shares them).
+        `build_rows=False`: this rank plans (its loader state stays exact) but reads nothing
+        and yields `None` micro-batches; the step receives them from the reading rank."""
         d = cfg.data
         root = Path(d.path)
         self.tokenizer = Tokenizer.load(d.tokenizer_model)
@@ -113,12 +116,13 @@ class MultimodalLoader:
         # Splits this rank's documents again once tokenized (stats-free: planning counted).
         self.builder = Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
                               cfg.llm.image_token_id, pad_id=PAD_ID)
-        self.decode_images = decode_images
+        self.decode_images = decode_images and build_rows
+        self.build_rows = build_rows
         self.image_size = cfg.vision.image_size
         self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
                                     num_threads=d.num_workers, seed=cfg.train.seed,
                                     resize=cfg.vision.resize) \
-            if decode_images else None
+            if self.decode_images else None
         self.skips = SkipCounter(log=log)
         self.micro_batch_size = cfg.train.micro_batch_size
         self.image_token_id = cfg.llm.image_token_id
@@ -218,15 +222,13 @@ class MultimodalLoader:
     def _image_starts(self, row: PackedRow) -> list[int]:
         """Position of each image's first placeholder. Consecutive images form one long run
         of placeholders, so runs are cut into blocks of `tokens_per_image`."""
-        is_image = (row.tokens == self.image_token_id).tolist()
-        starts, i = [], 0
-        while i < len(is_image):
-            if is_image[i]:
-                starts.append(i)
-                i += self.tokens_per_image
-            else:
-                i += 1
-        return starts
+        is_image = row.tokens == self.image_token_id
+        position = torch.arange(is_image.numel())
+        opens = is_image.clone()
+        opens[1:] &= ~is_image[:-1]  # first placeholder of a run
+        run_start = torch.cummax(torch.where(opens, position, -1), 0).values
+        block_start = is_image & ((position - run_start) % self.tokens_per_image == 0)
+        return position[block_start].tolist()
 
     def __iter__(self) -> Iterator[tuple[dict, LoaderState]]:
         """(micro-batch, global loader state after its rows) for this rank. At a step end
@@ -238,7 +240,7 @@ class MultimodalLoader:
                 self.state = state
                 if len(rows) == self.micro_batch_size:
                     break
-            batch = self.collate(rows)
+            batch = self.collate(rows) if self.build_rows else None
             self.state = dataclasses.replace(self.state, counters=self.counters())
             yield batch, self.state
 
@@ -268,8 +270,10 @@ class MultimodalLoader:
                   for start in self._image_starts(row)]
         image_rows = torch.tensor([r for r, _ in owners], dtype=torch.long)
         image_documents = torch.tensor([d for _, d in owners], dtype=torch.long)
-        loss_mask = drop_loss_of_undecoded(torch.stack([r.loss_mask for r in rows]),
-                                           document_ids, image_rows, image_documents, image_ok)
+        loss_mask = torch.stack([r.loss_mask for r in rows])
+        if not bool((image_ok == 1).all()):  # host tensors here: no device sync
+            loss_mask = drop_loss_of_undecoded(loss_mask, document_ids, image_rows,
+                                               image_documents, image_ok)
         return pin_batch(dict(
             tokens=tokens,
             labels=torch.stack([r.labels for r in rows]),

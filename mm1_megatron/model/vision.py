@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.activations import quick_gelu
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -16,8 +15,15 @@ from mm1_megatron.model.language import parallel_kwargs, precision_kwargs, recom
 from mm1_megatron.model.specs import vision_layer_spec
 
 
-# quick_gelu is x * sigmoid(1.702 x): OpenAI CLIP's and DFN5B's (open_clip
-# `ViT-H-14-378-quickgelu`); gelu is the exact erf form.
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): OpenAI CLIP's and DFN5B's activation (open_clip
+    `ViT-H-14-378-quickgelu`). The same formula as `megatron.core.activations.quick_gelu`,
+    kept eager: that one is wrapped in torch.compile (`jit_fuser`), which cannot trace the
+    meta device (the device audit) and compiles again in every CPU process."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# gelu is the exact erf form.
 VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 

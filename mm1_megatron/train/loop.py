@@ -26,7 +26,8 @@ from mm1_megatron.runtime import (comm_device, describe_backends, init_distribut
 from mm1_megatron.train.callbacks import (EXIT_SAVE_FAILED, Callback, StepMetrics, Timer,
                                           default_callbacks, device_peak_tflops, peak_memory_gb)
 from mm1_megatron.train.moe_metrics import MoEMetrics
-from mm1_megatron.train.step import build_model, build_optimizer, num_microbatches, train_step
+from mm1_megatron.train.step import (build_model, build_optimizer, num_microbatches, reads_data,
+                                     share_batches, train_step)
 
 
 class Trainer:
@@ -81,14 +82,14 @@ class Trainer:
             load_model_weights(cfg.checkpoint.init_from, self.model)
             if self.is_logging_rank:
                 print(f"initialised model weights from {cfg.checkpoint.init_from}", flush=True)
-        # Images are read and decoded only where the encoder runs (the first pipeline stage),
-        # once per tensor-parallel group; the step shares them (train.step.share_images).
-        decodes = ps.is_pipeline_first_stage(ignore_virtual=True) and \
-            ps.get_tensor_model_parallel_rank() == 0
+        # One rank per tensor x pipeline group reads, tokenizes and decodes (the first stage's
+        # TP rank 0, where the encoder runs); its peers plan the same rows from the index but
+        # build nothing and receive the micro-batches (train.step.share_batches/share_images).
+        reader = reads_data()
         self.loader = MultimodalLoader(cfg, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size(), loader_state,
                                        log=print if self.is_logging_rank else None,
-                                       decode_images=decodes)
+                                       decode_images=reader, build_rows=reader)
         self.loader_state = self.loader.state
         self.dataset = dataset_fingerprint(cfg.data.path)  # checked on resume (mm1-train)
         self.batches = Prefetcher(iter(self.loader), depth=cfg.data.prefetch) \
@@ -184,7 +185,7 @@ class Trainer:
         while self.step < self.cfg.train.train_steps and self.stop_reason is None:
             with Timer() as timer:
                 pairs = list(itertools.islice(self.batches, micro))
-                batches = [batch for batch, _ in pairs]
+                batches = share_batches([batch for batch, _ in pairs])
                 self.loader_state = pairs[-1][1]  # consumed, not prefetched
                 images = sum(int(b["image_ok"].numel()) for b in batches)
                 self.sample_ids = [row for b in batches for row in b["sample_ids"]]

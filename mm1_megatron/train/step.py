@@ -125,6 +125,72 @@ def _forward_step(data_iterator: Iterator[dict], model: DDP):
     return output, partial(_loss, batch["loss_mask"], batch.get("sources"))
 
 
+def reads_data() -> bool:
+    """The one rank per tensor- and pipeline-parallel group (of a data-parallel rank) that
+    reads, tokenizes and decodes the micro-batches: the first stage's TP rank 0."""
+    return ps.is_pipeline_first_stage(ignore_virtual=True) and \
+        ps.get_tensor_model_parallel_rank() == 0
+
+
+# [b, s] fields sent as one int64 payload (loss_mask is 0/1 until undecoded images drop it);
+# position_ids are rebuilt, images go to the first stage's TP peers only (share_images).
+_ROW_FIELDS = ("tokens", "labels", "loss_mask", "document_ids", "sources")
+_IMAGE_FIELDS = ("image_ok", "image_rows", "image_documents")
+_READER_RANKS: dict[int, int] = {}
+
+
+def _reader_rank(group) -> int:
+    key = id(group)
+    if key not in _READER_RANKS:
+        flag = torch.tensor([dist.get_rank() if reads_data() else -1], device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        _READER_RANKS[key] = int(flag.item())
+    return _READER_RANKS[key]
+
+
+def share_batches(microbatches: list[Optional[dict]]) -> list[dict]:
+    """The reader's micro-batches (`reads_data`) for every rank of its tensor x pipeline
+    group, whose loaders planned the same rows but built nothing (`None`): one broadcast of
+    the shapes and one of all micro-batches' token, label, mask, packing and image-flag
+    tensors. Images follow in `share_images`, to the first stage's TP peers only."""
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return microbatches
+    src, device = _reader_rank(group), comm_device()
+    reader = dist.get_rank() == src
+    if reader:
+        header = torch.tensor([[*b["tokens"].shape, b["cu_seqlens"].numel(), b["max_seqlen"],
+                                b["image_ok"].numel()] for b in microbatches], device=device)
+    else:
+        header = torch.empty(len(microbatches), 5, dtype=torch.long, device=device)
+    dist.broadcast(header, src=src, group=group)
+    shapes = header.tolist()  # one read: receivers size their buffers from it
+    if reader:
+        payload = torch.cat([torch.cat([b[k].reshape(-1).long() for k in _ROW_FIELDS]
+                                       + [b["cu_seqlens"].long()]
+                                       + [b[k].reshape(-1).long() for k in _IMAGE_FIELDS])
+                             for b in microbatches]).to(device)
+    else:
+        total = sum(len(_ROW_FIELDS) * b * s + cu + len(_IMAGE_FIELDS) * n
+                    for b, s, cu, _, n in shapes)
+        payload = torch.empty(total, dtype=torch.long, device=device)
+    dist.broadcast(payload, src=src, group=group)
+    if reader:
+        return microbatches
+    out, pieces = [], iter(payload.split([size for b, s, cu, _, n in shapes for size in
+                                          [b * s] * len(_ROW_FIELDS) + [cu]
+                                          + [n] * len(_IMAGE_FIELDS)]))
+    for b, s, _, max_seqlen, _ in shapes:
+        batch = {k: next(pieces).view(b, s) for k in _ROW_FIELDS}
+        batch["loss_mask"] = batch["loss_mask"].float()
+        batch.update(cu_seqlens=next(pieces).int(), max_seqlen=max_seqlen,
+                     position_ids=torch.arange(s, device=device).expand(b, -1))
+        batch.update({k: next(pieces) for k in _IMAGE_FIELDS})
+        batch.update(image_ok=batch["image_ok"].float(), images=None, sample_ids=[])
+        out.append(batch)
+    return out
+
+
 def share_images(cfg: Config, microbatches: list[dict]) -> None:
     """Images are read and decoded once per tensor-parallel group, on the first pipeline stage
     (where the encoder runs; see `train.loop`): its TP rank 0 broadcasts them to the TP peers,

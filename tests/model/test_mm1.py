@@ -328,3 +328,15 @@ def test_userbuffers_bootstrap_over_nccl_with_te_version_arguments():
     assert "quantization_modes" not in old
     with pytest.raises(RuntimeError, match="Transformer Engine >= 1.9"):
         userbuffer_kwargs(cfg, "1.8.0")
+
+
+def test_quick_gelu_is_clips():
+    """Ours equals transformers' QuickGELUActivation (what HF CLIP and the export run)."""
+    import torch
+    from transformers.activations import QuickGELUActivation
+
+    from mm1_megatron.model.vision import quick_gelu
+
+    x = torch.linspace(-8, 8, 1001)
+    assert torch.equal(quick_gelu(x), QuickGELUActivation()(x))
+    assert not torch.allclose(quick_gelu(x), torch.nn.functional.gelu(x), atol=1e-3)
