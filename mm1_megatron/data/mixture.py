@@ -195,7 +195,7 @@ class RowStream:
                 row = self.packer.close_row()
                 # The next row starts with this chunk of this document.
                 closed.append((row, RowSnapshot(before.copy(), first_index + offset)))
-            self.packer.open.append(chunk)
+            self.packer.place(chunk)
         return closed
 
 

@@ -123,6 +123,7 @@ class Packer:
         self.seq_length, self.k = seq_length, tokens_per_image
         self.max_images, self.image_token_id, self.pad_id = max_images, image_token_id, pad_id
         self.open: list[Chunk] = []
+        self._open_length = self._open_images = 0  # running totals of `open` (fits)
         self.stats = stats if stats is not None else PackingStats()
 
     # -- chunking ------------------------------------------------------------------------
@@ -201,10 +202,14 @@ class Packer:
 
     # -- packing -------------------------------------------------------------------------
     def fits(self, chunk: Chunk) -> bool:
-        used = sum(c.length for c in self.open)
-        images = sum(len(c.images) for c in self.open)
-        return used + chunk.length <= self.seq_length and \
-            images + len(chunk.images) <= self.max_images
+        return self._open_length + chunk.length <= self.seq_length and \
+            self._open_images + len(chunk.images) <= self.max_images
+
+    def place(self, chunk: Chunk) -> None:
+        """Append `chunk` to the open row (the caller closed it first if it did not fit)."""
+        self.open.append(chunk)
+        self._open_length += chunk.length
+        self._open_images += len(chunk.images)
 
     def add(self, doc: Document) -> list[PackedRow]:
         """Add one document; return the rows it closed (usually none or one)."""
@@ -212,7 +217,7 @@ class Packer:
         for chunk in self.chunks(doc):
             if self.open and not self.fits(chunk):
                 done.append(self.close_row())
-            self.open.append(chunk)
+            self.place(chunk)
         return done
 
     def flush(self) -> Optional[PackedRow]:
@@ -228,6 +233,7 @@ class Packer:
     def close_row(self) -> PackedRow | PlannedRow:
         """Close the open row: tensors, or a `PlannedRow` when its chunks were planned."""
         chunks, self.open = self.open, []
+        self._open_length = self._open_images = 0
         self.stats.rows += 1
         self.stats.real_tokens += sum(c.length for c in chunks)
         self.stats.slots += self.seq_length

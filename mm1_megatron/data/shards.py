@@ -45,10 +45,13 @@ differs from the manifest fails `open_dataset` with an error naming it.
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
 import json
 import os
+import struct
+import sys
 import tarfile
 import threading
 from dataclasses import dataclass, field
@@ -72,6 +75,8 @@ SAMPLE_DTYPE = np.dtype([
     ("image_start", "<i8"), ("num_images", "<i4"), ("text_chars", "<i8"),
     ("text_tokens", "<i8"), ("bad", "u1"), ("bad_member", "<i4"),
 ])
+_BAD_OFFSET = SAMPLE_DTYPE.fields["bad"][1]
+_NATIVE_INT32 = array.array("i").itemsize == 4 and sys.byteorder == "little"  # = "<i4"
 # offset -1: the json names the image but the tar lacks the member.
 IMAGE_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("ext", "u1")])
 
@@ -454,6 +459,52 @@ def _file_size(f) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+class IndexFile:
+    """Point reads of one `.npy` index file with `os.pread`: what the loader looks up per
+    sample (a row, its images, its segments). A memory map would do it too, but every page it
+    touches stays mapped (on current kernels whole page-cache folios of up to 2 MB), so a
+    long run's RSS would grow towards the index size; reads map nothing."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, self.dtype = read_header(f)
+            self.start = f.tell()
+        if fortran or len(shape) != 1:
+            raise DatasetError(f"{path}: not a one-dimensional index")
+        self.path, self.length = path, int(shape[0])
+        self._fd: Optional[int] = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get(self, start: int, count: int = 1) -> np.ndarray:
+        """Records [start, start + count)."""
+        if self._fd is None or self._pid != os.getpid():  # per process (forked workers too)
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        size = self.dtype.itemsize
+        data = os.pread(self._fd, count * size, self.start + start * size)
+        if len(data) != count * size:
+            raise DatasetError(f"{self.path}: records {start}..{start + count} beyond its end")
+        return np.frombuffer(data, self.dtype, count)
+
+    def raw(self, start: int, count: int, field_offset: int = 0, size: int = 0) -> bytes:
+        """The bytes of records [start, start + count), or of `size` bytes at `field_offset`
+        inside record `start` (one field: no array built, for the per-document lookups)."""
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        item = self.dtype.itemsize
+        return os.pread(self._fd, size or count * item, self.start + start * item + field_offset)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+
 class ShardDataset:
     """Random access to one prepared dataset folder. Picklable; file handles are per process."""
 
@@ -495,33 +546,35 @@ class ShardDataset:
             self.images = np.load(self.folder / "index" / "images.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
             raise DatasetError(f"{self.folder / 'index'}: cannot load index ({e})") from None
-        self._load_token_index()
+        self._open_index()
         # Samples are in shard order: checking each shard's first and last row is O(shards),
         # where counting the shard column would page the whole index in (GBs at 10^9 samples).
         ends = np.cumsum([s[3] for s in sizes])
         consistent = len(self.samples) == m.get("samples") == (int(ends[-1]) if sizes else 0)
         for shard, (end, count) in enumerate(zip(ends.tolist(), (s[3] for s in sizes))):
             if consistent and count:
-                consistent = int(self.samples[end - count]["shard"]) == shard == \
-                    int(self.samples[end - 1]["shard"])
+                consistent = int(self._rows.get(end - count)[0]["shard"]) == shard == \
+                    int(self._rows.get(end - 1)[0]["shard"])
         if not consistent:
             raise DatasetError(f"{self.folder}: index does not match manifest.json sample "
                                "counts (re-run prepare_data)")
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
 
-    def _load_token_index(self) -> None:
-        """Memory-mapped: planning reads the few segments it needs, nothing stays in RAM."""
+    def _open_index(self) -> None:
+        """Per-sample lookups go through `IndexFile` (point reads; nothing per sample stays in
+        RAM or mapped); `samples` / `images` stay memory maps for whole-column tools."""
+        index = self.folder / "index"
+        self._rows = IndexFile(index / "samples.npy")
+        self._images = IndexFile(index / "images.npy")
         self.segments = self.segment_offsets = None
-        self._bad = self.samples["bad"]  # a strided view of the mapped index: no copy
         if "segments" not in self.manifest.get("index", {}):
             return
         try:
-            self.segments = np.load(self.folder / "index" / "segments.npy", mmap_mode="r")
-            self.segment_offsets = np.load(self.folder / "index" / "segment_offsets.npy",
-                                           mmap_mode="r")
+            self.segments = IndexFile(index / "segments.npy")
+            self.segment_offsets = IndexFile(index / "segment_offsets.npy")
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{self.folder / 'index'}: cannot load the token index ({e}); "
+            raise DatasetError(f"{index}: cannot load the token index ({e}); "
                                "re-run tools/index_tokens.py") from None
         if len(self.segment_offsets) != len(self.samples) + 1:
             raise DatasetError(f"{self.folder / 'index'}: segment_offsets.npy does not match "
@@ -535,13 +588,16 @@ class ShardDataset:
     def layout(self, i: int) -> list[int]:
         """Sample i's layout from the index alone (`segment_runs`: text token count per text
         segment, -1 per image); raises BadSample like `read`, without touching the shard."""
-        if self._bad[i]:
-            row = self.samples[i]
+        # Called for every document of the global batch on every rank: raw reads, no arrays.
+        if self._rows.raw(i, 1, _BAD_OFFSET, 1)[0]:
+            row = self._rows.get(i)[0]
             raise BadSample(self.shards[int(row["shard"])],
                             self.member_name(i, int(row["bad_member"])),
                             BAD_REASONS[int(row["bad"]) - 1])
-        start, end = self.segment_offsets[i:i + 2].tolist()
-        return self.segments[start:end].tolist()
+        start, end = struct.unpack("<2q", self.segment_offsets.raw(i, 2))
+        raw = self.segments.raw(start, end - start)
+        return array.array("i", raw).tolist() if _NATIVE_INT32 else \
+            np.frombuffer(raw, "<i4").tolist()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -565,25 +621,28 @@ class ShardDataset:
         for f in self._files.values():
             f.close()
         self._files = {}
+        for index in (self._rows, self._images, self.segments, self.segment_offsets):
+            if index is not None:
+                index.close()
 
     def member_name(self, i: int, member: int) -> str:
         """Tar member name of sample i's json (member=-1) or image `member`."""
-        row = self.samples[i]
+        row = self._rows.get(i)[0]
         key = row["key"].decode()
         if member < 0:
             return f"{key}.json"
-        ext = IMAGE_EXTS[int(self.images[int(row["image_start"]) + member]["ext"])]
+        ext = IMAGE_EXTS[int(self._images.get(int(row["image_start"]) + member)[0]["ext"])]
         return f"{key}.{ext}" if self.kind == "caption" else f"{key}.img{member}.{ext}"
 
     def bad_reason(self, i: int) -> Optional[str]:
-        code = int(self.samples[i]["bad"])
+        code = int(self._rows.get(i)[0]["bad"])
         return BAD_REASONS[code - 1] if code else None
 
     def read(self, i: int, images: bool = True) -> Sample:
         """Sample i (0 <= i < len). Raises BadSample; `images=False` skips image bytes."""
         if not 0 <= i < len(self):
             raise IndexError(f"{self.folder}: sample {i} out of range (0..{len(self) - 1})")
-        row = self.samples[i]
+        row = self._rows.get(i)[0]
         shard_no = int(row["shard"])
         shard = self.shards[shard_no]
         if row["bad"]:
@@ -598,7 +657,7 @@ class ShardDataset:
         except ValueError as e:
             raise BadSample(shard, self.member_name(i, -1), e.args[0], e.args[1]) from None
         start, count = int(row["image_start"]), int(row["num_images"])
-        table = self.images[start:start + count]
+        table = self._images.get(start, count)
         exts = [IMAGE_EXTS[int(e)] for e in table["ext"]]
         data: list[bytes] = []
         for j, (offset, size) in enumerate(zip(table["offset"], table["size"])):
@@ -633,7 +692,7 @@ def _reopen(folder: Path) -> ShardDataset:
     ds.shards = [s["name"] for s in ds.manifest["shards"]]
     ds.samples = np.load(ds.folder / "index" / "samples.npy", mmap_mode="r")
     ds.images = np.load(ds.folder / "index" / "images.npy", mmap_mode="r")
-    ds._load_token_index()
+    ds._open_index()
     ds._files, ds._pid = {}, os.getpid()
     return ds
 
