@@ -287,3 +287,15 @@ def test_unreadable_tar_fails_indexing(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(DatasetError, match=r"x\.tar: cannot read as a tar file"):
         index_dataset(tmp_path, "text")
+
+
+def test_skip_counter_lists_a_bounded_number_and_counts_all():
+    from mm1_megatron.data.shards import BadSample, SkipCounter
+
+    lines = []
+    skips = SkipCounter(log=lines.append, max_listed=3)
+    for epoch in range(2):
+        for i in range(5):
+            skips.add(BadSample("s.tar", f"{i}.json", "bad_json"))
+    assert skips.snapshot() == {"bad_json": 10}
+    assert len(lines) == 3 and "the rest only counted" in lines[-1]
