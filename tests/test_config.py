@@ -368,3 +368,23 @@ def test_tokenizer_vocabulary_must_fit_the_model_on_this_machine(demo_data):
     # ...but an id the tokenizer never produces is fine.
     load_config("tiny", data + ["llm.vocab_size=4096", "llm.image_token_id=3000"],
                 this_machine=True)
+
+
+def test_a_dataset_without_this_tokenizers_token_index_is_refused_before_launch(demo_data,
+                                                                               tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(demo_data / "caption", tmp_path / "caption")
+    tok = f"data.tokenizer_model={demo_data}/tokenizer.model"
+    load_config("demo", [f"data.path={tmp_path}", tok], this_machine=True)
+    manifest = json.loads((tmp_path / "caption" / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64  # indexed with another tokenizer
+    (tmp_path / "caption" / "manifest.json").write_text(json.dumps(manifest))
+    err = _machine_error("demo", f"data.path={tmp_path}", tok)
+    assert err.field_name == "data.tokenizer_model" and "is not the tokenizer" in err.reason
+    assert "tools/index_tokens.py" in err.reason
+    del manifest["index"]["segments"]  # prepared without --tokenizer
+    (tmp_path / "caption" / "manifest.json").write_text(json.dumps(manifest))
+    err = _machine_error("demo", f"data.path={tmp_path}", tok)
+    assert err.field_name == "data.path" and "no token index" in err.reason

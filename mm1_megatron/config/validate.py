@@ -4,6 +4,8 @@ world-size helpers (`launcher_world_size`, `resolve_world_size`, `data_parallel_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import types
@@ -12,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from mm1_megatron.config.schema import Config, ConfigError
-
 
 # --------------------------------------------------------------------------------------------
 # Validation: every check names one field. Runs before any process group starts.
@@ -275,6 +276,23 @@ def _validate_data_files(cfg: Config) -> None:
     _require(size <= llm.vocab_size, "llm.vocab_size",
              f"{llm.vocab_size} is smaller than the tokenizer's vocabulary of {size} pieces "
              f"({path}): its ids would overflow the embedding")
+    # The loader plans rows from each dataset's token index, made with this tokenizer (the
+    # loader checks it too; here it is refused before any process group starts).
+    sha = hashlib.sha256(proto).hexdigest()
+    for source in found:
+        manifest_path = root / source / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError("data.path", f"{manifest_path}: cannot read ({e})") from None
+        indexed = (manifest.get("tokenizer") or {}) if "segments" in manifest.get("index", {}) \
+            else {}
+        fix = f"run: python tools/index_tokens.py {root / source} --tokenizer {path}"
+        _require(bool(indexed), "data.path", f"{root / source}: no token index (prepared "
+                 f"without --tokenizer); {fix}")
+        _require(indexed.get("sha256") == sha, "data.tokenizer_model",
+                 f"{path} (sha256 {sha[:12]}) is not the tokenizer {root / source} was indexed "
+                 f"with ({indexed.get('path')}, sha256 {str(indexed.get('sha256'))[:12]}); {fix}")
     # The model reads every id equal to llm.image_token_id as an image slot: it must be the
     # tokenizer's <image> or an id the tokenizer never produces.
     image = TOKENIZER_SPECIALS["<image>"]
