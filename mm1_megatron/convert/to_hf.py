@@ -158,7 +158,18 @@ def _fresh_dir(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
+def _readable(folder: Path) -> None:
+    """Files 0666 and folders 0777 minus the umask (0644 / 0755 usually): safetensors'
+    `save_file` writes 0600, which nobody else on a shared cluster could read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _finish(tmp: Path, out: Path) -> None:
+    _readable(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -176,6 +187,11 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
     """Export; returns a report (paths, bytes, seconds, parity figures)."""
     from mm1_megatron.convert.hf_modeling.modeling_mm1 import MM1ForConditionalGeneration
 
+    if decoder_only is not None and cfg.llm.moe.num_experts > 0:  # before reading anything
+        raise ConvertError("--decoder-only: no stock transformers architecture matches an "
+                           "every-N-layer MoE decoder; export without --decoder-only (the full "
+                           "model loads with trust_remote_code=True), or use --decoder-only "
+                           "on a dense run (LlamaForCausalLM)")
     start = time.perf_counter()
     reader = CheckpointReader(ckpt)
     out = Path(out)
@@ -189,9 +205,6 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
 
     llama_items = None
     if decoder_only is not None:
-        if cfg.llm.moe.num_experts > 0:
-            raise ConvertError("--decoder-only: no stock transformers architecture matches an "
-                               "every-N-layer MoE decoder; export the full model instead")
         from transformers import LlamaForCausalLM
 
         lconfig = llama_config(cfg)

@@ -103,6 +103,9 @@ def _error(fn, *args, **kwargs) -> str:
 
 
 def case_conversions(root: str, multi_rank_run: str) -> dict:
+    import os
+
+    os.umask(0o022)  # the export honours the umask; fix it for the mode check
     from mm1_megatron.config import load_config
     from mm1_megatron.convert import to_hf
     from mm1_megatron.convert.from_hf import import_hf
@@ -131,6 +134,8 @@ def case_conversions(root: str, multi_rank_run: str) -> dict:
         rep = export(run, root_p / "hf" / name, cfg[name], **quiet, **extra)
         out["export"][name] = {"parity": rep["parity"], "llama_parity": rep.get("llama_parity"),
                                "files": sorted(p.name for p in (root_p / "hf" / name).iterdir()),
+                               "modes": sorted({oct(p.stat().st_mode & 0o777) for p in
+                                                (root_p / "hf" / name).rglob("*")}),
                                "hidden_act": json.loads((root_p / "hf" / name / "config.json")
                                                         .read_text())["vision_config"]["hidden_act"]}
         out["export"][name]["llama_files"] = sorted(
@@ -193,6 +198,9 @@ def case_conversions(root: str, multi_rank_run: str) -> dict:
                                   load_config("tiny", MOE + ["connector.type=avg_pool"]), **quiet),
         "moe_to_llama": _error(export, runs["single_moe_attn_pool"], bad / "o6", moe,
                                decoder_only=bad / "o6l", **quiet),
+        # refused before any checkpoint file is read: a missing checkpoint says the same
+        "moe_to_llama_unread": _error(export, bad / "no_such_run", bad / "o7", moe,
+                                      decoder_only=bad / "o7l", **quiet),
     }
     # another model's checkpoint
     import torch
@@ -270,6 +278,8 @@ def test_export_passes_parity_gate(report, name):
         assert f in rep["files"]
     assert rep["hidden_act"] == ("gelu" if "vision.activation=gelu" in LAYOUTS[name]
                                  else "quick_gelu")
+    # Readable by others on a shared cluster (safetensors alone writes 0600); umask 022 here.
+    assert rep["modes"] == ["0o644"]
 
 
 def test_stock_llama_export_matches_megatron_text_logits(report):
@@ -315,6 +325,8 @@ def test_bad_inputs_give_one_clear_error_and_leave_nothing(report):
                      e["fewer_layers"])
     assert "connector." in e["other_connector"]
     assert "no stock transformers architecture" in e["moe_to_llama"]
+    assert e["moe_to_llama_unread"] == e["moe_to_llama"] and "without --decoder-only" in \
+        e["moe_to_llama"]
     assert "no MM1 model tensors" in e["other_model"]
     assert "injected failure" in e["parity_fail"]
     assert "already holds checkpoints (newest step_00000000)" in e["import_over_run"]
