@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD
-from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 
 HF_MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_mm1.py", "modeling_mm1.py")
@@ -87,6 +87,15 @@ def image_processor_dict(cfg: Config) -> dict[str, Any]:
                 do_convert_rgb=True)
 
 
+def _write_fast_tokenizer(out: Path) -> None:
+    """tokenizer.json: transformers' conversion of the sentencepiece model just written (the
+    same ids; serving stacks load it without sentencepiece)."""
+    from transformers import LlamaTokenizerFast
+
+    fast = LlamaTokenizerFast.from_pretrained(out, from_slow=True)
+    fast.backend_tokenizer.save(str(out / "tokenizer.json"))
+
+
 def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Optional[str]) -> list[str]:
     """generation_config.json, preprocessor_config.json, tokenizer files. Returns notes."""
     notes = []
@@ -107,8 +116,13 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
                    sp_model_kwargs={}, clean_up_tokenization_spaces=False, **specials)
         if images:
             tok["extra_special_tokens"] = {"image_token": "<image>"}
+        tok["added_tokens_decoder"] = {
+            str(i): {"content": piece, "special": True, "lstrip": False, "rstrip": False,
+                     "normalized": False, "single_word": False}
+            for piece, i in sorted(SPECIAL_TOKENS.items(), key=lambda item: item[1])}
         (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        _write_fast_tokenizer(out)
     elif tokenizer_model:
         notes.append(f"tokenizer {tokenizer_model} not found: no tokenizer files written")
     else:
