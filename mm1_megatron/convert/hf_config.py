@@ -122,7 +122,11 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
             for piece, i in sorted(SPECIAL_TOKENS.items(), key=lambda item: item[1])}
         (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-        _write_fast_tokenizer(out)
+        try:
+            _write_fast_tokenizer(out)
+        except Exception as e:  # noqa: BLE001 - the slow tokenizer files still load
+            notes.append(f"no tokenizer.json: transformers could not convert {tokenizer_model} "
+                         f"({type(e).__name__}: {e})")
     elif tokenizer_model:
         notes.append(f"tokenizer {tokenizer_model} not found: no tokenizer files written")
     else:
