@@ -106,16 +106,17 @@ class MultimodalLoader:
                              f"position counts {state.unit}; resume with "
                              f"data.mixture_unit={state.unit} or start a new run")
         self.packing = PackingStats()  # shared by the packers (one per source: sequences)
+
+        def packer(stats: Optional[PackingStats] = None) -> Packer:
+            return Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
+                          cfg.llm.image_token_id, pad_id=PAD_ID, stats=stats)
+
         self.stream = row_stream(
             d.mixture_unit, sizes, [d.weight_interleaved, d.weight_caption, d.weight_text],
-            cfg.train.seed,
-            lambda: Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
-                           cfg.llm.image_token_id, pad_id=PAD_ID, stats=self.packing),
-            self._document, state)
+            cfg.train.seed, lambda: packer(self.packing), self._document, state)
         self.rows = rank_rows(self.stream, dp_rank, dp_size)
         # Splits this rank's documents again once tokenized (stats-free: planning counted).
-        self.builder = Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
-                              cfg.llm.image_token_id, pad_id=PAD_ID)
+        self.builder = packer()
         self.decode_images = decode_images and build_rows
         self.build_rows = build_rows
         self.image_size = cfg.vision.image_size

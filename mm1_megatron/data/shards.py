@@ -490,10 +490,8 @@ class IndexFile:
 
     def get(self, start: int, count: int = 1) -> np.ndarray:
         """Records [start, start + count)."""
-        if self._fd is None or self._pid != os.getpid():  # per process (forked workers too)
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         size = self.dtype.itemsize
-        data = os.pread(self._fd, count * size, self.start + start * size)
+        data = self.raw(start, count)
         if len(data) != count * size:
             raise DatasetError(f"{self.path}: records {start}..{start + count} beyond its end")
         return np.frombuffer(data, self.dtype, count)
@@ -501,7 +499,7 @@ class IndexFile:
     def raw(self, start: int, count: int, field_offset: int = 0, size: int = 0) -> bytes:
         """The bytes of records [start, start + count), or of `size` bytes at `field_offset`
         inside record `start` (one field: no array built, for the per-document lookups)."""
-        if self._fd is None or self._pid != os.getpid():
+        if self._fd is None or self._pid != os.getpid():  # per process (forked workers too)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         item = self.dtype.itemsize
         return os.pread(self._fd, size or count * item, self.start + start * item + field_offset)
