@@ -17,7 +17,9 @@ setup(
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
         "safetensors>=0.4",
-        "transformers>=4.45",
+        # The HF export's modeling code uses the `cache` argument (transformers 5.24+; 5.40
+        # removes the `past_key_values` it replaces) and v5 config fields (`rope_parameters`).
+        "transformers>=5.24,<6",
         "psutil>=5.9",  # dist_checkpointing's writer hangs without it
         "pyyaml>=6.0",
         "tqdm>=4.66",
@@ -32,8 +34,10 @@ setup(
         # GPU clusters: Transformer Engine (FP8, fused layers). apex comes from the NGC
         # PyTorch container (PyPI's `apex` is an unrelated package).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # Exported models with `device_map="auto"` (transformers needs accelerate for it).
+        "hf": ["accelerate>=1.0"],
         # pycocoevalcap: the reference CIDEr-D our metric is checked against (no Java needed).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2", "accelerate>=1.0"],
     },
     entry_points={
         "console_scripts": [

@@ -10,10 +10,12 @@ from typing import Any, Optional
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD
-from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from mm1_megatron.data.prompt_format import pretrain_chat_template
+from mm1_megatron.data.tokenizer import (BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, SPECIAL_TOKENS,
+                                         UNK_ID)
 
 HF_MODELING_DIR = Path(__file__).parent / "hf_modeling"
-MODELING_FILES = ("configuration_mm1.py", "modeling_mm1.py")
+MODELING_FILES = ("configuration_mm1.py", "modeling_mm1.py", "processing_mm1.py")
 
 
 def vision_config_dict(cfg: Config) -> dict[str, Any]:
@@ -59,7 +61,8 @@ def mm1_config(cfg: Config):
     config.auto_map = {"AutoConfig": "configuration_mm1.MM1Config",
                        "AutoModel": "modeling_mm1.MM1ForConditionalGeneration",
                        "AutoModelForCausalLM": "modeling_mm1.MM1ForConditionalGeneration",
-                       "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration"}
+                       "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration",
+                       "AutoProcessor": "processing_mm1.MM1Processor"}
     config.mm1_megatron = {"preset": cfg.preset, "config": cfg.to_dict()}
     return config
 
@@ -111,11 +114,14 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
         shutil.copyfile(tokenizer_model, out / "tokenizer.model")
         specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                     "pad_token": "<pad>"}
+        # Left padding: generation appends on the right of a batch of prompts.
         tok = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
                    add_prefix_space=False, legacy=False, model_max_length=cfg.data.seq_length,
-                   sp_model_kwargs={}, clean_up_tokenization_spaces=False, **specials)
+                   sp_model_kwargs={}, clean_up_tokenization_spaces=False, padding_side="left",
+                   **specials)
         if images:
-            tok["extra_special_tokens"] = {"image_token": "<image>"}
+            tok["extra_special_tokens"] = {"image_token": IMAGE_TOKEN}
+            tok["chat_template"] = pretrain_chat_template(IMAGE_TOKEN)
         tok["added_tokens_decoder"] = {
             str(i): {"content": piece, "special": True, "lstrip": False, "rstrip": False,
                      "normalized": False, "single_word": False}
@@ -134,9 +140,83 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
     if images:
         for name in MODELING_FILES:
             shutil.copyfile(HF_MODELING_DIR / name, out / name)
+        if (out / "tokenizer_config.json").is_file():  # the processor needs the tokenizer
+            (out / "processor_config.json").write_text(json.dumps(processor_dict(cfg), indent=2)
+                                                       + "\n")
+            (out / "chat_template.jinja").write_text(pretrain_chat_template(IMAGE_TOKEN))
     return notes
 
 
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def model_card(cfg: Config, report: dict) -> str:
+    """README.md of an export: what the model is, how it was trained (the run's config), the
+    parity figures of this export, and the standard transformers usage."""
+    from mm1_megatron.model.params import count_params
+
+    n, v, llm, moe = count_params(cfg), cfg.vision, cfg.llm, cfg.llm.moe
+    parity = report.get("parity")
+    decoder = (f"{llm.num_layers} layers, hidden {llm.hidden_size}, {llm.num_attention_heads} "
+               f"heads ({llm.query_groups} KV groups), vocab {llm.vocab_size}")
+    if moe.num_experts:
+        every = {1: "every layer", 2: "every 2nd layer", 3: "every 3rd layer"}.get(
+            moe.layer_freq, f"every {moe.layer_freq}th layer")
+        decoder += f", {moe.num_experts} experts, top-{moe.top_k}, on {every}"
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+        "tags: [mm1, multimodal, megatron-core, custom_code]", "---", "",
+        f"# MM1 ({cfg.preset or 'custom config'}), exported by mm1_megatron", "",
+        "An MM1-style multimodal LLM (arXiv 2403.09611): a CLIP ViT image encoder, a "
+        f"{cfg.connector.type} connector ({cfg.connector.num_tokens} tokens per image) and a "
+        "decoder-only LLM, pre-trained on interleaved image-text documents, image-caption "
+        "pairs and text. This is a pre-trained model, not an instruction-tuned one: prompt it "
+        "the way the paper evaluates it (the chat template renders that format).", "",
+        "| | |", "|---|---|",
+        f"| parameters | {_billions(n.total)} total, {_billions(n.active)} active per token |",
+        f"| image encoder | ViT {v.layers_built} layers, width {v.hidden_size}, patch "
+        f"{v.patch_size}, {v.image_size} px ({v.resize}), {v.activation} |",
+        f"| decoder | {decoder} |",
+        f"| trained | preset `{cfg.preset}`, sequence length {cfg.data.seq_length}, "
+        f"checkpoint `{Path(report.get('checkpoint', '?')).name}` |",
+    ]
+    if parity:
+        lines.append(f"| parity with the Megatron model | max abs logit difference "
+                     f"{parity['max_abs_logit_diff']:.2e} (fp32, two images + text), "
+                     f"{parity['greedy_tokens']} greedy tokens equal |")
+    else:
+        lines.append("| parity with the Megatron model | not checked (`--no-verify`) |")
+    lines += [
+        "", "## Use", "", "```python",
+        "from PIL import Image",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        'model = AutoModelForImageTextToText.from_pretrained(".", trust_remote_code=True)',
+        'processor = AutoProcessor.from_pretrained(".", trust_remote_code=True)',
+        'inputs = processor(images=Image.open("photo.jpg"), text="<image> A photo of",',
+        '                   return_tensors="pt")',
+        "out = model.generate(**inputs, max_new_tokens=20)",
+        'print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```", "",
+        "Each `<image>` in a prompt takes the next image; prompts may hold any number of "
+        "images, batches are left-padded. `pipeline(\"image-text-to-text\", model=\".\", "
+        "trust_remote_code=True)` works too. The prompt format (`chat_template.jinja`): "
+        "`<image> A photo of` for captions, `<image> Question: ... Short answer:` for VQA, "
+        "in-context examples separated by a newline.", "",
+    ]
+    return "\n".join(lines)
+
+
+def processor_dict(cfg: Config) -> dict[str, Any]:
+    """processor_config.json: MM1Processor (shipped as processing_mm1.py) over the image
+    processor and the tokenizer; each `<image>` becomes `connector.num_tokens` placeholders."""
+    return dict(processor_class="MM1Processor",
+                auto_map={"AutoProcessor": "processing_mm1.MM1Processor"},
+                image_token=IMAGE_TOKEN, num_image_tokens=cfg.connector.num_tokens)
+
+
 __all__ = ["mm1_config", "llama_config", "write_side_files", "image_processor_dict",
+           "processor_dict", "model_card",
            "vision_config_dict", "text_config_dict", "connector_dict", "BOS_ID", "EOS_ID",
            "PAD_ID", "UNK_ID"]

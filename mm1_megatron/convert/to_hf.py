@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 
 from mm1_megatron.config import Config, ConfigError, load_config
-from mm1_megatron.convert.hf_config import llama_config, mm1_config, write_side_files
+from mm1_megatron.convert.hf_config import (llama_config, mm1_config, model_card,
+                                            write_side_files)
 from mm1_megatron.convert.mappings import (LLAMA_PREFIXES, MM1_PREFIXES, ConvertError, Item,
                                            candidates, expand, megatron_shape, numel, to_hf)
 from mm1_megatron.convert.reader import CheckpointReader
@@ -229,6 +230,7 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
             report["parity"] = verify_export(reader.path, tmp, cfg, torch_dtype)
             log(f"parity: max |logit diff| {report['parity']['max_abs_logit_diff']:.3e}, "
                 f"greedy {report['parity']['greedy_tokens']} tokens equal")
+        (tmp / "README.md").write_text(model_card(cfg, report))
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""k-shot prompts with the in-context examples interleaved in one sequence (MM1's format).
+"""k-shot prompts with the in-context examples interleaved in one sequence (MM1's format, whose
+strings live in `data.prompt_format`; the HF export renders the same as its chat template).
 
 Per example (`<image>` stands for one image, i.e. `connector.num_tokens` placeholder ids):
 
@@ -25,12 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from mm1_megatron.data.prompt_format import CAPTION_PROMPT, SEPARATOR, VQA_PROMPT
 from mm1_megatron.data.tokenizer import BOS_ID, IMAGE_TOKEN, Tokenizer
 from mm1_megatron.evaluation.tasks import CAPTION, VQA, Example
-
-SEPARATOR = "\n"
-CAPTION_PROMPT = " A photo of"
-VQA_PROMPT = " Question: {question} Short answer:"
 
 Segment = Union[str, "ImageSlot"]
 

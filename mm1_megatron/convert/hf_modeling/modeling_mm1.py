@@ -26,8 +26,10 @@ from transformers.models.llama.modeling_llama import LlamaModel
 
 try:  # loaded as a remote-code module (package-relative) or straight from the folder
     from .configuration_mm1 import MM1Config
+    from .processing_mm1 import images_per_row
 except ImportError:  # pragma: no cover
     from configuration_mm1 import MM1Config
+    from processing_mm1 import images_per_row
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -239,7 +241,7 @@ class MM1PreTrainedModel(PreTrainedModel):
     config: MM1Config
     base_model_prefix = ""
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -291,28 +293,22 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         """[n, 3, H, W] -> [n, num_image_tokens, hidden]."""
         return self.connector(self.vision_tower(pixel_values))
 
-    def expand_image_tokens(self, input_ids: torch.Tensor, pad_token_id: Optional[int] = None):
-        """Tokenizer output with one `<image>` per image -> `num_image_tokens` placeholders per
-        image (what the model was trained on). Rows are left-padded to one length; returns
-        (input_ids, attention_mask) for `generate()`."""
-        image_id, k = self.config.image_token_id, self.config.num_image_tokens
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        rows = []
-        for row in input_ids:
-            parts = [torch.full((k,), image_id, dtype=row.dtype) if int(t) == image_id
-                     else t.reshape(1) for t in row]
-            rows.append(torch.cat(parts))
-        width = max(r.shape[0] for r in rows)
-        ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=input_ids.dtype)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - r.shape[0]:] = r
-            mask[i, width - r.shape[0]:] = 1
-        return ids.to(input_ids.device), mask.to(input_ids.device)
+    def _flat_images(self, input_ids, pixel_values, image_counts=None):
+        """Images in placeholder order, [n, 3, H, W]: `pixel_values` either already so, or per
+        row [rows, slots, 3, H, W] with `image_counts` [rows] (else counted from the
+        placeholders) saying how many slots of each row hold an image."""
+        if pixel_values is None or pixel_values.dim() == 4:
+            return pixel_values
+        if image_counts is None:
+            image_counts = (input_ids == self.config.image_token_id).sum(1) \
+                // self.config.num_image_tokens
+        return torch.cat([pixel_values[row, :int(n)] for row, n in enumerate(image_counts)])
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None):
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+              image_counts: Optional[torch.Tensor] = None):
         """Token embeddings with the images' connector outputs over their placeholders."""
         embeds = self.language_model.embed_tokens(input_ids)
+        pixel_values = self._flat_images(input_ids, pixel_values, image_counts)
         if pixel_values is None or pixel_values.shape[0] == 0:
             return embeds
         slots = input_ids == self.config.image_token_id
@@ -324,13 +320,13 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         image_tokens = self.encode_images(pixel_values).to(embeds.dtype)
         return embeds.masked_scatter(slots.unsqueeze(-1), image_tokens)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+    def forward(self, input_ids=None, pixel_values=None, image_counts=None, attention_mask=None,
+                position_ids=None, cache=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_counts)
         outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      position_ids=position_ids, cache=cache,
                                       use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -340,8 +336,20 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def generate(self, inputs=None, *args, pixel_values=None, image_counts=None, **kwargs):
+        """`GenerationMixin.generate`, with images regrouped per row first: beam search and
+        `num_return_sequences` repeat each row's inputs, which pairs a flat [n, 3, H, W] image
+        list with the wrong rows as soon as a row holds two images."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if pixel_values is not None and pixel_values.dim() == 4 and ids is not None:
+            image_counts = (ids == self.config.image_token_id).sum(1) \
+                // self.config.num_image_tokens
+            pixel_values = images_per_row(pixel_values, image_counts.tolist())
+        if pixel_values is not None:
+            kwargs.update(pixel_values=pixel_values, image_counts=image_counts)
+        return super().generate(inputs, *args, **kwargs)
 
 
 __all__ = ["MM1ForConditionalGeneration", "MM1PreTrainedModel"]

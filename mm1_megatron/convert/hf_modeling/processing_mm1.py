@@ -1,0 +1,77 @@
+"""MM1 processor for `transformers` (shipped next to the weights; AutoProcessor with
+trust_remote_code=True): the image processor and the tokenizer in one call.
+
+    inputs = processor(images=[img1, img2], text=["<image> A photo of", "<image> A photo of"])
+    out = model.generate(**inputs, max_new_tokens=20)
+
+Each `<image>` in a prompt stands for one image (prompts take images in order, any number per
+prompt, zero included) and becomes `num_image_tokens` placeholder tokens, the layout the model
+was trained on. Rows are left-padded (generation appends on the right). Returned:
+`input_ids`, `attention_mask`, `pixel_values` as [rows, most images in a row, 3, H, W] (a row's
+unused slots are zeros) and `image_counts` [rows]. Keeping images per row lets `generate` expand
+them with their row for beam search and `num_return_sequences`.
+"""
+
+from __future__ import annotations
+
+from transformers.processing_utils import ProcessorMixin
+
+
+class MM1Processor(ProcessorMixin):
+    # Defaults of the text side (lowest priority: call kwargs win): batches pad to the longest
+    # prompt, on the left.
+    text_kwargs = {"padding": "longest", "padding_side": "left"}
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
+                 image_token: str = "<image>", num_image_tokens: int = 144, **kwargs):
+        self.image_token = image_token
+        self.num_image_tokens = int(num_image_tokens)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if text is None:
+            raise ValueError("MM1Processor needs `text`: one `<image>` per image, where the image "
+                             "goes (e.g. '<image> A photo of')")
+        texts = [text] if isinstance(text, str) else list(text)
+        counts = [t.count(self.image_token) for t in texts]
+        out = super().__call__(images=images, text=texts, **kwargs)
+        as_tensors = hasattr(out.get("input_ids"), "shape")
+        if "pixel_values" in out:
+            out["pixel_values"] = images_per_row(out["pixel_values"], counts)
+        if as_tensors:
+            import torch
+
+            out["image_counts"] = torch.tensor(counts, dtype=torch.long)
+        else:
+            out["image_counts"] = counts
+        return out
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_counts"]
+
+
+def images_per_row(pixels, counts: list[int]):
+    """[n, 3, H, W] images in prompt order -> [rows, max(counts), 3, H, W], zeros after a row's
+    own images (torch tensors, or numpy arrays / lists of them). The model regroups a flat
+    list the same way before `generate`."""
+    import numpy as np
+
+    width = max(counts, default=0)
+    if hasattr(pixels, "new_zeros"):  # torch
+        grouped = pixels.new_zeros((len(counts), width, *pixels.shape[1:]))
+    else:
+        pixels = np.stack([np.asarray(p) for p in pixels])
+        grouped = np.zeros((len(counts), width, *pixels.shape[1:]), dtype=pixels.dtype)
+    first = 0
+    for row, n in enumerate(counts):
+        grouped[row, :n] = pixels[first:first + n]
+        first += n
+    return grouped
+
+
+__all__ = ["MM1Processor"]
