@@ -122,6 +122,9 @@ class LLMConfig:
     hidden_size: int = 2560
     num_attention_heads: int = 32
     num_query_groups: Optional[int] = None  # None: multi-head attention; else GQA
+    # Width of one attention head; None: hidden_size / heads (every MM1 preset). Set for
+    # decoders whose heads are wider than that (Qwen3: 32 x 128 on a 2048 hidden size).
+    kv_channels: Optional[int] = None
     ffn_hidden_size: int = 6912
     vocab_size: int = 32000
     image_token_id: int = 3  # placeholder id; each image occupies connector.num_tokens of them
@@ -134,7 +137,7 @@ class LLMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def query_groups(self) -> int:

@@ -59,6 +59,7 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
         hidden_size=llm.hidden_size,
         num_attention_heads=llm.num_attention_heads,
         num_query_groups=llm.query_groups,
+        kv_channels=llm.head_dim,
         ffn_hidden_size=llm.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=llm.norm_eps,

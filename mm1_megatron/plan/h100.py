@@ -124,6 +124,7 @@ class Layout:
     mb: int
     microbatches: int
     vs: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    images: int = 0  # images per sequence (ViT + connector on stage 0); 0: a text-only decoder
 
     @property
     def world(self) -> int:
@@ -139,13 +140,17 @@ class Layout:
         return self.tp > 1
 
 
-def resolve_layout(cfg: Config, world: int, gpus_per_node: int = 8) -> Layout:
+def resolve_layout(cfg: Config, world: int, gpus_per_node: int = 8,
+                   text_only: bool = False) -> Layout:
+    """`text_only`: plan the decoder alone (no ViT, no connector, no images), e.g. to hold
+    the model against published text-only runs."""
     p, t = cfg.parallel, cfg.train
     dp = world // p.model_parallel_size
     return Layout(gpus_per_node=p.gpus_per_node or gpus_per_node, tp=p.tp, pp=p.pp, cp=p.cp,
                   ep=p.ep, etp=p.expert_tp or p.tp, dp=dp, mb=t.micro_batch_size,
                   microbatches=t.global_batch_size // (t.micro_batch_size * dp),
-                  vs=p.virtual_stages or 1)
+                  vs=p.virtual_stages or 1,
+                  images=0 if text_only else cfg.data.max_images_per_sequence)
 
 
 def _ring_bw(group: int, stride: int, gpus_per_node: int) -> float:
@@ -216,7 +221,7 @@ def vision_activation_bytes(cfg: Config, lay: Layout) -> tuple[float, float]:
     """(saved bytes, transient bytes) of the ViT for one micro-batch on stage 0. No SP."""
     v = cfg.vision
     n = v.num_patches + int(v.class_token)
-    tokens = cfg.data.max_images_per_sequence * lay.mb * n
+    tokens = lay.images * lay.mb * n
     h, f, t = v.hidden_size, v.ffn_hidden_size, lay.tp
     # Norm, QKV, norm, fc1 inputs replicated (no SP); Q, K, V, proj input, GeLU in/out split.
     scores = _score_bytes(v.num_attention_heads, n, v.recompute)
@@ -229,7 +234,7 @@ def vision_activation_bytes(cfg: Config, lay: Layout) -> tuple[float, float]:
 
 def connector_activation_bytes(cfg: Config, lay: Layout) -> float:
     c, v = cfg.connector, cfg.vision
-    images = cfg.data.max_images_per_sequence * lay.mb
+    images = lay.images * lay.mb
     if c.type != "c_abstractor":
         return images * 2 * (v.num_patches * v.hidden_size + c.num_tokens * cfg.llm.hidden_size)
     cells = c.depth * (v.num_patches + c.num_tokens)
@@ -281,8 +286,10 @@ def _stage_params(cfg: Config, lay: Layout, stage: int, layers: range) -> tuple[
     table = llm.vocab_size * llm.hidden_size / lay.tp
     last = stage == lay.pp - 1
     if stage == 0:
+        dense += table
+    if stage == 0 and lay.images:
         vit_layers = v.layers_built * vision_layer_params(v)
-        dense += table + (vit_layers / lay.tp + vision_params(v) - vit_layers)
+        dense += vit_layers / lay.tp + vision_params(v) - vit_layers
         dense += connector_params(cfg.connector, v, llm.hidden_size)
         linear += vit_layers / lay.tp
     if last:
@@ -318,7 +325,7 @@ def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
             saved = sum(decoder_layer_activation_bytes(cfg, lay, i) for i in layers)
             transient = 0.0
         acts = in_flight * saved + transient
-        if j == 0:
+        if j == 0 and lay.images:
             vit_saved, vit_transient = vision_activation_bytes(cfg, lay)
             acts += in_flight * (vit_saved + connector_activation_bytes(cfg, lay))
             acts = max(acts, acts + vit_transient - transient)  # transients are not concurrent
@@ -394,9 +401,9 @@ def stage_times(cfg: Config, lay: Layout, memory: list[StageMemory]) -> list[Sta
                 a2a = 2 * (s * b / t) * llm.moe.top_k * llm.hidden_size * (lay.ep - 1) / lay.ep
                 ep_bytes += (4 + 2 * rec_full) * a2a
         vit_tp = 0.0
-        if j == 0:
+        if j == 0 and lay.images:
             n, hv = v.num_patches + int(v.class_token), v.hidden_size
-            images = cfg.data.max_images_per_sequence * b
+            images = lay.images * b
             vit_attn_f = 4 * n * n * hv * v.layers_built
             vit_gemm_f = vision_forward_flops(v) - vit_attn_f
             rec = 1 if v.recompute == "full" else 0
@@ -467,9 +474,11 @@ def _expert_params(mem: StageMemory, cfg: Config, lay: Layout) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def estimate(cfg: Config, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
-    """Memory per stage, fit, step time and MFU of `cfg` on `world` H100s."""
-    lay = resolve_layout(cfg, world, gpus_per_node)
+def estimate(cfg: Config, world: int, gpus_per_node: int = 8,
+             text_only: bool = False) -> dict[str, Any]:
+    """Memory per stage, fit, step time and MFU of `cfg` on `world` H100s (`text_only`: the
+    decoder alone)."""
+    lay = resolve_layout(cfg, world, gpus_per_node, text_only)
     memory = stage_memory(cfg, lay)
     times = stage_times(cfg, lay, memory)
     worst = max(memory, key=lambda m: m.total)
@@ -478,7 +487,7 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8) -> dict[str, Any]:
     pipeline = (lay.microbatches + bubble) * slowest.per_microbatch
     step = pipeline + max(x.dp_exposed for x in times)
     seqs = cfg.train.global_batch_size
-    model_flops = training_flops_per_sequence(cfg).total * seqs
+    model_flops = training_flops_per_sequence(cfg, images=lay.images).total * seqs
     peak = PEAK_FP8 if cfg.train.fp8 else PEAK_BF16
     per_gpu = model_flops / (step * world)
     return {

@@ -48,6 +48,12 @@ def main() -> None:
                 set_field(cfg, "connector.type", kind)
                 entry[f"connector.{kind}"] = numel(build_connector(cfg))
         out["params"][name] = entry
+    # Heads wider than hidden / heads (kv_channels), GQA: the decoder alone.
+    cfg = get_preset("tiny")
+    set_field(cfg, "llm.kv_channels", 32)
+    set_field(cfg, "llm.num_query_groups", 2)
+    with torch.device("meta"):
+        out["params"]["tiny_kv_channels"] = {"llm": numel(build_decoder(cfg, use_te=False))}
 
     # Forward FLOPs of real tiny modules (batch of 2), per component and connector type.
     cfg = get_preset("tiny")

@@ -35,6 +35,15 @@ def test_analytic_params_equal_built_modules(measured, preset):
             built[f"connector.{kind}"], kind
 
 
+def test_analytic_params_follow_kv_channels(measured):
+    cfg = get_preset("tiny")
+    set_field(cfg, "llm.kv_channels", 32)  # 4 heads x 32 on a 64-wide model
+    set_field(cfg, "llm.num_query_groups", 2)
+    assert cfg.llm.head_dim == 32
+    assert count_params(cfg).llm == measured["params"]["tiny_kv_channels"]["llm"]
+    assert count_params(cfg).llm > count_params(get_preset("tiny")).llm
+
+
 def test_analytic_forward_flops_equal_measured_at_tiny_scale(measured):
     cfg = get_preset("tiny")
     flops = measured["flops"]
