@@ -90,8 +90,9 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "demo": _demo,
     # 8 nodes: pure DP (dp=64).
     "mm1-3b": lambda: _mm1("mm1-3b", _LLM_3B, nodes=8),
-    # 16 nodes: tp=2, dp=64.
-    "mm1-7b": lambda: _mm1("mm1-7b", _LLM_7B, nodes=16, tp=2),
+    # 16 nodes: tp=2, dp=64, two sequences per micro-batch (7% faster than one in the
+    # calibrated planner, 61.6 of 72.3 GiB).
+    "mm1-7b": lambda: _mm1("mm1-7b", _LLM_7B, nodes=16, micro_batch=2, tp=2),
     # 32 nodes x 8 H100, FP8: tp=2, pp=4 with 7 decoder layers next to the ViT on stage 0 (15
     # on the others), dp=32, ViT fully recomputed.
     "mm1-30b": lambda: _mm1("mm1-30b", _LLM_30B, nodes=32, fp8="hybrid", vision_recompute="full",

@@ -46,9 +46,8 @@ def pretrain_chat_template(image_token: str = "<image>") -> str:
         "{{- ' ' + text + ", _jinja_string(SEPARATOR), " -}}",
         "{%- else -%}",
         "{{- raise_exception('the pre-training prompt format has user turns (images, then an "
-        "optional question) and text-only assistant turns; cannot render this ' + message['role'] + """
-        "' turn') "
-        "-}}",
+        "optional question) and text-only assistant turns; cannot render this ' "
+        "+ message['role'] + ' turn') -}}",
         "{%- endif -%}",
         "{%- endfor -%}",
     ])

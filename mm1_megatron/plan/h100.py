@@ -25,35 +25,49 @@ Memory per GPU, per pipeline stage (GiB = 2**30 bytes):
   1F1B: stage j holds min(pp - j, micro-batches) micro-batches in flight; stage 0 also holds
   the ViT (16 images x 730 tokens per sequence, no SP) and the C-Abstractor (replicated, ~10
   saved tensors of `connector.hidden_size` channels per grid cell per block) for each.
-  Last stage: bf16 logits + fp32 softmax of one micro-batch, 6 B x s x vocab / t.
-- Fits when the worst stage is below the usable memory: 79.6 GiB (an "80 GB" H100 reports
-  81559 MiB) minus 10% for the CUDA context, NCCL and cuBLAS workspaces and fragmentation.
+  Last stage: the vocab-parallel cross-entropy holds ~10 B per logit element (bf16 logits,
+  fp32 softmax and its gradient) of one micro-batch, s x b x vocab / (t x cp). Context
+  parallelism (cp) splits every activation along the sequence.
+- Fits when the worst stage is below the usable memory: PyTorch's allocator gets 79.11 GiB of
+  an H100 80GB (81559 MiB reported; the CUDA context takes the rest), less what lives outside
+  it (NCCL 1.5 GiB, TE userbuffers 1.0 GiB with TP overlap, DALI's pool 0.5 GiB on image runs)
+  and 5% fragmentation.
 
 Step time on H100 SXM (989 TFLOP/s bf16 dense, 1979 FP8 dense, 3.35 TB/s HBM, NVLink 450 GB/s
-per direction per GPU, InfiniBand 400 Gb/s = 50 GB/s per GPU):
-- Per micro-batch and stage: linear-layer FLOPs at 65% of peak (cuBLAS reaches ~75% on large
-  square GEMMs; training shapes and power-capped clocks run lower), FP8 GEMMs at 50% of the FP8
-  peak (amax, casts and transposes are extra kernels); expert GEMMs see m tokens per expert
-  and run at m/(m + 128) of that (small-M GEMMs are memory-bound; a rough guess); attention products at 50% of the bf16 peak (fused attention runs
-  in bf16; causal decoder attention does half of the s x s work), memory-bound element-wise
-  kernels (norms, SwiGLU, RoPE, residuals) ~3 x (28h + 6f) bytes per token and layer at 70% of
-  HBM bandwidth. Not modelled: optimizer step, data loading, host overheads, routing
-  imbalance. Backward = 2 x forward; full recompute adds one forward of the recomputed
-  layers, selective one forward of core attention (hardware FLOPs; model FLOPs don't change).
-- Exposed communication (none of it overlapped unless stated): TP with SP, 4 all-gather/
-  reduce-scatter of s*b*h bf16 per layer forward and 4 backward (+4 under full recompute) over
-  NVLink at 80%, on the critical path unless parallel.tp_comm_overlap (TE userbuffers), which
-  leaves TP_OVERLAP_EXPOSED (a quarter, a guess) of the decoder's share exposed;
-  the ViT's TP all-reduces the same way; EP all-to-all (dispatch + combine, forward and
-  backward) of the routed tokens over InfiniBand at 60% for the share of the EP group outside
-  the node; PP send/recv of each micro-batch's activations. DP gradient reduce-scatter (fp32)
-  and parameter all-gather (bf16) at 80% of the bandwidth a ring gets (k GPUs of the group
-  per node share k NICs), hidden behind the last micro-batch's backward (overlap_grad_reduce)
-  and the first forward (overlap_param_gather) where they fit.
+per direction per GPU, InfiniBand 400 Gb/s = 50 GB/s per GPU). The efficiency constants are
+fitted to 25 published Megatron-LM / NeMo / Megatron-Bridge H100 runs
+(tests/plan/published_h100.py, tests/plan/test_calibration.py: within ±15% but for one
+fine-grained MoE run, mean error 7.5%):
+- Per micro-batch and stage, this GPU's share of the tokens (s x b / cp): every GEMM from its
+  shape (decoder_layer_gemms: QKV, projection, fc1, fc2; router and each local expert's fc1 /
+  fc2 over its routed tokens, the busiest EP rank at MOE_IMBALANCE x the mean), forward +
+  dgrad + wgrad at GEMM_EFF_MAX (FP8: GEMM_EFF_MAX_FP8 of the FP8 peak) x F / (F +
+  GEMM_HALF_FLOPS) for a call of F FLOPs: small GEMMs (fine-grained experts, narrow TP
+  shards) run well below large ones; the output layer and the ViT in bf16. Causal attention
+  (half the s x s work, split by TP and CP) at EFF_ATTN of the bf16 peak, slower by
+  ATTN_CP_PENALTY per extra CP rank (ring attention's steps). Memory-bound element-wise kernels
+  (norms, SwiGLU, RoPE, residuals) ~3 x (28h + 6f) bytes per token and layer, and the
+  cross-entropy, at EFF_HBM of HBM bandwidth. Backward = 2 x forward; full recompute adds one
+  forward, selective one forward of core attention (hardware FLOPs; model FLOPs don't change).
+  Host overhead per layer and micro-batch (HOST_PER_LAYER; an MoE layer adds the dispatcher's
+  host sync and a share per local expert). Not modelled: data loading (issue 16 measured 5%
+  of a step on CPU), stragglers.
+- Exposed communication: TP with SP, 4 all-gather/reduce-scatter of s*b*h bf16 per layer
+  forward and 4 backward (+4 under full recompute) over NVLink at 80%, TP_OVERLAP_EXPOSED of it
+  left with parallel.tp_comm_overlap (TE userbuffers); the ViT's TP all-reduces are not
+  overlapped; CP's ring passes K, V chunks cp - 1 times (hidden behind attention where it
+  fits); EP all-to-all (dispatch + combine, forward and backward) of the routed tokens over
+  InfiniBand at 60% for the share of the EP group outside the node, EP_EXPOSED of it on the
+  critical path (the published MoE runs overlap most of it); PP send/recv of each
+  micro-batch's activations, hidden by the interleaved schedule (overlap_p2p_comm), exposed
+  in plain 1F1B. DP gradient reduce-scatter (fp32) and parameter all-gather (bf16) at 80% of
+  the bandwidth a ring gets (k GPUs of the group per node share k NICs), hidden behind the
+  last micro-batch's backward (overlap_grad_reduce) and the first forward
+  (overlap_param_gather) where they fit.
 - Step = (micro-batches + (pp - 1) / virtual_stages) x slowest stage (the 1F1B bubble,
   imbalance included; interleaving divides it, holds (pp-j-1)*2 + (vs-1)*pp + 1 chunk
-  micro-batches of 1/vs of the stage's activations and sends vs times as often) + exposed DP
-  communication.
+  micro-batches of 1/vs of the stage's activations) + exposed DP communication + the
+  optimizer step (Adam over this GPU's shard, OPTIMIZER_BYTES of HBM traffic per parameter).
   MFU = flops.py's model FLOPs / (step x GPUs x peak), peak of the run's precision (1979 with
   FP8, as the trainer reports it); `mfu_bf16_peak` uses 989 for comparison.
 """
@@ -65,31 +79,42 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from mm1_megatron.config import Config
-from mm1_megatron.model.flops import (connector_forward_flops, training_flops_per_sequence,
-                                      vision_forward_flops)
-from mm1_megatron.model.params import (attention_params, connector_params,
-                                       decoder_layer_params, expert_params, swiglu_params,
-                                       vision_layer_params, vision_params)
+from mm1_megatron.model.flops import connector_forward_flops, training_flops_per_sequence
+from mm1_megatron.model.params import (attention_params, connector_params, decoder_layer_params,
+                                       expert_params, vision_layer_params, vision_params)
 
 GIB = 2**30
 # Device and fabric (H100 SXM, DGX/HGX nodes of 8 with one 400 Gb/s NIC per GPU).
-HBM_GIB = 81559 / 1024  # what an "80 GB" H100 reports
-HEADROOM = 0.10  # CUDA context, NCCL/cuBLAS workspaces, allocator fragmentation
-USABLE_GIB = HBM_GIB * (1 - HEADROOM)
+HBM_GIB = 81559 / 1024  # what an "80 GB" H100 reports (79.65 GiB)
+ALLOCATOR_GIB = 79.11  # what PyTorch's caching allocator can get: the CUDA context takes the rest
+# Device memory outside the allocator, GiB: NCCL's buffers over all communicators, TE's
+# userbuffers (TP communication overlap), DALI's decode pool (image runs).
+RESERVE_GIB = {"nccl": 1.5, "te_userbuffers": 1.0, "dali": 0.5}
+FRAGMENTATION = 0.05  # of the allocator's memory lost to fragmentation at the peak
+USABLE_GIB = (ALLOCATOR_GIB - sum(RESERVE_GIB.values())) * (1 - FRAGMENTATION)  # all reserves
 PEAK_BF16 = 989e12
 PEAK_FP8 = 1979e12
 HBM_BW = 3.35e12
 NVLINK_BW = 450e9  # per direction (900 GB/s bidirectional)
 IB_BW = 50e9  # 400 Gb/s per GPU
-# Achievable fractions (not measured here; typical of large kernels on H100).
-EFF_GEMM = 0.65
-EFF_GEMM_FP8 = 0.50
-EFF_ATTN = 0.50
+# Achievable fractions, calibrated against published Megatron-LM / NeMo / Megatron-Bridge H100
+# runs (tests/plan/published_h100.py; the calibration test prints the table).
+GEMM_EFF_MAX = 0.68  # bf16, large GEMMs
+GEMM_EFF_MAX_FP8 = 0.50  # of the FP8 peak (amax, casts and transposes are extra kernels)
+GEMM_HALF_FLOPS = 20e9  # a GEMM call of this many FLOPs reaches half of the top efficiency
+EFF_ATTN = 0.35
+HOST_PER_LAYER = 0.25e-3  # s per layer and micro-batch (launches, syncs) not hidden
+HOST_PER_EXPERT = 0.1e-3  # s per local expert of an MoE layer and micro-batch
+OPTIMIZER_BYTES = 30  # Adam step per parameter of the shard
+CE_BYTES_PER_LOGIT = 10  # fp32 softmax, its gradient and the bf16 logits, read and written
+ATTN_CP_PENALTY = 0.1  # attention slowdown per extra context-parallel rank
+HOST_PER_MOE_LAYER = 1e-3  # s per MoE layer and micro-batch: the dispatcher's host sync
+EP_EXPOSED = 0.3  # share of the EP all-to-all not hidden behind expert / attention compute
+MOE_IMBALANCE = 1.2  # busiest expert rank's routed tokens over the mean (dropless routing)
 EFF_HBM = 0.70
 EFF_COLLECTIVE = 0.80
 EFF_ALLTOALL = 0.60
 TP_OVERLAP_EXPOSED = 0.25  # share of decoder TP communication left exposed with TE overlap
-EXPERT_M_HALF = 128  # tokens per expert at which an expert GEMM runs at half efficiency
 CONNECTOR_SAVED_TENSORS = 10  # per grid cell and C-Abstractor block, of `hidden_size` channels
 
 
@@ -206,7 +231,7 @@ def decoder_layer_activation_bytes(cfg: Config, lay: "Layout", layer: int,
     """Saved bytes of one decoder layer for one micro-batch under `recompute` (none/selective;
     default the config's, full is handled per stage)."""
     llm, s = cfg.llm, cfg.data.seq_length
-    tokens = s * lay.mb
+    tokens = s * lay.mb / lay.cp  # context parallelism splits the sequence
     mode = recompute or llm.recompute
     mode = "none" if mode == "full" else mode
     kv = llm.query_groups * llm.head_dim
@@ -317,7 +342,8 @@ def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
             in_flight = chunks / lay.vs
         if llm.recompute == "full":
             r = llm.recompute_layers
-            h_in = 2 * cfg.data.seq_length * lay.mb * llm.hidden_size / (lay.tp if lay.sp else 1)
+            h_in = (2 * cfg.data.seq_length * lay.mb * llm.hidden_size / lay.cp
+                    / (lay.tp if lay.sp else 1))
             saved = math.ceil(len(layers) / r) * h_in
             transient = r * max((decoder_layer_activation_bytes(cfg, lay, i, "none")
                                  for i in layers), default=0.0)
@@ -330,7 +356,9 @@ def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
             acts += in_flight * (vit_saved + connector_activation_bytes(cfg, lay))
             acts = max(acts, acts + vit_transient - transient)  # transients are not concurrent
         if j == lay.pp - 1:
-            acts += 6 * cfg.data.seq_length * lay.mb * llm.vocab_size / lay.tp
+            # bf16 logits, fp32 softmax and its gradient: the vocab-parallel cross-entropy
+            acts += (CE_BYTES_PER_LOGIT * cfg.data.seq_length * lay.mb * llm.vocab_size
+                     / (lay.tp * lay.cp))
         stages.append(StageMemory(stage=j, layers=len(layers), in_flight=in_flight,
                                   params=params, weights=2 * params + fp8_cache,
                                   grads=4 * params, optimizer=optimizer, activations=acts))
@@ -342,101 +370,163 @@ def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
 # --------------------------------------------------------------------------------------------
 
 
-def _decoder_layer_forward(cfg: Config, layer: int, seq: int) -> tuple[int, int]:
-    """(dense linear FLOPs, expert FLOPs, attention-product FLOPs) of one layer's forward on
-    one sequence, as flops.py counts them (full s x s)."""
-    llm = cfg.llm
-    experts = 0
-    if llm.is_moe_layer(layer):
-        mlp = llm.moe.num_experts * llm.hidden_size  # router
-        experts = 2 * seq * llm.moe.top_k * swiglu_params(llm.hidden_size,
-                                                          llm.expert_ffn_hidden_size)
-    else:
-        mlp = swiglu_params(llm.hidden_size, llm.ffn_hidden_size)
-    q_width = llm.num_attention_heads * llm.head_dim
-    return 2 * seq * (attention_params(llm) + mlp), experts, 4 * seq * seq * q_width
+def gemm_efficiency(flops: float, fp8: bool) -> float:
+    """Fraction of the peak one GEMM call reaches: `GEMM_EFF_MAX` on large GEMMs, falling as
+    flops / (flops + GEMM_HALF_FLOPS) on small ones (wave quantisation, launch and epilogue
+    costs; an expert GEMM over a few hundred tokens runs far below a 4096-wide one)."""
+    top = GEMM_EFF_MAX_FP8 if fp8 else GEMM_EFF_MAX
+    return top * flops / (flops + GEMM_HALF_FLOPS)
+
+
+def gemm_seconds(m: float, n: float, k: float, fp8: bool, passes: int = 3) -> float:
+    """Forward + backward (dgrad, wgrad: `passes` = 3) of an [m, k] x [k, n] GEMM."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    flops = 2.0 * m * n * k
+    peak = PEAK_FP8 if fp8 else PEAK_BF16
+    return passes * flops / (peak * gemm_efficiency(flops, fp8))
 
 
 @dataclass(frozen=True)
 class StageTime:
     stage: int
-    compute: float  # seconds per micro-batch
+    compute: float  # seconds per micro-batch: GEMMs, attention, element-wise kernels
+    host: float  # per micro-batch launch / scheduling overhead not hidden behind the GPU
     tp_comm: float
     ep_comm: float
     p2p: float
     dp_exposed: float  # seconds per step
+    optimizer: float  # seconds per step
 
     @property
     def per_microbatch(self) -> float:
-        return self.compute + self.tp_comm + self.ep_comm + self.p2p
+        return self.compute + self.host + self.tp_comm + self.ep_comm + self.p2p
+
+
+def decoder_layer_gemms(cfg: Config, lay: Layout, layer: int,
+                        tokens: float) -> list[tuple[float, float, float, float, str]]:
+    """The forward GEMMs of one decoder layer on this GPU for `tokens` tokens, as (m, n, k,
+    calls, kind), kind "dense" | "router" | "expert": QKV, output projection, fc1 (gate and
+    up), fc2; an MoE layer has the router and each local expert's fc1 / fc2 over the tokens
+    routed to it."""
+    llm, t = cfg.llm, lay.tp
+    h, q, kv = llm.hidden_size, llm.num_attention_heads * llm.head_dim, \
+        llm.query_groups * llm.head_dim
+    gemms = [(tokens, (q + 2 * kv) / t, h, 1, "dense"), (tokens, h, q / t, 1, "dense")]
+    if not llm.is_moe_layer(layer):
+        f = llm.ffn_hidden_size
+        return gemms + [(tokens, 2 * f / t, h, 1, "dense"), (tokens, h, f / t, 1, "dense")]
+    moe, fe = llm.moe, llm.expert_ffn_hidden_size / lay.etp
+    # Routed copies one expert sees: the EP group's tokens (gathered over expert-TP) times
+    # top_k, shared by all experts; this GPU holds num_experts / ep of them.
+    per_expert = lay.ep * lay.etp * tokens * moe.top_k / (t * moe.num_experts)
+    local = moe.num_experts / lay.ep
+    return gemms + [(tokens, moe.num_experts, h, 1, "router"),
+                    (per_expert, 2 * fe, h, local, "expert"), (per_expert, h, fe, local, "expert")]
+
+
+def _decoder_layer_seconds(cfg: Config, lay: Layout, layer: int, tokens: float,
+                           fp8: bool) -> float:
+    """GEMM seconds of one decoder layer, forward + backward, one micro-batch (the router in
+    bf16; experts wait for the busiest EP rank)."""
+    total = 0.0
+    for m, n, k, calls, kind in decoder_layer_gemms(cfg, lay, layer, tokens):
+        m = m * MOE_IMBALANCE if kind == "expert" else m
+        total += calls * gemm_seconds(m, n, k, fp8 and kind != "router")
+    return total
 
 
 def stage_times(cfg: Config, lay: Layout, memory: list[StageMemory]) -> list[StageTime]:
     llm, v = cfg.llm, cfg.vision
-    s, b, t, g = cfg.data.seq_length, lay.mb, lay.tp, lay.gpus_per_node
+    s, b, t, g, cp = cfg.data.seq_length, lay.mb, lay.tp, lay.gpus_per_node, lay.cp
     fp8 = cfg.train.fp8 is not None
-    gemm_peak = PEAK_FP8 * EFF_GEMM_FP8 if fp8 else PEAK_BF16 * EFF_GEMM
-    bf16_gemm = PEAK_BF16 * EFF_GEMM
+    tokens = s * b / cp  # this GPU's share of a micro-batch's tokens (CP splits the sequence)
     tp_bw = NVLINK_BW * EFF_COLLECTIVE
-    act_unit = 2 * s * b * llm.hidden_size  # one bf16 hidden-state tensor of the micro-batch
+    act_unit = 2 * tokens * llm.hidden_size  # one bf16 hidden-state tensor of the micro-batch
     out = []
     for j, layers in enumerate(stage_layers(cfg)):
-        gemm = attn = elementwise = other = 0.0  # hardware FLOPs / bytes for fwd+bwd, this GPU
-        tp_ops = ep_bytes = 0.0
+        gemm = attn = elementwise = 0.0  # seconds / FLOPs / bytes for fwd+bwd, this GPU
+        tp_ops = ep_bytes = host = 0.0
         rec_full, rec_sel = llm.recompute == "full", llm.recompute == "selective"
-        # Tokens per local expert per micro-batch: the EP group's routed copies (gathered over
-        # expert-TP) shared by num_experts experts.
-        m = lay.ep * lay.etp * s * b * llm.moe.top_k / (t * max(llm.moe.num_experts, 1))
-        expert_eff = m / (m + EXPERT_M_HALF)
+        q_width = llm.num_attention_heads * llm.head_dim
         for i in layers:
-            g_f, e_f, a_f = _decoder_layer_forward(cfg, i, s)
-            a_f *= 0.5  # causal: fused attention skips the masked half
-            gemm += b * (g_f + e_f / expert_eff if e_f else g_f) * (3 + rec_full) / t
-            attn += b * a_f * (3 + (rec_full or rec_sel)) / t
+            gemm += _decoder_layer_seconds(cfg, lay, i, tokens, fp8) * (1 + rec_full / 3)
+            # causal attention: QK^T and PV over half the s x s pairs, split by CP and TP
+            a_f = 4 * b * s * s * q_width * 0.5 / cp
+            attn += a_f * (3 + (rec_full or rec_sel)) / t
             f_act = (llm.moe.top_k * llm.expert_ffn_hidden_size if llm.is_moe_layer(i)
                      else llm.ffn_hidden_size)
-            elementwise += 3 * s * b * (28 * llm.hidden_size + 6 * f_act) / t
+            elementwise += 3 * tokens * (28 * llm.hidden_size + 6 * f_act) / t
             tp_ops += (8 + 4 * rec_full) if t > 1 else 0
-            if llm.is_moe_layer(i) and lay.ep > 1:
-                a2a = 2 * (s * b / t) * llm.moe.top_k * llm.hidden_size * (lay.ep - 1) / lay.ep
-                ep_bytes += (4 + 2 * rec_full) * a2a
+            host += HOST_PER_LAYER
+            if llm.is_moe_layer(i):
+                host += HOST_PER_MOE_LAYER + HOST_PER_EXPERT * llm.moe.num_experts / lay.ep
+                if lay.ep > 1:
+                    a2a = 2 * (tokens / t) * llm.moe.top_k * llm.hidden_size * (lay.ep - 1) / lay.ep
+                    ep_bytes += (4 + 2 * rec_full) * a2a * MOE_IMBALANCE
         vit_tp = 0.0
         if j == 0 and lay.images:
             n, hv = v.num_patches + int(v.class_token), v.hidden_size
             images = lay.images * b
-            vit_attn_f = 4 * n * n * hv * v.layers_built
-            vit_gemm_f = vision_forward_flops(v) - vit_attn_f
             rec = 1 if v.recompute == "full" else 0
-            gemm += images * vit_gemm_f * (3 + rec) / t
-            attn += images * vit_attn_f * (3 + (rec or v.recompute == "selective")) / t
+            m = images * n  # ViT tokens; the ViT runs in bf16 (FP8 skips it)
+            per_layer = (gemm_seconds(m, 3 * hv / t, hv, False) + gemm_seconds(m, hv, hv / t, False)
+                         + gemm_seconds(m, v.ffn_hidden_size / t, hv, False)
+                         + gemm_seconds(m, hv, v.ffn_hidden_size / t, False))
+            gemm += v.layers_built * per_layer * (1 + rec / 3)
+            rec_attn = rec or v.recompute == "selective"
+            attn += images * 4 * n * n * hv * v.layers_built * (3 + rec_attn) / t
             elementwise += 3 * images * n * (28 * hv + 6 * v.ffn_hidden_size) / t
-            other += 3 * images * connector_forward_flops(cfg.connector, v, llm.hidden_size)
+            connector = 3 * images * connector_forward_flops(cfg.connector, v, llm.hidden_size)
+            gemm += connector / (PEAK_BF16 * GEMM_EFF_MAX)
+            host += HOST_PER_LAYER * v.layers_built
             if t > 1:  # 2 all-reduces forward, 2 backward (+2 recomputed) = AG+RS pairs
                 vit_tp = v.layers_built * (8 + 4 * rec) * (t - 1) / t * 2 * images * n * hv / tp_bw
-        if j == lay.pp - 1:
-            other += 3 * 2 * s * b * llm.vocab_size * llm.hidden_size / t  # output layer, bf16
-        compute = (gemm / gemm_peak + other / bf16_gemm + attn / (PEAK_BF16 * EFF_ATTN)
-                   + elementwise / (HBM_BW * EFF_HBM))
+        if j == lay.pp - 1:  # output layer and cross-entropy, bf16
+            gemm += gemm_seconds(tokens, llm.vocab_size / t, llm.hidden_size, False)
+            elementwise += CE_BYTES_PER_LOGIT * tokens * llm.vocab_size / t
+        # Ring attention cuts each layer's attention into cp steps per direction (smaller
+        # kernels, a wait per step): the attention runs slower the more ranks share it.
+        attn_s = attn / (PEAK_BF16 * EFF_ATTN) * (1 + ATTN_CP_PENALTY * (cp - 1))
+        compute = gemm + attn_s + elementwise / (HBM_BW * EFF_HBM)
         tp_comm = tp_ops * (t - 1) / t * act_unit / tp_bw + vit_tp if t > 1 else 0.0
         if t > 1 and cfg.parallel.tp_comm_overlap:
             # TE userbuffers hide most of the decoder's TP traffic behind its GEMMs; assume
             # a quarter stays exposed (the ViT's all-reduces are not overlapped).
             tp_comm = TP_OVERLAP_EXPOSED * (tp_comm - vit_tp) + vit_tp
+        if cp > 1:  # ring attention: K, V chunks pass cp - 1 times forward, twice backward
+            kv_bytes = 2 * 2 * tokens * llm.query_groups * llm.head_dim / t
+            ring = 3 * (cp - 1) * kv_bytes * len(layers) / (NVLINK_BW * EFF_COLLECTIVE)
+            tp_comm += max(0.0, ring - attn_s)  # overlapped with attention
         ep_comm = 0.0
         if ep_bytes:
-            in_node = max(1, g // lay.etp)
+            in_node = max(1, g // (lay.etp * t if lay.etp == 1 else lay.etp))
             remote = max(0.0, (lay.ep - in_node) / (lay.ep - 1))
-            ep_comm = ep_bytes * (remote / (IB_BW * EFF_ALLTOALL)
-                                  + (1 - remote) / (NVLINK_BW * EFF_COLLECTIVE))
+            ep_comm = EP_EXPOSED * ep_bytes * (remote / (IB_BW * EFF_ALLTOALL)
+                                               + (1 - remote) / (NVLINK_BW * EFF_COLLECTIVE))
         p2p = 0.0
-        if lay.pp > 1:
+        if lay.pp > 1 and lay.vs == 1:  # the interleaved schedule overlaps its sends
             # Interleaving sends every chunk's output on: vs times the hops.
             hops = lay.vs * 2 if lay.vs > 1 else (1 if j in (0, lay.pp - 1) else 2)
             p2p_bw = IB_BW if lay.world // lay.pp >= g else NVLINK_BW
             p2p = 2 * hops * act_unit / (t if lay.sp else 1) / (p2p_bw * EFF_COLLECTIVE)
-        out.append(StageTime(stage=j, compute=compute, tp_comm=tp_comm, ep_comm=ep_comm, p2p=p2p,
-                             dp_exposed=_dp_exposed(cfg, lay, memory[j], compute)))
+        out.append(StageTime(stage=j, compute=compute, host=host, tp_comm=tp_comm,
+                             ep_comm=ep_comm, p2p=p2p,
+                             dp_exposed=_dp_exposed(cfg, lay, memory[j], compute),
+                             optimizer=_optimizer_seconds(cfg, lay, memory[j])))
     return out
+
+
+def _optimizer_seconds(cfg: Config, lay: Layout, mem: StageMemory) -> float:
+    """Adam on this GPU's shard, memory-bound: fp32 grad read, master weight, m and v read and
+    written, bf16 weight written (OPTIMIZER_BYTES per parameter), plus the grad-norm read."""
+    expert = _expert_params(mem, cfg, lay)
+    dense = mem.params - expert
+    if cfg.parallel.distributed_optimizer:
+        shard = dense / (lay.dp * lay.cp) + expert / lay.edp
+    else:
+        shard = mem.params
+    return (OPTIMIZER_BYTES * shard + 4 * mem.params) / (HBM_BW * EFF_HBM)
 
 
 def _dp_exposed(cfg: Config, lay: Layout, mem: StageMemory, compute: float) -> float:
@@ -482,10 +572,14 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8,
     memory = stage_memory(cfg, lay)
     times = stage_times(cfg, lay, memory)
     worst = max(memory, key=lambda m: m.total)
+    reserved = ["nccl"] + (["te_userbuffers"] if lay.tp > 1 and cfg.parallel.tp_comm_overlap
+                           else []) + (["dali"] if lay.images else [])
+    reserve = sum(RESERVE_GIB[k] for k in reserved)
+    usable = (ALLOCATOR_GIB - reserve) * (1 - FRAGMENTATION)
     slowest = max(times, key=lambda x: x.per_microbatch)
     bubble = (lay.pp - 1) / lay.vs  # interleaving divides the 1F1B bubble by the chunks
     pipeline = (lay.microbatches + bubble) * slowest.per_microbatch
-    step = pipeline + max(x.dp_exposed for x in times)
+    step = pipeline + max(x.dp_exposed for x in times) + max(x.optimizer for x in times)
     seqs = cfg.train.global_batch_size
     model_flops = training_flops_per_sequence(cfg, images=lay.images).total * seqs
     peak = PEAK_FP8 if cfg.train.fp8 else PEAK_BF16
@@ -503,10 +597,10 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8,
             "stages": [m.to_dict() for m in memory],
             "worst_stage": worst.stage,
             "worst_gib": round(worst.total / GIB, 3),
-            "usable_gib": round(USABLE_GIB, 3),
-            "headroom": f"{HEADROOM:.0%} of {HBM_GIB:.1f} GiB kept for CUDA context, NCCL, "
-                        "workspaces and fragmentation",
-            "fits": worst.total / GIB <= USABLE_GIB,
+            "usable_gib": round(usable, 3),
+            "headroom": f"{ALLOCATOR_GIB} GiB allocator less {reserve:.1f} GiB outside it "
+                        f"({', '.join(reserved)}) and {FRAGMENTATION:.0%} fragmentation",
+            "fits": worst.total / GIB <= usable,
         },
         "time": {
             "step_s": step,
@@ -514,7 +608,8 @@ def estimate(cfg: Config, world: int, gpus_per_node: int = 8,
             "bubble_fraction": bubble / (lay.microbatches + bubble),
             "slowest_stage": slowest.stage,
             "per_microbatch_s": {k: getattr(slowest, k) for k in
-                                 ("compute", "tp_comm", "ep_comm", "p2p")},
+                                 ("compute", "host", "tp_comm", "ep_comm", "p2p")},
+            "optimizer_s": max(x.optimizer for x in times),
             "dp_exposed_s": max(x.dp_exposed for x in times),
             "tokens_per_s": seqs * cfg.data.seq_length / step,
             "model_tflops_per_gpu": per_gpu / 1e12,

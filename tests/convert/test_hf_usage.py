@@ -228,6 +228,9 @@ def test_chat_template_renders_the_evaluation_prompt(exported, loaded, photos):
     caption = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
                                             tokenize=False)
     assert caption == "<s><image> A photo of"
+    with pytest.raises(Exception, match="cannot render this system turn"):
+        processor.apply_chat_template([{"role": "system", "content": "Be brief."}],
+                                      tokenize=False)
 
 
 def test_processor_saves_and_reloads(tmp_path, loaded, photos):

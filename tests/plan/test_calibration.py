@@ -1,0 +1,177 @@
+"""The H100 planner held against published Megatron-LM / NeMo / Megatron-Bridge runs.
+
+Each point of `published_h100.py` (source, shape, layout, precision, measured tokens/s per
+GPU) is planned as a text-only decoder through the planner's public API and compared on
+tokens/s, which has no FLOP convention. Run as a script to print the Markdown table the README
+shows: `python tests/plan/test_calibration.py`.
+
+Not modelled, so approximated: non-gated MLPs (GPT-3, Nemotron-4) as a SwiGLU of the same
+weight count (same GEMM FLOPs); FSDP as ZeRO-1 (same compute); sliding-window layers (GPT-OSS)
+as full causal attention; recompute is off (no source states it); sequence parallelism on
+whenever TP > 1 and TE's TP overlap on (the recipes' defaults).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if __name__ == "__main__":  # run as a script from anywhere in the checkout
+    sys.path.insert(0, str(HERE.parents[1]))
+
+from mm1_megatron.config import Config, get_preset  # noqa: E402
+from mm1_megatron.plan import estimate  # noqa: E402
+
+POINTS = runpy.run_path(str(HERE / "published_h100.py"))["POINTS"]
+BAND = 0.15  # every point's modelled / published tokens/s within 1 +- BAND
+MAX_MEAN_ABS_ERROR = 0.08
+# Points the model misses, with what is known; printed, counted in the mean error, not held to
+# the band.
+KNOWN_MISSES = {
+    "bridge2602-qwen3-30b-a3b-fp8-16gpu": (
+        "fine-grained MoE (128 experts, top-8, 768-wide) on 16 GPUs: the run is ~1.8x slower "
+        "than modelled; the two Bridge summaries disagree on its tokens/s (5113 vs 2557) at "
+        "the same 118 TFLOP/s"),
+}
+
+
+def point_config(p: dict) -> Config:
+    """A planner config of one published run (decoder only)."""
+    cfg = get_preset("mm1-7b")
+    llm, par, train = cfg.llm, cfg.parallel, cfg.train
+    llm.num_layers, llm.hidden_size = p["layers"], p["hidden"]
+    llm.num_attention_heads, llm.num_query_groups = p["heads"], p["kv_heads"]
+    llm.kv_channels = p["kv_channels"]
+    # non-gated f-wide MLP = 2hf weights = a SwiGLU of width 2f/3
+    llm.ffn_hidden_size = p["ffn_hidden"] if p["gated_mlp"] else round(2 * p["ffn_hidden"] / 3)
+    llm.vocab_size, llm.recompute = p["vocab"], "none"
+    llm.moe.num_experts = p["num_experts"] or 0
+    if p["num_experts"]:
+        llm.moe.top_k, llm.moe.layer_freq = p["top_k"], p["moe_layer_freq"]
+        llm.moe.expert_ffn_hidden_size = p["moe_ffn_hidden"]
+    cfg.data.seq_length = p["seq_length"]
+    par.tp, par.pp, par.cp, par.ep = p["tp"], p["pp"], p["cp"], p["ep"]
+    par.expert_tp = 1 if p["num_experts"] else None
+    par.virtual_stages = p["vp"] if p["vp"] > 1 else None
+    par.first_stage_layers = None
+    par.sequence_parallel = par.tp_comm_overlap = p["tp"] > 1
+    par.overlap_grad_reduce = par.overlap_param_gather = True
+    par.gpus_per_node = 8
+    train.micro_batch_size, train.global_batch_size = p["micro_batch"], p["global_batch"]
+    train.fp8 = "hybrid" if p["precision"] == "fp8" else None
+    return cfg
+
+
+def compare() -> list[dict]:
+    rows = []
+    for p in POINTS:
+        est = estimate(point_config(p), p["gpus"], 8, text_only=True)
+        modelled = est["time"]["tokens_per_s"] / p["gpus"]
+        rows.append({"name": p["name"], "gpus": p["gpus"], "precision": p["precision"],
+                     "layout": f"TP{p['tp']} PP{p['pp']} VP{p['vp']} CP{p['cp']} EP{p['ep']}",
+                     "published": p["tokens_per_sec_per_gpu"], "modelled": modelled,
+                     "ratio": modelled / p["tokens_per_sec_per_gpu"],
+                     "memory_gib": est["memory"]["worst_gib"], "source": p["source"]})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | GPUs | layout | prec. | published tok/s/GPU | modelled | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        miss = " (known miss)" if r["name"] in KNOWN_MISSES else ""
+        lines.append(f"| {r['name']} | {r['gpus']} | {r['layout']} | {r['precision']} | "
+                     f"{r['published']:,.0f} | {r['modelled']:,.0f} | {r['ratio']:.2f}{miss} |")
+    errors = [abs(r["ratio"] - 1) for r in rows]
+    held = [abs(r["ratio"] - 1) for r in rows if r["name"] not in KNOWN_MISSES]
+    lines.append(f"\nmean |error| {sum(errors) / len(errors):.1%} over {len(rows)} runs "
+                 f"({sum(held) / len(held):.1%} without the known miss), largest held "
+                 f"{max(held):.1%}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    table = compare()
+    print("\n" + markdown(table))
+    return table
+
+
+def test_the_table_has_enough_distinct_published_runs(rows):
+    assert len(rows) >= 12 and len({r["name"] for r in rows}) == len(rows)
+    for p in POINTS:
+        assert p["gpu"].startswith("H100") and p["source"] and p["quote"]
+    assert {r["precision"] for r in rows} == {"bf16", "fp8"}
+    assert sum(p["num_experts"] > 0 for p in POINTS) >= 2
+    assert set(KNOWN_MISSES) <= {r["name"] for r in rows}
+
+
+def test_every_published_run_within_the_band(rows):
+    outside = [f"{r['name']}: {r['ratio']:.2f}" for r in rows
+               if abs(r["ratio"] - 1) > BAND and r["name"] not in KNOWN_MISSES]
+    assert not outside, outside
+
+
+def test_mean_absolute_error(rows):
+    errors = [abs(r["ratio"] - 1) for r in rows]
+    assert sum(errors) / len(errors) <= MAX_MEAN_ABS_ERROR
+
+
+def test_known_misses_are_still_misses(rows):
+    """A known miss that the model now gets right must leave the list (and the README)."""
+    for r in rows:
+        if r["name"] in KNOWN_MISSES:
+            assert abs(r["ratio"] - 1) > BAND, r["name"]
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+def _step(cfg: Config, gpus: int) -> float:
+    return estimate(cfg, gpus, 8, text_only=True)["time"]["step_s"]
+
+
+@pytest.mark.parametrize("name", ["nemo2407-llama3-70b-fp8-64gpu",
+                                  "dgxc-grok1-314b-bf16-512gpu",
+                                  "dgxc-gpt3-175b-bf16-128gpu"])
+def test_more_gpus_take_less_time_for_the_same_work(name):
+    p = next(p for p in POINTS if p["name"] == name)
+    cfg = point_config(p)
+    model_parallel = p["tp"] * p["pp"] * p["cp"]
+    base_dp = p["gpus"] // model_parallel
+    times = []
+    for factor in (1, 2, 4):
+        dp = base_dp * factor
+        if p["global_batch"] % (dp * p["micro_batch"]):
+            break
+        times.append(_step(cfg, dp * model_parallel))
+    assert len(times) >= 2 and all(b < a for a, b in zip(times, times[1:])), times
+
+
+@pytest.mark.parametrize("name", ["nemo2407-llama2-70b-fp8-64gpu",
+                                  "dgxc-gpt3-175b-fp8-128gpu"])
+def test_interleaving_is_never_slower_when_the_bubble_dominates(name):
+    p = next(p for p in POINTS if p["name"] == name)
+    cfg = point_config(p)
+    cfg.train.global_batch_size = p["gpus"] // (p["tp"] * p["pp"] * p["cp"]) * p["pp"]  # m = pp
+    plain = point_config(p)
+    plain.train.global_batch_size = cfg.train.global_batch_size
+    plain.parallel.virtual_stages = None
+    assert _step(cfg, p["gpus"]) <= _step(plain, p["gpus"])
+
+
+@pytest.mark.parametrize("p", [p for p in POINTS if p["precision"] == "bf16"],
+                         ids=lambda p: p["name"])
+def test_fp8_is_never_slower_than_bf16_on_the_same_layout(p):
+    bf16 = point_config(p)
+    fp8 = point_config(p)
+    fp8.train.fp8 = "hybrid"
+    assert _step(fp8, p["gpus"]) <= _step(bf16, p["gpus"])
+
+
+if __name__ == "__main__":
+    print(markdown(compare()))
