@@ -10,6 +10,13 @@ gif, tif/tiff). An optional "id" (string or number) is kept in the shard's json.
     caption      {"image": "cats/001.jpg", "text": "A cat asleep on a sofa."}
     interleaved  {"segments": [{"text": "Intro ..."}, {"image": "a.jpg"}, {"text": "..."}]}
     text         {"text": "A whole document ..."}
+    sft          LLaVA's conversation format: {"id": ..., "image": "a.jpg" | ["a.jpg", ...]
+                 (optional), "conversations": [{"from": "human", "value": "<image>\nWhat is
+                 this?"}, {"from": "gpt", "value": "A cat."}, ...]}; one "<image>" per image,
+                 in order, in human turns only; an optional "system" turn first, then human /
+                 gpt alternating, ending with gpt. --input may also be a JSON array of such
+                 records (LLaVA ships llava_v1_5_mix665k.json that way). Text-only
+                 conversations are fine.
 
 A bad line (not UTF-8, invalid JSON, missing/empty field, missing or zero-byte image file,
 unsupported image type, a document with only images) is skipped and counted per reason; the
@@ -36,8 +43,10 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from mm1_megatron.data.prompt_format import Turn
 from mm1_megatron.data.shards import (IMAGE_EXTS, KINDS, BadSample, DatasetError, RawSample,
                                       SkipCounter, normalize_ext, write_dataset)
+from mm1_megatron.data.tokenizer import IMAGE_TOKEN
 
 MAX_PRINTED = 10
 # How the one-line "no usable samples" error names each skip reason.
@@ -49,6 +58,8 @@ _REASON_TEXT = {
     "unsupported_image": "unsupported image type",
     "empty_text": "empty text",
     "images_only": "images but no text",
+    "bad_conversation": "conversations not [system], human / gpt alternating, ending with gpt",
+    "image_mismatch": "<image> markers not matching the images",
 }
 # What a dataset folder written by this tool holds; anything else in OUT is not ours to delete.
 _DATASET_ENTRIES = ("manifest.json", "manifest.json.tmp", "index")
@@ -99,16 +110,63 @@ def _text(value: object, where: str) -> str:
     return _utf8(value, where)
 
 
+_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def parse_conversation(obj: dict, images_root: Path, sid: Optional[str]) -> RawSample:
+    """A LLaVA-format record -> an sft RawSample (turns; images in marker order)."""
+    refs = obj.get("image")
+    refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
+    conv = obj.get("conversations")
+    if not isinstance(conv, list) or not conv or not all(
+            isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv):
+        raise _Bad("bad_json", "conversations missing or not a list of {from, value}")
+    roles = [_ROLES.get(t.get("from")) for t in conv]
+    body = roles[1:] if roles[0] == "system" else roles
+    if None in roles or not body or len(body) % 2 or \
+            body != ["user", "assistant"] * (len(body) // 2):
+        raise _Bad("bad_conversation", f"roles {[t.get('from') for t in conv]}")
+    markers = [t["value"].count(IMAGE_TOKEN) for t in conv]
+    if sum(markers) != len(refs) or any(m for m, r in zip(markers, roles) if r != "user"):
+        raise _Bad("image_mismatch", f"{sum(markers)} {IMAGE_TOKEN} markers in the text, "
+                                     f"{len(refs)} images")
+    images = [_image(images_root, ref, f"image[{j}]") for j, ref in enumerate(refs)]
+    turns, next_image = [], 0
+    for n, (turn, role) in enumerate(zip(conv, roles)):
+        where = f"conversations[{n}].value"
+        if role != "user":
+            turns.append(Turn(role, (_text(turn["value"], where),)))
+            continue
+        content: list[Union[str, int]] = []
+        for k, piece in enumerate(_utf8(turn["value"], where).split(IMAGE_TOKEN)):
+            if k:
+                content.append(next_image)
+                next_image += 1
+            if piece:
+                content.append(piece)
+        if not content or not "".join(c for c in content if isinstance(c, str)).strip() \
+                and not any(isinstance(c, int) for c in content):
+            raise _Bad("empty_text", where)
+        turns.append(Turn(role, tuple(content)))
+    return RawSample([], images, sid, turns=turns)
+
+
 def parse_line(kind: str, line: str, images_root: Path) -> RawSample:
     """One JSONL line -> RawSample; raises _Bad(reason, detail)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise _Bad("bad_json", str(e)) from None
+    return parse_record(kind, obj, images_root)
+
+
+def parse_record(kind: str, obj: object, images_root: Path) -> RawSample:
     if not isinstance(obj, dict):
         raise _Bad("bad_json", "line is not a JSON object")
     sid = obj.get("id")
     sid = None if sid is None else _utf8(str(sid), "id")
+    if kind == "sft":
+        return parse_conversation(obj, images_root, sid)
     if kind == "caption":
         img = _image(images_root, obj.get("image"), "image")
         return RawSample([0, _text(obj.get("text"), "text")], [img], sid)
@@ -140,6 +198,36 @@ def _decode(raw: bytes, lineno: int) -> str:
     except UnicodeDecodeError as e:
         raise _Bad("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
                                "valid UTF-8") from None
+
+
+def _is_json_array(path: Union[str, Path]) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _records(path: Union[str, Path], kind: str, root: Path):
+    """(where, parse()) per input record: JSONL lines, or the items of a JSON array."""
+    if _is_json_array(path):
+        try:
+            items = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrepareError(f"{path}: not a JSON array of records ({e})") from None
+        for n, obj in enumerate(items, 1):
+            yield f"record {n}", (lambda obj=obj: parse_record(kind, obj, root))
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield f"line {lineno}", (lambda raw=raw, lineno=lineno:
+                                         parse_line(kind, _decode(raw, lineno), root))
+
+
+def _count_records(path: Union[str, Path]) -> int:
+    if _is_json_array(path):
+        return -1  # unknown until parsed; the progress bar runs without a total
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 # ---- output folder: written as OUT.incomplete/, swapped in at the end -----------------------
@@ -224,21 +312,16 @@ def prepare(kind: str, inputs: list[Union[str, Path]], images_root: Union[str, P
 
     def samples() -> Iterator[RawSample]:
         for path in inputs:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        yield parse_line(kind, _decode(raw, lineno), root)
-                    except _Bad as e:
-                        skips.add(BadSample(str(path), f"line {lineno}", e.reason, e.detail))
-                        if sum(skips.counts.values()) <= MAX_PRINTED:
-                            log(f"{path}:{lineno}: skipped: {e}")
+            for where, parse in _records(path, kind, root):
+                try:
+                    yield parse()
+                except _Bad as e:
+                    skips.add(BadSample(str(path), where, e.reason, e.detail))
+                    if sum(skips.counts.values()) <= MAX_PRINTED:
+                        log(f"{path}:{where.split()[-1]}: skipped: {e}")
 
-    total = 0
-    for path in inputs:
-        with open(path, "rb") as f:
-            total += sum(1 for line in f if line.strip())
+    counts = [_count_records(path) for path in inputs]
+    total = None if -1 in counts else sum(counts)
     stream = samples()
     first = next(stream, None)  # all lines bad: stop before anything is created
     if first is None:

@@ -26,6 +26,7 @@ from mm1_megatron.data.images import ImageDecoder
 from mm1_megatron.data.mixture import SOURCES, LoaderState, rank_rows, row_stream
 from mm1_megatron.data.packing import (IMAGE, Document, PackedRow, Packer, PackingStats,
                                        PlannedRow, segment_boundaries)
+from mm1_megatron.data.prompt_format import Answer
 from mm1_megatron.data.shards import (BadSample, DatasetError, ShardDataset, SkipCounter,
                                       open_dataset, tokenizer_record)
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -43,10 +44,27 @@ class ImageRef:
 
 def document_tokens(tokenizer: Tokenizer, segments: list) -> list[int]:
     """[BOS] text / IMAGE markers in document order [EOS]."""
-    tokens = [BOS_ID]
+    return tokenized_document(tokenizer, segments)[0]
+
+
+def tokenized_document(tokenizer: Tokenizer, segments: list
+                       ) -> tuple[list[int], Optional[list[bool]]]:
+    """(tokens, which tokens carry loss as targets): [BOS] text / IMAGE markers [EOS]. A
+    conversation's `Answer` segments (and the `</s>` closing each) train, nothing else does;
+    a document without answers has no flags (every text target trains)."""
+    tokens, trains = [BOS_ID], [False]
     for segment in segments:
-        tokens += [IMAGE] if isinstance(segment, int) else tokenizer.encode(segment)
-    return tokens + [EOS_ID]
+        if isinstance(segment, int):
+            piece, flag = [IMAGE], False
+        elif isinstance(segment, Answer):
+            piece, flag = tokenizer.encode(segment) + [EOS_ID], True
+        else:
+            piece, flag = tokenizer.encode(segment), False
+        tokens += piece
+        trains += [flag] * len(piece)
+    tokens.append(EOS_ID)
+    trains.append(False)
+    return tokens, (trains if any(trains) else None)
 
 
 DROPPED_IMAGES = "dropped_images_row_limit"
@@ -169,9 +187,10 @@ class MultimodalLoader:
                 self.skips.add(err)
                 chunks.append(dataclasses.replace(chunk, images=[], void=True))
                 continue
-            doc = Document(chunk.doc_id, source, document_tokens(self.tokenizer,
-                                                                 sample.segments),
-                           [ImageRef(source, index, j) for j in range(sample.num_images)])
+            tokens, trains = tokenized_document(self.tokenizer, sample.segments)
+            doc = Document(chunk.doc_id, source, tokens,
+                           [ImageRef(source, index, j) for j in range(sample.num_images)],
+                           trains=trains)
             real, _ = self.builder.split(doc)
             if chunk.number >= len(real) or real[chunk.number].length != chunk.length:
                 ds = self.datasets[source]

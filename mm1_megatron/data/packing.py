@@ -12,7 +12,9 @@ Rules (deterministic, order-preserving):
 3. Chunks are placed greedily in order: a chunk joins the open row if its positions and images
    fit, otherwise the open row is closed (padded) and a new one starts.
 Labels are the next token within the same chunk; loss is off where the target is an image
-placeholder, on each chunk's last position (no target across a boundary) and on padding.
+placeholder, on each chunk's last position (no target across a boundary) and on padding. A
+document with `trains` (a conversation: loss on the assistant's answers only) has loss exactly
+where its target token trains.
 
 Planning without text. A document may instead carry only its `layout` (`text token count | -1
 per image` per run, from the dataset's token index): the same rules then give the same chunk
@@ -40,10 +42,16 @@ class Document:
     # Without tokens: per run, a text token count or IMAGE, in order (BOS/EOS included).
     layout: Optional[list[int]] = None
     origin: Any = None  # where to read the document back (planned rows)
+    # Per token of `tokens` (markers included): whether predicting it carries loss. None: every
+    # text token does (pre-training documents).
+    trains: Optional[list[bool]] = None
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.layout is None):
             raise ValueError(f"document {self.doc_id}: give tokens or a layout, not both")
+        if self.trains is not None and (self.tokens is None
+                                        or len(self.trains) != len(self.tokens)):
+            raise ValueError(f"document {self.doc_id}: one `trains` flag per token")
         markers = sum(1 for t in (self.tokens if self.tokens is not None else self.layout)
                       if t == IMAGE)
         if markers != len(self.images):
@@ -61,6 +69,7 @@ class Chunk:
     number: int = 0  # which chunk of its document
     origin: Any = None  # the document's `origin`
     void: bool = False  # unreadable when built: padding without loss in its slot
+    trains: Optional[list[bool]] = None  # per kept token, as `Document.trains`
 
 
 @dataclass
@@ -141,31 +150,33 @@ class Packer:
         """(chunks, images dropped), from the tokens or, planned, from the layout alone."""
         if doc.tokens is None:
             return self._split_layout(doc)
-        pieces: list[list[int]] = [[]]
+        pieces: list[list[int]] = [[]]  # token positions in the document
         lengths = [0]
-        for token in doc.tokens:
+        for at, token in enumerate(doc.tokens):
             width = self.k if token == IMAGE else 1
             if lengths[-1] + width > self.seq_length:
                 pieces.append([])
                 lengths.append(0)
-            pieces[-1].append(token)
+            pieces[-1].append(at)
             lengths[-1] += width
         images = iter(doc.images)
         out, dropped = [], 0
         for piece in pieces:
             kept, payloads = [], []
-            for token in piece:
-                if token == IMAGE:
+            for at in piece:
+                if doc.tokens[at] == IMAGE:
                     payload = next(images)
                     if len(payloads) == self.max_images:
                         dropped += 1
                         continue
                     payloads.append(payload)
-                kept.append(token)
-            length = sum(self.k if t == IMAGE else 1 for t in kept)
+                kept.append(at)
+            tokens = [doc.tokens[at] for at in kept]
+            length = sum(self.k if t == IMAGE else 1 for t in tokens)
             if length:
-                out.append(Chunk(doc.doc_id, doc.source, kept, payloads, length, len(out),
-                                 doc.origin))
+                trains = None if doc.trains is None else [doc.trains[at] for at in kept]
+                out.append(Chunk(doc.doc_id, doc.source, tokens, payloads, length, len(out),
+                                 doc.origin, trains=trains))
         return out, dropped
 
     def _split_layout(self, doc: Document) -> tuple[list[Chunk], int]:
@@ -273,9 +284,15 @@ class Packer:
             doc_ids[start:cursor] = index
             sources[start:cursor] = chunk.source
             labels[start:cursor - 1] = tokens[start + 1:cursor]
-            # The last placeholder of an image predicts the first caption token (LLaVA-style);
-            # only targets that are placeholders carry no loss.
-            loss_mask[start:cursor] = (labels[start:cursor] != self.image_token_id).float()
+            if chunk.trains is None:
+                # The last placeholder of an image predicts the first caption token
+                # (LLaVA-style); only targets that are placeholders carry no loss.
+                loss_mask[start:cursor] = (labels[start:cursor] != self.image_token_id).float()
+            else:  # a conversation: loss where the target token trains (the answers)
+                flags: list[bool] = []
+                for token, trains in zip(chunk.tokens, chunk.trains):
+                    flags += [False] * self.k if token == IMAGE else [trains]
+                loss_mask[start:cursor - 1] = torch.tensor(flags[1:], dtype=torch.float)
             loss_mask[cursor - 1] = 0.0  # no target across the boundary
         return PackedRow(tokens, labels, loss_mask, doc_ids, sources, images,
                          [c.doc_id for c in chunks])

@@ -1,6 +1,8 @@
-"""The prompt format of a pre-trained MM1 model (the paper's few-shot evaluation style, §3.4 /
-App. C), in one place: `evaluation.prompts` builds k-shot prompts from it and the HF export
-renders it as the tokenizer's / processor's chat template.
+"""The two prompt formats of MM1, each defined once and rendered both as training / evaluation
+segments and as a transformers chat template (jinja) for the HF export.
+
+**Pre-training format** (the paper's few-shot evaluation style, §3.4 / App. C):
+`evaluation.prompts` builds k-shot prompts from it.
 
     captioning   "<image> A photo of" + " " + caption + "\\n"
     VQA          "<image> Question: {q} Short answer:" + " " + answer + "\\n"
@@ -10,9 +12,24 @@ prompt when the turn has text (the question); each assistant turn is " " + its t
 (an in-context answer). The sequence starts with BOS; nothing is added for the generation
 prompt: the model continues after "A photo of" / "Short answer:". Whitespace in turns is
 collapsed (a newline would read as the separator). System turns do not exist in this format.
+
+**Chat format** (supervised fine-tuning, `mm1-eval --chat`, exports of SFT runs), in the
+style of LLaVA-1.5's conversation template (MM1's SFT data is the LLaVA mixture, §5):
+
+    <s>{system}\n\n                       (optional)
+    User: {text, <image> where an image goes}\n
+    Assistant: {answer}</s>
+    User: ...\n
+    Assistant: {answer}</s>
+
+`</s>` (EOS) ends each assistant turn; the generation prompt is "Assistant:". Loss is on the
+assistant's answers (the leading space, the text, the `</s>`), nowhere else.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 SEPARATOR = "\n"
 CAPTION_PROMPT = " A photo of"
@@ -51,3 +68,101 @@ def pretrain_chat_template(image_token: str = "<image>") -> str:
         "{%- endif -%}",
         "{%- endfor -%}",
     ])
+
+
+# ------------------------------------------------------------------------------- chat format
+
+CHAT_USER = "User: "
+CHAT_ASSISTANT = "Assistant:"
+CHAT_SYSTEM_END = "\n\n"
+CHAT_TURN_END = "\n"  # after a user turn; an assistant turn ends with </s>
+CHAT_FORMAT = "mm1-chat-v1"  # recorded in a dataset's token index
+
+
+class Answer(str):
+    """Assistant text in a rendered conversation: trained on, and followed by `</s>`."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    content: tuple  # text (str) and images (int: the sample's image number), in order
+
+
+ChatSegment = Union[str, int, Answer]
+
+
+def chat_segments(turns: Sequence[Turn]) -> list[ChatSegment]:
+    """A conversation as training segments (BOS / EOS not included; an `Answer` gets its `</s>`
+    when tokenized): prompt text (str, no loss), images (int), answers (`Answer`, loss).
+    Adjacent prompt text is merged, so tokenization breaks only at images and answers, as the
+    HF tokenizer's special tokens do."""
+    out: list[ChatSegment] = []
+
+    def prompt(text: str) -> None:
+        if out and type(out[-1]) is str:
+            out[-1] += text
+        elif text:
+            out.append(text)
+
+    for turn in turns:
+        if turn.role == "system":
+            prompt("".join(turn.content).strip() + CHAT_SYSTEM_END)
+        elif turn.role == "user":
+            prompt(CHAT_USER)
+            for item in turn.content:
+                if isinstance(item, int):
+                    out.append(item)
+                else:
+                    prompt(item)
+            prompt(CHAT_TURN_END)
+        elif turn.role == "assistant":
+            prompt(CHAT_ASSISTANT)
+            out.append(Answer(" " + "".join(turn.content).strip()))
+        else:
+            raise ValueError(f"unknown role {turn.role!r}")
+    return out
+
+
+def chat_template(image_token: str = "<image>") -> str:
+    """The jinja of the chat format: the same text as `chat_segments`, `<image>` per image."""
+    j = _jinja_string
+    return "".join([
+        "{{- bos_token -}}",
+        "{%- for message in messages -%}",
+        "{%- if message['content'] is string -%}",
+        "{%- set items = [{'type': 'text', 'text': message['content']}] -%}",
+        "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}",
+        "{%- if message['role'] == 'user' -%}{{- ", j(CHAT_USER), " -}}",
+        "{%- for item in items -%}",
+        "{%- if item['type'] == 'image' -%}{{- ", j(image_token), " -}}",
+        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}",
+        "{%- endfor -%}{{- ", j(CHAT_TURN_END), " -}}",
+        "{%- else -%}",
+        "{%- set ns = namespace(text='') -%}",
+        "{%- for item in items -%}{%- if item['type'] == 'text' -%}",
+        "{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}{%- endfor -%}",
+        "{%- if message['role'] == 'system' -%}",
+        "{{- ns.text | trim -}}{{- ", j(CHAT_SYSTEM_END), " -}}",
+        "{%- elif message['role'] == 'assistant' -%}",
+        "{{- ", j(CHAT_ASSISTANT + " "), " + (ns.text | trim) + eos_token -}}",
+        "{%- else -%}{{- raise_exception('the chat format has system, user and assistant "
+        "turns; cannot render this ' + message['role'] + ' turn') -}}",
+        "{%- endif -%}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- ", j(CHAT_ASSISTANT), " -}}{%- endif -%}",
+    ])
+
+
+def render_chat(segments: Sequence[ChatSegment], image_token: str = "<image>",
+                bos: str = "<s>", eos: str = "</s>") -> str:
+    """Rendered segments as text (what the jinja template gives for the same turns)."""
+    parts = [bos]
+    for seg in segments:
+        if isinstance(seg, Answer):
+            parts += [seg, eos]
+        elif isinstance(seg, int):
+            parts.append(image_token)
+        else:
+            parts.append(seg)
+    return "".join(parts)

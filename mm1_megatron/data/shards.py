@@ -9,6 +9,11 @@ dot, as webdataset groups them; KEY holds no dot)::
                  KEY.img0.jpg, KEY.img1.png, ...  (image j is named img<j>.<ext>, j = 0, 1, ...
                  in document order; the json names it, the tar holds it)
     text         KEY.json  {"text": "a document"}
+    sft          KEY.json  {"turns": [{"role": "system" | "user" | "assistant",
+                                       "segments": [{"text": "..."}, {"image": "img0.jpg"}]}]}
+                 KEY.img0.jpg, ...  (as interleaved; images only in user turns; turns: an
+                 optional system turn, then user / assistant alternating, ending with the
+                 assistant). Read back as the chat format's segments (`prompt_format`).
 
 <ext> is one of jpg, png, webp, bmp, gif, tiff (lower case). The json may carry an "id" (the
 source record's id) that readers ignore. Our writer uses KEY = 9-digit global sample index.
@@ -60,7 +65,9 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-KINDS = ("caption", "interleaved", "text")
+from mm1_megatron.data.prompt_format import Answer, Turn, chat_segments
+
+KINDS = ("caption", "interleaved", "text", "sft")
 IMAGE_EXTS = ("jpg", "png", "webp", "bmp", "gif", "tiff")
 _EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}
 # Reason codes; 0 is "good". "undecodable_image" is raised by the image decoder (images.py),
@@ -161,6 +168,8 @@ def parse_sample_json(kind: str, raw: bytes) -> tuple[list[Union[str, int]], lis
         raise ValueError("bad_json", str(e).split(":")[0]) from None
     if not isinstance(obj, dict):
         raise ValueError("bad_json", "not an object")
+    if kind == "sft":
+        return _parse_turns(obj)
     if kind in ("caption", "text"):
         text = obj.get("text")
         if not isinstance(text, str):
@@ -194,6 +203,45 @@ def parse_sample_json(kind: str, raw: bytes) -> tuple[list[Union[str, int]], lis
     return out, names
 
 
+def _parse_turns(obj: dict) -> tuple[list[Union[str, int]], list[str]]:
+    """An sft sample's turns -> (chat segments, image names)."""
+    turns = obj.get("turns")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("bad_json", "field 'turns' missing or not a non-empty list")
+    parsed, names = [], []
+    for n, turn in enumerate(turns):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        segs = turn.get("segments") if isinstance(turn, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(segs, list) or not segs:
+            raise ValueError("bad_json", f"turns[{n}] is not {{'role': system|user|assistant, "
+                             "'segments': [...]}")
+        content: list[Union[str, int]] = []
+        for seg in segs:
+            if isinstance(seg, dict) and len(seg) == 1 and isinstance(seg.get("text"), str):
+                content.append(seg["text"])
+            elif role == "user" and isinstance(seg, dict) and len(seg) == 1 and \
+                    isinstance(seg.get("image"), str):
+                name, j = seg["image"], len(names)
+                if name.lower() != f"img{j}.{normalize_ext(name)}" or \
+                        normalize_ext(name) not in IMAGE_EXTS:
+                    raise ValueError("bad_json", f"turns[{n}]: image {name!r} must be named "
+                                     f"img{j}.<{'|'.join(IMAGE_EXTS)}>")
+                content.append(j)
+                names.append(name)
+            else:
+                raise ValueError("bad_json", f"turns[{n}]: a segment is not {{'text': str}}"
+                                 + (" or {'image': str}" if role == "user" else ""))
+        if role != "user" and not "".join(content).strip():
+            raise ValueError("empty_text", f"turns[{n}]")
+        parsed.append(Turn(role, tuple(content)))
+    roles = [t.role for t in parsed]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body or body != ["user", "assistant"] * (len(body) // 2) or len(body) % 2:
+        raise ValueError("bad_json", "turns must be [system], then user / assistant "
+                         "alternating, ending with an assistant turn")
+    return chat_segments(parsed), names
+
+
 # ------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------
@@ -206,6 +254,7 @@ class RawSample:
     segments: list[Union[str, int]]
     images: list[tuple[str, bytes]] = field(default_factory=list)
     source_id: Optional[str] = None
+    turns: Optional[list[Turn]] = None  # kind sft: the conversation (ints: image numbers)
 
 
 def _members(kind: str, key: str, s: RawSample) -> dict[str, bytes]:
@@ -218,6 +267,19 @@ def _members(kind: str, key: str, s: RawSample) -> dict[str, bytes]:
         members = {ext: data}
     elif kind == "text":
         obj, members = {"text": s.segments[0]}, {}
+    elif kind == "sft":
+        obj, members = {"turns": []}, {}
+        for turn in s.turns or []:
+            segs = []
+            for item in turn.content:
+                if isinstance(item, str):
+                    segs.append({"text": item})
+                else:
+                    ext, data = s.images[item]
+                    name = f"img{len(members)}.{ext}"
+                    segs.append({"image": name})
+                    members[name] = data
+            obj["turns"].append({"role": turn.role, "segments": segs})
     else:
         obj, members = {"segments": []}, {}
         for seg in s.segments:
@@ -331,8 +393,10 @@ def tokenizer_record(tokenizer) -> dict:
 
 
 def segment_runs(segments: list[Union[str, int]], tokenizer) -> list[int]:
-    """A document's layout for the packer: text token count per text segment, -1 per image."""
-    return [-1 if isinstance(s, int) else tokenizer.count(s) for s in segments]
+    """A document's layout for the packer: text token count per text segment, -1 per image
+    (an `Answer` counts its closing `</s>` too)."""
+    return [-1 if isinstance(s, int) else tokenizer.count(s) + isinstance(s, Answer)
+            for s in segments]
 
 
 def _save_token_index(folder: Path, runs: list[list[int]]) -> None:
