@@ -27,7 +27,7 @@ from mm1_megatron.data.mixture import SOURCES, row_stream, source_shares
 from mm1_megatron.data.packing import IMAGE, Document, Packer
 
 UNITS = ("sequences", "documents")
-WEIGHTS = [0.45, 0.45, 0.10]
+WEIGHTS = [0.45, 0.45, 0.10, 0.0]  # MM1's mixture; no SFT conversations
 
 
 def synthetic_document(source: int, epoch: int, index: int, doc_id: int) -> Document:
@@ -46,7 +46,7 @@ def synthetic_document(source: int, epoch: int, index: int, doc_id: int) -> Docu
     return Document(doc_id, source, tokens, [None] * tokens.count(IMAGE))
 
 
-def synthetic_shares(unit: str, rows: int, sizes=(200_000, 200_000, 200_000)) -> dict:
+def synthetic_shares(unit: str, rows: int, sizes=(200_000, 200_000, 200_000, 0)) -> dict:
     stream = row_stream(unit, list(sizes), WEIGHTS, 0,
                         lambda: Packer(4096, 144, 16, image_token_id=3), synthetic_document)
     return source_shares([row for row, _ in itertools.islice(iter(stream), rows)])

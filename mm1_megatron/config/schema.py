@@ -163,7 +163,9 @@ class DataConfig:
     weight_interleaved: float = 0.45
     weight_caption: float = 0.45
     weight_text: float = 0.10
-    path: str = ""  # root folder holding the three shard sets
+    # Supervised fine-tuning conversations (the SFT presets: the only source).
+    weight_sft: float = 0.0
+    path: str = ""  # root folder holding the shard sets (interleaved/, caption/, text/, sft/)
     tokenizer_model: str = ""  # sentencepiece .model
     num_workers: int = 2  # DALI decoding threads
     prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline)

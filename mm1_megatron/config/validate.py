@@ -63,7 +63,7 @@ _POSITIVE_FLOATS = {"vision.layernorm_eps", "llm.norm_eps", "llm.rope_theta", "t
 
 # The loader's dataset folders under data.path, in mixture order (mm1_megatron.data.mixture
 # .SOURCES; config sits below data, so the names are repeated here), one data.weight_* each.
-SOURCES = ("interleaved", "caption", "text")
+SOURCES = ("interleaved", "caption", "text", "sft")
 # The special pieces and the ids every tokenizer must give them (mm1_megatron.data.tokenizer
 # .SPECIAL_TOKENS, which the loader checks; tests/test_config.py keeps the two equal).
 TOKENIZER_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3, "<eoc>": 4, "<unk>": 5}
@@ -232,8 +232,9 @@ def _validate_train(cfg: Config, fp8_ok: bool) -> None:
     d = cfg.data
     # Each weight is finite and >= 0 (`_validate_positive` names the one that is not).
     _require(sum(getattr(d, f"weight_{source}") for source in SOURCES) > 0,
-             "data.weight_interleaved", "data.weight_interleaved, data.weight_caption and "
-             "data.weight_text are all zero: the mixture would draw nothing")
+             "data.weight_interleaved", "data.weight_interleaved, data.weight_caption, "
+             "data.weight_text and data.weight_sft are all zero: the mixture would draw "
+             "nothing")
 
 
 def _validate_data_files(cfg: Config) -> None:

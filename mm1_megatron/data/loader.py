@@ -130,7 +130,8 @@ class MultimodalLoader:
                           cfg.llm.image_token_id, pad_id=PAD_ID, stats=stats)
 
         self.stream = row_stream(
-            d.mixture_unit, sizes, [d.weight_interleaved, d.weight_caption, d.weight_text],
+            d.mixture_unit, sizes,
+            [d.weight_interleaved, d.weight_caption, d.weight_text, d.weight_sft],
             cfg.train.seed, lambda: packer(self.packing), self._document, state)
         self.rows = rank_rows(self.stream, dp_rank, dp_size)
         # Splits this rank's documents again once tokenized (stats-free: planning counted).

@@ -23,6 +23,7 @@ documents follow a seeded permutation per epoch, evaluated per position in O(1) 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -31,7 +32,7 @@ import torch
 from mm1_megatron.data.packing import Document, Packer, PackedRow
 from mm1_megatron.data.permutation import FeistelPermutation
 
-SOURCES = ("interleaved", "caption", "text")
+SOURCES = ("interleaved", "caption", "text", "sft")
 MIXTURE_UNITS = ("sequences", "documents")
 
 
@@ -177,6 +178,9 @@ class RowStream:
         pending: list[tuple[PackedRow, RowSnapshot]] = []
         if self.start.snapshot is not None:
             self.sampler.state = self.start.snapshot.mixture.copy()
+            # A position saved before a source was added drew nothing from it.
+            missing = len(self.sampler.sizes) - len(self.sampler.state.counts)
+            self.sampler.state.counts += [0] * missing
             doc, before = self._next_document()
             chunks = self.packer.chunks(doc)[self.start.snapshot.first_chunk:]
             pending += self._place(chunks, before, self.start.snapshot.first_chunk)
@@ -211,6 +215,10 @@ class SourceRowStream:
         n = len(sizes)
         self.start = start or LoaderState(0, None, unit="sequences",
                                           sources=[SourcePosition(0, None)] * n)
+        if self.start.sources is not None and len(self.start.sources) < n:
+            # Saved before a source was added: no rows taken from it yet.
+            missing = [SourcePosition(0, None)] * (n - len(self.start.sources))
+            self.start = dataclasses.replace(self.start, sources=self.start.sources + missing)
         if self.start.unit != "sequences" or self.start.sources is None \
                 or len(self.start.sources) != n:
             raise ValueError(f"a loader position per {self.start.unit} cannot resume a stream "

@@ -73,6 +73,26 @@ def test_resume_is_exact(unit):
 
 
 @pytest.mark.parametrize("unit", UNITS)
+def test_a_position_saved_before_the_sft_source_existed_resumes(unit):
+    """Checkpoints from before `sft` joined the sources hold three per-source entries; with a
+    fourth, empty, zero-weight source the stream resumes with the same rows (tokens and
+    images; document ids, unique per source count, are numbered anew)."""
+    def signature(row) -> tuple:
+        return tuple(row.tokens.tolist()), tuple(row.images)
+
+    def four(start=None):
+        return row_stream(unit, SIZES + [0], WEIGHTS + [0.0], 3,
+                          lambda: Packer(seq_length=96, tokens_per_image=8, max_images=4,
+                                         image_token_id=3), read, start)
+
+    full = [signature(r) for r, _ in take(iter(four()), 40)]
+    assert full == [signature(r) for r, _ in take(iter(stream(unit=unit)), 40)]
+    old = take(iter(stream(unit=unit)), 17)[-1][1].to_dict()  # a three-source position
+    rest = [signature(r) for r, _ in take(iter(four(LoaderState.from_dict(old))), 23)]
+    assert rest == full[17:]
+
+
+@pytest.mark.parametrize("unit", UNITS)
 def test_resume_from_dp2_on_dp1_and_dp3(unit):
     def stream(start=None):
         return globals()["stream"](start, unit)
