@@ -2,7 +2,9 @@
 
     python tools/make_demo_data.py --output demo_data
 
-Writes DIR/caption, DIR/interleaved, DIR/text (prepared shard folders) and DIR/tokenizer.model
+Writes DIR/caption, DIR/interleaved, DIR/text, DIR/sft (prepared shard folders; `sft`: short
+hand-written conversations about the photos, for `demo-sft`), DIR/sft_heldout.jsonl (held-out
+conversations, LLaVA format, for `mm1-eval --chat`) and DIR/tokenizer.model
 (vocab <= 2048, the `demo` preset's llm.vocab_size). Images: 16 photos shipped inside the
 scikit-image package, each JPEG-encoded in 4 crops/sizes (64 images, no network). Captions,
 interleaved documents and text documents are hand-written below. Deterministic: same bytes on
@@ -189,6 +191,58 @@ TEXTS: list[str] = [
 ]
 
 
+# Hand-written conversations about the photos (the `sft` set, for `demo-sft`): photo, variant,
+# then (question, answer) turns. The first image of each conversation comes with its first
+# question. HELD_OUT ones are not trained on (mm1-eval --chat scores them).
+CONVERSATIONS: list[tuple[str, int, list[tuple[str, str]]]] = [
+    ("astronaut.png", 0, [("What is the person wearing?", "A white spacesuit."),
+                          ("What is behind her?", "An American flag.")]),
+    ("astronaut.png", 1, [("What is her job?", "She is an astronaut.")]),
+    ("chelsea.png", 0, [("What animal is this?", "A cat."),
+                        ("What colour is its fur?", "Orange with brown stripes.")]),
+    ("chelsea.png", 2, [("What colour are the cat's eyes?", "Yellow.")]),
+    ("coffee.png", 0, [("What drink is shown?", "A cup of coffee."),
+                       ("What is the cup standing on?", "A saucer on a red table.")]),
+    ("coffee.png", 1, [("Is there foam on the drink?", "Yes, milk foam.")]),
+    ("rocket.jpg", 0, [("What is happening?", "A rocket is lifting off."),
+                       ("What is under the rocket?", "Flames and smoke.")]),
+    ("rocket.jpg", 2, [("Is the rocket on the ground or in the air?", "In the air.")]),
+    ("motorcycle_left.png", 0, [("What vehicle is this?", "A motorcycle."),
+                                ("Where is it parked?", "In a garage.")]),
+    ("motorcycle_left.png", 1, [("What colour is the motorbike?", "Red.")]),
+    ("hubble_deep_field.jpg", 0, [("What are the small lights?", "Distant galaxies.")]),
+    ("hubble_deep_field.jpg", 1, [("Which telescope took this?", "The Hubble telescope.")]),
+    ("retina.jpg", 0, [("What does this image show?", "The retina of an eye.")]),
+    ("ihc.png", 0, [("What kind of image is this?", "A stained tissue sample under a "
+                                                     "microscope.")]),
+    ("camera.png", 0, [("What is the man holding?", "A camera on a tripod."),
+                       ("Is the photo in colour?", "No, it is black and white.")]),
+    ("coins.png", 0, [("What objects are shown?", "Old coins."),
+                      ("How many rows of coins are there?", "Four rows.")]),
+    ("moon.png", 0, [("What is this?", "The surface of the Moon.")]),
+    ("brick.png", 0, [("What is the texture?", "A brick wall.")]),
+    ("grass.png", 0, [("What is shown?", "Grass.")]),
+    ("page.png", 0, [("What is on the page?", "Printed text.")]),
+    ("clock_motion.png", 0, [("What object is this?", "A clock, blurred by motion.")]),
+    ("cell.png", 0, [("What is this image of?", "A cell under a microscope.")]),
+    # held out
+    ("chelsea.png", 3, [("What animal is this?", "A cat.")]),
+    ("rocket.jpg", 3, [("What is happening?", "A rocket is lifting off.")]),
+    ("coffee.png", 3, [("What drink is shown?", "A cup of coffee.")]),
+]
+HELD_OUT = 3  # the last ones
+
+
+def _conversation(name: str, turns: list[tuple[str, str]], image: int) -> list:
+    from mm1_megatron.data.prompt_format import Turn
+
+    out = []
+    for n, (question, answer) in enumerate(turns):
+        out.append(Turn("user", (image, "\n" + question) if n == 0 else (question,)))
+        out.append(Turn("assistant", (answer,)))
+    return out
+
+
 def _variant(im, k: int):
     """Crop/size variant k of a PIL image (deterministic)."""
     from PIL import Image
@@ -248,6 +302,9 @@ def make_demo_data(output: str | Path, vocab_size: int = DEMO_VOCAB,
                 segs.append(len(imgs) - 1)
         docs.append(RawSample(segs, imgs, f"doc{n}"))
     texts = [RawSample([t], [], f"text{n}") for n, t in enumerate(TEXTS)]
+    conversations = [RawSample([], [("jpg", jpegs[name, k])], f"{name}#{k}#chat",
+                               turns=_conversation(name, turns, 0))
+                     for name, k, turns in CONVERSATIONS[:-HELD_OUT]]
 
     corpus = ([c for caps in PHOTOS.values() for c in caps] + TEXTS
               + [s for d in DOCUMENTS for s in d if isinstance(s, str)])
@@ -255,7 +312,10 @@ def make_demo_data(output: str | Path, vocab_size: int = DEMO_VOCAB,
                                exact_vocab=False)
     tok = Tokenizer.load(tok_path)
     counts = {}
-    for kind, samples in (("caption", captions), ("interleaved", docs), ("text", texts)):
+    # The tokenizer is trained without the conversations (byte fallback covers their words):
+    # the pre-training demo's tokenizer, and so its figures, stay what they were.
+    for kind, samples in (("caption", captions), ("interleaved", docs), ("text", texts),
+                          ("sft", conversations)):
         m = write_dataset(samples, out / kind, kind, shard_size_mb=0.5 if kind == "caption"
                           else 64, tokenizer=tok, progress=progress, total=len(samples))
         # The manifest must not depend on where DIR lives (reproducible bytes).
@@ -264,6 +324,17 @@ def make_demo_data(output: str | Path, vocab_size: int = DEMO_VOCAB,
         counts[kind] = m["samples"]
         counts["images"] = counts.get("images", 0) + m["images"]
     counts["vocab_size"] = tok.vocab_size
+    with open(out / "sft_heldout.jsonl", "w") as f:  # held out: LLaVA format, image paths
+        for name, k, turns in CONVERSATIONS[-HELD_OUT:]:
+            image = f"heldout/{name.split('.')[0]}_{k}.jpg"
+            (out / "heldout").mkdir(exist_ok=True)
+            (out / image).write_bytes(jpegs[name, k])
+            conv = []
+            for n, (question, answer) in enumerate(turns):
+                conv += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + question},
+                         {"from": "gpt", "value": answer}]
+            f.write(json.dumps({"id": f"{name}#{k}", "image": image,
+                                "conversations": conv}) + "\n")
     (out / "demo.json").write_text(json.dumps(counts, indent=1) + "\n")
     return counts
 

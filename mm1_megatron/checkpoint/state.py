@@ -24,7 +24,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mm1_megatron.checkpoint.directory import (checkpoint_root, complete_checkpoints, prune,
-                                               step_dir_name, write_latest, write_manifest)
+                                               resolve_checkpoint, step_dir_name, write_latest,
+                                               write_manifest)
 from mm1_megatron.runtime import comm_device
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -66,8 +67,7 @@ def load_model_weights(path: str | Path, model) -> None:
     """Collective. Only the model part of a checkpoint (any layout) into `model`, a list of
     chunks: to initialise a new run (optimizer, scheduler and loader start fresh), or to
     evaluate / convert in one process."""
-    if not Path(path, "metadata.json").is_file():
-        raise FileNotFoundError(f"{path}: not a dist_checkpointing checkpoint directory")
+    path = resolve_checkpoint(path)  # a checkpoint, or a run / checkpoints dir (its latest)
     loaded = dist_checkpointing.load({"model": model_sharded_state(model)}, str(path))
     load_model_state(model, loaded["model"])
 

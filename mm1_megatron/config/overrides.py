@@ -62,6 +62,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             return float(value)
         raise ConfigError(path, f"expected a number, got {value!r}")
     if annotation is str:
+        if isinstance(value, list):  # train.freeze=[vision, connector]
+            return ",".join(str(v) for v in value)
         return str(value)
     raise ConfigError(path, f"cannot set a field of type {annotation}")
 

@@ -105,6 +105,43 @@ PRESETS: dict[str, Callable[[], Config]] = {
 }
 
 
+# Supervised fine-tuning (MM1 §5: encoder and LLM both unfrozen, LLaVA-style conversations).
+# The paper gives no SFT optimiser settings here, so these are LLaVA-1.5's fine-tuning defaults:
+# lr 2e-5, batch 128, 2048 tokens, one epoch of its 665k conversations (5,200 steps), 3%
+# warmup, cosine to 0, no weight decay. The data is the `sft` source alone; the weights come
+# from a pre-training run (checkpoint.init_from, a run dir or a checkpoint).
+def _sft(base: str, **train: Any) -> Config:
+    cfg = PRESETS[base]()
+    cfg.preset, cfg.run_dir = f"{base}-sft", f"runs/{base}-sft"
+    d = cfg.data
+    d.weight_interleaved = d.weight_caption = d.weight_text = 0.0
+    d.weight_sft = 1.0
+    d.seq_length, d.max_images_per_sequence = 2048, 8
+    t = cfg.train
+    settings = dict(global_batch_size=128, train_steps=5200, lr=2e-5, warmup_steps=156,
+                    min_lr_ratio=0.0, weight_decay_ratio=0.0)
+    settings.update(train)
+    for key, value in settings.items():
+        setattr(t, key, value)
+    cfg.checkpoint.init_from = f"runs/{base}"
+    return cfg
+
+
+def _demo_sft() -> Config:
+    """`demo-sft`: the demo model fine-tuned on demo_data/sft from runs/demo (minutes on CPU)."""
+    cfg = _sft("demo", global_batch_size=8, train_steps=40, lr=2e-4, warmup_steps=4)
+    cfg.data.seq_length = 256  # the demo model's own (its conversations are short)
+    cfg.checkpoint.save_interval = 20
+    return cfg
+
+
+PRESETS.update({
+    "demo-sft": _demo_sft,
+    **{f"{base}-sft": (lambda base=base: _sft(base))
+       for base in ("mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe64", "mm1-7b-moe32")},
+})
+
+
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

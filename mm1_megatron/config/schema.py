@@ -232,6 +232,9 @@ class TrainConfig:
     fp8_recipe: Fp8Recipe = "delayed"
     seed: int = 1234
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps before the run saves and stops
+    # Parts not trained (ablations): comma-separated subset of vision, connector, llm; "" trains
+    # everything (MM1's SFT unfreezes the encoder and the LLM).
+    freeze: str = ""
 
 
 @dataclass

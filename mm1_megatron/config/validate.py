@@ -64,6 +64,7 @@ _POSITIVE_FLOATS = {"vision.layernorm_eps", "llm.norm_eps", "llm.rope_theta", "t
 # The loader's dataset folders under data.path, in mixture order (mm1_megatron.data.mixture
 # .SOURCES; config sits below data, so the names are repeated here), one data.weight_* each.
 SOURCES = ("interleaved", "caption", "text", "sft")
+FREEZABLE = ("vision", "connector", "llm")  # train.freeze: MM1Model's parts
 # The special pieces and the ids every tokenizer must give them (mm1_megatron.data.tokenizer
 # .SPECIAL_TOKENS, which the loader checks; tests/test_config.py keeps the two equal).
 TOKENIZER_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3, "<eoc>": 4, "<unk>": 5}
@@ -222,6 +223,12 @@ def _validate_train(cfg: Config, fp8_ok: bool) -> None:
                  f"{t.fp8!r} needs Transformer Engine and an FP8 GPU (Hopper); not found here")
         _require(t.precision == "bf16", "train.fp8", "FP8 training runs with train.precision=bf16")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
+    parts = [p.strip() for p in t.freeze.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in FREEZABLE]
+    _require(not unknown, "train.freeze", f"{', '.join(unknown)} is not one of "
+             f"{', '.join(FREEZABLE)} (comma-separated)")
+    _require(len(set(parts)) < len(FREEZABLE), "train.freeze",
+             "freezes every part: nothing would train")
     for beta in ("adam_beta1", "adam_beta2"):  # torch.optim.Adam's rule: 0 <= beta < 1
         value = getattr(t, beta)
         _require(0.0 <= value < 1.0, f"train.{beta}", f"must lie in [0, 1), got {value}")

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD
-from mm1_megatron.data.prompt_format import pretrain_chat_template
+from mm1_megatron.data.prompt_format import chat_template, pretrain_chat_template
 from mm1_megatron.data.tokenizer import (BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, SPECIAL_TOKENS,
                                          UNK_ID)
 
@@ -121,7 +121,7 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
                    **specials)
         if images:
             tok["extra_special_tokens"] = {"image_token": IMAGE_TOKEN}
-            tok["chat_template"] = pretrain_chat_template(IMAGE_TOKEN)
+            tok["chat_template"] = export_chat_template(cfg)
         tok["added_tokens_decoder"] = {
             str(i): {"content": piece, "special": True, "lstrip": False, "rstrip": False,
                      "normalized": False, "single_word": False}
@@ -143,8 +143,19 @@ def write_side_files(out: Path, cfg: Config, images: bool, tokenizer_model: Opti
         if (out / "tokenizer_config.json").is_file():  # the processor needs the tokenizer
             (out / "processor_config.json").write_text(json.dumps(processor_dict(cfg), indent=2)
                                                        + "\n")
-            (out / "chat_template.jinja").write_text(pretrain_chat_template(IMAGE_TOKEN))
+            (out / "chat_template.jinja").write_text(export_chat_template(cfg))
     return notes
+
+
+def is_chat_model(cfg: Config) -> bool:
+    """A run trained on conversations (an SFT run) speaks the chat format."""
+    return cfg.data.weight_sft > 0
+
+
+def export_chat_template(cfg: Config) -> str:
+    """The chat format for SFT runs, the pre-training prompt format otherwise."""
+    return chat_template(IMAGE_TOKEN) if is_chat_model(cfg) else \
+        pretrain_chat_template(IMAGE_TOKEN)
 
 
 def _billions(n: int) -> str:
@@ -171,8 +182,11 @@ def model_card(cfg: Config, report: dict) -> str:
         "An MM1-style multimodal LLM (arXiv 2403.09611): a CLIP ViT image encoder, a "
         f"{cfg.connector.type} connector ({cfg.connector.num_tokens} tokens per image) and a "
         "decoder-only LLM, pre-trained on interleaved image-text documents, image-caption "
-        "pairs and text. This is a pre-trained model, not an instruction-tuned one: prompt it "
-        "the way the paper evaluates it (the chat template renders that format).", "",
+        "pairs and text" + (
+            ", then fine-tuned on conversations (the chat template renders their format: "
+            "`User: ...` / `Assistant: ...`)." if is_chat_model(cfg) else
+            ". This is a pre-trained model, not an instruction-tuned one: prompt it the way "
+            "the paper evaluates it (the chat template renders that format)."), "",
         "| | |", "|---|---|",
         f"| parameters | {_billions(n.total)} total, {_billions(n.active)} active per token |",
         f"| image encoder | ViT {v.layers_built} layers, width {v.hidden_size}, patch "

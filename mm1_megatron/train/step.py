@@ -54,6 +54,7 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
         module = MM1Model(cfg, use_te, pre_process=first, post_process=last,
                           pp_rank=ps.get_pipeline_model_parallel_rank(), vp_stage=vp)
         module.model_type = ModelType.encoder_or_decoder  # what the schedules expect of a GPT
+        freeze(module, cfg.train.freeze)
         # Weights are initialised on the host (identical for every TP size); the whole module,
         # buffers included, goes to the device before DDP, as Megatron-LM does.
         module.to(training_device())
@@ -64,6 +65,16 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
     config.no_sync_func = [chunk.no_sync for chunk in model] if chunks > 1 else model[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return model
+
+
+def freeze(module: MM1Model, parts: str) -> None:
+    """`train.freeze`: the named parts keep their weights (no gradients; DDP and the optimizer
+    skip parameters that do not require them)."""
+    for name in filter(None, (p.strip() for p in parts.split(","))):
+        part = {"vision": module.vision, "connector": module.connector,
+                "llm": module.language_model}[name]
+        for param in part.parameters() if part is not None else ():
+            param.requires_grad_(False)
 
 
 def build_optimizer(cfg: Config, model: list[DDP]) -> tuple[MegatronOptimizer,

@@ -41,6 +41,11 @@ def case_export(root: str, tokenizer: str) -> dict:
     _save_single(str(run), overrides)
     report = export(run, Path(root) / "hf", load_config("tiny", overrides), progress=False,
                     log=lambda *_: None)
+    # the same weights as an SFT run's export: the chat format's template
+    sft = overrides + ["data.weight_interleaved=0", "data.weight_caption=0",
+                       "data.weight_text=0", "data.weight_sft=1"]
+    export(run, Path(root) / "hf_sft", load_config("tiny", sft), progress=False, verify=False,
+           log=lambda *_: None)
     return {"parity": report["parity"], "notes": report["notes"]}
 
 
@@ -343,3 +348,34 @@ def test_files_readable_and_model_card(exported):
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
     assert f"{report['parity']['max_abs_logit_diff']:.2e}" in card
     assert "AutoProcessor.from_pretrained" in card
+
+
+def test_an_sft_export_renders_the_chat_format_training_used(exported, photos):
+    from transformers import AutoProcessor
+
+    from mm1_megatron.data.prompt_format import CHAT_ASSISTANT, Answer, Turn, chat_segments
+    from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, Tokenizer
+
+    d, _, tokenizer = exported
+    processor = AutoProcessor.from_pretrained(d.parent / "hf_sft", trust_remote_code=True)
+    turns = [Turn("system", ("Answer briefly.",)), Turn("user", (0, "\nWhat is this?")),
+             Turn("assistant", ("A cat.",)), Turn("user", ("And this?", 1))]
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "image", "image": photos[1]},
+                                             {"type": "text", "text": "\nWhat is this?"}]},
+                {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": [{"type": "text", "text": "And this?"},
+                                             {"type": "image", "image": photos[3]}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           add_generation_prompt=True, return_tensors="pt")
+    # training's tokenization of the same turns, then the generation prompt
+    segments = chat_segments(turns)
+    segments[-1] += CHAT_ASSISTANT
+    tok, k = Tokenizer.load(tokenizer), processor.num_image_tokens
+    want = [BOS_ID]
+    for seg in segments:
+        want += [IMAGE_ID] * k if isinstance(seg, int) else tok.encode(seg) + \
+            ([EOS_ID] if isinstance(seg, Answer) else [])
+    assert inputs["input_ids"][0].tolist() == want
+    assert inputs["image_counts"].tolist() == [2]
+    assert "fine-tuned on conversations" in (d.parent / "hf_sft" / "README.md").read_text()

@@ -11,7 +11,8 @@ import pytest
 from mm1_megatron.config import get_preset
 from mm1_megatron.data.shards import open_dataset
 from mm1_megatron.data.tokenizer import IMAGE_ID, Tokenizer
-from tools.make_demo_data import DOCUMENTS, PHOTOS, TEXTS, VARIANTS, make_demo_data
+from tools.make_demo_data import (CONVERSATIONS, DOCUMENTS, HELD_OUT, PHOTOS, TEXTS, VARIANTS,
+                                  make_demo_data)
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,17 @@ def test_counts_match_what_it_claims(demo):
     assert counts == json.loads((out / "demo.json").read_text())
     assert counts["caption"] == len(PHOTOS) * len(VARIANTS) >= 50
     assert counts["interleaved"] == len(DOCUMENTS) and counts["text"] == len(TEXTS)
+    assert counts["sft"] == len(CONVERSATIONS) - HELD_OUT
     images = 0
-    for kind in ("caption", "interleaved", "text"):
+    for kind in ("caption", "interleaved", "text", "sft"):
         ds = open_dataset(out / kind, verify=True)
         assert len(ds) == counts[kind] == ds.manifest["samples"] and ds.manifest["bad"] == {}
         images += ds.manifest["images"]
     assert images == counts["images"]
+    # the held-out conversations: LLaVA format, their images next to them, not in the shards
+    held = [json.loads(line) for line in (out / "sft_heldout.jsonl").read_text().splitlines()]
+    assert len(held) == HELD_OUT and all((out / h["image"]).is_file() for h in held)
+    assert {h["id"] for h in held} == {f"{n}#{k}" for n, k, _ in CONVERSATIONS[-HELD_OUT:]}
 
 
 def test_every_sample_reads_and_images_are_real_jpegs(demo):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests._procs import free_port
+from tests._procs import free_port, run_ranks
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +73,37 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {checkpoints / 'step_00000008'} at step 8" in again.stdout
     assert [s for s, _ in scalars(run_dir, "loss/lm")][-2:] == [9, 10]
+
+    # SFT from this run (its latest checkpoint, given as the run dir), the ViT frozen: loss
+    # on the conversations' answers only, logged per source as loss/sft.
+    sft_dir = tmp_path / "sft"
+    cmd = command(demo_data, sft_dir, "train.train_steps=3", "checkpoint.save_interval=3",
+                  f"checkpoint.init_from={run_dir}", "train.freeze=[vision]")
+    cmd[cmd.index("demo")] = "demo-sft"
+    sft = run(cmd)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert f"initialised model weights from {run_dir}" in sft.stdout
+    assert len(scalars(sft_dir, "loss/sft")) == 3 and not scalars(sft_dir, "loss/caption")
+    same = run_ranks(__file__, "case_parts_changed", timeout=300, kwargs={
+        "before": str(checkpoints / "step_00000010"),
+        "after": str(sft_dir / "checkpoints" / "step_00000003")})[0]
+    assert same == {"vision": False, "connector": True, "language_model": True}
+
+
+def case_parts_changed(before: str, after: str) -> dict:
+    """Per model part: whether any of its tensors differs between two checkpoints."""
+    import torch
+
+    from mm1_megatron.convert.reader import CheckpointReader
+
+    a, b = CheckpointReader(before), CheckpointReader(after)
+    keys = sorted(a.meta)
+    assert keys == sorted(b.meta)
+    changed: dict = {}
+    for key, x, y in zip(keys, a.load([(k, ()) for k in keys]), b.load([(k, ()) for k in keys])):
+        part = key.split(".")[0]
+        changed[part] = changed.get(part, False) or not torch.equal(x, y)
+    return changed
 
 
 def test_sigusr1_checkpoints_and_exits_for_requeue(demo_data, tmp_path):
