@@ -9,6 +9,13 @@ Writes OUTPUT/images/*.jpg (one JPEG per photo, the first crop variant in the sh
 
 VQA questions per photo: "What is in the photo?" (answers from the photo's subject, a few
 synonyms spread over the 10 answers) and "Is this photo in black and white?" (yes/no).
+
+For `mm1-eval --chat` (a `demo-sft` model), zero-shot:
+
+    OUTPUT/chat_vqa.jsonl     the held-out conversations' questions (demo_data's
+                              sft_heldout.jsonl) as short-answer VQA, 10 x their answer
+    OUTPUT/chat_choice.jsonl  "What is in the photo?" with 3 options (the subject, two others)
+    OUTPUT/chat_yesno.jsonl   "Is there a <subject> in the image?" once true, once false
 Deterministic. The task format is documented in mm1_megatron/evaluation/tasks.py.
 """
 
@@ -81,8 +88,45 @@ def make_demo_tasks(data: str | Path, output: str | Path) -> dict[str, Path]:
             vqa_lines.append({"id": f"{stem}/bw", "image": rel,
                               "question": "Is this photo in black and white?",
                               "answers": ["yes" if gray else "no"] * 10})
+    chat = _chat_tasks(data, out, sorted(p for p in first_image if p in SUBJECTS))
     return {"caption": write_task(out / "caption.jsonl", cap_lines),
-            "vqa": write_task(out / "vqa.jsonl", vqa_lines)}
+            "vqa": write_task(out / "vqa.jsonl", vqa_lines), **chat}
+
+
+def _chat_tasks(data: Path, out: Path, photos: list[str]) -> dict[str, Path]:
+    import json
+
+    from mm1_megatron.evaluation.tasks import write_task
+
+    vqa = []
+    held = data / "sft_heldout.jsonl"
+    for line in held.read_text().splitlines() if held.is_file() else []:
+        record = json.loads(line)
+        image = f"images/heldout_{Path(record['image']).name}"
+        (out / image).write_bytes((data / record["image"]).read_bytes())
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        answer = record["conversations"][1]["value"].rstrip(".")
+        vqa.append({"id": record["id"], "image": image, "question": question,
+                    "answers": [answer] * 10})
+    choice, yesno = [], []
+    subjects = [SUBJECTS[p][0][0] for p in photos]
+    for n, photo in enumerate(photos):
+        stem = photo.rsplit(".", 1)[0]
+        rel = f"images/{stem}.jpg"
+        subject = subjects[n]
+        others = [subjects[(n + 3) % len(photos)], subjects[(n + 7) % len(photos)]]
+        options = [subject, *others]
+        order = [options[(i + n) % 3] for i in range(3)]  # the answer's letter varies
+        choice.append({"id": stem, "image": rel, "question": "What is in the photo?",
+                       "options": order, "answer": "ABC"[order.index(subject)]})
+        for kind, thing in (("yes", subject), ("no", others[0])):
+            article = "an" if thing[0] in "aeiou" else "a"
+            yesno.append({"id": f"{stem}/{kind}", "image": rel,
+                          "question": f"Is there {article} {thing} in the image?",
+                          "answer": kind})
+    return {"chat_vqa": write_task(out / "chat_vqa.jsonl", vqa),
+            "chat_choice": write_task(out / "chat_choice.jsonl", choice),
+            "chat_yesno": write_task(out / "chat_yesno.jsonl", yesno)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -3,6 +3,13 @@
     mm1-eval --run-dir runs/demo --preset demo --task demo_tasks/caption.jsonl \\
              --task demo_tasks/vqa.jsonl --shots 0 4 8
 
+    mm1-eval --run-dir runs/demo-sft --chat --task demo_tasks/chat_vqa.jsonl \\
+             --task demo_tasks/chat_choice.jsonl --task demo_tasks/chat_yesno.jsonl
+
+`--chat` evaluates a fine-tuned (SFT) model zero-shot in the chat format: short-answer VQA
+(VQA accuracy), multiple choice (accuracy of the letter read from the answer) and yes/no
+(accuracy; F1 and the "yes" share in --output).
+
 The model is described by the same preset (+ YAML + key=value overrides) the run trained
 with; it is built in one process (TP=PP=1) and the model part of the checkpoint is loaded
 into it. Prints a table (CIDEr x100 for captioning, VQA accuracy in % for VQA) and, with
@@ -39,11 +46,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--support", action="append", default=None, metavar="FILE.jsonl",
                    help="support set per --task, in the same order (default: the task "
                         "file itself, minus the query)")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
+    p.add_argument("--shots", type=int, nargs="+", default=None,
+                   help="in-context examples per prompt (default 0 4 8; --chat: 0)")
+    p.add_argument("--chat", action="store_true",
+                   help="zero-shot in the chat format (SFT models): vqa, choice, yesno tasks")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate only the first N examples per task")
     p.add_argument("--seed", type=int, default=0, help="draw of the in-context examples")
-    p.add_argument("--max-new-tokens", type=int, help="default: 20 captioning, 10 VQA")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="default: 20 captioning, 10 VQA, 8 choice, 4 yes/no")
     p.add_argument("--tokenizer", help="default: data.tokenizer_model of the config")
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the full sequence per "
                                                               "token (slow; for checking)")
@@ -58,6 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     r"Please use DTensor instead"):
         warnings.filterwarnings("ignore", message=pattern)
     args = parse_args(argv)
+    if args.shots is None:
+        args.shots = [0] if args.chat else [0, 4, 8]
+    if args.chat and args.shots != [0]:
+        print("mm1-eval: --chat evaluates zero-shot; give --shots 0 (or none)", file=sys.stderr)
+        return 2
     if args.support is not None and len(args.support) != len(args.task):
         print("mm1-eval: give one --support per --task", file=sys.stderr)
         return 2
@@ -95,16 +111,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"mm1-eval: {path} (step {step}), preset {cfg.preset}", flush=True)
     limits = None
     if args.max_new_tokens:
-        limits = {"caption": args.max_new_tokens, "vqa": args.max_new_tokens}
+        limits = {kind: args.max_new_tokens for kind in ("caption", "vqa", "choice", "yesno")}
     evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                  batch_size=args.batch_size, seed=args.seed,
                                  use_cache=not args.no_kv_cache, max_new_tokens=limits,
-                                 resize=cfg.vision.resize)
+                                 resize=cfg.vision.resize, chat=args.chat)
     results = []
     for task in tasks:
         for k in args.shots:
             start = time.perf_counter()
-            r = evaluator.evaluate(task, k, limit=args.limit)
+            try:
+                r = evaluator.evaluate(task, k, limit=args.limit)
+            except ValueError as err:
+                print(f"mm1-eval: {err}", file=sys.stderr)
+                return 2
             results.append(r)
             print(f"  {task.name} {k}-shot: {r.reported:.1f} ({r.examples} examples, "
                   f"{time.perf_counter() - start:.1f}s)", flush=True)
@@ -117,7 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump({"checkpoint": str(path), "step": step, "results": [
                 {"task": r.task, "kind": r.kind, "shots": r.shots, "metric": r.metric,
                  "score": r.score, "reported": r.reported, "examples": r.examples,
-                 "predictions": r.predictions, "skipped": r.skipped} for r in results]},
+                 "predictions": r.predictions, "skipped": r.skipped, "details": r.details,
+                 "chat": r.chat} for r in results]},
                       f, indent=1)
     return 0
 

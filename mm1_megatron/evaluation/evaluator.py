@@ -1,4 +1,6 @@
-"""Run k-shot tasks: prompts -> batched greedy generation -> CIDEr-D / VQA accuracy."""
+"""Run k-shot tasks: prompts -> batched greedy generation -> CIDEr-D / VQA accuracy; and, for
+chat models (`--chat`), zero-shot instruction tasks: VQA accuracy, multiple-choice accuracy,
+yes/no accuracy and F1."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ import torch
 
 from mm1_megatron.data.tokenizer import Tokenizer
 from mm1_megatron.evaluation.generate import Generator
-from mm1_megatron.evaluation.metrics import cider_d, vqa_accuracy
-from mm1_megatron.evaluation.prompts import SEPARATOR, build_prompt, postprocess
-from mm1_megatron.evaluation.tasks import CAPTION, Task
+from mm1_megatron.evaluation.metrics import (choice_letter, cider_d, vqa_accuracy,
+                                             yes_no_scores)
+from mm1_megatron.evaluation.prompts import (SEPARATOR, build_chat_prompt, build_prompt,
+                                             postprocess)
+from mm1_megatron.evaluation.tasks import CAPTION, CHAT_KINDS, CHOICE, VQA, YESNO, Task
 
-METRIC = {CAPTION: "cider", "vqa": "vqa_acc"}
-DEFAULT_MAX_NEW_TOKENS = {CAPTION: 20, "vqa": 10}
+METRIC = {CAPTION: "cider", VQA: "vqa_acc", CHOICE: "choice_acc", YESNO: "yesno_acc"}
+METRIC_NAME = {"cider": "CIDEr", "vqa_acc": "VQA acc", "choice_acc": "choice acc",
+               "yesno_acc": "yes/no acc"}
+DEFAULT_MAX_NEW_TOKENS = {CAPTION: 20, VQA: 10, CHOICE: 8, YESNO: 4}
 
 
 @dataclass
@@ -32,6 +38,8 @@ class TaskResult:
     # Examples not scored because an image of their prompt (theirs or an in-context
     # example's) is missing or undecodable: {"id", "reason"}.
     skipped: list[dict] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # yes/no: precision, recall, F1, yes ratio
+    chat: bool = False  # zero-shot in the chat format
 
     @property
     def reported(self) -> float:
@@ -81,7 +89,11 @@ class FewShotEvaluator:
     def __init__(self, model, tokenizer: Tokenizer, image_size: int, batch_size: int = 8,
                  seed: int = 0, use_cache: bool = True,
                  max_new_tokens: Optional[dict] = None, separator: str = SEPARATOR,
-                 images: Optional[ImageCache] = None, resize: str = "squash"):
+                 images: Optional[ImageCache] = None, resize: str = "squash",
+                 chat: bool = False):
+        """`chat`: prompt in the chat format, zero-shot (a fine-tuned model); else the
+        pre-training format with k in-context examples."""
+        self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -92,6 +104,17 @@ class FewShotEvaluator:
         self.images = images or ImageCache(image_size, resize=resize)
 
     def prompts(self, task: Task, shots: int, indices: Sequence[int]):
+        if self.chat:
+            if shots:
+                raise ValueError("--chat evaluates zero-shot (give --shots 0)")
+            if task.kind not in CHAT_KINDS:
+                raise ValueError(f"task {task.name}: --chat scores {', '.join(CHAT_KINDS)} "
+                                 f"tasks, not {task.kind}")
+            return [build_chat_prompt(self.tokenizer, task.kind, task.examples[i],
+                                      self.model.tokens_per_image, self.model.image_token_id)
+                    for i in indices]
+        if task.kind not in (CAPTION, VQA):
+            raise ValueError(f"task {task.name}: {task.kind} tasks are scored with --chat")
         return [build_prompt(self.tokenizer, task.kind, task.examples[i],
                              task.support_for(i, shots, self.seed),
                              self.model.tokens_per_image, self.model.image_token_id,
@@ -127,12 +150,22 @@ class FewShotEvaluator:
                                  {e.id: list(e.captions) for e in examples})
             for p in predictions:
                 p["cider"] = per[p["id"]]
-        else:
+        details: dict = {}
+        if task.kind == VQA:
             for p, e in zip(predictions, examples):
                 p["vqa_acc"] = vqa_accuracy(p["prediction"], e.answers)
             score = 100.0 * sum(p["vqa_acc"] for p in predictions) / max(1, len(predictions))
+        elif task.kind == CHOICE:
+            for p, e in zip(predictions, examples):
+                p["letter"] = choice_letter(p["prediction"], e.options)
+                p["correct"] = p["letter"] == e.answer
+            score = 100.0 * sum(p["correct"] for p in predictions) / max(1, len(predictions))
+        elif task.kind == YESNO:
+            details = yes_no_scores([p["prediction"] for p in predictions],
+                                    [e.answer for e in examples])
+            score = details["accuracy"]
         return TaskResult(task.name, task.kind, shots, METRIC[task.kind], float(score),
-                          len(examples), predictions, skipped)
+                          len(examples), predictions, skipped, details, self.chat)
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
@@ -147,7 +180,7 @@ def format_table(results: Sequence[TaskResult]) -> str:
     for name, metric in tasks:
         mine = [r for r in results if r.task == name]
         n = "/".join(sorted({str(r.examples) for r in mine}))  # scored, per shot count
-        row = [name, "CIDEr" if metric == "cider" else "VQA acc", n] + \
+        row = [name, METRIC_NAME[metric], n] + \
             [f"{by[name, k].reported:.1f}" if (name, k) in by else "-" for k in shots]
         if any_skipped:
             row.append("/".join(str(len(by[name, k].skipped)) if (name, k) in by else "-"

@@ -120,6 +120,59 @@ def vqa_score(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> f
     return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(predictions, answers)) / len(answers)
 
 
+# -- multiple choice and yes / no (zero-shot instruction benchmarks, `mm1-eval --chat`) -----
+
+_LETTER_ALONE = re.compile(r"^\(?([A-Z])\)?(?:[.):]|$)")  # "B", "B.", "(B)", "B) red", "B: red"
+_LETTER_SAID = re.compile(r"\b(?:answer|option) is:? \(?([A-Z])\b")  # "The answer is B"
+
+
+def choice_letter(prediction: str, options: Sequence[str]) -> str | None:
+    """The option a free-form answer picks (ScienceQA / MMBench style, as LLaVA's evaluation
+    reads them): a letter on its own or with punctuation ("B", "(B)", "B. red"), or "the
+    answer is B"; else the one option whose text the answer is or contains (case-insensitive);
+    None when it names none or several ("A cat" is not option A)."""
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    text = prediction.strip()
+    for pattern in (_LETTER_ALONE, _LETTER_SAID):
+        match = pattern.search(text)
+        if match and match.group(1) in letters:
+            return match.group(1)
+    lowered = text.lower().rstrip(".")
+    named = [letter for letter, option in zip(letters, options)
+             if re.search(rf"\b{re.escape(option.lower())}\b", lowered)]
+    return named[0] if len(named) == 1 else None
+
+
+def yes_no(prediction: str) -> str | None:
+    """POPE's rule: "yes" / "no" from the answer's first word (", no punctuation"); None
+    otherwise (POPE counts an unparsable answer as "no"; we report it as such)."""
+    words = re.findall(r"[a-z]+", prediction.lower())
+    if not words:
+        return None
+    return words[0] if words[0] in ("yes", "no") else ("no" if "no" in words[:3] or "not" in
+                                                        words[:3] else None)
+
+
+def yes_no_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of "yes" (the positive class), the share of "yes"
+    answers; an unparsable prediction counts as "no" (POPE's evaluation)."""
+    if len(predictions) != len(answers):
+        raise ValueError("predictions and answers differ in length")
+    said = [yes_no(p) == "yes" for p in predictions]
+    truth = [a.strip().lower() == "yes" for a in answers]
+    tp = sum(s and t for s, t in zip(said, truth))
+    fp = sum(s and not t for s, t in zip(said, truth))
+    fn = sum(t and not s for s, t in zip(said, truth))
+    n = len(truth)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": 100.0 * sum(s == t for s, t in zip(said, truth)) / n if n else 0.0,
+            "precision": 100.0 * precision, "recall": 100.0 * recall,
+            "f1": 100.0 * (2 * precision * recall / (precision + recall)
+                           if precision + recall else 0.0),
+            "yes_ratio": 100.0 * sum(said) / n if n else 0.0}
+
+
 # -- CIDEr-D ------------------------------------------------------------------------------
 
 # Tokens coco-caption's PTBTokenizer drops after tokenizing (brackets come out as -LRB- etc.).

@@ -26,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from mm1_megatron.data.prompt_format import CAPTION_PROMPT, SEPARATOR, VQA_PROMPT
+from mm1_megatron.data.prompt_format import (CAPTION_PROMPT, CHAT_ASSISTANT, SEPARATOR,
+                                             VQA_PROMPT, Turn, chat_segments, render_chat)
 from mm1_megatron.data.tokenizer import BOS_ID, IMAGE_TOKEN, Tokenizer
-from mm1_megatron.evaluation.tasks import CAPTION, VQA, Example
+from mm1_megatron.evaluation.tasks import CAPTION, CHOICE, VQA, YESNO, Example
 
 Segment = Union[str, "ImageSlot"]
 
@@ -101,3 +102,36 @@ def postprocess(text: str, separator: Optional[str] = SEPARATOR) -> str:
     if separator:
         text = text.split(separator, 1)[0]
     return text.strip()
+
+
+# ------------------------------------------------------------------ zero-shot chat (--chat)
+
+# The instructions LLaVA-1.5's evaluation appends (llava/eval: VQAv2 / GQA / POPE and
+# ScienceQA / MMBench), so a model fine-tuned on the LLaVA mixture answers in their form.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+
+
+def chat_question(kind: str, example: Example) -> str:
+    """The user turn's text after the image(s)."""
+    question = example.question or ""
+    if kind == CHOICE:
+        options = "\n".join(f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(example.options))
+        return f"\n{question}\n{options}\n{LETTER_ANSWER}"
+    if kind in (VQA, YESNO):
+        return f"\n{question}\n{SHORT_ANSWER}"
+    raise ValueError(f"--chat scores {VQA}, {CHOICE} and {YESNO} tasks, not {kind!r}")
+
+
+def build_chat_prompt(tokenizer: Tokenizer, kind: str, example: Example,
+                      tokens_per_image: int, image_token_id: int) -> Prompt:
+    """One user turn (the images, then the question and its instruction) and the generation
+    prompt, tokenized as SFT training tokenizes conversations."""
+    turn = Turn("user", (*range(len(example.images)), chat_question(kind, example)))
+    segments = chat_segments([turn])
+    segments[-1] += CHAT_ASSISTANT
+    tokens = [BOS_ID]
+    for seg in segments:
+        tokens += [image_token_id] * tokens_per_image if isinstance(seg, int) else \
+            tokenizer.encode(seg)
+    return Prompt(tokens, list(example.images), render_chat(segments, bos=""))

@@ -9,6 +9,13 @@ VQA (kind "vqa")::
     {"image": "images/cat.jpg", "question": "What animal is this?",
      "answers": ["cat", "cat", "kitten", ...]}          # the 10 human answers (VQAv2)
 
+Zero-shot instruction benchmarks (`mm1-eval --chat`; VQA lines as above score there too)::
+
+    {"image": "images/a.jpg", "question": "Which is a mammal?",       # kind "choice"
+     "options": ["shark", "dolphin", "trout"], "answer": "B"}          # ScienceQA / MMBench
+    {"image": "images/a.jpg", "question": "Is there a dog in the image?",
+     "answer": "no"}                                                    # kind "yesno" (POPE)
+
 Rules:
 - `image` is a path relative to the JSONL file (absolute paths are kept); `"images": [...]`
   (a list) is accepted too, for prompts with several images per example.
@@ -28,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-CAPTION, VQA = "caption", "vqa"
-KINDS = (CAPTION, VQA)
+CAPTION, VQA, CHOICE, YESNO = "caption", "vqa", "choice", "yesno"
+KINDS = (CAPTION, VQA, CHOICE, YESNO)
+CHAT_KINDS = (VQA, CHOICE, YESNO)  # what `mm1-eval --chat` scores
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class Example:
     captions: tuple[str, ...] = ()  # caption tasks: references
     question: Optional[str] = None  # vqa tasks
     answers: tuple[str, ...] = ()  # vqa tasks: human answers
+    options: tuple[str, ...] = ()  # choice tasks, lettered A, B, ...
+    answer: Optional[str] = None  # choice: the letter; yesno: "yes" | "no"
 
     @property
     def target(self) -> str:
@@ -46,6 +56,8 @@ class Example:
         caption, or the most common human answer (first seen wins ties)."""
         if self.question is None:
             return self.captions[0]
+        if self.answer is not None:
+            return self.answer
         counts: dict[str, int] = {}
         for a in self.answers:
             counts[a] = counts.get(a, 0) + 1
@@ -109,12 +121,25 @@ def _parse_line(obj: dict, root: Path, number: int, where: str) -> tuple[str, Ex
     if "question" in obj:
         if not isinstance(obj["question"], str) or not obj["question"].strip():
             raise ValueError(f"{where}: 'question' must be a non-empty string")
+        if "options" in obj:
+            options = _as_str_list(obj["options"], "options", where)
+            letters = [chr(ord("A") + i) for i in range(len(options))]
+            if len(options) < 2 or len(options) > 26 or obj.get("answer") not in letters:
+                raise ValueError(f"{where}: a choice line needs 2-26 'options' and 'answer', "
+                                 f"one of {', '.join(letters[:26])}")
+            return CHOICE, Example(ex_id, resolved, question=obj["question"], options=options,
+                                   answer=obj["answer"])
+        if "answer" in obj:
+            if not isinstance(obj["answer"], str) or obj["answer"].lower() not in ("yes", "no"):
+                raise ValueError(f"{where}: a yes/no line's 'answer' must be 'yes' or 'no'")
+            return YESNO, Example(ex_id, resolved, question=obj["question"],
+                                  answer=obj["answer"].lower())
         if "answers" not in obj:
             raise ValueError(f"{where}: a VQA line needs 'answers'")
         return VQA, Example(ex_id, resolved, question=obj["question"],
                             answers=_as_str_list(obj["answers"], "answers", where))
-    raise ValueError(f"{where}: a line needs 'captions' (captioning) or 'question' + "
-                     "'answers' (VQA)")
+    raise ValueError(f"{where}: a line needs 'captions' (captioning), 'question' + "
+                     "'answers' (VQA), + 'options' + 'answer' (choice) or + 'answer' (yes/no)")
 
 
 def load_task(path: Union[str, Path], name: Optional[str] = None,
@@ -139,7 +164,7 @@ def load_task(path: Union[str, Path], name: Optional[str] = None,
     if not examples:
         raise ValueError(f"{path}: no examples")
     if len(kinds) != 1:
-        raise ValueError(f"{path}: mixes captioning and VQA lines")
+        raise ValueError(f"{path}: mixes kinds of lines ({', '.join(sorted(kinds))})")
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate example ids")

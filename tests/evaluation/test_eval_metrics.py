@@ -122,3 +122,27 @@ def test_cider_d_against_pycocoevalcap_when_installed():
         want, _ = cider.Cider().compute_score(gts, {k: [v] for k, v in res.items()})
         got, _ = cider_d(res, gts, tokenize=False)
         assert got == pytest.approx(float(want), abs=1e-9)
+
+
+def test_choice_letter_reads_the_answers_llava_style():
+    from mm1_megatron.evaluation.metrics import choice_letter
+
+    options = ["red", "blue", "green"]
+    picks = {"B": "B", "(A)": "A", "C. green": "C", "B) blue": "B", "The answer is C.": "C",
+             "blue": "B", "Green.": "C", "A cat": None, "red or blue": None, "D": None,
+             "I think so": None}
+    assert {text: choice_letter(text, options) for text in picks} == picks
+    assert choice_letter("A cat", ["dog", "cat"]) == "B"  # the article is not option A
+
+
+def test_yes_no_scores_by_hand():
+    from mm1_megatron.evaluation.metrics import yes_no, yes_no_scores
+
+    assert [yes_no(t) for t in ("Yes, there is.", "no", "There is no dog.", "maybe", "")] == \
+        ["yes", "no", "no", None, None]
+    # said yes, no, yes, (unparsable: no), yes against yes, yes, no, no, yes:
+    # tp 2, fp 1, fn 1, tn 1 -> accuracy 3/5, precision 2/3, recall 2/3, F1 2/3, yes 3/5
+    got = yes_no_scores(["yes", "no", "yes", "perhaps", "Yes."],
+                        ["yes", "yes", "no", "no", "yes"])
+    assert got == pytest.approx({"accuracy": 60.0, "precision": 200 / 3, "recall": 200 / 3,
+                                 "f1": 200 / 3, "yes_ratio": 60.0})

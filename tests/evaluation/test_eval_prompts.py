@@ -119,3 +119,41 @@ def test_literal_image_tag_in_data_is_not_a_placeholder(demo_data):
 def test_postprocess_cuts_at_separator():
     assert postprocess(" a cat on a mat.\n<image> A photo of") == "a cat on a mat."
     assert postprocess("  yes ") == "yes"
+
+
+def test_chat_prompts_for_each_task_kind(demo_data, tmp_path):
+    """--chat prompts: the chat format's user turn (images, question, LLaVA-1.5's answer
+    instruction) and "Assistant:", tokenized as SFT training tokenizes conversations."""
+    import json
+
+    from mm1_megatron.data.loader import tokenized_document
+    from mm1_megatron.data.prompt_format import Answer, Turn, chat_segments
+    from mm1_megatron.data.tokenizer import Tokenizer
+    from mm1_megatron.evaluation.prompts import build_chat_prompt
+    from mm1_megatron.evaluation.tasks import load_task
+
+    lines = {"choice": {"image": "a.jpg", "question": "Which is a mammal?",
+                        "options": ["shark", "dolphin"], "answer": "B"},
+             "yesno": {"image": "a.jpg", "question": "Is there a cat?", "answer": "Yes"},
+             "vqa": {"image": "a.jpg", "question": "What colour?", "answers": ["red"]}}
+    want = {"choice": "User: <image>\nWhich is a mammal?\nA. shark\nB. dolphin\nAnswer with "
+                      "the option's letter from the given choices directly.\nAssistant:",
+            "yesno": "User: <image>\nIs there a cat?\nAnswer the question using a single word "
+                     "or phrase.\nAssistant:",
+            "vqa": "User: <image>\nWhat colour?\nAnswer the question using a single word or "
+                   "phrase.\nAssistant:"}
+    tok = Tokenizer.load(demo_data / "tokenizer.model")
+    for kind, line in lines.items():
+        (tmp_path / f"{kind}.jsonl").write_text(json.dumps(line) + "\n")
+        task = load_task(tmp_path / f"{kind}.jsonl")
+        assert task.kind == kind
+        prompt = build_chat_prompt(tok, kind, task.examples[0], 4, 3)
+        assert prompt.text == want[kind]
+        # training's tokens of the same turn followed by an answer start with the prompt's
+        question = want[kind].split("<image>")[1].rsplit("\nAssistant:", 1)[0]
+        tokens, _ = tokenized_document(tok, chat_segments(
+            [Turn("user", (0, question)), Turn("assistant", ("x",))]))
+        expanded = [t for t in tokens for t in ([3] * 4 if t == -1 else [t])]
+        assert expanded[:len(prompt.tokens)] == prompt.tokens
+        assert isinstance(chat_segments([Turn("user", ("q",)), Turn("assistant", ("a",))])[-1],
+                          Answer)

@@ -89,6 +89,29 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
         "after": str(sft_dir / "checkpoints" / "step_00000003")})[0]
     assert same == {"vision": False, "connector": True, "language_model": True}
 
+    # mm1-eval --chat on the fine-tuned run: zero-shot VQA, multiple choice, yes/no
+    tasks = tmp_path / "tasks"
+    made = run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+                str(demo_data), "--output", str(tasks)])
+    assert made.returncode == 0, made.stderr[-2000:]
+    chat = run([sys.executable, "-m", "mm1_megatron.evaluation.cli", "--run-dir", str(sft_dir),
+                "--chat", "--limit", "4", "--max-new-tokens", "3", "--output",
+                str(tmp_path / "chat.json"), f"data.tokenizer_model={demo_data}/tokenizer.model",
+                *[a for t in ("chat_vqa", "chat_choice", "chat_yesno")
+                  for a in ("--task", str(tasks / f"{t}.jsonl"))]])
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    table = chat.stdout.strip().splitlines()[-3:]
+    assert [row.split(" | ")[:2] for row in table] == [
+        ["chat_vqa   ", "VQA acc   "], ["chat_choice", "choice acc"],
+        ["chat_yesno ", "yes/no acc"]]
+    results = {r["task"]: r for r in json.loads((tmp_path / "chat.json").read_text())["results"]}
+    assert all(r["chat"] and r["shots"] == 0 for r in results.values())
+    assert results["chat_vqa"]["examples"] == 3 and results["chat_choice"]["examples"] == 4
+    assert set(results["chat_yesno"]["details"]) == {"accuracy", "precision", "recall", "f1",
+                                                     "yes_ratio"}
+    for p in results["chat_choice"]["predictions"]:
+        assert p["letter"] in (None, "A", "B", "C") and p["correct"] in (True, False)
+
 
 def case_parts_changed(before: str, after: str) -> dict:
     """Per model part: whether any of its tensors differs between two checkpoints."""
