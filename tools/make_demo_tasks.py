@@ -13,7 +13,7 @@ synonyms spread over the 10 answers) and "Is this photo in black and white?" (ye
 For `mm1-eval --chat` (a `demo-sft` model), zero-shot:
 
     OUTPUT/chat_vqa.jsonl     the held-out conversations' questions (demo_data's
-                              sft_heldout.jsonl) as short-answer VQA, 10 x their answer
+                              sft_heldout.jsonl) as short-answer VQA (their answer, 10 x)
     OUTPUT/chat_choice.jsonl  "What is in the photo?" with 3 options (the subject, two others)
     OUTPUT/chat_yesno.jsonl   "Is there a <subject> in the image?" once true, once false
 Deterministic. The task format is documented in mm1_megatron/evaluation/tasks.py.
@@ -106,8 +106,9 @@ def _chat_tasks(data: Path, out: Path, photos: list[str]) -> dict[str, Path]:
         (out / image).write_bytes((data / record["image"]).read_bytes())
         question = record["conversations"][0]["value"].replace("<image>", "").strip()
         answer = record["conversations"][1]["value"].rstrip(".")
+        # two spellings, so the official VQA normalisation (articles, punctuation) applies
         vqa.append({"id": record["id"], "image": image, "question": question,
-                    "answers": [answer] * 10})
+                    "answers": ten_answers([answer, answer.lower()])})
     choice, yesno = [], []
     subjects = [SUBJECTS[p][0][0] for p in photos]
     for n, photo in enumerate(photos):
