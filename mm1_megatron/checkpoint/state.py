@@ -10,6 +10,7 @@ into any layout too: evaluation, conversion and `checkpoint.init_from` use it.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 from pathlib import Path
@@ -63,13 +64,59 @@ def load_model_state(model, loaded: dict[str, Any]) -> None:
         _unwrapped(chunk).load_state_dict(loaded[f"chunk{i}"])
 
 
-def load_model_weights(path: str | Path, model) -> None:
+# Learned position tables over the patch grid, and how many leading rows are not grid cells
+# (the ViT's class token; the C-Abstractor's table is [1, cells, d]).
+_POSITION_TABLES = {"position_embeddings.weight": "vision", "pos_emb": "connector"}
+
+
+def load_model_weights(path: str | Path, model, adapt_positions: bool = False,
+                       log=None) -> None:
     """Collective. Only the model part of a checkpoint (any layout) into `model`, a list of
     chunks: to initialise a new run (optimizer, scheduler and loader start fresh), or to
-    evaluate / convert in one process."""
+    evaluate / convert in one process. `adapt_positions`: position tables saved at another
+    image size (a 378 px pre-training run starting 672 px SFT) are interpolated to the
+    model's grid (bicubic; the class token's row kept); every other tensor must match."""
     path = resolve_checkpoint(path)  # a checkpoint, or a run / checkpoints dir (its latest)
-    loaded = dist_checkpointing.load({"model": model_sharded_state(model)}, str(path))
-    load_model_state(model, loaded["model"])
+    state = model_sharded_state(model)
+    resized = _load_positions_at_saved_shape(state, path) if adapt_positions else {}
+    loaded = dist_checkpointing.load({"model": state}, str(path))["model"]
+    for (chunk, name), (want, prefix) in resized.items():
+        from mm1_megatron.model.vision import interpolate_position_grid
+
+        saved = loaded[chunk][name]
+        grid = math.isqrt(want[-2] - prefix)
+        table = interpolate_position_grid(saved.reshape(-1, saved.shape[-1]), prefix, grid)
+        loaded[chunk][name] = table.reshape(want)
+        if log is not None:
+            log(f"interpolated {name} from {tuple(saved.shape)} to {tuple(want)} "
+                "(checkpoint at another image size)")
+    load_model_state(model, loaded)
+
+
+def _load_positions_at_saved_shape(state: dict, path: Path) -> dict:
+    """Swap each position table whose saved shape differs for a placeholder of the saved shape;
+    returns {(chunk, name): (the model's shape, prefix rows)}."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    out = {}
+    for chunk, tensors in state.items():
+        for name, tensor in list(tensors.items()):
+            part = next((p for suffix, p in _POSITION_TABLES.items() if name.endswith(suffix)),
+                        None)
+            if part is None or not isinstance(tensor, ShardedTensor) or \
+                    tensor.key not in saved:
+                continue
+            shape = tuple(saved[tensor.key].global_shape)
+            if shape == tuple(tensor.global_shape):
+                continue
+            prefix = 0 if part == "connector" else \
+                tensor.global_shape[0] - math.isqrt(tensor.global_shape[0]) ** 2
+            tensors[name] = ShardedTensor.from_rank_offsets(
+                tensor.key, torch.empty(shape, dtype=tensor.data.dtype),
+                replica_id=tensor.replica_id)
+            out[chunk, name] = (tuple(tensor.global_shape), prefix)
+    return out
 
 
 def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:

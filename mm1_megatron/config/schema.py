@@ -20,6 +20,7 @@ Fp8Recipe = Literal["delayed", "tensorwise"]
 Recompute = Literal["none", "selective", "full"]
 VisionActivation = Literal["quick_gelu", "gelu"]
 ImageResize = Literal["squash", "crop"]
+ImageTiling = Literal["none", "sphinx"]
 MixtureUnit = Literal["sequences", "documents"]
 RouterDtype = Literal["fp32", "model"]
 LrParams = Literal["dense", "active"]
@@ -58,11 +59,23 @@ class VisionConfig:
     # DFN5B's open_clip preprocessing does (nothing cropped, aspect not kept); `crop` resizes
     # the shorter side and centre-crops (OpenAI CLIP's preprocessing; edges are lost).
     resize: ImageResize = "squash"
+    # High resolution (MM1 §5, SPHINX-style): `sphinx` turns each image into an overview (the
+    # whole image at image_size) plus tile_grid x tile_grid crops of the image resized to
+    # image_size * tile_grid, each encoded on its own: 1 + tile_grid^2 sub-images and as many
+    # times connector.num_tokens placeholders per image (MM1's SFT: 672 px tiles, 2 x 2 grid
+    # of a 1344 resize, 5 x 144 = 720 tokens). `image_size` is then the tile size.
+    tiling: ImageTiling = "none"
+    tile_grid: int = 2
     # Which layer's output feeds the connector: -1 the last, -2 the penultimate, or 1..N.
     # Layers after it are not built.
     feature_layer: int = -1
     recompute: Recompute = "none"
     recompute_layers: int = 1  # full recompute: layers per checkpointed group
+
+    @property
+    def sub_images(self) -> int:
+        """Encoder inputs per image: 1, or the overview and the tiles."""
+        return 1 + self.tile_grid ** 2 if self.tiling == "sphinx" else 1
 
     @property
     def layers_built(self) -> int:

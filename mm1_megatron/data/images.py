@@ -18,6 +18,11 @@ Geometry follows the image encoder (`resize`, from `cfg.vision.resize`):
 
 Both modes are one DALI pipeline with the mode as a build-time parameter, on either device.
 
+Tiling (`tiles` = `cfg.vision.tile_grid` when `cfg.vision.tiling` is "sphinx", MM1's
+high-resolution SFT): each image gives an overview (the image to `size` x `size`) and the
+`tiles` x `tiles` crops of the image resized to `size * tiles` (row-major), in that order, all
+with the same resize mode; `decode` then returns 1 + tiles^2 sub-images per image.
+
 Bad images never kill a batch. A cheap header check (Pillow reads only the header) rejects empty,
 unidentifiable, unsupported-format and oversized images before DALI sees them; a failure DALI
 still raises (truncated or corrupt entropy data) makes us decode that batch one image at a time
@@ -75,7 +80,7 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | Non
 
 
 @pipeline_def
-def _clip_pipeline(size: int, decoder_device: str, resize: str):
+def _clip_pipeline(size: int, decoder_device: str, resize: str, tiles: int = 0):
     encoded = fn.external_source(name=_INPUT, dtype=types.UINT8, batch=True)
     roi = {}
     if resize == "crop":
@@ -88,11 +93,25 @@ def _clip_pipeline(size: int, decoder_device: str, resize: str):
     images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
     # antialias (DALI's default) widens the cubic kernel when shrinking, like PIL's BICUBIC.
     # Without an ROI, both output sides given = the whole image stretched to size x size.
-    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True,
-                       **roi)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[m * 255 for m in CLIP_MEAN],
-                                    std=[s * 255 for s in CLIP_STD])
+    def normalize(x):
+        return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[m * 255 for m in CLIP_MEAN],
+                                        std=[s * 255 for s in CLIP_STD])
+
+    overview = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC,
+                         antialias=True, **roi)
+    if not tiles:
+        return normalize(overview)
+    big = fn.resize(images, size=[size * tiles, size * tiles], interp_type=types.INTERP_CUBIC,
+                    antialias=True, **roi)
+    crops = []
+    for row in range(tiles):
+        for col in range(tiles):
+            # crop_pos: the window's start as a fraction of (side - crop): exact tile offsets
+            crops.append(fn.crop(big, crop=[size, size],
+                                 crop_pos_y=row / (tiles - 1) if tiles > 1 else 0.5,
+                                 crop_pos_x=col / (tiles - 1) if tiles > 1 else 0.5))
+    return tuple(normalize(x) for x in [overview, *crops])
 
 
 class ImageDecoder:
@@ -105,7 +124,8 @@ class ImageDecoder:
 
     def __init__(self, size: int, batch_size: int, num_threads: int = 2,
                  device: str | None = None, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "squash"):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "squash",
+                 tiles: int = 0):
         if size <= 0 or batch_size <= 0 or num_threads <= 0:
             raise ValueError(f"size, batch_size, num_threads must be > 0, "
                              f"got {size}, {batch_size}, {num_threads}")
@@ -117,6 +137,8 @@ class ImageDecoder:
         self.size, self.batch_size, self.num_threads = size, batch_size, num_threads
         self.device, self.seed, self.max_pixels = device, seed, max_pixels
         self.resize = resize
+        self.tiles = tiles
+        self.per_image = 1 + tiles * tiles if tiles else 1  # sub-images per image
         self._cuda = device == "mixed"
         self._device_id = torch.cuda.current_device() if self._cuda else None
         # Our own stream for the copy out of DALI: queued behind the training kernels on the
@@ -131,23 +153,33 @@ class ImageDecoder:
         # Synchronous and unprefetched: each run consumes exactly the batch just fed, so an
         # error belongs to that batch and nothing else is queued in a pipeline we discard.
         pipe = _clip_pipeline(size=self.size, decoder_device=self.device, resize=self.resize,
-                              batch_size=self.batch_size, num_threads=self.num_threads,
+                              tiles=self.tiles, batch_size=self.batch_size, num_threads=self.num_threads,
                               device_id=self._device_id, seed=self.seed,
                               prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         pipe.build()
         return pipe
 
     def _run(self, batch: list[bytes]) -> torch.Tensor:
-        (out,) = self._pipe.run(**{_INPUT: [np.frombuffer(b, dtype=np.uint8) for b in batch]})
-        dense = out.as_tensor()
+        outs = self._pipe.run(**{_INPUT: [np.frombuffer(b, dtype=np.uint8) for b in batch]})
+        dense = [out.as_tensor() for out in outs]  # one per sub-image when tiling
+
+        def gather(parts: list[torch.Tensor]) -> torch.Tensor:
+            # sub-images: [n, 3, s, s] each -> image-major [n * per_image, 3, s, s]
+            return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1).flatten(0, 1)
+
         if not self._cuda:
-            result = torch.empty(dense.shape(), dtype=torch.float32)
-            feed_ndarray(dense, result)
-            return result
+            parts = []
+            for d in dense:
+                parts.append(torch.empty(d.shape(), dtype=torch.float32))
+                feed_ndarray(d, parts[-1])
+            return gather(parts)
         with torch.cuda.stream(self._stream):
-            result = torch.empty(dense.shape(), dtype=torch.float32,
-                                 device=f"cuda:{self._device_id}")
-            feed_ndarray(dense, result, cuda_stream=self._stream)
+            parts = []
+            for d in dense:
+                parts.append(torch.empty(d.shape(), dtype=torch.float32,
+                                         device=f"cuda:{self._device_id}"))
+                feed_ndarray(d, parts[-1], cuda_stream=self._stream)
+            result = gather(parts)
             done = torch.cuda.Event()
             done.record(self._stream)
         # Handed over by the event: this (prefetch) thread waits for the copy, the training
@@ -193,7 +225,8 @@ class ImageDecoder:
         return outs
 
     def decode(self, images: Sequence[bytes]) -> tuple[torch.Tensor, list[int]]:
-        """`(tensor[n_good, 3, size, size], bad_indices)`; good images keep their input order."""
+        """`(tensor[n_good * per_image, 3, size, size], bad_indices)`; good images keep their
+        input order, each as its `per_image` sub-images (1 without tiling)."""
         self.last_errors = {}
         outs: list[torch.Tensor] = []
         for start in range(0, len(images), self.batch_size):

@@ -47,6 +47,11 @@ def document_tokens(tokenizer: Tokenizer, segments: list) -> list[int]:
     return tokenized_document(tokenizer, segments)[0]
 
 
+def image_tokens(cfg: Config) -> int:
+    """Placeholder tokens per image: the connector's tokens for each of its sub-images."""
+    return cfg.connector.num_tokens * cfg.vision.sub_images
+
+
 def tokenized_document(tokenizer: Tokenizer, segments: list
                        ) -> tuple[list[int], Optional[list[bool]]]:
     """(tokens, which tokens carry loss as targets): [BOS] text / IMAGE markers [EOS]. A
@@ -126,7 +131,7 @@ class MultimodalLoader:
         self.packing = PackingStats()  # shared by the packers (one per source: sequences)
 
         def packer(stats: Optional[PackingStats] = None) -> Packer:
-            return Packer(d.seq_length, cfg.connector.num_tokens, d.max_images_per_sequence,
+            return Packer(d.seq_length, image_tokens(cfg), d.max_images_per_sequence,
                           cfg.llm.image_token_id, pad_id=PAD_ID, stats=stats)
 
         self.stream = row_stream(
@@ -141,12 +146,15 @@ class MultimodalLoader:
         self.image_size = cfg.vision.image_size
         self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
                                     num_threads=d.num_workers, seed=cfg.train.seed,
-                                    resize=cfg.vision.resize) \
+                                    resize=cfg.vision.resize,
+                                    tiles=cfg.vision.tile_grid if cfg.vision.sub_images > 1
+                                    else 0) \
             if self.decode_images else None
         self.skips = SkipCounter(log=log)
         self.micro_batch_size = cfg.train.micro_batch_size
         self.image_token_id = cfg.llm.image_token_id
-        self.tokens_per_image = cfg.connector.num_tokens
+        self.tokens_per_image = image_tokens(cfg)  # placeholders per image (all sub-images)
+        self.sub_images = cfg.vision.sub_images
         self.max_images = d.max_images_per_sequence
         self.state = state or self.stream.start
         for key, value in self.state.counters.items():  # resumed: the counts continue
@@ -213,8 +221,9 @@ class MultimodalLoader:
 
     def _images(self, rows: list[PackedRow], samples: dict
                 ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """(images [n, 3, H, W] in placeholder order, or None where this rank does not decode;
-        per-image flags, 0 for an undecodable image, which stands in as a blank)."""
+        """(images [n * sub_images, 3, H, W] in placeholder order (each image's sub-images
+        together), or None where this rank does not decode; per-image flags, 0 for an
+        undecodable image, whose sub-images stand in as blanks)."""
         refs = [ref for row in rows for ref in row.images]
         ok = torch.ones(len(refs))
         if not self.decode_images:
@@ -225,10 +234,12 @@ class MultimodalLoader:
         decoded, bad = self.decoder.decode(self._image_bytes(refs, samples))
         if not bad:
             return decoded, ok
-        full = torch.zeros(len(refs), 3, size, size, dtype=decoded.dtype,
+        t = self.sub_images
+        full = torch.zeros(len(refs), t, 3, size, size, dtype=decoded.dtype,
                            device=decoded.device)
         bad = set(bad)
-        full[[i for i in range(len(refs)) if i not in bad]] = decoded
+        full[[i for i in range(len(refs)) if i not in bad]] = decoded.view(-1, t, 3, size, size)
+        full = full.flatten(0, 1)
         for i in sorted(bad):
             ok[i] = 0.0
             self.skips.add(self._undecodable(refs[i], self.decoder.last_errors.get(i, "")))

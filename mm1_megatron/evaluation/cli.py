@@ -105,6 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mm1-eval: the tokenizer has {tokenizer.vocab_size} pieces but llm.vocab_size="
               f"{cfg.llm.vocab_size}", file=sys.stderr)
         return 2
+    if cfg.vision.sub_images > 1:
+        print("mm1-eval: vision.tiling=sphinx: evaluating high-resolution (tiled) models is not "
+              "built yet (issue 19)", file=sys.stderr)
+        return 2
     cfg = single_process_config(cfg)
     model = build_eval_model(cfg)
     step = load_model_weights(model, path)

@@ -81,8 +81,10 @@ class SequenceFlops:
 
 
 def training_flops_per_sequence(cfg: Config, images: Optional[int] = None) -> SequenceFlops:
-    """`images` defaults to the recipe's bound, `data.max_images_per_sequence`."""
-    images = cfg.data.max_images_per_sequence if images is None else images
+    """`images`: encoder inputs per sequence; default the recipe's bound,
+    `data.max_images_per_sequence` images of `vision.sub_images` each."""
+    images = cfg.data.max_images_per_sequence * cfg.vision.sub_images if images is None \
+        else images
     return SequenceFlops(
         llm=TRAIN_FACTOR * llm_forward_flops(cfg.llm, cfg.data.seq_length),
         vision=TRAIN_FACTOR * images * vision_forward_flops(cfg.vision),

@@ -32,7 +32,8 @@ class MM1Model(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.image_token_id = cfg.llm.image_token_id
         self.tokens_per_image = cfg.connector.num_tokens
-        self.max_images_per_row = cfg.data.max_images_per_sequence
+        # The model sees sub-images (tiling: an image's overview and tiles) as images.
+        self.max_images_per_row = cfg.data.max_images_per_sequence * cfg.vision.sub_images
         # The encoder and connector live on the first pipeline stage (its first chunk) only.
         self.vision = build_vision_encoder(cfg, use_te) if pre_process else None
         self.connector = build_connector(cfg) if pre_process else None

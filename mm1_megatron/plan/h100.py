@@ -149,7 +149,7 @@ class Layout:
     mb: int
     microbatches: int
     vs: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
-    images: int = 0  # images per sequence (ViT + connector on stage 0); 0: a text-only decoder
+    images: int = 0  # encoder inputs per sequence (tiling: sub-images); 0: text-only decoder
 
     @property
     def world(self) -> int:
@@ -175,7 +175,8 @@ def resolve_layout(cfg: Config, world: int, gpus_per_node: int = 8,
                   ep=p.ep, etp=p.expert_tp or p.tp, dp=dp, mb=t.micro_batch_size,
                   microbatches=t.global_batch_size // (t.micro_batch_size * dp),
                   vs=p.virtual_stages or 1,
-                  images=0 if text_only else cfg.data.max_images_per_sequence)
+                  images=0 if text_only else
+                  cfg.data.max_images_per_sequence * cfg.vision.sub_images)
 
 
 def _ring_bw(group: int, stride: int, gpus_per_node: int) -> float:

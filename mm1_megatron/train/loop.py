@@ -79,7 +79,9 @@ class Trainer:
                 save_run_config(cfg)
                 print(f"resumed from {latest} at step {self.step}", flush=True)
         elif cfg.checkpoint.init_from:
-            load_model_weights(cfg.checkpoint.init_from, self.model)
+            # Another image size (SFT at 672 px from a 378 px run): positions interpolated.
+            load_model_weights(cfg.checkpoint.init_from, self.model, adapt_positions=True,
+                               log=print if self.is_logging_rank else None)
             if self.is_logging_rank:
                 print(f"initialised model weights from {cfg.checkpoint.init_from}", flush=True)
         # One rank per tensor x pipeline group reads, tokenizes and decodes (the first stage's

@@ -220,7 +220,9 @@ def share_images(cfg: Config, microbatches: list[dict]) -> None:
             group, src = ps.get_tensor_model_parallel_group(), \
                 ps.get_tensor_model_parallel_src_rank()
             images = batch["images"]
-            images = torch.empty(ok.numel(), 3, size, size, device=device) if images is None \
+            sub = cfg.vision.sub_images  # flags per image, encoder inputs per sub-image
+            images = torch.empty(ok.numel() * sub, 3, size, size, device=device) \
+                if images is None \
                 else images.to(device)
             if ok.numel():
                 dist.broadcast(images, src=src, group=group)
