@@ -308,3 +308,15 @@ def test_mm1_presets_follow_the_paper_and_its_encoder(preset):
     assert cfg.data.mixture_unit == "sequences"
     assert cfg.connector.norm_eps == 1e-6
     assert cfg.llm.moe.router_dtype == "fp32" and cfg.train.lr_params == "dense"
+
+
+@pytest.mark.parametrize("preset", [f"{m}-sft" for m in MM1])
+def test_each_sft_preset_plans_within_80_gb_at_high_resolution(preset):
+    """MM1's SFT: 1344 px images as 5 x 672 px sub-images (720 tokens), 2048-token rows."""
+    cfg = get_preset(preset)
+    world = cfg.parallel.planned_nodes * 8
+    assert cfg.vision.tiling == "sphinx" and cfg.vision.image_size == 672
+    assert cfg.vision.sub_images * cfg.connector.num_tokens == 720
+    est = estimate(_cfg(preset, world), world)
+    assert est["memory"]["fits"] and est["memory"]["worst_gib"] < 0.9 * est["memory"]["usable_gib"]
+    assert est["time"]["step_s"] > 0

@@ -116,7 +116,10 @@ def _sft(base: str, **train: Any) -> Config:
     d = cfg.data
     d.weight_interleaved = d.weight_caption = d.weight_text = 0.0
     d.weight_sft = 1.0
-    d.seq_length, d.max_images_per_sequence = 2048, 8
+    # 1344 px as a 672 px overview + 2 x 2 672 px tiles: 720 tokens per image (MM1 §5), so
+    # two images per 2048-token row.
+    cfg.vision.tiling, cfg.vision.image_size = "sphinx", 672
+    d.seq_length, d.max_images_per_sequence = 2048, 2
     t = cfg.train
     settings = dict(global_batch_size=128, train_steps=5200, lr=2e-5, warmup_steps=156,
                     min_lr_ratio=0.0, weight_decay_ratio=0.0)
@@ -131,6 +134,10 @@ def _demo_sft() -> Config:
     """`demo-sft`: the demo model fine-tuned on demo_data/sft from runs/demo (minutes on CPU)."""
     cfg = _sft("demo", global_batch_size=8, train_steps=40, lr=2e-4, warmup_steps=4)
     cfg.data.seq_length = 256  # the demo model's own (its conversations are short)
+    # At the demo's own 112 px, untiled: mm1-eval and the HF export do not take tiled
+    # models yet. `vision.tiling=sphinx vision.image_size=224` trains tiled at demo scale.
+    cfg.vision.tiling, cfg.vision.image_size = "none", 112
+    cfg.data.max_images_per_sequence = 8
     cfg.checkpoint.save_interval = 20
     return cfg
 
@@ -138,7 +145,9 @@ def _demo_sft() -> Config:
 PRESETS.update({
     "demo-sft": _demo_sft,
     **{f"{base}-sft": (lambda base=base: _sft(base))
-       for base in ("mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe64", "mm1-7b-moe32")},
+       for base in ("mm1-3b", "mm1-30b", "mm1-3b-moe64", "mm1-7b-moe32")},
+    # one sequence per micro-batch: two (its pre-training layout) leave 2% memory margin
+    "mm1-7b-sft": lambda: _sft("mm1-7b", micro_batch_size=1),
 })
 
 
