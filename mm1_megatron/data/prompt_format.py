@@ -36,6 +36,16 @@ CAPTION_PROMPT = " A photo of"
 VQA_PROMPT = " Question: {question} Short answer:"
 
 
+# Both templates: BOS, then per message its content as `items` (a string is one text item).
+_JINJA_MESSAGES = "".join([
+    "{{- bos_token -}}",
+    "{%- for message in messages -%}",
+    "{%- if message['content'] is string -%}",
+    "{%- set items = [{'type': 'text', 'text': message['content']}] -%}",
+    "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}",
+])
+
+
 def _jinja_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
@@ -44,11 +54,7 @@ def pretrain_chat_template(image_token: str = "<image>") -> str:
     """The jinja chat template of the format above (transformers' `apply_chat_template`)."""
     before, after = VQA_PROMPT.split("{question}")
     return "".join([
-        "{{- bos_token -}}",
-        "{%- for message in messages -%}",
-        "{%- if message['content'] is string -%}",
-        "{%- set items = [{'type': 'text', 'text': message['content']}] -%}",
-        "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}",
+        _JINJA_MESSAGES,
         "{%- set ns = namespace(text='', images=0) -%}",
         "{%- for item in items -%}",
         "{%- if item['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}",
@@ -128,11 +134,7 @@ def chat_template(image_token: str = "<image>") -> str:
     """The jinja of the chat format: the same text as `chat_segments`, `<image>` per image."""
     j = _jinja_string
     return "".join([
-        "{{- bos_token -}}",
-        "{%- for message in messages -%}",
-        "{%- if message['content'] is string -%}",
-        "{%- set items = [{'type': 'text', 'text': message['content']}] -%}",
-        "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}",
+        _JINJA_MESSAGES,
         "{%- if message['role'] == 'user' -%}{{- ", j(CHAT_USER), " -}}",
         "{%- for item in items -%}",
         "{%- if item['type'] == 'image' -%}{{- ", j(image_token), " -}}",

@@ -187,20 +187,28 @@ def parse_sample_json(kind: str, raw: bytes) -> tuple[list[Union[str, int]], lis
             if not seg["text"].strip():
                 raise ValueError("empty_text", f"segments[{n}]")
             out.append(seg["text"])
-        elif isinstance(seg, dict) and len(seg) == 1 and isinstance(seg.get("image"), str):
-            name, j = seg["image"], len(names)
-            if name.lower() != f"img{j}.{normalize_ext(name)}" or \
-                    normalize_ext(name) not in IMAGE_EXTS:
-                raise ValueError("bad_json", f"segments[{n}]: image {name!r} must be named "
-                                 f"img{j}.<{'|'.join(IMAGE_EXTS)}>")
-            out.append(j)
-            names.append(name)
+        elif _is_image_segment(seg):
+            out.append(_image_number(seg["image"], names, f"segments[{n}]"))
         else:
             raise ValueError("bad_json", f"segments[{n}] is not {{'text': str}} or "
                              "{'image': str}")
     if not any(isinstance(s, str) for s in out):
         raise ValueError("images_only", "no text segment")
     return out, names
+
+
+def _is_image_segment(seg: object) -> bool:
+    return isinstance(seg, dict) and len(seg) == 1 and isinstance(seg.get("image"), str)
+
+
+def _image_number(name: str, names: list[str], where: str) -> int:
+    """The next image of a sample, which must be named img<j>.<ext> in order; appended."""
+    j = len(names)
+    if name.lower() != f"img{j}.{normalize_ext(name)}" or normalize_ext(name) not in IMAGE_EXTS:
+        raise ValueError("bad_json", f"{where}: image {name!r} must be named "
+                         f"img{j}.<{'|'.join(IMAGE_EXTS)}>")
+    names.append(name)
+    return j
 
 
 def _parse_turns(obj: dict) -> tuple[list[Union[str, int]], list[str]]:
@@ -219,15 +227,8 @@ def _parse_turns(obj: dict) -> tuple[list[Union[str, int]], list[str]]:
         for seg in segs:
             if isinstance(seg, dict) and len(seg) == 1 and isinstance(seg.get("text"), str):
                 content.append(seg["text"])
-            elif role == "user" and isinstance(seg, dict) and len(seg) == 1 and \
-                    isinstance(seg.get("image"), str):
-                name, j = seg["image"], len(names)
-                if name.lower() != f"img{j}.{normalize_ext(name)}" or \
-                        normalize_ext(name) not in IMAGE_EXTS:
-                    raise ValueError("bad_json", f"turns[{n}]: image {name!r} must be named "
-                                     f"img{j}.<{'|'.join(IMAGE_EXTS)}>")
-                content.append(j)
-                names.append(name)
+            elif role == "user" and _is_image_segment(seg):
+                content.append(_image_number(seg["image"], names, f"turns[{n}]"))
             else:
                 raise ValueError("bad_json", f"turns[{n}]: a segment is not {{'text': str}}"
                                  + (" or {'image': str}" if role == "user" else ""))
