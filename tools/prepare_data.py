@@ -43,10 +43,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from mm1_megatron.data.prompt_format import Turn
+from mm1_megatron.data.prompt_format import llava_turns
 from mm1_megatron.data.shards import (IMAGE_EXTS, KINDS, BadSample, DatasetError, RawSample,
                                       SkipCounter, normalize_ext, write_dataset)
-from mm1_megatron.data.tokenizer import IMAGE_TOKEN
 
 MAX_PRINTED = 10
 # How the one-line "no usable samples" error names each skip reason.
@@ -110,44 +109,17 @@ def _text(value: object, where: str) -> str:
     return _utf8(value, where)
 
 
-_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-
-
 def parse_conversation(obj: dict, images_root: Path, sid: Optional[str]) -> RawSample:
     """A LLaVA-format record -> an sft RawSample (turns; images in marker order)."""
     refs = obj.get("image")
     refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
-    conv = obj.get("conversations")
-    if not isinstance(conv, list) or not conv or not all(
-            isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv):
-        raise _Bad("bad_json", "conversations missing or not a list of {from, value}")
-    roles = [_ROLES.get(t.get("from")) for t in conv]
-    body = roles[1:] if roles[0] == "system" else roles
-    if None in roles or not body or len(body) % 2 or \
-            body != ["user", "assistant"] * (len(body) // 2):
-        raise _Bad("bad_conversation", f"roles {[t.get('from') for t in conv]}")
-    markers = [t["value"].count(IMAGE_TOKEN) for t in conv]
-    if sum(markers) != len(refs) or any(m for m, r in zip(markers, roles) if r != "user"):
-        raise _Bad("image_mismatch", f"{sum(markers)} {IMAGE_TOKEN} markers in the text, "
-                                     f"{len(refs)} images")
+    try:
+        turns = llava_turns(obj.get("conversations"), len(refs))
+    except ValueError as err:
+        raise _Bad(*err.args) from None
+    for n, turn in enumerate(obj["conversations"]):
+        _utf8(turn["value"], f"conversations[{n}].value")
     images = [_image(images_root, ref, f"image[{j}]") for j, ref in enumerate(refs)]
-    turns, next_image = [], 0
-    for n, (turn, role) in enumerate(zip(conv, roles)):
-        where = f"conversations[{n}].value"
-        if role != "user":
-            turns.append(Turn(role, (_text(turn["value"], where),)))
-            continue
-        content: list[Union[str, int]] = []
-        for k, piece in enumerate(_utf8(turn["value"], where).split(IMAGE_TOKEN)):
-            if k:
-                content.append(next_image)
-                next_image += 1
-            if piece:
-                content.append(piece)
-        if not content or not "".join(c for c in content if isinstance(c, str)).strip() \
-                and not any(isinstance(c, int) for c in content):
-            raise _Bad("empty_text", where)
-        turns.append(Turn(role, tuple(content)))
     return RawSample([], images, sid, turns=turns)
 
 

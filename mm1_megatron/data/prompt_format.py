@@ -168,3 +168,46 @@ def render_chat(segments: Sequence[ChatSegment], image_token: str = "<image>",
         else:
             parts.append(seg)
     return "".join(parts)
+
+
+# LLaVA's conversation records ({"from": "human" | "gpt" | "system", "value": "...<image>..."}),
+# read by tools/prepare_data.py (--kind sft) and `mm1-eval --answer-loss`.
+LLAVA_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def llava_turns(conversations: object, num_images: int,
+                image_token: str = "<image>") -> list[Turn]:
+    """LLaVA `conversations` -> turns, images numbered in marker order. Raises
+    ValueError(reason, detail): "bad_json", "bad_conversation" (roles not [system], human /
+    gpt alternating, ending with gpt), "image_mismatch" (markers != `num_images`, or a marker
+    outside a human turn), "empty_text"."""
+    if not isinstance(conversations, list) or not conversations or not all(
+            isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversations):
+        raise ValueError("bad_json", "conversations missing or not a list of {from, value}")
+    roles = [LLAVA_ROLES.get(t.get("from")) for t in conversations]
+    body = roles[1:] if roles[0] == "system" else roles
+    if None in roles or not body or len(body) % 2 or \
+            body != ["user", "assistant"] * (len(body) // 2):
+        raise ValueError("bad_conversation", f"roles {[t.get('from') for t in conversations]}")
+    markers = [t["value"].count(image_token) for t in conversations]
+    if sum(markers) != num_images or any(m for m, r in zip(markers, roles) if r != "user"):
+        raise ValueError("image_mismatch", f"{sum(markers)} {image_token} markers in the "
+                                           f"text, {num_images} images")
+    turns, next_image = [], 0
+    for n, (turn, role) in enumerate(zip(conversations, roles)):
+        if role != "user":
+            if not turn["value"].strip():
+                raise ValueError("empty_text", f"conversations[{n}].value")
+            turns.append(Turn(role, (turn["value"],)))
+            continue
+        content: list[Union[str, int]] = []
+        for k, piece in enumerate(turn["value"].split(image_token)):
+            if k:
+                content.append(next_image)
+                next_image += 1
+            if piece:
+                content.append(piece)
+        if not any(isinstance(c, int) or c.strip() for c in content):
+            raise ValueError("empty_text", f"conversations[{n}].value")
+        turns.append(Turn(role, tuple(content)))
+    return turns

@@ -41,8 +41,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--preset", help="the preset the run trained with (default: the run's "
                                     "config.yaml, written by mm1-train)")
     p.add_argument("--config", help="YAML file of config sections (as for mm1-train)")
-    p.add_argument("--task", action="append", required=True, metavar="FILE.jsonl",
+    p.add_argument("--task", action="append", default=[], metavar="FILE.jsonl",
                    help="a task file (repeat for several)")
+    p.add_argument("--answer-loss", metavar="FILE.jsonl",
+                   help="held-out conversations (LLaVA format): the mean loss on their answers")
     p.add_argument("--support", action="append", default=None, metavar="FILE.jsonl",
                    help="support set per --task, in the same order (default: the task "
                         "file itself, minus the query)")
@@ -69,6 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     r"Please use DTensor instead"):
         warnings.filterwarnings("ignore", message=pattern)
     args = parse_args(argv)
+    if not args.task and not args.answer_loss:
+        print("mm1-eval: give --task FILE.jsonl and/or --answer-loss FILE.jsonl", file=sys.stderr)
+        return 2
     if args.shots is None:
         args.shots = [0] if args.chat else [0, 4, 8]
     if args.chat and args.shots != [0]:
@@ -93,9 +98,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                   resolve_checkpoint)
     from mm1_megatron.evaluation.tasks import load_task
 
+    from mm1_megatron.evaluation.answer_loss import answer_loss, load_conversations
+
     try:
         tasks = [load_task(t, support=args.support[i] if args.support else None)
                  for i, t in enumerate(args.task)]
+        conversations = load_conversations(args.answer_loss) if args.answer_loss else None
         path = resolve_checkpoint(args.run_dir, args.checkpoint)
         tokenizer = Tokenizer.load(args.tokenizer or cfg.data.tokenizer_model)
     except (OSError, ValueError) as err:
@@ -134,11 +142,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{time.perf_counter() - start:.1f}s)", flush=True)
             for skip in r.skipped[:3]:
                 print(f"  skipped {skip['id']}: {skip['reason']}", flush=True)
-    print()
-    print(format_table(results))
+    losses = None
+    if conversations:
+        losses = answer_loss(model, tokenizer, conversations, evaluator.images)
+        print(f"  answer loss: {losses['answer_loss']:.4f} over {losses['answer_tokens']} answer "
+              f"tokens of {losses['conversations']} conversations", flush=True)
+    if results:
+        print()
+        print(format_table(results))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            json.dump({"checkpoint": str(path), "step": step, "results": [
+            json.dump({"checkpoint": str(path), "step": step, "answer_loss": losses,
+                       "results": [
                 {"task": r.task, "kind": r.kind, "shots": r.shots, "metric": r.metric,
                  "score": r.score, "reported": r.reported, "examples": r.examples,
                  "predictions": r.predictions, "skipped": r.skipped, "details": r.details,

@@ -182,3 +182,18 @@ def test_row_loss_mask_shape_is_float(demo_data):
     (row,) = list(Packer(64, 4, 2, IMAGE_ID).pack([Document(0, 0, tokens, ["a"],
                                                              trains=trains)]))
     assert row.loss_mask.dtype == torch.float32 and set(row.loss_mask.unique().tolist()) <= {0, 1}
+
+
+def test_answer_loss_reads_llava_conversations_and_names_a_bad_line(tmp_path):
+    from mm1_megatron.evaluation.answer_loss import load_conversations
+
+    good = {"id": "a", "image": "x.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}
+    (tmp_path / "ok.jsonl").write_text(json.dumps(good) + "\n")
+    [(cid, turns, images)] = load_conversations(tmp_path / "ok.jsonl")
+    assert cid == "a" and images == [str(tmp_path / "x.jpg")]
+    assert turns == [Turn("user", (0, "\nWhat?")), Turn("assistant", ("A cat.",))]
+    bad = dict(good, image=["x.jpg", "y.jpg"])  # two images, one marker
+    (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: image_mismatch"):
+        load_conversations(tmp_path / "bad.jsonl")

@@ -100,6 +100,18 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
                 *[a for t in ("chat_vqa", "chat_choice", "chat_yesno")
                   for a in ("--task", str(tasks / f"{t}.jsonl"))]])
     assert chat.returncode == 0, chat.stderr[-3000:]
+    # the held-out conversations' answer loss falls with SFT
+    losses = {}
+    for name, rd in (("pretrained", run_dir), ("sft", sft_dir)):
+        out = run([sys.executable, "-m", "mm1_megatron.evaluation.cli", "--run-dir", str(rd),
+                   "--answer-loss", str(demo_data / "sft_heldout.jsonl"), "--output",
+                   str(tmp_path / f"{name}.json"),
+                   f"data.tokenizer_model={demo_data}/tokenizer.model"])
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[name] = json.loads((tmp_path / f"{name}.json").read_text())["answer_loss"]
+    assert losses["sft"]["answer_tokens"] == losses["pretrained"]["answer_tokens"] > 0
+    print("held-out answer loss", {k: v["answer_loss"] for k, v in losses.items()})
+    assert losses["sft"]["answer_loss"] < losses["pretrained"]["answer_loss"]
     table = chat.stdout.strip().splitlines()[-3:]
     assert [row.split(" | ")[:2] for row in table] == [
         ["chat_vqa   ", "VQA acc   "], ["chat_choice", "choice acc"],
