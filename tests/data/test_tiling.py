@@ -69,13 +69,13 @@ def test_tokens_per_image_and_the_planner_count_sub_images():
     from mm1_megatron.model.flops import training_flops_per_sequence
     from mm1_megatron.plan import resolve_layout
 
-    cfg = load_config("mm1-7b-sft", ["vision.tiling=sphinx", "vision.image_size=672"],
-                      this_machine=False)
+    cfg = load_config("mm1-7b-sft", this_machine=False)  # tiled at 672 px
     assert cfg.vision.sub_images == 5 and image_tokens(cfg) == 720  # MM1: 5 x 144
     assert cfg.vision.num_patches == 48 * 48  # a 672 px tile: 2304 patches (+ class token)
     lay = resolve_layout(cfg, 128)
-    assert lay.images == 8 * 5
-    base = load_config("mm1-7b-sft", this_machine=False)
+    assert lay.images == cfg.data.max_images_per_sequence * 5
+    base = load_config("mm1-7b-sft", ["vision.tiling=none", "vision.image_size=378"],
+                       this_machine=False)
     assert training_flops_per_sequence(cfg).vision > 5 * training_flops_per_sequence(base).vision
     with pytest.raises(Exception, match="does not fit data.seq_length"):
         load_config("demo", ["vision.tiling=sphinx", "vision.tile_grid=4",
