@@ -36,8 +36,8 @@ Memory per GPU, per pipeline stage (GiB = 2**30 bytes):
 Step time on H100 SXM (989 TFLOP/s bf16 dense, 1979 FP8 dense, 3.35 TB/s HBM, NVLink 450 GB/s
 per direction per GPU, InfiniBand 400 Gb/s = 50 GB/s per GPU). The efficiency constants are
 fitted to 25 published Megatron-LM / NeMo / Megatron-Bridge H100 runs
-(tests/plan/published_h100.py, tests/plan/test_calibration.py: within ±15% but for one
-fine-grained MoE run, mean error 7.5%):
+(tests/plan/published_h100.py, tests/plan/test_calibration.py: all within ±15%, mean error
+4.8%):
 - Per micro-batch and stage, this GPU's share of the tokens (s x b / cp): every GEMM from its
   shape (decoder_layer_gemms: QKV, projection, fc1, fc2; router and each local expert's fc1 /
   fc2 over its routed tokens, the busiest EP rank at MOE_IMBALANCE x the mean), forward +
@@ -50,7 +50,8 @@ fine-grained MoE run, mean error 7.5%):
   cross-entropy, at EFF_HBM of HBM bandwidth. Backward = 2 x forward; full recompute adds one
   forward, selective one forward of core attention (hardware FLOPs; model FLOPs don't change).
   Host overhead per layer and micro-batch (HOST_PER_LAYER; an MoE layer adds the dispatcher's
-  host sync and a share per local expert). Not modelled: data loading (issue 16 measured 5%
+  host sync and a share per local expert; FP8 adds HOST_PER_FP8_EXPERT per local expert: each
+  expert's input, weight and gradient is quantized on its own). Not modelled: data loading (issue 16 measured 5%
   of a step on CPU), stragglers.
 - Exposed communication: TP with SP, 4 all-gather/reduce-scatter of s*b*h bf16 per layer
   forward and 4 backward (+4 under full recompute) over NVLink at 80%, TP_OVERLAP_EXPOSED of it
@@ -105,6 +106,14 @@ GEMM_HALF_FLOPS = 20e9  # a GEMM call of this many FLOPs reaches half of the top
 EFF_ATTN = 0.35
 HOST_PER_LAYER = 0.25e-3  # s per layer and micro-batch (launches, syncs) not hidden
 HOST_PER_EXPERT = 0.1e-3  # s per local expert of an MoE layer and micro-batch
+# FP8 expert GEMMs quantize each local expert's input, weight and output gradient separately
+# (amax, scale, cast per expert and pass: many small kernels), so FP8's gain shrinks and then
+# reverses as local experts multiply (torchao's MoE FP8 benchmark: +10% at 2 experts per GPU,
+# +1% at 16, pytorch/ao#2864; NeMo-RL#3804 batches per-expert quantization for the same
+# reason). Fitted to the one fine-grained FP8 run (Qwen3-30B-A3B, 16 local experts: 1.78x ->
+# 1.06x); the coarse FP8 MoE runs bound it (Qwen3-235B, 4 local: 1.01 -> 0.90; Grok-1, 1: 1.03
+# -> 1.01).
+HOST_PER_FP8_EXPERT = 0.4e-3
 OPTIMIZER_BYTES = 30  # Adam step per parameter of the shard
 CE_BYTES_PER_LOGIT = 10  # fp32 softmax, its gradient and the bf16 logits, read and written
 ATTN_CP_PENALTY = 0.1  # attention slowdown per extra context-parallel rank
@@ -461,7 +470,8 @@ def stage_times(cfg: Config, lay: Layout, memory: list[StageMemory]) -> list[Sta
             tp_ops += (8 + 4 * rec_full) if t > 1 else 0
             host += HOST_PER_LAYER
             if llm.is_moe_layer(i):
-                host += HOST_PER_MOE_LAYER + HOST_PER_EXPERT * llm.moe.num_experts / lay.ep
+                per_expert = HOST_PER_EXPERT + (HOST_PER_FP8_EXPERT if fp8 else 0.0)
+                host += HOST_PER_MOE_LAYER + per_expert * llm.moe.num_experts / lay.ep
                 if lay.ep > 1:
                     a2a = 2 * (tokens / t) * llm.moe.top_k * llm.hidden_size * (lay.ep - 1) / lay.ep
                     ep_bytes += (4 + 2 * rec_full) * a2a * MOE_IMBALANCE

@@ -29,14 +29,6 @@ from mm1_megatron.plan import estimate  # noqa: E402
 POINTS = runpy.run_path(str(HERE / "published_h100.py"))["POINTS"]
 BAND = 0.15  # every point's modelled / published tokens/s within 1 +- BAND
 MAX_MEAN_ABS_ERROR = 0.08
-# Points the model misses, with what is known; printed, counted in the mean error, not held to
-# the band.
-KNOWN_MISSES = {
-    "bridge2602-qwen3-30b-a3b-fp8-16gpu": (
-        "fine-grained MoE (128 experts, top-8, 768-wide) on 16 GPUs: the run is ~1.8x slower "
-        "than modelled; the two Bridge summaries disagree on its tokens/s (5113 vs 2557) at "
-        "the same 118 TFLOP/s"),
-}
 
 
 def point_config(p: dict) -> Config:
@@ -83,14 +75,11 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| run | GPUs | layout | prec. | published tok/s/GPU | modelled | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        miss = " (known miss)" if r["name"] in KNOWN_MISSES else ""
         lines.append(f"| {r['name']} | {r['gpus']} | {r['layout']} | {r['precision']} | "
-                     f"{r['published']:,.0f} | {r['modelled']:,.0f} | {r['ratio']:.2f}{miss} |")
+                     f"{r['published']:,.0f} | {r['modelled']:,.0f} | {r['ratio']:.2f} |")
     errors = [abs(r["ratio"] - 1) for r in rows]
-    held = [abs(r["ratio"] - 1) for r in rows if r["name"] not in KNOWN_MISSES]
-    lines.append(f"\nmean |error| {sum(errors) / len(errors):.1%} over {len(rows)} runs "
-                 f"({sum(held) / len(held):.1%} without the known miss), largest held "
-                 f"{max(held):.1%}")
+    lines.append(f"\nmean |error| {sum(errors) / len(errors):.1%} over {len(rows)} runs, "
+                 f"largest {max(errors):.1%}")
     return "\n".join(lines)
 
 
@@ -107,25 +96,17 @@ def test_the_table_has_enough_distinct_published_runs(rows):
         assert p["gpu"].startswith("H100") and p["source"] and p["quote"]
     assert {r["precision"] for r in rows} == {"bf16", "fp8"}
     assert sum(p["num_experts"] > 0 for p in POINTS) >= 2
-    assert set(KNOWN_MISSES) <= {r["name"] for r in rows}
 
 
 def test_every_published_run_within_the_band(rows):
     outside = [f"{r['name']}: {r['ratio']:.2f}" for r in rows
-               if abs(r["ratio"] - 1) > BAND and r["name"] not in KNOWN_MISSES]
+               if abs(r["ratio"] - 1) > BAND]
     assert not outside, outside
 
 
 def test_mean_absolute_error(rows):
     errors = [abs(r["ratio"] - 1) for r in rows]
     assert sum(errors) / len(errors) <= MAX_MEAN_ABS_ERROR
-
-
-def test_known_misses_are_still_misses(rows):
-    """A known miss that the model now gets right must leave the list (and the README)."""
-    for r in rows:
-        if r["name"] in KNOWN_MISSES:
-            assert abs(r["ratio"] - 1) > BAND, r["name"]
 
 
 # ---------------------------------------------------------------------------- properties
@@ -164,13 +145,32 @@ def test_interleaving_is_never_slower_when_the_bubble_dominates(name):
     assert _step(cfg, p["gpus"]) <= _step(plain, p["gpus"])
 
 
-@pytest.mark.parametrize("p", [p for p in POINTS if p["precision"] == "bf16"],
+def _local_experts(p: dict) -> int:
+    return p["num_experts"] // p["ep"] if p["num_experts"] else 0
+
+
+# FP8 quantizes each local expert's tensors on its own (h100.HOST_PER_FP8_EXPERT), so with many
+# experts per GPU FP8 can lose to BF16 (torchao's MoE FP8 benchmark: +10% at 2 experts per GPU,
+# +1% at 16, pytorch/ao#2864). The property holds for dense layers and coarse MoE.
+@pytest.mark.parametrize("p", [p for p in POINTS if p["precision"] == "bf16" and _local_experts(p) <= 4],
                          ids=lambda p: p["name"])
 def test_fp8_is_never_slower_than_bf16_on_the_same_layout(p):
     bf16 = point_config(p)
     fp8 = point_config(p)
     fp8.train.fp8 = "hybrid"
     assert _step(fp8, p["gpus"]) <= _step(bf16, p["gpus"])
+
+
+def test_fp8_gains_less_the_more_experts_each_gpu_holds():
+    p = next(p for p in POINTS if p["name"] == "bridge2602-gpt-oss-120b-bf16-64gpu")
+    fp8_over_bf16 = []
+    for ep in (64, 32, 8):  # 2, 4, 16 local experts (PP=1: EP may span all 64 GPUs)
+        bf16, fp8 = point_config(p), point_config(p)
+        for cfg in (bf16, fp8):
+            cfg.parallel.ep, cfg.parallel.pp = ep, 1
+        fp8.train.fp8 = "hybrid"
+        fp8_over_bf16.append(_step(fp8, p["gpus"]) / _step(bf16, p["gpus"]))
+    assert fp8_over_bf16[0] < 1 and fp8_over_bf16 == sorted(fp8_over_bf16), fp8_over_bf16
 
 
 if __name__ == "__main__":
