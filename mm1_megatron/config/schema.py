@@ -78,6 +78,11 @@ class VisionConfig:
         return 1 + self.tile_grid ** 2 if self.tiling == "sphinx" else 1
 
     @property
+    def tiles(self) -> int:
+        """Tiles per side of the high-resolution image, 0 without tiling (the decoders' knob)."""
+        return self.tile_grid if self.tiling == "sphinx" else 0
+
+    @property
     def layers_built(self) -> int:
         return self.feature_layer if self.feature_layer > 0 else \
             self.num_layers + 1 + self.feature_layer

@@ -114,9 +114,6 @@ def _validate_model(cfg: Config) -> None:
              f"{v.feature_layer} is not a layer of the {v.num_layers}-layer encoder")
     _require(1 <= v.tile_grid <= 4, "vision.tile_grid", f"{v.tile_grid}: give 1 to 4 (tiles "
              "per side of the high-resolution image)")
-    _require(v.sub_images == 1 or not cfg.eval.tasks, "eval.tasks",
-             "evaluating high-resolution (vision.tiling=sphinx) models during training is not "
-             "built yet; unset eval.tasks")
     _require(cfg.connector.num_tokens * v.sub_images <= cfg.data.seq_length, "vision.tiling",
              f"one image ({v.sub_images} sub-images x {cfg.connector.num_tokens} tokens) does "
              f"not fit data.seq_length={cfg.data.seq_length}")

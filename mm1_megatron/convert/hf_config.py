@@ -191,6 +191,11 @@ def model_card(cfg: Config, report: dict) -> str:
         f"| parameters | {_billions(n.total)} total, {_billions(n.active)} active per token |",
         f"| image encoder | ViT {v.layers_built} layers, width {v.hidden_size}, patch "
         f"{v.patch_size}, {v.image_size} px ({v.resize}), {v.activation} |",
+        "| images | " + (f"{v.image_size * v.tile_grid} px as a {v.image_size} px overview and "
+                          f"{v.tile_grid} x {v.tile_grid} tiles of {v.image_size} px, "
+                          f"{cfg.connector.num_tokens * v.sub_images} tokens per image (the "
+                          f"processor tiles) |" if v.tiles else
+                          f"{v.image_size} px, {cfg.connector.num_tokens} tokens per image |"),
         f"| decoder | {decoder} |",
         f"| trained | preset `{cfg.preset}`, sequence length {cfg.data.seq_length}, "
         f"checkpoint `{Path(report.get('checkpoint', '?')).name}` |",
@@ -224,10 +229,12 @@ def model_card(cfg: Config, report: dict) -> str:
 
 def processor_dict(cfg: Config) -> dict[str, Any]:
     """processor_config.json: MM1Processor (shipped as processing_mm1.py) over the image
-    processor and the tokenizer; each `<image>` becomes `connector.num_tokens` placeholders."""
+    processor and the tokenizer; each `<image>` becomes `connector.num_tokens` placeholders per
+    encoder input (x 1 + tile_grid^2 for a tiled, high-resolution model)."""
     return dict(processor_class="MM1Processor",
                 auto_map={"AutoProcessor": "processing_mm1.MM1Processor"},
-                image_token=IMAGE_TOKEN, num_image_tokens=cfg.connector.num_tokens)
+                image_token=IMAGE_TOKEN, num_image_tokens=cfg.connector.num_tokens,
+                tile_grid=cfg.vision.tiles)
 
 
 __all__ = ["mm1_config", "llama_config", "write_side_files", "image_processor_dict",

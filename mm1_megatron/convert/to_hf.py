@@ -188,9 +188,6 @@ def export(ckpt: str | Path, out: str | Path, cfg: Config, *,
     """Export; returns a report (paths, bytes, seconds, parity figures)."""
     from mm1_megatron.convert.hf_modeling.modeling_mm1 import MM1ForConditionalGeneration
 
-    if cfg.vision.sub_images > 1:
-        raise ConvertError("vision.tiling=sphinx: the HF export of high-resolution (tiled) "
-                           "models is not built yet (issue 19); export a run without tiling")
     if decoder_only is not None and cfg.llm.moe.num_experts > 0:  # before reading anything
         raise ConvertError("--decoder-only: no stock transformers architecture matches an "
                            "every-N-layer MoE decoder; export without --decoder-only (the full "

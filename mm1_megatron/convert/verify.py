@@ -1,8 +1,8 @@
 """Parity gate: the exported HF model against the Megatron model built from the same checkpoint.
 
-Both run in this process, in fp32 on CPU, on a fixed probe (two images spliced into text, or
-text only for the stock decoder): fail when max |logit difference| > 1e-3 or the greedy
-16-token continuations differ (the HF side through `generate()` with its KV cache, the
+Both run in this process, in fp32 on CPU, on a fixed probe (two images spliced into text, each
+as its overview and tiles for a tiled model, or text only for the stock decoder): fail when
+max |logit difference| > 1e-3 or the greedy 16-token continuations differ (the HF side through `generate()` with its KV cache, the
 Megatron side by re-running the full sequence).
 """
 
@@ -56,9 +56,10 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
 
 
 def probe(cfg: Config, images: bool = True, seed: int = 0):
-    """[1, s] token ids (two images between text when `images`) and [n, 3, H, W] pixels."""
+    """[1, s] token ids (two images between text when `images`) and [n, 3, H, W] pixels: a
+    tiled model's images are their sub-images in a row, each image's placeholders all of theirs."""
     g = torch.Generator().manual_seed(seed)
-    vocab, k = cfg.llm.vocab_size, cfg.connector.num_tokens
+    vocab, k = cfg.llm.vocab_size, cfg.connector.num_tokens * cfg.vision.sub_images
     low = min(10, vocab - 1)
     text = lambda n: torch.randint(low, vocab, (n,), generator=g)
     bos = torch.tensor([1])
@@ -67,7 +68,7 @@ def probe(cfg: Config, images: bool = True, seed: int = 0):
     img = torch.full((k,), cfg.llm.image_token_id)
     ids = torch.cat([bos, text(3), img, text(5), img, text(4)])
     size = cfg.vision.image_size
-    pixels = torch.randn(2, 3, size, size, generator=g)
+    pixels = torch.randn(2 * cfg.vision.sub_images, 3, size, size, generator=g)
     return ids.unsqueeze(0), pixels
 
 

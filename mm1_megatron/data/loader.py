@@ -146,9 +146,7 @@ class MultimodalLoader:
         self.image_size = cfg.vision.image_size
         self.decoder = ImageDecoder(cfg.vision.image_size, batch_size=d.max_images_per_sequence,
                                     num_threads=d.num_workers, seed=cfg.train.seed,
-                                    resize=cfg.vision.resize,
-                                    tiles=cfg.vision.tile_grid if cfg.vision.sub_images > 1
-                                    else 0) \
+                                    resize=cfg.vision.resize, tiles=cfg.vision.tiles) \
             if self.decode_images else None
         self.skips = SkipCounter(log=log)
         self.micro_batch_size = cfg.train.micro_batch_size

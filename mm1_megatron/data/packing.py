@@ -261,7 +261,6 @@ class Packer:
         loss_mask = torch.zeros(s)
         labels = torch.full((s,), self.pad_id, dtype=torch.long)
         images: list[Any] = []
-        placeholders = [self.image_token_id] * self.k
         cursor = 0
         for index, chunk in enumerate(chunks):
             start = cursor
@@ -270,12 +269,7 @@ class Packer:
                 continue
             # Expanded as one list, written with one copy (per-element tensor writes cost
             # ~1 us each, milliseconds per 4096-token row).
-            ids: list[int] = []
-            for token in chunk.tokens:
-                if token == IMAGE:
-                    ids += placeholders
-                else:
-                    ids.append(token)
+            ids, flags = expand_images(chunk.tokens, self.k, self.image_token_id, chunk.trains)
             cursor += len(ids)
             tokens[start:cursor] = torch.tensor(ids, dtype=torch.long)
             images += chunk.images
@@ -289,13 +283,34 @@ class Packer:
                 # (LLaVA-style); only targets that are placeholders carry no loss.
                 loss_mask[start:cursor] = (labels[start:cursor] != self.image_token_id).float()
             else:  # a conversation: loss where the target token trains (the answers)
-                flags: list[bool] = []
-                for token, trains in zip(chunk.tokens, chunk.trains):
-                    flags += [False] * self.k if token == IMAGE else [trains]
                 loss_mask[start:cursor - 1] = torch.tensor(flags[1:], dtype=torch.float)
             loss_mask[cursor - 1] = 0.0  # no target across the boundary
         return PackedRow(tokens, labels, loss_mask, doc_ids, sources, images,
                          [c.doc_id for c in chunks])
+
+
+def expand_images(tokens: list[int], tokens_per_image: int, image_token_id: int,
+                  trains: Optional[list[bool]] = None) -> tuple[list[int], Optional[list[bool]]]:
+    """A document's ids with IMAGE markers -> ids with every image as `tokens_per_image`
+    placeholder ids (all its sub-images' tokens), and the per-token loss flags stretched to
+    match when given (a placeholder never trains). Training rows, evaluation prompts and the
+    answer loss all expand images here."""
+    placeholders = [image_token_id] * tokens_per_image
+    ids: list[int] = []
+    for token in tokens:
+        if token == IMAGE:
+            ids += placeholders
+        else:
+            ids.append(token)
+    if trains is None:
+        return ids, None
+    flags: list[bool] = []
+    for token, flag in zip(tokens, trains):
+        if token == IMAGE:
+            flags += [False] * tokens_per_image
+        else:
+            flags.append(flag)
+    return ids, flags
 
 
 def segment_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

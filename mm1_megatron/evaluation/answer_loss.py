@@ -12,7 +12,7 @@ from typing import Union
 import torch
 
 from mm1_megatron.data.loader import tokenized_document
-from mm1_megatron.data.packing import IMAGE
+from mm1_megatron.data.packing import expand_images
 from mm1_megatron.data.prompt_format import Turn, chat_segments, llava_turns
 from mm1_megatron.data.tokenizer import PAD_ID, Tokenizer
 
@@ -47,15 +47,13 @@ def answer_loss(model, tokenizer: Tokenizer, conversations, images) -> dict:
     `images` is an `evaluator.ImageCache`."""
     from mm1_megatron.runtime import to_device
 
-    k, image_id = model.tokens_per_image, model.image_token_id
+    k = model.tokens_per_image * images.per_image  # placeholders per image, sub-images included
     device = next(model.parameters()).device
     total, count, per = 0.0, 0, {}
     for cid, turns, paths in conversations:
         tokens, trains = tokenized_document(tokenizer, chat_segments(turns))
-        ids, flags = [], []
-        for token, flag in zip(tokens, trains or [False] * len(tokens)):
-            ids += [image_id] * k if token == IMAGE else [token]
-            flags += [False] * k if token == IMAGE else [flag]
+        ids, flags = expand_images(tokens, k, model.image_token_id,
+                                   trains or [False] * len(tokens))
         s = len(ids)
         labels = ids[1:] + [PAD_ID]  # position i predicts token i + 1
         mask = torch.tensor(flags[1:] + [False])

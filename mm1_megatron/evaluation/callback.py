@@ -73,7 +73,8 @@ class FewShotEval(Callback):
         model = trainer.model[0].module  # the MM1Model inside Megatron DDP
         self.evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                           batch_size=self.batch_size, seed=self.seed,
-                                          max_new_tokens=limits, resize=cfg.vision.resize)
+                                          max_new_tokens=limits, resize=cfg.vision.resize,
+                                          tiles=cfg.vision.tiles)
         if trainer.is_logging_rank and cfg.logging.tensorboard:
             self.writer = self._shared_writer(trainer)
             if self.writer is None:

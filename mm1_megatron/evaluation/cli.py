@@ -113,10 +113,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mm1-eval: the tokenizer has {tokenizer.vocab_size} pieces but llm.vocab_size="
               f"{cfg.llm.vocab_size}", file=sys.stderr)
         return 2
-    if cfg.vision.sub_images > 1:
-        print("mm1-eval: vision.tiling=sphinx: evaluating high-resolution (tiled) models is not "
-              "built yet (issue 19)", file=sys.stderr)
-        return 2
     cfg = single_process_config(cfg)
     model = build_eval_model(cfg)
     step = load_model_weights(model, path)
@@ -127,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                  batch_size=args.batch_size, seed=args.seed,
                                  use_cache=not args.no_kv_cache, max_new_tokens=limits,
-                                 resize=cfg.vision.resize, chat=args.chat)
+                                 resize=cfg.vision.resize, tiles=cfg.vision.tiles,
+                                 chat=args.chat)
     results = []
     for task in tasks:
         for k in args.shots:

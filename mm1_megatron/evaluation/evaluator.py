@@ -48,18 +48,22 @@ class TaskResult:
 
 
 class ImageCache:
-    """path -> decoded [3, S, S] tensor, DALI CPU/GPU decode, LRU-bounded. `resize` is
-    `cfg.vision.resize`: evaluation must see images shaped as in training."""
+    """path -> decoded [sub-images, 3, S, S] tensor, DALI CPU/GPU decode, LRU-bounded. `resize`
+    and `tiles` are `cfg.vision.resize` / `cfg.vision.tiles`: evaluation must see images shaped
+    as in training (a tiled model: each image's overview and tiles)."""
 
     def __init__(self, size: int, capacity: int = 256, num_threads: int = 2,
-                 resize: str = "squash"):
+                 resize: str = "squash", tiles: int = 0):
         from mm1_megatron.data.images import ImageDecoder
 
-        self.decoder = ImageDecoder(size, batch_size=16, num_threads=num_threads, resize=resize)
+        self.decoder = ImageDecoder(size, batch_size=16, num_threads=num_threads, resize=resize,
+                                    tiles=tiles)
+        self.per_image = self.decoder.per_image  # encoder inputs per image
         self.capacity = capacity
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def get(self, paths: Sequence[str]) -> torch.Tensor:
+        """[len(paths) * per_image, 3, S, S]: each image's sub-images in a row, in path order."""
         missing = list(dict.fromkeys(p for p in paths if p not in self.cache))
         if missing:
             data = []
@@ -73,7 +77,7 @@ class ImageCache:
             if bad:
                 raise ValueError(f"{missing[bad[0]]}: cannot decode image "
                                  f"({self.decoder.last_errors.get(bad[0], '')})")
-            for p, t in zip(missing, decoded):
+            for p, t in zip(missing, decoded.split(self.per_image)):
                 self.cache[p] = t.cpu()
         out = []
         for p in paths:
@@ -82,7 +86,7 @@ class ImageCache:
         while len(self.cache) > self.capacity:
             self.cache.popitem(last=False)
         size = self.decoder.size
-        return torch.stack(out) if out else torch.empty(0, 3, size, size)
+        return torch.cat(out) if out else torch.empty(0, 3, size, size)
 
 
 class FewShotEvaluator:
@@ -90,7 +94,7 @@ class FewShotEvaluator:
                  seed: int = 0, use_cache: bool = True,
                  max_new_tokens: Optional[dict] = None, separator: str = SEPARATOR,
                  images: Optional[ImageCache] = None, resize: str = "squash",
-                 chat: bool = False):
+                 tiles: int = 0, chat: bool = False):
         """`chat`: prompt in the chat format, zero-shot (a fine-tuned model); else the
         pre-training format with k in-context examples."""
         self.chat = chat
@@ -101,7 +105,9 @@ class FewShotEvaluator:
         self.separator = separator
         self.max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
         self.generator = Generator(model, tokenizer, use_cache=use_cache)
-        self.images = images or ImageCache(image_size, resize=resize)
+        self.images = images or ImageCache(image_size, resize=resize, tiles=tiles)
+        # Placeholders per image: the model's tokens per encoder input x the image's sub-images.
+        self.tokens_per_image = model.tokens_per_image * self.images.per_image
 
     def prompts(self, task: Task, shots: int, indices: Sequence[int]):
         if self.chat:
@@ -111,13 +117,13 @@ class FewShotEvaluator:
                 raise ValueError(f"task {task.name}: --chat scores {', '.join(CHAT_KINDS)} "
                                  f"tasks, not {task.kind}")
             return [build_chat_prompt(self.tokenizer, task.kind, task.examples[i],
-                                      self.model.tokens_per_image, self.model.image_token_id)
+                                      self.tokens_per_image, self.model.image_token_id)
                     for i in indices]
         if task.kind not in (CAPTION, VQA):
             raise ValueError(f"task {task.name}: {task.kind} tasks are scored with --chat")
         return [build_prompt(self.tokenizer, task.kind, task.examples[i],
                              task.support_for(i, shots, self.seed),
-                             self.model.tokens_per_image, self.model.image_token_id,
+                             self.tokens_per_image, self.model.image_token_id,
                              self.separator) for i in indices]
 
     def evaluate(self, task: Task, shots: int, limit: Optional[int] = None) -> TaskResult:

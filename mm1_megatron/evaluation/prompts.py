@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from mm1_megatron.data.packing import IMAGE, expand_images
 from mm1_megatron.data.prompt_format import (CAPTION_PROMPT, CHAT_ASSISTANT, SEPARATOR,
                                              VQA_PROMPT, Turn, chat_segments, render_chat)
 from mm1_megatron.data.tokenizer import BOS_ID, IMAGE_TOKEN, Tokenizer
@@ -87,14 +88,11 @@ def build_prompt(tokenizer: Tokenizer, kind: str, query: Example, shots: Sequenc
                  tokens_per_image: int, image_token_id: int,
                  separator: str = SEPARATOR) -> Prompt:
     segs = segments(kind, query, shots, separator)
-    tokens, images = [BOS_ID], []
+    tokens = [BOS_ID]
     for s in segs:
-        if isinstance(s, ImageSlot):
-            tokens += [image_token_id] * tokens_per_image
-            images.append(s.path)
-        else:
-            tokens += tokenizer.encode(s)
-    return Prompt(tokens, images, render(segs))
+        tokens += [IMAGE] if isinstance(s, ImageSlot) else tokenizer.encode(s)
+    ids, _ = expand_images(tokens, tokens_per_image, image_token_id)
+    return Prompt(ids, [s.path for s in segs if isinstance(s, ImageSlot)], render(segs))
 
 
 def postprocess(text: str, separator: Optional[str] = SEPARATOR) -> str:
@@ -132,6 +130,6 @@ def build_chat_prompt(tokenizer: Tokenizer, kind: str, example: Example,
     segments[-1] += CHAT_ASSISTANT
     tokens = [BOS_ID]
     for seg in segments:
-        tokens += [image_token_id] * tokens_per_image if isinstance(seg, int) else \
-            tokenizer.encode(seg)
-    return Prompt(tokens, list(example.images), render_chat(segments, bos=""))
+        tokens += [IMAGE] if isinstance(seg, int) else tokenizer.encode(seg)
+    ids, _ = expand_images(tokens, tokens_per_image, image_token_id)
+    return Prompt(ids, list(example.images), render_chat(segments, bos=""))

@@ -46,7 +46,12 @@ def case_export(root: str, tokenizer: str) -> dict:
                        "data.weight_text=0", "data.weight_sft=1"]
     export(run, Path(root) / "hf_sft", load_config("tiny", sft), progress=False, verify=False,
            log=lambda *_: None)
-    return {"parity": report["parity"], "notes": report["notes"]}
+    # ... and as a tiled (high-resolution) SFT model: 84 px tiles, overview + 2 x 2, through
+    # the parity gate (two images of five sub-images each)
+    tiled = export(run, Path(root) / "hf_tiled",
+                   load_config("tiny", sft + ["vision.tiling=sphinx", "vision.tile_grid=2"]),
+                   progress=False, log=lambda *_: None)
+    return {"parity": report["parity"], "notes": report["notes"], "tiled": tiled["parity"]}
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +384,51 @@ def test_an_sft_export_renders_the_chat_format_training_used(exported, photos):
     assert inputs["input_ids"][0].tolist() == want
     assert inputs["image_counts"].tolist() == [2]
     assert "fine-tuned on conversations" in (d.parent / "hf_sft" / "README.md").read_text()
+
+
+def test_a_tiled_export_tiles_like_training_and_generates(exported, photos):
+    """The tiled SFT export: its processor cuts an overview and 2 x 2 tiles per image like the
+    DALI decoder training used (bicubic filters a few levels apart), the prompt is training's
+    tokenization with 5 x 9 placeholders per image, and `generate` equals greedy decoding on
+    the same sub-images; the export passed its parity gate on tiled images."""
+    import io
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mm1_megatron.data.images import ImageDecoder
+    from mm1_megatron.data.prompt_format import CHAT_ASSISTANT, Turn, chat_segments
+    from mm1_megatron.data.tokenizer import BOS_ID, IMAGE_ID, Tokenizer
+
+    d, report, tokenizer = exported
+    assert report["tiled"]["max_abs_logit_diff"] < 1e-3
+    tiled = d.parent / "hf_tiled"
+    assert json.loads((tiled / "processor_config.json").read_text())["tile_grid"] == 2
+    assert "as a 84 px overview and 2 x 2 tiles" in (tiled / "README.md").read_text()
+    processor = AutoProcessor.from_pretrained(tiled, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(tiled, trust_remote_code=True,
+                                                        dtype=torch.float32).eval()
+    images = [photos[1], photos[2]]
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                             {"type": "image", "image": images[1]},
+                                             {"type": "text", "text": "\nWhat are these?"}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           add_generation_prompt=True, return_tensors="pt")
+    k = model.config.num_image_tokens * 5
+    segments = chat_segments([Turn("user", (0, 1, "\nWhat are these?"))])
+    segments[-1] += CHAT_ASSISTANT
+    tok, want = Tokenizer.load(tokenizer), [BOS_ID]
+    for seg in segments:
+        want += [IMAGE_ID] * k if isinstance(seg, int) else tok.encode(seg)
+    assert inputs["input_ids"][0].tolist() == want
+    assert inputs["image_counts"].tolist() == [10]
+    assert inputs["pixel_values"].shape == (1, 10, 3, 84, 84)
+    encoded = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    dali, bad = ImageDecoder(84, batch_size=2, device="cpu", tiles=2).decode(encoded)
+    diff = (inputs["pixel_values"][0] - dali).abs()
+    assert bad == [] and diff.mean() < 0.01 and diff.max() < 0.3, float(diff.mean())
+    out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert new_tokens(out, inputs) == own_greedy(model, want, inputs["pixel_values"][0])

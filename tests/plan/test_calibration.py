@@ -25,8 +25,11 @@ if __name__ == "__main__":  # run as a script from anywhere in the checkout
 
 from mm1_megatron.config import Config, get_preset  # noqa: E402
 from mm1_megatron.plan import estimate  # noqa: E402
+from mm1_megatron.plan.h100 import GIB, resolve_layout, stage_memory  # noqa: E402
 
 POINTS = runpy.run_path(str(HERE / "published_h100.py"))["POINTS"]
+MEMORY_POINTS = runpy.run_path(str(HERE / "published_memory_h100.py"))["MEMORY_POINTS"]
+MEMORY_BAND = 0.05  # modelled / published peak allocated memory within 1 +- MEMORY_BAND
 BAND = 0.15  # every point's modelled / published tokens/s within 1 +- BAND
 MAX_MEAN_ABS_ERROR = 0.08
 
@@ -37,17 +40,17 @@ def point_config(p: dict) -> Config:
     llm, par, train = cfg.llm, cfg.parallel, cfg.train
     llm.num_layers, llm.hidden_size = p["layers"], p["hidden"]
     llm.num_attention_heads, llm.num_query_groups = p["heads"], p["kv_heads"]
-    llm.kv_channels = p["kv_channels"]
+    llm.kv_channels = p.get("kv_channels")
     # non-gated f-wide MLP = 2hf weights = a SwiGLU of width 2f/3
     llm.ffn_hidden_size = p["ffn_hidden"] if p["gated_mlp"] else round(2 * p["ffn_hidden"] / 3)
     llm.vocab_size, llm.recompute = p["vocab"], "none"
-    llm.moe.num_experts = p["num_experts"] or 0
-    if p["num_experts"]:
+    llm.moe.num_experts = p.get("num_experts") or 0
+    if llm.moe.num_experts:
         llm.moe.top_k, llm.moe.layer_freq = p["top_k"], p["moe_layer_freq"]
         llm.moe.expert_ffn_hidden_size = p["moe_ffn_hidden"]
     cfg.data.seq_length = p["seq_length"]
     par.tp, par.pp, par.cp, par.ep = p["tp"], p["pp"], p["cp"], p["ep"]
-    par.expert_tp = 1 if p["num_experts"] else None
+    par.expert_tp = 1 if llm.moe.num_experts else None
     par.virtual_stages = p["vp"] if p["vp"] > 1 else None
     par.first_stage_layers = None
     par.sequence_parallel = par.tp_comm_overlap = p["tp"] > 1
@@ -69,6 +72,35 @@ def compare() -> list[dict]:
                      "ratio": modelled / p["tokens_per_sec_per_gpu"],
                      "memory_gib": est["memory"]["worst_gib"], "source": p["source"]})
     return rows
+
+
+def memory_comparable(p: dict) -> bool:
+    """A published peak the planner can be held to: the statistic is max allocated and the
+    recipe's gradient-buffer dtype is known (the planner counts fp32 main grads; a recipe with
+    grad_reduce_in_fp32=False keeps them in bf16)."""
+    return p["memory_kind"] == "max_allocated" and p["grad_reduce_in_fp32"] is not None
+
+
+def modelled_memory_gib(p: dict) -> float:
+    """The planner's worst stage for a published run, with the run's gradient-buffer dtype."""
+    cfg = point_config(p)
+    cfg.llm.recompute = "none" if p["recompute"] == "none" else "selective"
+    worst = max(stage_memory(cfg, resolve_layout(cfg, p["gpus"], 8, text_only=True)),
+                key=lambda m: m.total)
+    grads = worst.grads * (0.5 if p["grad_reduce_in_fp32"] is False else 1.0)
+    return (worst.total - worst.grads + grads) / GIB
+
+
+def memory_markdown() -> str:
+    lines = ["| run | GPUs | layout | recompute | published peak | modelled | ratio | held |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in MEMORY_POINTS:
+        got = modelled_memory_gib(p)
+        held = "yes" if memory_comparable(p) else "no: statistic or gradient dtype not stated"
+        lines.append(f"| {p['name']} | {p['gpus']} | TP{p['tp']} PP{p['pp']} VP{p['vp']} "
+                     f"EP{p.get('ep', 1)} | {p['recompute']} | {p['memory_gib']:.1f} GiB | "
+                     f"{got:.1f} GiB | {got / p['memory_gib']:.2f} | {held} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -145,6 +177,15 @@ def test_interleaving_is_never_slower_when_the_bubble_dominates(name):
     assert _step(cfg, p["gpus"]) <= _step(plain, p["gpus"])
 
 
+def test_memory_within_band_where_published():
+    held = [p for p in MEMORY_POINTS if memory_comparable(p)]
+    assert held, "no published peak memory the planner can be held to"
+    print("\n" + memory_markdown())
+    for p in held:
+        ratio = modelled_memory_gib(p) / p["memory_gib"]
+        assert abs(ratio - 1) <= MEMORY_BAND, (p["name"], ratio)
+
+
 def _local_experts(p: dict) -> int:
     return p["num_experts"] // p["ep"] if p["num_experts"] else 0
 
@@ -175,3 +216,5 @@ def test_fp8_gains_less_the_more_experts_each_gpu_holds():
 
 if __name__ == "__main__":
     print(markdown(compare()))
+    print()
+    print(memory_markdown())

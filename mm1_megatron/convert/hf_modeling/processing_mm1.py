@@ -10,6 +10,12 @@ was trained on. Rows are left-padded (generation appends on the right). Returned
 `input_ids`, `attention_mask`, `pixel_values` as [rows, most images in a row, 3, H, W] (a row's
 unused slots are zeros) and `image_counts` [rows]. Keeping images per row lets `generate` expand
 them with their row for beam search and `num_return_sequences`.
+
+High resolution (`tile_grid` > 0, MM1's SFT, SPHINX-style): each image becomes an overview (the
+image at the model's input size) and `tile_grid` x `tile_grid` crops of the image resized to
+`tile_grid` times that size, row-major, each encoded on its own; its `<image>` then stands for
+(1 + tile_grid^2) x `num_image_tokens` placeholders and `pixel_values` / `image_counts` count
+sub-images, in that order. Training decodes the same geometry with DALI (bicubic, antialiased).
 """
 
 from __future__ import annotations
@@ -23,21 +29,60 @@ class MM1Processor(ProcessorMixin):
     text_kwargs = {"padding": "longest", "padding_side": "left"}
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
-                 image_token: str = "<image>", num_image_tokens: int = 144, **kwargs):
+                 image_token: str = "<image>", num_image_tokens: int = 144, tile_grid: int = 0,
+                 **kwargs):
         self.image_token = image_token
         self.num_image_tokens = int(num_image_tokens)
+        self.tile_grid = int(tile_grid)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
+    @property
+    def sub_images(self) -> int:
+        """Encoder inputs per image: 1, or the overview and the tiles."""
+        return 1 + self.tile_grid ** 2 if self.tile_grid else 1
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * self.num_image_tokens
+        return self.image_token * (self.num_image_tokens * self.sub_images)
+
+    def _process_images(self, images, **kwargs):
+        if not self.tile_grid:
+            return super()._process_images(images, **kwargs)
+        from transformers.image_utils import make_flat_list_of_images
+
+        flat = make_flat_list_of_images(images)
+        parts = [part for image in flat for part in self.tile(image)]
+        processed = self.image_processor(parts, **kwargs)
+        return processed, [self.replace_image_token(processed, i) for i in range(len(flat))]
+
+    def tile(self, image) -> list:
+        """One image -> [overview, tiles row-major] as PIL images. The overview is the image
+        itself (the image processor brings it to the input size); the tiles are cut from the
+        image resized (bicubic) to tile_grid x the input size, so the processor leaves them
+        as they are. A centre-cropping image processor gets the centred square first."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            from transformers.image_transforms import to_pil_image
+
+            image = to_pil_image(image)
+        image = image.convert("RGB")
+        if getattr(self.image_processor, "do_center_crop", False):
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        size = self.image_processor.crop_size["height"]
+        big = image.resize((size * self.tile_grid,) * 2, Image.BICUBIC)
+        tiles = [big.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+                 for r in range(self.tile_grid) for c in range(self.tile_grid)]
+        return [image, *tiles]
 
     def __call__(self, images=None, text=None, **kwargs):
         if text is None:
             raise ValueError("MM1Processor needs `text`: one `<image>` per image, where the image "
                              "goes (e.g. '<image> A photo of')")
         texts = [text] if isinstance(text, str) else list(text)
-        counts = [t.count(self.image_token) for t in texts]
+        counts = [t.count(self.image_token) * self.sub_images for t in texts]  # encoder inputs
         out = super().__call__(images=images, text=texts, **kwargs)
         as_tensors = hasattr(out.get("input_ids"), "shape")
         if "pixel_values" in out:
