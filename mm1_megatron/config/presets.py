@@ -127,6 +127,7 @@ def _sft(base: str, **train: Any) -> Config:
     for key, value in settings.items():
         setattr(t, key, value)
     cfg.checkpoint.init_from = f"runs/{base}"
+    cfg.eval.chat, cfg.eval.shots = True, "0"  # eval.tasks, when given, in the chat format
     return cfg
 
 
@@ -141,10 +142,11 @@ def _demo_sft() -> Config:
     """`demo-sft`: the demo model fine-tuned on demo_data/sft from runs/demo (minutes on CPU)."""
     cfg = _sft("demo", global_batch_size=8, train_steps=40, lr=2e-4, warmup_steps=4)
     cfg.data.seq_length = 256  # the demo model's own (its conversations are short)
-    # At the demo's own 112 px, untiled: mm1-eval and the HF export do not take tiled
-    # models yet. `vision.tiling=sphinx vision.image_size=224` trains tiled at demo scale.
-    cfg.vision.tiling, cfg.vision.image_size = "none", 112
-    cfg.data.max_images_per_sequence = 8
+    # MM1's high resolution at demo scale: 168 px tiles (the 112 px ViT's position tables
+    # interpolated, as 378 -> 672 in MM1), overview + 2 x 2 of the 336 px resize, 5 x 16 = 80
+    # tokens per image, two images per 256-token row.
+    cfg.vision.tiling, cfg.vision.image_size = "sphinx", 168
+    cfg.data.max_images_per_sequence = 2
     cfg.checkpoint.save_interval = 20
     return cfg
 

@@ -288,6 +288,9 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0  # draws the in-context examples
     max_new_tokens: Optional[int] = None  # None: 20 for captioning, 10 for VQA
+    # Zero-shot in the chat format (a fine-tuned model; the SFT presets set it): VQA, multiple
+    # choice and yes/no tasks, as `mm1-eval --chat` scores them. Needs shots "0".
+    chat: bool = False
 
 
 @dataclass

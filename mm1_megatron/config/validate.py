@@ -241,6 +241,8 @@ def _validate_train(cfg: Config, fp8_ok: bool) -> None:
              f"{t.warmup_steps} is not below train.train_steps={t.train_steps}")
     for shots in filter(None, (k.strip() for k in cfg.eval.shots.split(","))):
         _require(shots.isdigit(), "eval.shots", f"{shots!r} is not a number of examples")
+    _require(not cfg.eval.chat or cfg.eval.shots.replace(" ", "") == "0", "eval.shots",
+             f"{cfg.eval.shots!r}: eval.chat scores zero-shot; give eval.shots=0")
     d = cfg.data
     # Each weight is finite and >= 0 (`_validate_positive` names the one that is not).
     _require(sum(getattr(d, f"weight_{source}") for source in SOURCES) > 0,

@@ -25,7 +25,7 @@ class FewShotEval(Callback):
     def __init__(self, tasks: Sequence[Union[str, Path]], interval: int,
                  shots: Sequence[int] = (0, 4), limit: Optional[int] = None,
                  batch_size: int = 8, seed: int = 0, max_new_tokens: Optional[int] = None,
-                 tokenizer_model: Optional[str] = None):
+                 tokenizer_model: Optional[str] = None, chat: bool = False):
         if interval <= 0:
             raise ValueError(f"interval must be > 0, got {interval}")
         self.task_files = [Path(t) for t in tasks]
@@ -36,6 +36,7 @@ class FewShotEval(Callback):
         self.seed = seed
         self.max_new_tokens = max_new_tokens
         self.tokenizer_model = tokenizer_model
+        self.chat = chat  # zero-shot chat prompts (a fine-tuned model)
         self.tasks: list = []
         self.evaluator = None
         self.writer = None
@@ -46,11 +47,11 @@ class FewShotEval(Callback):
     @classmethod
     def from_config(cls, cfg) -> "FewShotEval":
         """From `cfg.eval`: tasks (comma-separated paths, or a list), interval, shots
-        ("0,4", or a list), limit, batch_size, seed, max_new_tokens."""
+        ("0,4", or a list), limit, batch_size, seed, max_new_tokens, chat."""
         e = cfg.eval
         return cls(_items(e.tasks), e.interval, shots=[int(k) for k in _items(e.shots)],
                    limit=e.limit, batch_size=e.batch_size, seed=e.seed,
-                   max_new_tokens=e.max_new_tokens)
+                   max_new_tokens=e.max_new_tokens, chat=e.chat)
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -69,12 +70,12 @@ class FewShotEval(Callback):
         self.tasks = [load_task(t) for t in self.task_files]
         tokenizer = Tokenizer.load(self.tokenizer_model or cfg.data.tokenizer_model)
         limits = None if self.max_new_tokens is None else \
-            {"caption": self.max_new_tokens, "vqa": self.max_new_tokens}
+            {kind: self.max_new_tokens for kind in ("caption", "vqa", "choice", "yesno")}
         model = trainer.model[0].module  # the MM1Model inside Megatron DDP
         self.evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                           batch_size=self.batch_size, seed=self.seed,
                                           max_new_tokens=limits, resize=cfg.vision.resize,
-                                          tiles=cfg.vision.tiles)
+                                          tiles=cfg.vision.tiles, chat=self.chat)
         if trainer.is_logging_rank and cfg.logging.tensorboard:
             self.writer = self._shared_writer(trainer)
             if self.writer is None:

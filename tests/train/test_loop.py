@@ -75,25 +75,32 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
     assert [s for s, _ in scalars(run_dir, "loss/lm")][-2:] == [9, 10]
 
     # SFT from this run (its latest checkpoint, given as the run dir), the ViT frozen: loss
-    # on the conversations' answers only, logged per source as loss/sft.
+    # on the conversations' answers only, logged per source as loss/sft. demo-sft is tiled
+    # (168 px tiles: the 112 px position tables interpolated) and evaluates in the chat
+    # format during training.
+    tasks = tmp_path / "tasks"
+    made = run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+                str(demo_data), "--output", str(tasks)])
+    assert made.returncode == 0, made.stderr[-2000:]
     sft_dir = tmp_path / "sft"
     cmd = command(demo_data, sft_dir, "train.train_steps=3", "checkpoint.save_interval=3",
-                  f"checkpoint.init_from={run_dir}", "train.freeze=[vision]")
+                  f"checkpoint.init_from={run_dir}", "train.freeze=[vision]",
+                  f"eval.tasks={tasks}/chat_vqa.jsonl", "eval.interval=3", "eval.limit=2",
+                  "eval.max_new_tokens=3")
     cmd[cmd.index("demo")] = "demo-sft"
     sft = run(cmd)
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert f"initialised model weights from {run_dir}" in sft.stdout
     assert len(scalars(sft_dir, "loss/sft")) == 3 and not scalars(sft_dir, "loss/caption")
+    assert [step for step, _ in scalars(sft_dir, "eval/chat_vqa/0shot")] == [3]
     same = run_ranks(__file__, "case_parts_changed", timeout=300, kwargs={
         "before": str(checkpoints / "step_00000010"),
         "after": str(sft_dir / "checkpoints" / "step_00000003")})[0]
-    assert same == {"vision": False, "connector": True, "language_model": True}
+    assert same == {"vision": False, "connector": True, "language_model": True,
+                    # interpolated once for the 168 px tiles (then frozen / trained)
+                    "resized": ["connector.pos_emb", "vision.position_embeddings.weight"]}
 
     # mm1-eval --chat on the fine-tuned run: zero-shot VQA, multiple choice, yes/no
-    tasks = tmp_path / "tasks"
-    made = run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
-                str(demo_data), "--output", str(tasks)])
-    assert made.returncode == 0, made.stderr[-2000:]
     chat = run([sys.executable, "-m", "mm1_megatron.evaluation.cli", "--run-dir", str(sft_dir),
                 "--chat", "--limit", "4", "--max-new-tokens", "3", "--output",
                 str(tmp_path / "chat.json"), f"data.tokenizer_model={demo_data}/tokenizer.model",
@@ -126,7 +133,8 @@ def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
 
 
 def case_parts_changed(before: str, after: str) -> dict:
-    """Per model part: whether any of its tensors differs between two checkpoints."""
+    """Per model part: whether any of its tensors differs between two checkpoints; tensors
+    whose shape differs (position tables interpolated to another image size) are listed apart."""
     import torch
 
     from mm1_megatron.convert.reader import CheckpointReader
@@ -134,8 +142,11 @@ def case_parts_changed(before: str, after: str) -> dict:
     a, b = CheckpointReader(before), CheckpointReader(after)
     keys = sorted(a.meta)
     assert keys == sorted(b.meta)
-    changed: dict = {}
+    changed: dict = {"resized": []}
     for key, x, y in zip(keys, a.load([(k, ()) for k in keys]), b.load([(k, ()) for k in keys])):
+        if x.shape != y.shape:
+            changed["resized"].append(key)
+            continue
         part = key.split(".")[0]
         changed[part] = changed.get(part, False) or not torch.equal(x, y)
     return changed

@@ -1,6 +1,7 @@
 """One reader per tensor x pipeline group: the first stage's TP rank 0 reads, tokenizes and
 decodes; its peers plan the same rows (same loader state) but read nothing, and receive
-identical micro-batches (images on the first stage only)."""
+identical micro-batches (images on the first stage only). Tiled images (vision.tiling=sphinx:
+five sub-images each) travel the same way."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def case_share_batches(data: str) -> dict:
 
     cfg = load_config("demo", [f"data.path={data}", f"data.tokenizer_model={data}/tokenizer.model",
                                "parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
-                               "train.micro_batch_size=1",
+                               "train.micro_batch_size=1", "vision.tiling=sphinx",
                                "data.prefetch=0"])
     init_distributed(cfg.parallel, seed=0)
     reader = reads_data()
@@ -49,7 +50,9 @@ def case_share_batches(data: str) -> dict:
                                                    "position_ids", "image_ok", "image_rows",
                                                    "image_documents")}
                        | {"max_seqlen": b["max_seqlen"],
-                          "images": None if b["images"] is None else _digest(b["images"])}
+                          "images": None if b["images"] is None else _digest(b["images"]),
+                          "sub_images": None if b["images"] is None or not b["image_ok"].numel()
+                          else b["images"].shape[0] / b["image_ok"].numel()}
                        for b in batches]})
     return {"reader": reader, "first_stage": ps.is_pipeline_first_stage(),
             "reads": len(reads), "steps": steps}
@@ -63,11 +66,12 @@ def test_one_reader_per_tp_pp_group_and_identical_batches(demo_data):
     assert all(r["reads"] == 0 for r in ranks if not r["reader"])
     reference = readers[0]["steps"]
     assert any(f["images"] for step in reference for f in step["fields"])
+    assert {f["sub_images"] for step in reference for f in step["fields"]} - {None} == {5.0}
     for r in ranks:
         for got, want in zip(r["steps"], reference):
             assert got["state"] == want["state"]  # every rank planned the same rows
             for g, w in zip(got["fields"], want["fields"]):
-                assert {k: v for k, v in g.items() if k != "images"} == \
-                    {k: v for k, v in w.items() if k != "images"}
+                assert {k: v for k, v in g.items() if k not in ("images", "sub_images")} == \
+                    {k: v for k, v in w.items() if k not in ("images", "sub_images")}
                 # Images reach the first stage's TP peer; later stages never hold them.
                 assert g["images"] == (w["images"] if r["first_stage"] else None)
