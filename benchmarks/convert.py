@@ -1,40 +1,57 @@
-"""Export throughput: Megatron checkpoint -> HF directory, against a plain copy of the bytes.
+"""Export throughput: Megatron checkpoint -> HF directory, against reading and writing the
+same bytes.
 
     python benchmarks/convert.py [--llm-hidden 512 --llm-layers 8 --experts 4 --vocab 32000]
+    python benchmarks/convert.py --quick        # a few-MB model, seconds
 
 Saves a mid-size MM1 model (MoE every 2nd layer, c_abstractor; ~90M parameters, ~0.36 GB in
-fp32 with the defaults) as a dist_checkpointing checkpoint in a temp dir, then times
-  export: `mm1_megatron.convert.to_hf.export(..., verify=False)` (read, split fused QKV / GLU /
-          stacked experts, write safetensors shards + index), bytes = safetensors written;
-  copy:   `shutil.copyfile` of the checkpoint's files to the same disk, bytes = files copied.
-Each is run `--repeats` times (best taken; the first export also warms the page cache, as the
-copy's reads are warm too). Last line: JSON with both rates and ratio = export / copy.
+fp32 with the defaults) as a dist_checkpointing checkpoint in a temp dir, then interleaves
+(measure.interleave, after one untimed export that sizes the output and warms imports):
+  export (candidate): `mm1_megatron.convert.to_hf.export(..., verify=False)` - read the
+          checkpoint, split fused QKV / GLU / stacked experts, write safetensors shards, index,
+          config;
+  copy   (baseline):  read every checkpoint file once and write the export's output bytes
+          (files of the same sizes, filled with what was read).
+Page cache: equally warm. Before every timed side (untimed) the previous output is removed,
+every checkpoint file is read once (both sides read from the page cache) and `os.sync()` flushes
+what is pending, then `prefault` touches as much memory as the side will use; the timed
+writes land in the page cache (well under the kernel's dirty limit),
+so neither side's time includes disk writeback. `--sync` adds a timed `os.sync()` to both: the
+disk's cost, but os.sync flushes every process's writes, so on a shared disk it is noisy
+(spreads of 2.6-3.3x were seen here, against ~1.1x without).
+Throughput = bytes of export output per wall-clock second, both sides; ratio = export / copy.
+`cpu_time`: the same per CPU-second of this process (less disturbed by other processes).
+The last line is JSON (benchmarks/measure.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.measure import (compare, describe, emit, interleave, load_average,  # noqa: E402
+                                timed)
+
+CHUNK = 8 << 20
+
 
 def build_and_save(run_dir: Path, overrides: list[str]):
     from megatron.core import dist_checkpointing
 
+    from mm1_megatron.checkpoint import model_sharded_state
     from mm1_megatron.config import ParallelConfig, load_config
     from mm1_megatron.convert.reader import ensure_process_group
     from mm1_megatron.convert.verify import reference_config
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.runtime import init_distributed
-    from mm1_megatron.checkpoint import model_sharded_state
 
     cfg = load_config("tiny", overrides)
     ensure_process_group()
@@ -49,19 +66,64 @@ def build_and_save(run_dir: Path, overrides: list[str]):
     return cfg, ckpt, n_params
 
 
-def main() -> None:
+def _chunks(files: list[Path]) -> Iterator[bytes]:
+    """The files' bytes in chunks, over and over."""
+    while True:
+        for path in files:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+
+def read_and_write(files: list[Path], in_bytes: int, sizes: dict[str, int], dst: Path) -> None:
+    """Read every file of `files` once (more if the output is larger) and write files of
+    `sizes` into `dst` from what was read: the bytes an export moves, without the export."""
+    dst.mkdir()
+    source, read = _chunks(files), 0
+    for name, size in sizes.items():
+        with open(dst / name, "wb") as f:
+            while size:
+                chunk = next(source)
+                read += len(chunk)
+                size -= f.write(memoryview(chunk)[:size])
+    while read < in_bytes:
+        read += len(next(source))
+
+
+def prefault(path: Path, size: int) -> None:
+    """Write `size` bytes to the page cache and delete them unwritten: the next side's
+    allocations reuse pages the machine has just touched. In a VM whose idle memory the host
+    takes back, first-touch pages cost ~3x per byte written, which otherwise lands on one
+    side or the other at random."""
+    block = bytes(CHUNK)
+    with open(path, "wb") as f:
+        for _ in range(0, size, CHUNK):
+            f.write(block)
+    path.unlink()
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llm-hidden", type=int, default=512)
     ap.add_argument("--llm-layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--shard-gb", type=float, default=0.1)
+    ap.add_argument("--sync", action="store_true",
+                    help="time os.sync() after each side too (the disk's writeback; noisy on a "
+                         "shared disk, as it flushes every process's writes)")
+    ap.add_argument("--quick", action="store_true", help="a few-MB model, 5 repeats")
     ap.add_argument("--workdir", help="where to write (default: a temp dir, removed after)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.llm_hidden, args.llm_layers, args.experts, args.vocab = 128, 2, 2, 4000
+        args.repeats, args.shard_gb = 5, 0.004
 
     from mm1_megatron.convert.to_hf import export
 
+    load_before = load_average()
     h = args.llm_hidden
     overrides = [f"llm.hidden_size={h}", f"llm.num_layers={args.llm_layers}",
                  f"llm.num_attention_heads={h // 64}", f"llm.ffn_hidden_size={3 * h}",
@@ -74,37 +136,61 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         cfg, ckpt, n_params = build_and_save(work / "run", overrides)
-        export_s, copy_s, out_bytes = [], [], 0
-        files = [p for p in ckpt.iterdir() if p.is_file()]
+        files = sorted(p for p in ckpt.iterdir() if p.is_file())
         ckpt_bytes = sum(p.stat().st_size for p in files)
-        for r in range(args.repeats):
-            out = work / f"hf{r}"
-            t = time.perf_counter()
+        out, dst = work / "hf", work / "copy"
+
+        def run_export() -> None:
             export(ckpt, out, cfg, verify=False, progress=False, overwrite=True,
                    max_shard_bytes=int(args.shard_gb * 1024**3), log=lambda *_: None)
-            os.sync()  # both sides include flushing to disk
-            export_s.append(time.perf_counter() - t)
-            out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-            shutil.rmtree(out)
-            dst = work / f"copy{r}"
-            dst.mkdir()
-            t = time.perf_counter()
-            for p in files:
-                shutil.copyfile(p, dst / p.name)
+
+        run_export()  # untimed: imports, the output's sizes
+        sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+        out_bytes = sum(sizes.values())
+
+        def prepare() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(dst, ignore_errors=True)
+            for path in files:  # both sides read from the page cache
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(CHUNK):
+                        pass
             os.sync()
-            copy_s.append(time.perf_counter() - t)
-            shutil.rmtree(dst)
-        export_bps = out_bytes / min(export_s)
-        copy_bps = ckpt_bytes / min(copy_s)
-        result = {"benchmark": "convert", "params": n_params, "checkpoint_bytes": ckpt_bytes,
-                  "safetensors_bytes": out_bytes, "export_seconds": min(export_s),
-                  "copy_seconds": min(copy_s), "export_bytes_per_s": export_bps,
-                  "baseline": "shutil.copyfile of the checkpoint files, same disk",
-                  "copy_bytes_per_s": copy_bps, "ratio": export_bps / copy_bps}
+            prefault(work / "scratch", 2 * (ckpt_bytes + out_bytes))
+
+        cpu: dict[str, list[float]] = {"copy": [], "export": []}
+
+        def side(name: str, work_fn: Callable[[], None]) -> Callable[[], float]:
+            def work() -> None:
+                work_fn()
+                if args.sync:
+                    os.sync()
+
+            def run() -> float:
+                prepare()
+                return out_bytes / timed(work, cpu[name])
+            return run
+
+        copy_bps, export_bps = interleave(
+            [side("copy", lambda: read_and_write(files, ckpt_bytes, sizes, dst)),
+             side("export", run_export)], repeats=args.repeats, warmup=args.warmup)
+        cpu_result = compare([out_bytes / t for t in cpu["copy"][args.warmup:]],
+                             [out_bytes / t for t in cpu["export"][args.warmup:]],
+                             unit="B/CPU-s")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
+    result = compare(copy_bps, export_bps, unit="B/s")
+    print(describe("convert export vs read+write, wall-clock", result, fmt="{:.4g}"))
+    print(describe("convert export vs read+write, per CPU-second", cpu_result, fmt="{:.4g}"))
+    return emit("convert", result, load_before=load_before, cpu_time=cpu_result, params=n_params,
+                checkpoint_bytes=ckpt_bytes, output_bytes=out_bytes, output_files=len(sizes),
+                page_cache="warm for both sides: checkpoint read once and os.sync() before each "
+                           "side, untimed; " + ("os.sync() timed after each side" if args.sync
+                                                else "writeback to disk not timed"),
+                baseline_is="read the checkpoint files once, write the export's output bytes "
+                            "(same file sizes)",
+                candidate_is="convert.to_hf.export(verify=False)")
 
 
 if __name__ == "__main__":

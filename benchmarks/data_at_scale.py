@@ -169,6 +169,7 @@ def measure(root: Path, dp: int, steps: int, unit: str) -> dict:
     loader = MultimodalLoader(cfg, 0, dp, log=None, decode_images=False)
     rows_per_step = cfg.train.global_batch_size // dp
     plan_s = build_s = 0.0
+    per_step: list[float] = []  # CPU seconds of each measured step (their spread)
     first = None
     for step in range(steps + 1):
         t0 = time.process_time()
@@ -182,7 +183,9 @@ def measure(root: Path, dp: int, steps: int, unit: str) -> dict:
         elif step > 0:
             plan_s += t1 - t0
             build_s += t2 - t1
+            per_step.append(t2 - t0)
     return {"dp": dp, "unit": unit, "plan_s_per_step": plan_s / steps,
+            "cpu_s_values": per_step,
             "build_s_per_step": build_s / steps,
             "cpu_s_per_step": (plan_s + build_s) / steps, "startup_s": first,
             "peak_rss_mb": _peak_rss_mb(),
@@ -234,6 +237,9 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.samples, args.dp, args.steps, args.pool = [60_000, 600_000], [1, 64], 1, 200
+    from benchmarks.measure import load_average, machine
+
+    load_before = load_average()
     preset, step_s = fastest_modelled_step()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
@@ -273,6 +279,7 @@ def main(argv=None) -> int:
         "packing_efficiency": {"sequences": round(at[big]["packing_efficiency"], 4),
                                "documents": round(documents["packing_efficiency"], 4)},
         "points": results,
+        "load_avg": {"start": load_before, "end": load_average()}, **machine(),
     }
     print(json.dumps(summary))
     return 0

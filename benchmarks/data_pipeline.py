@@ -1,34 +1,42 @@
 """Data pipeline throughput: DALI CPU image decoding against a PIL + torch baseline.
 
-Both sides do the same work on the same JPEGs in the same run with the same number of threads:
-decode, resize the centred square window to `image_size` x `image_size` with a cubic filter,
-CLIP-normalise to float32 CHW, batch. Figures are images/s per CPU core (= per thread).
-
     python benchmarks/data_pipeline.py [--num-images 200] [--image-size 378] [--threads N]
+    python benchmarks/data_pipeline.py --quick        # 48 images, seconds
 
-The last line printed is one JSON object (DESIGN.md conventions).
+Both sides do the same work on the same JPEGs in one process with the same number of threads:
+decode, resize the centred square window to `image_size` x `image_size` with a cubic filter,
+CLIP-normalise to float32 CHW, batch.
+  PIL  (baseline):  `pil_preprocess` on a pool of `--threads` threads, torch on one thread each;
+  DALI (candidate): `mm1_megatron.data.images.ImageDecoder(device="cpu")`, `--threads` workers.
+One pass over all images is one repeat; passes are interleaved PIL, DALI, PIL, DALI ... after
+a warm-up round (measure.interleave). Figures: images per wall-clock second (the ratio), and
+images per CPU-second of the process (`cpu_time`: robust to other processes on the cores).
+Also reported, not compared: the packer's planning rate and packing efficiency.
+The last line is JSON (benchmarks/measure.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD, ImageDecoder
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.measure import (compare, describe, emit, interleave, load_average,  # noqa: E402
+                                timed)
+from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD, ImageDecoder  # noqa: E402
 
 # Real photographs shipped inside scikit-image (no network); synthetic images if it is absent.
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
@@ -70,26 +78,9 @@ def _batches(images: Sequence[bytes], batch_size: int) -> list[Sequence[bytes]]:
     return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
 
-class Rate(NamedTuple):
-    wall: float  # images per wall-clock second
-    cpu: float  # images per CPU-second of this process (all its threads): per-core cost,
-    # robust to other processes sharing the cores, which wall-clock figures are not
-
-
-def _rate(run_pass: Callable[[], int], repeats: int) -> Rate:
-    run_pass()  # warm-up: thread pools, allocator, page cache
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = run_pass()
-        wall.append(n / (time.perf_counter() - t0))
-        cpu.append(n / (time.process_time() - c0))
-    return Rate(statistics.median(wall), statistics.median(cpu))
-
-
-def measure_dali(images: Sequence[bytes], size: int, threads: int, batch_size: int,
-                 repeats: int) -> Rate:
-    """Throughput of `ImageDecoder` on device "cpu" with `threads` DALI worker threads."""
+def dali_pass(images: Sequence[bytes], size: int, threads: int,
+              batch_size: int) -> Callable[[], int]:
+    """One pass of `ImageDecoder` on device "cpu" with `threads` DALI worker threads."""
     decoder = ImageDecoder(size, batch_size=batch_size, num_threads=threads, device="cpu")
 
     def run_pass() -> int:
@@ -100,7 +91,7 @@ def measure_dali(images: Sequence[bytes], size: int, threads: int, batch_size: i
             n += out.shape[0]
         return n
 
-    return _rate(run_pass, repeats)
+    return run_pass
 
 
 def pil_preprocess(data: bytes, size: int) -> torch.Tensor:
@@ -119,24 +110,37 @@ _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
-def measure_pil(images: Sequence[bytes], size: int, threads: int, batch_size: int,
-                repeats: int) -> Rate:
-    """Throughput of `pil_preprocess` on a pool of `threads` threads (PIL releases the GIL while
-    decoding and resizing), batched into one tensor like the DALI output."""
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core per pool thread, as DALI's workers; no oversubscription
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            def run_pass() -> int:
-                n = 0
-                for batch in _batches(images, batch_size):
-                    n += torch.stack(list(pool.map(lambda b: pil_preprocess(b, size),
-                                                   batch))).shape[0]
-                return n
+def pil_pass(images: Sequence[bytes], size: int, batch_size: int,
+             pool: ThreadPoolExecutor) -> Callable[[], int]:
+    """One pass of `pil_preprocess` on `pool` (PIL releases the GIL while decoding and
+    resizing), batched into one tensor like the DALI output, torch on one thread per pool
+    thread as DALI's workers (no oversubscription); torch's setting is restored after."""
+    def run_pass() -> int:
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            n = 0
+            for batch in _batches(images, batch_size):
+                n += torch.stack(list(pool.map(lambda b: pil_preprocess(b, size),
+                                               batch))).shape[0]
+            return n
+        finally:
+            torch.set_num_threads(torch_threads)
 
-            return _rate(run_pass, repeats)
-    finally:
-        torch.set_num_threads(torch_threads)
+    return run_pass
+
+
+def side(run_pass: Callable[[], int], cpu_rates: list[float]) -> Callable[[], float]:
+    """A side for measure.interleave: images per wall-clock second of one pass; images per
+    CPU-second of this process (all its threads) go to `cpu_rates`."""
+    def run() -> float:
+        counted: list[int] = []
+        cpu: list[float] = []
+        seconds = timed(lambda: counted.append(run_pass()), cpu)
+        cpu_rates.append(counted[0] / cpu[0])
+        return counted[0] / seconds
+
+    return run
 
 
 def measure_packing(data_dir: str, seq_length: int, max_images: int, tokens_per_image: int,
@@ -144,7 +148,6 @@ def measure_packing(data_dir: str, seq_length: int, max_images: int, tokens_per_
     """Plan `rows` global rows from the demo shards (text only, one core) and compare the
     packing efficiency with one document per row, on the same documents."""
     import itertools
-    import time
 
     from mm1_megatron.config import load_config
     from mm1_megatron.data.loader import MultimodalLoader
@@ -172,19 +175,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=378)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-
+    parser.add_argument("--repeats", type=int, default=7, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run and dropped")
     parser.add_argument("--packing-rows", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="48 images, 5 rounds")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.num_images, args.batch_size, args.repeats, args.packing_rows = 48, 16, 5, 50
 
-    import subprocess
-    import sys
-    import tempfile
-
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as data_dir:
-        subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools"
-                                            / "make_demo_data.py"), "--output", data_dir],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
+                        data_dir], check=True, capture_output=True)
         # The recipe's rows (4096 tokens, <= 16 images of 144 tokens) and the demo's.
         packing = {"mm1": measure_packing(data_dir, 4096, 16, 144, args.packing_rows),
                    "demo": measure_packing(data_dir, 256, 8, 16, args.packing_rows)}
@@ -192,46 +194,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     images, source = make_jpegs(args.num_images)
     mpix = sum(Image.open(io.BytesIO(b)).size[0] * Image.open(io.BytesIO(b)).size[1]
                for b in images) / len(images) / 1e6
-    kw = {"size": args.image_size, "threads": args.threads, "batch_size": args.batch_size,
-          "repeats": args.repeats}
-    dali = measure_dali(images, **kw)
-    pil = measure_pil(images, **kw)
-    load = os.getloadavg()[0]
-    result = {
-        "benchmark": "data_pipeline",
-        # Per core = wall-clock rate / threads (cores given to the pipeline).
-        "dali_images_per_s_per_core": round(dali.wall / args.threads, 2),
-        "pil_images_per_s_per_core": round(pil.wall / args.threads, 2),
-        "ratio": round(dali.wall / pil.wall, 3),
-        # Per CPU-second actually consumed: the load-independent view of the same comparison.
-        "dali_images_per_cpu_s": round(dali.cpu, 2),
-        "pil_images_per_cpu_s": round(pil.cpu, 2),
-        "cpu_ratio": round(dali.cpu / pil.cpu, 3),
-        "baseline": "PIL decode + BICUBIC resize + torch normalise, same threads",
-        "image_size": args.image_size,
-        "threads": args.threads,
-        "num_images": len(images),
-        "mean_source_mpix": round(mpix, 3),
-        "images": source,
-        "batch_size": args.batch_size,
-        "load_avg_1min": round(load, 2),
-        "packing_mm1_4096": packing["mm1"],
-        "packing_demo_256": packing["demo"],
-    }
-    print(f"{len(images)} JPEGs ({source}, mean {mpix:.2f} MPix) -> "
-          f"{args.image_size}x{args.image_size}, {args.threads} threads, batch {args.batch_size}, "
-          f"load average {load:.2f} on {os.cpu_count()} cores")
-    for name, r in (("DALI CPU pipeline", dali), ("PIL + torch", pil)):
-        print(f"  {name:18s}: {r.wall:7.1f} images/s = {r.wall / args.threads:6.1f} per core;"
-              f" {r.cpu:6.1f} per CPU-second")
-    print(f"  ratio DALI / PIL  : {dali.wall / pil.wall:.2f}x wall-clock,"
-          f" {dali.cpu / pil.cpu:.2f}x per CPU-second")
+    size, threads, batch = args.image_size, args.threads, args.batch_size
+    pil_cpu: list[float] = []
+    dali_cpu: list[float] = []
+    with ThreadPoolExecutor(threads) as pool:
+        pil, dali = interleave([side(pil_pass(images, size, batch, pool), pil_cpu),
+                                side(dali_pass(images, size, threads, batch), dali_cpu)],
+                               repeats=args.repeats, warmup=args.warmup)
+    result = compare(pil, dali, unit="images/s")
+    cpu = compare(pil_cpu[args.warmup:], dali_cpu[args.warmup:], unit="images/CPU-s")
+    print(f"{len(images)} JPEGs ({source}, mean {mpix:.2f} MPix) -> {size}x{size}, {threads} "
+          f"threads, batch {batch}, {os.cpu_count()} cores")
+    print(describe("data_pipeline DALI vs PIL, wall-clock", result, fmt="{:.1f}"))
+    print(describe("data_pipeline DALI vs PIL, per CPU-second", cpu, fmt="{:.1f}"))
     for name, pk in packing.items():
         print(f"  packing ({name}): {pk['rows_per_s_per_core']} rows/s per core, efficiency "
               f"{pk['efficiency']:.1%} vs {pk['one_per_row_efficiency']:.1%} one document "
               f"per row ({pk['efficiency_ratio']}x)")
-    print(json.dumps(result))
-    return result
+    return emit("data_pipeline", result, load_before=load_before, cpu_time=cpu,
+                # Per core = wall-clock rate / threads (cores given to the pipeline).
+                dali_images_per_s_per_core=round(result["candidate"]["median"] / threads, 2),
+                pil_images_per_s_per_core=round(result["baseline"]["median"] / threads, 2),
+                baseline_is="PIL decode + BICUBIC resize + torch normalise, same threads",
+                candidate_is="mm1_megatron.data.images.ImageDecoder, DALI CPU operators",
+                image_size=size, threads=threads, num_images=len(images),
+                mean_source_mpix=round(mpix, 3), images=source, batch_size=batch,
+                packing_mm1_4096=packing["mm1"], packing_demo_256=packing["demo"])
 
 
 if __name__ == "__main__":

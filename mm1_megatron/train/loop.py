@@ -180,25 +180,30 @@ class Trainer:
             moe=self.moe_metrics.collect(num_microbatches(cfg)) if self.moe_metrics else {},
             data_counters=self.loader_state.counters)  # of the batches consumed
 
+    def run_step(self) -> StepMetrics:
+        """One iteration of `train`: the step's micro-batches from `self.batches`, the
+        optimizer step, metrics, callbacks, agreeing on a stop (benchmarks time it alone)."""
+        micro = num_microbatches(self.cfg)
+        with Timer() as timer:
+            pairs = list(itertools.islice(self.batches, micro))
+            batches = share_batches([batch for batch, _ in pairs])
+            self.loader_state = pairs[-1][1]  # consumed, not prefetched
+            images = sum(int(b["image_ok"].numel()) for b in batches)
+            self.sample_ids = [row for b in batches for row in b["sample_ids"]]
+            result = train_step(self.cfg, self.model, self.optimizer, self.scheduler, batches)
+        self.step += 1
+        self.skipped_total += int(result.skipped)
+        metrics = self._metrics(result, timer.seconds, images)
+        for cb in self.callbacks:
+            cb.on_step(self, metrics)
+        self._agree_on_stop()
+        return metrics
+
     def train(self) -> int:
         for cb in self.callbacks:
             cb.on_train_start(self)
-        micro = num_microbatches(self.cfg)
         while self.step < self.cfg.train.train_steps and self.stop_reason is None:
-            with Timer() as timer:
-                pairs = list(itertools.islice(self.batches, micro))
-                batches = share_batches([batch for batch, _ in pairs])
-                self.loader_state = pairs[-1][1]  # consumed, not prefetched
-                images = sum(int(b["image_ok"].numel()) for b in batches)
-                self.sample_ids = [row for b in batches for row in b["sample_ids"]]
-                result = train_step(self.cfg, self.model, self.optimizer, self.scheduler,
-                                    batches)
-            self.step += 1
-            self.skipped_total += int(result.skipped)
-            metrics = self._metrics(result, timer.seconds, images)
-            for cb in self.callbacks:
-                cb.on_step(self, metrics)
-            self._agree_on_stop()
+            self.run_step()
         for cb in self.callbacks:
             cb.on_train_end(self)
         if self.stop_reason and self.is_logging_rank:

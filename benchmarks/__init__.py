@@ -1,0 +1,1 @@
+"""Speed and efficiency measurements, each a ratio against a baseline (`python -m benchmarks`)."""

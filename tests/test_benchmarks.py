@@ -1,0 +1,116 @@
+"""benchmarks/: the shared measuring code (benchmarks/measure.py) on known samples, and one
+`python -m benchmarks --quick` run whose JSON lines, table, Markdown section and README
+markers are checked (no timing is asserted: the machine's cores are shared)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.measure import (compare, interleave, ratio_interval, summary, timed,
+                                within_spread)
+from benchmarks.run_all import BEGIN, END, replace_between_markers
+
+REPO = Path(__file__).resolve().parents[1]
+AB = ("trainer_overhead", "convert", "data_pipeline")  # data_at_scale: tests/data/
+
+
+def test_interleave_runs_the_sides_in_turn_and_drops_warmup():
+    calls: list[str] = []
+
+    def side(name: str, value: float):
+        return lambda: calls.append(name) or value
+
+    values = interleave([side("A", 1.0), side("B", 2.0)], repeats=5, warmup=2)
+    assert calls == ["A", "B"] * 7
+    assert values == [[1.0] * 5, [2.0] * 5]
+    with pytest.raises(ValueError):
+        interleave([side("A", 1.0)], repeats=0)
+
+
+def test_summary_of_a_known_sample():
+    s = summary([4.0, 2.0, 5.0, 3.0, 8.0])
+    assert (s["median"], s["min"], s["max"], s["spread"]) == (4.0, 2.0, 8.0, 4.0)
+
+
+def test_compare_ratio_lies_in_its_interval_and_is_reproducible():
+    base = [1.00, 1.10, 0.95, 1.05, 1.02, 0.98, 1.20]
+    cand = [2.1, 2.0, 1.9, 2.3, 2.05, 1.95, 2.4]
+    r = compare(base, cand, unit="s")
+    assert r["ratio"] == pytest.approx(statistics.median(cand) / statistics.median(base))
+    lo, hi = r["interval"]
+    assert lo <= r["ratio"] <= hi
+    boot = ratio_interval(base, cand)
+    assert boot == ratio_interval(base, cand) and lo <= boot[0] <= boot[1] <= hi  # seeded
+    assert r["spread"] == pytest.approx(max(1.20 / 0.95, 2.4 / 1.9))
+    assert r["repeats"] == 7
+    same = compare([1.0, 1.1, 0.9], [1.0, 1.1, 0.9], unit="s")
+    assert same["interval"] == [1.0, 1.0] and within_spread(same)
+    assert not within_spread(compare([1.0, 1.01, 1.0], [2.0, 2.0, 2.02], unit="s"))
+
+
+def test_timed_returns_wall_and_keeps_cpu_seconds():
+    cpu: list[float] = []
+    assert timed(lambda: sum(range(10**5)), cpu) > 0 and len(cpu) == 1 and cpu[0] >= 0
+
+
+def test_readme_markers_are_replaced(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n{BEGIN}\nold table\n{END}\n\nrest\n")
+    replace_between_markers(readme, "new table\n")
+    assert readme.read_text() == f"# x\n\n## Performance\n{BEGIN}\nnew table\n{END}\n\nrest\n"
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError):
+        replace_between_markers(tmp_path / "plain.md", "x")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m benchmarks --quick` over the A/B benchmarks, once for the tests below."""
+    tmp = tmp_path_factory.mktemp("bench")
+    readme = tmp / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nstale\n{END}\nafter\n")
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", *AB,
+                          "--markdown", str(tmp / "RESULTS.md"), "--readme", str(readme)],
+                         capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a benchmark said invalid
+    results = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            results[result["benchmark"]] = result
+    return out, results, tmp
+
+
+@pytest.mark.parametrize("name", AB)
+def test_quick_mode_json_line(quick_run, name):
+    _, results, _ = quick_run
+    r = results[name]
+    for side in ("baseline", "candidate"):
+        s = r[side]
+        assert len(s["values"]) == r["repeats"] >= 5
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+        assert s["spread"] == pytest.approx(s["max"] / s["min"])
+    assert r["ratio"] == pytest.approx(r["candidate"]["median"] / r["baseline"]["median"])
+    assert r["interval"][0] <= r["ratio"] <= r["interval"][1]
+    assert r["spread"] >= 1.0 and isinstance(r["valid"], bool)
+    assert len(r["load_avg"]["start"]) == len(r["load_avg"]["end"]) == 3
+    assert r["date"] and r["baseline_is"] and r["candidate_is"]
+    if name == "trainer_overhead":  # the no-op self-check decides validity
+        assert r["valid"] == all(r["checks"].values())
+        assert r["self_check"]["repeats"] == r["repeats"]
+
+
+def test_runner_table_markdown_and_readme(quick_run):
+    out, results, tmp = quick_run
+    assert set(results) == set(AB)
+    assert all(name in out.stdout.split("{")[0] for name in AB)  # the table comes first
+    section = (tmp / "RESULTS.md").read_text()
+    assert section.count("\n| ") >= 1 + len(AB) and "commit" in section
+    readme = (tmp / "README.md").read_text()
+    assert readme == f"intro\n{BEGIN}\n{section}{END}\nafter\n"
