@@ -3,7 +3,7 @@
 Everything here is *modelled*, not measured: analytic formulas with stated constants.
 
 Memory per GPU, per pipeline stage (GiB = 2**30 bytes):
-- Weights 2 B/param (bf16), main grads 4 B/param (Megatron DDP, grad_reduce_in_fp32=True),
+- Weights 2 B/param (bf16), main grads 4 B/param (Megatron DDP, train.grad_reduce_in_fp32; 2 without),
   optimizer 12 B/param (fp32 master + Adam m, v) divided by the distributed optimizer's shard
   group: DP*CP for dense params, the expert-data-parallel group tp*cp*dp/(ep*expert_tp) for
   expert params (ZeRO-1, Rajbhandari et al. 2020). Dense params are split by TP, experts by
@@ -371,7 +371,8 @@ def stage_memory(cfg: Config, lay: Layout) -> list[StageMemory]:
                      / (lay.tp * lay.cp))
         stages.append(StageMemory(stage=j, layers=len(layers), in_flight=in_flight,
                                   params=params, weights=2 * params + fp8_cache,
-                                  grads=4 * params, optimizer=optimizer, activations=acts))
+                                  grads=grad_bytes(cfg) * params, optimizer=optimizer,
+                                  activations=acts))
     return stages
 
 
@@ -537,14 +538,21 @@ def _optimizer_seconds(cfg: Config, lay: Layout, mem: StageMemory) -> float:
         shard = dense / (lay.dp * lay.cp) + expert / lay.edp
     else:
         shard = mem.params
-    return (OPTIMIZER_BYTES * shard + 4 * mem.params) / (HBM_BW * EFF_HBM)
+    return (OPTIMIZER_BYTES * shard + grad_bytes(cfg) * mem.params) / (HBM_BW * EFF_HBM)
+
+
+def grad_bytes(cfg: Config) -> int:
+    """Bytes per parameter of Megatron DDP's gradient buffer: fp32, or bf16 when
+    train.grad_reduce_in_fp32 is off."""
+    return 4 if cfg.train.grad_reduce_in_fp32 else 2
 
 
 def _dp_exposed(cfg: Config, lay: Layout, mem: StageMemory, compute: float) -> float:
     """Gradient reduce-scatter + parameter all-gather left after overlap, one stage."""
     p, g = cfg.parallel, lay.gpus_per_node
-    dense = mem.grads / 4 - _expert_params(mem, cfg, lay)
-    expert = mem.grads / 4 - dense
+    expert = _expert_params(mem, cfg, lay)
+    dense = mem.params - expert
+    grad = grad_bytes(cfg)
     groups = [(dense, lay.dp * lay.cp, lay.tp), (expert, lay.edp, lay.ep * lay.etp)]
     rs = ag = 0.0
     for n, size, stride in groups:
@@ -552,10 +560,10 @@ def _dp_exposed(cfg: Config, lay: Layout, mem: StageMemory, compute: float) -> f
             continue
         bw, frac = _ring_bw(size, stride, g), (size - 1) / size
         if p.distributed_optimizer:
-            rs += frac * 4 * n / bw
+            rs += frac * grad * n / bw
             ag += frac * 2 * n / bw
         else:
-            rs += 2 * frac * 4 * n / bw  # all-reduce of fp32 grads
+            rs += 2 * frac * grad * n / bw  # all-reduce of the gradients
     if p.overlap_grad_reduce:
         rs = max(0.0, rs - compute * 2 / 3)  # behind the last micro-batch's backward
     if p.overlap_param_gather:

@@ -41,7 +41,7 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
     if use_te:
         init_tp_comm_overlap(cfg)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=cfg.train.grad_reduce_in_fp32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,

@@ -40,24 +40,30 @@ def case_bf16_vs_fp32() -> dict:
 
     out: dict = {}
     started = False
-    for connector in ("c_abstractor", "avg_pool", "attn_pool"):
-        for precision in ("fp32", "bf16"):
-            cfg = load_config("tiny", [f"connector.type={connector}",
-                                       f"train.precision={precision}", "data.seq_length=256",
-                                       "data.max_images_per_sequence=16",
-                                       "train.micro_batch_size=1", "train.global_batch_size=3",
-                                       "train.lr=1e-3", "train.warmup_steps=0"])
-            if not started:
-                init_distributed(cfg.parallel, seed=0)
-                started = True
-            torch.manual_seed(0)
-            model = build_model(cfg, use_te=False)
-            optimizer, scheduler = build_optimizer(cfg, model)
-            dtypes = {str(p.dtype) for p in model[0].module.parameters()}
-            # The same micro-batches every step: the loss must fall as the model fits them.
-            losses = [train_step(cfg, model, optimizer, scheduler, _rows(cfg, 0)).loss
-                      for _ in range(STEPS)]
-            out[f"{connector}/{precision}"] = {"losses": losses, "dtypes": sorted(dtypes)}
+    variants = [(c, p, True) for c in ("c_abstractor", "avg_pool", "attn_pool")
+                for p in ("fp32", "bf16")] + [("c_abstractor", "bf16", False)]
+    for connector, precision, fp32_grads in variants:
+        cfg = load_config("tiny", [f"connector.type={connector}",
+                                   f"train.precision={precision}", "data.seq_length=256",
+                                   f"train.grad_reduce_in_fp32={fp32_grads}",
+                                   "data.max_images_per_sequence=16",
+                                   "train.micro_batch_size=1", "train.global_batch_size=3",
+                                   "train.lr=1e-3", "train.warmup_steps=0"])
+        if not started:
+            init_distributed(cfg.parallel, seed=0)
+            started = True
+        torch.manual_seed(0)
+        model = build_model(cfg, use_te=False)
+        optimizer, scheduler = build_optimizer(cfg, model)
+        dtypes = {str(p.dtype) for p in model[0].module.parameters()}
+        # Megatron DDP's gradient buffer, as train.grad_reduce_in_fp32 asks
+        grad_dtypes = {str(p.main_grad.dtype) for p in model[0].module.parameters()}
+        # The same micro-batches every step: the loss must fall as the model fits them.
+        losses = [train_step(cfg, model, optimizer, scheduler, _rows(cfg, 0)).loss
+                  for _ in range(STEPS)]
+        name = f"{connector}/{precision}" + ("" if fp32_grads else "/bf16-grads")
+        out[name] = {"losses": losses, "dtypes": sorted(dtypes),
+                     "grad_dtypes": sorted(grad_dtypes)}
     return out
 
 
@@ -75,3 +81,15 @@ def test_bf16_trains_every_connector_close_to_fp32(runs, connector):
     for step, (a, b) in enumerate(zip(fp32["losses"], bf16["losses"]), start=1):
         assert abs(b - a) <= 2e-2 * abs(a), f"step {step}: bf16 {b} vs fp32 {a}"
     assert bf16["losses"][-1] < bf16["losses"][0]  # and it learns
+
+
+def test_bf16_gradient_buffer_when_grad_reduce_in_fp32_is_off(runs):
+    """train.grad_reduce_in_fp32=false: Megatron DDP accumulates and reduces gradients in bf16
+    (2 bytes per parameter less, as the planner counts) and training stays close to fp32."""
+    fp32, bf16, bf16_grads = (runs["c_abstractor/fp32"], runs["c_abstractor/bf16"],
+                              runs["c_abstractor/bf16/bf16-grads"])
+    assert bf16["grad_dtypes"] == ["torch.float32"]  # the default: fp32 main grads
+    assert bf16_grads["grad_dtypes"] == ["torch.bfloat16"]
+    for a, b in zip(fp32["losses"], bf16_grads["losses"]):
+        assert abs(b - a) <= 2e-2 * abs(a)
+    assert bf16_grads["losses"][-1] < bf16_grads["losses"][0]

@@ -76,19 +76,19 @@ def compare() -> list[dict]:
 
 def memory_comparable(p: dict) -> bool:
     """A published peak the planner can be held to: the statistic is max allocated and the
-    recipe's gradient-buffer dtype is known (the planner counts fp32 main grads; a recipe with
-    grad_reduce_in_fp32=False keeps them in bf16)."""
+    recipe's gradient-buffer dtype is known (train.grad_reduce_in_fp32)."""
     return p["memory_kind"] == "max_allocated" and p["grad_reduce_in_fp32"] is not None
 
 
 def modelled_memory_gib(p: dict) -> float:
-    """The planner's worst stage for a published run, with the run's gradient-buffer dtype."""
+    """The planner's worst stage for a published run, with the run's gradient-buffer dtype
+    (fp32 where the recipe does not say)."""
     cfg = point_config(p)
     cfg.llm.recompute = "none" if p["recompute"] == "none" else "selective"
+    cfg.train.grad_reduce_in_fp32 = p["grad_reduce_in_fp32"] is not False
     worst = max(stage_memory(cfg, resolve_layout(cfg, p["gpus"], 8, text_only=True)),
                 key=lambda m: m.total)
-    grads = worst.grads * (0.5 if p["grad_reduce_in_fp32"] is False else 1.0)
-    return (worst.total - worst.grads + grads) / GIB
+    return worst.total / GIB
 
 
 def memory_markdown() -> str:
