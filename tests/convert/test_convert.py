@@ -25,8 +25,10 @@ MOE = ["llm.moe.num_experts=4", "llm.moe.layer_freq=2"]
 LAYOUTS = {
     # one save covers TP, PP and EP (expert_tp=1 so EP fits dp=1), c_abstractor, GQA
     "tp2pp2ep2_moe_cabs": MOE + ["llm.num_query_groups=2", "connector.type=c_abstractor"],
-    # exact-GELU ViT (quick_gelu, the default, is in the other two)
-    "single_moe_attn_pool": MOE + ["connector.type=attn_pool", "vision.activation=gelu"],
+    # exact-GELU ViT (quick_gelu, the default, is in the other two); heads wider than
+    # hidden / heads (kv_channels 24, not 16: Qwen3-style), HF `head_dim`
+    "single_moe_attn_pool": MOE + ["connector.type=attn_pool", "vision.activation=gelu",
+                                   "llm.kv_channels=24"],
     "single_dense_avg_pool": ["llm.num_query_groups=2", "connector.type=avg_pool"],
 }
 PARALLEL_4 = ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.expert_tp=1",
@@ -195,7 +197,8 @@ def case_conversions(root: str, multi_rank_run: str) -> dict:
                                load_config("tiny", LAYOUTS["single_dense_avg_pool"]
                                            + ["llm.num_layers=2"]), **quiet),
         "other_connector": _error(export, runs["single_moe_attn_pool"], bad / "o5",
-                                  load_config("tiny", MOE + ["connector.type=avg_pool"]), **quiet),
+                                  load_config("tiny", MOE + ["connector.type=avg_pool",
+                                                             "llm.kv_channels=24"]), **quiet),
         "moe_to_llama": _error(export, runs["single_moe_attn_pool"], bad / "o6", moe,
                                decoder_only=bad / "o6l", **quiet),
         # refused before any checkpoint file is read: a missing checkpoint says the same
