@@ -233,12 +233,13 @@ CONVERSATIONS: list[tuple[str, int, list[tuple[str, str]]]] = [
 HELD_OUT = 3  # the last ones
 
 
-def _conversation(name: str, turns: list[tuple[str, str]], image: int) -> list:
+def _conversation(turns: list[tuple[str, str]]) -> list:
+    """Chat turns of (question, answer) pairs; the sample's one image (0) opens the first."""
     from mm1_megatron.data.prompt_format import Turn
 
     out = []
     for n, (question, answer) in enumerate(turns):
-        out.append(Turn("user", (image, "\n" + question) if n == 0 else (question,)))
+        out.append(Turn("user", (0, "\n" + question) if n == 0 else (question,)))
         out.append(Turn("assistant", (answer,)))
     return out
 
@@ -303,7 +304,7 @@ def make_demo_data(output: str | Path, vocab_size: int = DEMO_VOCAB,
         docs.append(RawSample(segs, imgs, f"doc{n}"))
     texts = [RawSample([t], [], f"text{n}") for n, t in enumerate(TEXTS)]
     conversations = [RawSample([], [("jpg", jpegs[name, k])], f"{name}#{k}#chat",
-                               turns=_conversation(name, turns, 0))
+                               turns=_conversation(turns))
                      for name, k, turns in CONVERSATIONS[:-HELD_OUT]]
 
     corpus = ([c for caps in PHOTOS.values() for c in caps] + TEXTS

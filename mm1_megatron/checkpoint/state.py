@@ -80,9 +80,9 @@ def load_model_weights(path: str | Path, model, adapt_positions: bool = False,
     state = model_sharded_state(model)
     resized = _load_positions_at_saved_shape(state, path) if adapt_positions else {}
     loaded = dist_checkpointing.load({"model": state}, str(path))["model"]
-    for (chunk, name), (want, prefix) in resized.items():
+    if resized:
         from mm1_megatron.model.vision import interpolate_position_grid
-
+    for (chunk, name), (want, prefix) in resized.items():
         saved = loaded[chunk][name]
         grid = math.isqrt(want[-2] - prefix)
         table = interpolate_position_grid(saved.reshape(-1, saved.shape[-1]), prefix, grid)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD
+from mm1_megatron.data.loader import image_tokens
 from mm1_megatron.data.prompt_format import chat_template, pretrain_chat_template
 from mm1_megatron.data.tokenizer import (BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, SPECIAL_TOKENS,
                                          UNK_ID)
@@ -193,7 +194,7 @@ def model_card(cfg: Config, report: dict) -> str:
         f"{v.patch_size}, {v.image_size} px ({v.resize}), {v.activation} |",
         "| images | " + (f"{v.image_size * v.tile_grid} px as a {v.image_size} px overview and "
                           f"{v.tile_grid} x {v.tile_grid} tiles of {v.image_size} px, "
-                          f"{cfg.connector.num_tokens * v.sub_images} tokens per image (the "
+                          f"{image_tokens(cfg)} tokens per image (the "
                           f"processor tiles) |" if v.tiles else
                           f"{v.image_size} px, {cfg.connector.num_tokens} tokens per image |"),
         f"| decoder | {decoder} |",

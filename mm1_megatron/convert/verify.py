@@ -2,8 +2,8 @@
 
 Both run in this process, in fp32 on CPU, on a fixed probe (two images spliced into text, each
 as its overview and tiles for a tiled model, or text only for the stock decoder): fail when
-max |logit difference| > 1e-3 or the greedy 16-token continuations differ (the HF side through `generate()` with its KV cache, the
-Megatron side by re-running the full sequence).
+max |logit difference| > 1e-3 or the greedy 16-token continuations differ (the HF side through
+`generate()` with its KV cache, the Megatron side by re-running the full sequence).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from mm1_megatron.config import Config, single_process_config
 from mm1_megatron.convert.mappings import ConvertError
+from mm1_megatron.data.loader import image_tokens
 from mm1_megatron.data.tokenizer import EOS_ID
 
 LOGIT_TOL = 1e-3
@@ -59,7 +60,7 @@ def probe(cfg: Config, images: bool = True, seed: int = 0):
     """[1, s] token ids (two images between text when `images`) and [n, 3, H, W] pixels: a
     tiled model's images are their sub-images in a row, each image's placeholders all of theirs."""
     g = torch.Generator().manual_seed(seed)
-    vocab, k = cfg.llm.vocab_size, cfg.connector.num_tokens * cfg.vision.sub_images
+    vocab, k = cfg.llm.vocab_size, image_tokens(cfg)
     low = min(10, vocab - 1)
     text = lambda n: torch.randint(low, vocab, (n,), generator=g)
     bos = torch.tensor([1])

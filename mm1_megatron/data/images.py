@@ -153,8 +153,9 @@ class ImageDecoder:
         # Synchronous and unprefetched: each run consumes exactly the batch just fed, so an
         # error belongs to that batch and nothing else is queued in a pipeline we discard.
         pipe = _clip_pipeline(size=self.size, decoder_device=self.device, resize=self.resize,
-                              tiles=self.tiles, batch_size=self.batch_size, num_threads=self.num_threads,
-                              device_id=self._device_id, seed=self.seed,
+                              tiles=self.tiles, batch_size=self.batch_size,
+                              num_threads=self.num_threads, device_id=self._device_id,
+                              seed=self.seed,
                               prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         pipe.build()
         return pipe

@@ -57,7 +57,7 @@ class FewShotEval(Callback):
     def on_train_start(self, trainer) -> None:
         from mm1_megatron.data.tokenizer import Tokenizer
         from mm1_megatron.evaluation.evaluator import FewShotEvaluator
-        from mm1_megatron.evaluation.tasks import load_task
+        from mm1_megatron.evaluation.tasks import KINDS, load_task
 
         cfg = trainer.cfg
         p = cfg.parallel
@@ -70,7 +70,7 @@ class FewShotEval(Callback):
         self.tasks = [load_task(t) for t in self.task_files]
         tokenizer = Tokenizer.load(self.tokenizer_model or cfg.data.tokenizer_model)
         limits = None if self.max_new_tokens is None else \
-            {kind: self.max_new_tokens for kind in ("caption", "vqa", "choice", "yesno")}
+            dict.fromkeys(KINDS, self.max_new_tokens)
         model = trainer.model[0].module  # the MM1Model inside Megatron DDP
         self.evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                           batch_size=self.batch_size, seed=self.seed,

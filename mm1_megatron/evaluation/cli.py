@@ -93,12 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     from mm1_megatron.data.tokenizer import Tokenizer
+    from mm1_megatron.evaluation.answer_loss import answer_loss, load_conversations
     from mm1_megatron.evaluation.evaluator import FewShotEvaluator, format_table
     from mm1_megatron.evaluation.model_io import (build_eval_model, load_model_weights,
                                                   resolve_checkpoint)
-    from mm1_megatron.evaluation.tasks import load_task
-
-    from mm1_megatron.evaluation.answer_loss import answer_loss, load_conversations
+    from mm1_megatron.evaluation.tasks import KINDS, load_task
 
     try:
         tasks = [load_task(t, support=args.support[i] if args.support else None)
@@ -119,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"mm1-eval: {path} (step {step}), preset {cfg.preset}", flush=True)
     limits = None
     if args.max_new_tokens:
-        limits = {kind: args.max_new_tokens for kind in ("caption", "vqa", "choice", "yesno")}
+        limits = dict.fromkeys(KINDS, args.max_new_tokens)
     evaluator = FewShotEvaluator(model, tokenizer, cfg.vision.image_size,
                                  batch_size=args.batch_size, seed=args.seed,
                                  use_cache=not args.no_kv_cache, max_new_tokens=limits,

@@ -3,9 +3,9 @@
 Everything here is *modelled*, not measured: analytic formulas with stated constants.
 
 Memory per GPU, per pipeline stage (GiB = 2**30 bytes):
-- Weights 2 B/param (bf16), main grads 4 B/param (Megatron DDP, train.grad_reduce_in_fp32; 2 without),
-  optimizer 12 B/param (fp32 master + Adam m, v) divided by the distributed optimizer's shard
-  group: DP*CP for dense params, the expert-data-parallel group tp*cp*dp/(ep*expert_tp) for
+- Weights 2 B/param (bf16), main grads 4 B/param (Megatron DDP with train.grad_reduce_in_fp32;
+  2 without), optimizer 12 B/param (fp32 master + Adam m, v) divided by the distributed
+  optimizer's shard group: DP*CP for dense params, the expert-data-parallel group tp*cp*dp/(ep*expert_tp) for
   expert params (ZeRO-1, Rajbhandari et al. 2020). Dense params are split by TP, experts by
   EP*expert_tp; norms, router, connector and ViT embeddings are replicated.
   FP8 (train.fp8): TE keeps the bf16 weights and caches an FP8 copy and its transpose of every
@@ -51,8 +51,8 @@ fitted to 25 published Megatron-LM / NeMo / Megatron-Bridge H100 runs
   forward, selective one forward of core attention (hardware FLOPs; model FLOPs don't change).
   Host overhead per layer and micro-batch (HOST_PER_LAYER; an MoE layer adds the dispatcher's
   host sync and a share per local expert; FP8 adds HOST_PER_FP8_EXPERT per local expert: each
-  expert's input, weight and gradient is quantized on its own). Not modelled: data loading (issue 16 measured 5%
-  of a step on CPU), stragglers.
+  expert's input, weight and gradient is quantized on its own). Not modelled: data loading
+  (issue 16 measured 5% of a step on CPU), stragglers.
 - Exposed communication: TP with SP, 4 all-gather/reduce-scatter of s*b*h bf16 per layer
   forward and 4 backward (+4 under full recompute) over NVLink at 80%, TP_OVERLAP_EXPOSED of it
   left with parallel.tp_comm_overlap (TE userbuffers); the ViT's TP all-reduces are not

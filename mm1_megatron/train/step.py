@@ -222,8 +222,7 @@ def share_images(cfg: Config, microbatches: list[dict]) -> None:
             images = batch["images"]
             sub = cfg.vision.sub_images  # flags per image, encoder inputs per sub-image
             images = torch.empty(ok.numel() * sub, 3, size, size, device=device) \
-                if images is None \
-                else images.to(device)
+                if images is None else images.to(device)
             if ok.numel():
                 dist.broadcast(images, src=src, group=group)
             dist.broadcast(ok, src=src, group=group)

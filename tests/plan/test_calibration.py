@@ -193,7 +193,8 @@ def _local_experts(p: dict) -> int:
 # FP8 quantizes each local expert's tensors on its own (h100.HOST_PER_FP8_EXPERT), so with many
 # experts per GPU FP8 can lose to BF16 (torchao's MoE FP8 benchmark: +10% at 2 experts per GPU,
 # +1% at 16, pytorch/ao#2864). The property holds for dense layers and coarse MoE.
-@pytest.mark.parametrize("p", [p for p in POINTS if p["precision"] == "bf16" and _local_experts(p) <= 4],
+@pytest.mark.parametrize("p", [p for p in POINTS
+                               if p["precision"] == "bf16" and _local_experts(p) <= 4],
                          ids=lambda p: p["name"])
 def test_fp8_is_never_slower_than_bf16_on_the_same_layout(p):
     bf16 = point_config(p)
