@@ -12,7 +12,12 @@ setup(
     packages=find_packages(include=["mm1_megatron", "mm1_megatron.*"]),
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16.1",
+        # What CI tests: 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12 clusters, NGC); the one
+        # place that knows their differences is mm1_megatron/runtime/mcore_version.py.
+        "megatron-core>=0.16.1,<0.20",
+        # Megatron-Core 0.19 imports triton unconditionally (MoE ops); pip resolves 0.19 on
+        # Python >= 3.12, and CUDA builds of torch bring triton anyway.
+        "triton>=3.0; python_version >= '3.12' and platform_system == 'Linux'",
         "nvidia-dali-cuda120>=2.0",
         "sentencepiece>=0.2",
         "tensorboard>=2.15",

@@ -386,6 +386,19 @@ def _demo_data(work: Path, data: Optional[str]) -> Path:
     return out
 
 
+def stack_versions() -> dict[str, Optional[str]]:
+    """What the node runs, for the summary: a GPU report means little without them."""
+    from mm1_megatron.runtime.backends import detect_backends
+    from mm1_megatron.runtime.mcore_version import MCORE
+
+    nccl = None
+    if torch.cuda.is_available() and torch.distributed.is_nccl_available():
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    return {"megatron_core": str(MCORE), "transformer_engine":
+            detect_backends().transformer_engine_version, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "nccl": nccl}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mm1-gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-parts", action="store_true",
@@ -409,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ctx = Context(data=_demo_data(work, args.data), work=work, steps=args.steps)
         results = run_checks(ctx, names)
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "gpus": torch.cuda.device_count(),
+               "gpus": torch.cuda.device_count(), "versions": stack_versions(),
                "passed": sum(r.status == "pass" for r in results),
                "failed": sum(r.status == "fail" for r in results),
                "skipped": sum(r.status == "skip" for r in results),

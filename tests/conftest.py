@@ -11,6 +11,29 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def pytest_report_header(config):
+    from mm1_megatron.runtime.mcore_version import MCORE
+
+    return f"megatron-core {MCORE}"
+
+
+def pytest_sessionstart(session):
+    """CI's second leg puts another Megatron-Core in front of the installed one: fail at once
+    if the overlay did not take, rather than test the first leg's version twice."""
+    import os
+
+    expected = os.environ.get("MM1_EXPECT_MCORE")
+    if expected:
+        import megatron.core
+
+        from mm1_megatron.runtime.mcore_version import MCORE
+
+        imported = megatron.core.__version__
+        if str(MCORE) != expected or imported != expected:
+            raise pytest.UsageError(f"MM1_EXPECT_MCORE={expected}, but Megatron-Core {MCORE} "
+                                    f"is installed and {imported} imports")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The README's demo dataset (real photos from scikit-image), built once per test run."""

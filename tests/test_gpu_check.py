@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 
+import torch
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("mm1-gpu-check")
@@ -30,6 +32,10 @@ def test_cpu_parts_pass_and_gpu_checks_skip(demo_data):
     status = {c["name"]: c for c in summary["checks"]}
     assert list(status) == [name for name, _ in CHECKS]  # every check, once, in order
     assert summary["failed"] == 0 and summary["device"] == "cpu"
+    from mm1_megatron.runtime.mcore_version import MCORE
+
+    assert summary["versions"]["megatron_core"] == str(MCORE)
+    assert summary["versions"]["torch"] == torch.__version__
     for name, check in status.items():
         assert check["status"] == ("skip" if name in GPU_ONLY else "pass"), check
         lines = [line for line in out.stdout.splitlines() if line.split(" ", 1)[-1]

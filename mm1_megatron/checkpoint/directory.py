@@ -19,6 +19,8 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+from mm1_megatron.runtime.mcore_version import MCORE, format_newer_than_installed
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -77,6 +79,32 @@ def write_manifest(checkpoint: Path) -> None:
     tmp = checkpoint / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(entries, indent=0))
     os.replace(tmp, checkpoint / MANIFEST)
+
+
+WRITTEN_BY = "written_by.json"  # the Megatron-Core (and torch) that wrote the checkpoint
+
+
+def write_written_by(checkpoint: Path, versions: dict[str, str]) -> None:
+    (checkpoint / WRITTEN_BY).write_text(json.dumps(
+        {"megatron_core": str(MCORE), **versions}, indent=0))
+
+
+def check_readable(checkpoint: Path) -> None:
+    """Refuse, in one line naming both versions, a checkpoint written by a later
+    Megatron-Core release than the installed one (checkpoints from before this record are
+    taken as readable: they were all written by 0.16)."""
+    record = Path(checkpoint) / WRITTEN_BY
+    if not record.is_file():
+        return
+    saved = json.loads(record.read_text()).get("megatron_core", "")
+    if saved and format_newer_than_installed(saved):
+        raise CheckpointFormatError(
+            f"{checkpoint}: written by Megatron-Core {saved}, whose checkpoint format the "
+            f"installed Megatron-Core {MCORE} may not read; install megatron-core>={saved}")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint this Megatron-Core cannot read (see `check_readable`)."""
 
 
 def damage(checkpoint: Path) -> Optional[str]:

@@ -2,7 +2,8 @@
 work is refused in one line naming the field (a ConfigError, as `mm1-train` prints it).
 
 - starting over on a run's checkpoints without `checkpoint.overwrite`;
-- resuming when every checkpoint is damaged or missing;
+- resuming when every checkpoint is damaged or missing, or was written by a later
+  Megatron-Core release than the installed one;
 - resuming with another model shape (the load would fail after config.yaml was replaced);
 - resuming on another dataset than the checkpoint's loader position refers to, without
   `data.allow_change`.
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from megatron.core import dist_checkpointing
 
-from mm1_megatron.checkpoint.directory import complete_checkpoints, resume_point
+from mm1_megatron.checkpoint.directory import (CheckpointFormatError, check_readable,
+                                               complete_checkpoints, resume_point)
 from mm1_megatron.config import RUN_CONFIG, Config, ConfigError
 from mm1_megatron.config.overrides import read_yaml_file
 from mm1_megatron.data.loader import dataset_fingerprint
@@ -46,7 +48,9 @@ def check_run_dir(cfg: Config) -> None:
     if cfg.checkpoint.resume:
         try:
             resume_from, _ = resume_point(cfg.run_dir)  # all damaged or missing: say so now
-        except FileNotFoundError as err:
+            if resume_from is not None:
+                check_readable(resume_from)
+        except (FileNotFoundError, CheckpointFormatError) as err:
             raise ConfigError("run_dir", str(err)) from None
         if resume_from is not None and not cfg.data.allow_change:
             _check_same_dataset(cfg, resume_from)

@@ -24,9 +24,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mm1_megatron.checkpoint.directory import (checkpoint_root, complete_checkpoints, prune,
-                                               resolve_checkpoint, step_dir_name, write_latest,
-                                               write_manifest)
+from mm1_megatron.checkpoint.directory import (check_readable, checkpoint_root,
+                                               complete_checkpoints, prune, resolve_checkpoint,
+                                               step_dir_name, write_latest, write_manifest,
+                                               write_written_by)
 from mm1_megatron.runtime import comm_device
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -77,6 +78,7 @@ def load_model_weights(path: str | Path, model, adapt_positions: bool = False,
     image size (a 378 px pre-training run starting 672 px SFT) are interpolated to the
     model's grid (bicubic; the class token's row kept); every other tensor must match."""
     path = resolve_checkpoint(path)  # a checkpoint, or a run / checkpoints dir (its latest)
+    check_readable(path)
     state = model_sharded_state(model)
     resized = _load_positions_at_saved_shape(state, path) if adapt_positions else {}
     loaded = dist_checkpointing.load({"model": state}, str(path))["model"]
@@ -209,6 +211,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
                                   f"{type(err).__name__}: {first}") from err
     dist.barrier()
     if dist.get_rank() == 0:
+        write_written_by(partial, {"torch": torch.__version__})
         write_manifest(partial)  # sizes and end sums, verified before a resume loads it
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -218,6 +221,37 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     return final
 
 
+# What the LR / WD schedule reads from each param group (Megatron-Core's ParamGroupOverride),
+# and what tells the groups apart whatever the schedule (set by `_get_param_groups`).
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+_GROUP_KEYS = ("wd_mult", "lr_mult", "is_decoupled_lr")
+
+
+def _saved_optimizers(loaded: dict) -> list[dict]:
+    """The per-optimizer entries of a loaded optimizer state (several when it was chained)."""
+    return [loaded[i] for i in sorted(k for k in loaded if isinstance(k, int))
+            if "optimizer" in loaded[i]] or [loaded]
+
+
+def _current_schedule_wins(optimizer, loaded: dict) -> list[str]:
+    """The saved param groups take this run's schedule values (`train.lr`, `min_lr_ratio`,
+    ...) before loading: otherwise 0.16 silently restores the checkpoint's peak LR over a
+    changed `train.lr`, and 0.19, which matches groups by these values too, finds no group.
+    Returns what changed, e.g. ["max_lr 0.003 -> 0.001"], once per key."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    current = [g for sub in subs for g in sub.optimizer.param_groups]
+    changes: dict[str, str] = {}
+    for entry in _saved_optimizers(loaded):
+        for group in entry["optimizer"]["param_groups"]:
+            match = next((g for g in current
+                          if all(g.get(k) == group.get(k) for k in _GROUP_KEYS)), None)
+            for key in _SCHEDULE_KEYS if match is not None else ():
+                if key in match and group.get(key) != match[key]:
+                    changes.setdefault(key, f"{key} {group.get(key):.4g} -> {match[key]:.4g}")
+                    group[key] = match[key]
+    return list(changes.values())
+
+
 def _load_optimizer(optimizer, loaded: dict) -> None:
     """Megatron-Core chains a separate expert optimizer when EP > 1 (one optimizer at EP=1),
     so a checkpoint saved with another EP size holds another number of optimizer entries.
@@ -225,8 +259,7 @@ def _load_optimizer(optimizer, loaded: dict) -> None:
     per-optimizer common parts (param groups with lr, step, ...) are re-dealt to the current
     chain, matching groups by their decay/LR multipliers."""
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    saved = [loaded[i] for i in sorted(k for k in loaded if isinstance(k, int))
-             if "optimizer" in loaded[i]] or [loaded]
+    saved = _saved_optimizers(loaded)
     if len(saved) == len(subs):
         optimizer.load_state_dict(loaded)
         return
@@ -247,7 +280,9 @@ def _load_optimizer(optimizer, loaded: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Collective. Loads into the current layout; returns {"step", "extra", "rng_restored"}."""
+    """Collective. Loads into the current layout; returns {"step", "extra", "rng_restored",
+    "schedule_changes"} (the LR / WD schedule values this run's config changed)."""
+    check_readable(Path(path))
     common = dist_checkpointing.load_common_state_dict(str(path))
     state = _sharded_state(model, optimizer, is_loading=True)
     same_layout = common.get("layout") == _layout()
@@ -255,10 +290,12 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, 
         state["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(state, str(path))
     load_model_state(model, loaded["model"])
+    schedule_changes = _current_schedule_wins(optimizer, loaded["optimizer"])
     _load_optimizer(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["torch"])
         get_cuda_rng_tracker().set_states(rng["tracker"])
-    return {"step": common["step"], "extra": common["extra"], "rng_restored": same_layout}
+    return {"step": common["step"], "extra": common["extra"], "rng_restored": same_layout,
+            "schedule_changes": schedule_changes}

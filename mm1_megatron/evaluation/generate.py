@@ -141,9 +141,9 @@ class Generator:
             allowed = causal[rows, :keys].unsqueeze(0) & valid[:, None, :keys]
             return ~allowed.unsqueeze(1)
 
+        # Materialises only the last position's logits by default (0.16's constructor
+        # argument, 0.19's `InferenceConfig` field): prefill returns [b, 1, vocab].
         context = StaticInferenceContext(b, total) if self.use_cache else None
-        if context is not None:
-            context.materialize_only_last_token_logits = True
         out: list[list[int]] = [[] for _ in range(b)]
         reasons: list[Optional[str]] = [None] * b
         step_logits: list[torch.Tensor] = []

@@ -9,6 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm1_megatron.config import Config, Recompute
 from mm1_megatron.model.specs import decoder_block_spec
+from mm1_megatron.runtime.mcore_version import ROUTER_SCALES_AUX_LOSS_BY_TP_CP
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,10 +77,12 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
         **recompute_kwargs(llm.recompute, llm.recompute_layers),
     )
     if moe.num_experts > 0:
-        # Megatron-Core 0.16.1, calculate_per_token_loss: the router scales its aux and z-loss
-        # by the *local* token count, which SP divides by tp and CP by cp, so their gradients
-        # shrink by tp*cp. Scale the coefficients back (parity tests pin this down).
-        shards = (p.tp if kwargs["sequence_parallel"] else 1) * p.cp
+        # calculate_per_token_loss: before 0.19 the router scales its aux and z-loss by the
+        # *local* token count, which SP divides by tp and CP by cp, so their gradients shrink
+        # by tp*cp; scale the coefficients back. 0.19's router does it itself (mcore_version).
+        # tests/model/test_parity.py compares the router gradients with one process.
+        shards = 1 if ROUTER_SCALES_AUX_LOSS_BY_TP_CP else \
+            (p.tp if kwargs["sequence_parallel"] else 1) * p.cp
         kwargs.update(
             num_moe_experts=moe.num_experts,
             moe_layer_freq=moe.layer_freq,

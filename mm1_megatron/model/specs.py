@@ -32,7 +32,7 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool, pp_rank: int | N
 
 
 def vision_layer_spec(use_te: bool) -> ModuleSpec:
-    """CLIP encoder layer: bidirectional attention (the local ViT spec defaults to causal)."""
+    """CLIP encoder layer: bidirectional attention (the local ViT spec is causal before 0.17)."""
     if use_te:
         from megatron.core.models.vision.vit_layer_specs import (
             get_vit_layer_with_transformer_engine_spec,

@@ -78,6 +78,9 @@ class Trainer:
             if self.is_logging_rank:
                 save_run_config(cfg)
                 print(f"resumed from {latest} at step {self.step}", flush=True)
+                if restored["schedule_changes"]:
+                    print("resume: the config's LR / WD schedule replaces the checkpoint's: "
+                          + ", ".join(restored["schedule_changes"]), flush=True)
         elif cfg.checkpoint.init_from:
             # Another image size (SFT at 672 px from a 378 px run): positions interpolated.
             load_model_weights(cfg.checkpoint.init_from, self.model, adapt_positions=True,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.moe import moe_utils
 
 from mm1_megatron.config import Config
 from mm1_megatron.runtime import comm_device
+from mm1_megatron.runtime.mcore_version import clear_moe_tracker, moe_tracked_losses
 
 
 def _sum(tensor: torch.Tensor, group) -> None:
@@ -56,20 +56,20 @@ class MoEMetrics:
 
     def _router_losses(self, num_microbatches: int) -> dict[str, torch.Tensor]:
         """Megatron's tracker, reduced: values per layer, summed over micro-batches there."""
-        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        tracker = moe_tracked_losses()
         out = {}
         for name in self._tracked_names():
             entry = tracker.get(name)
             values = (torch.zeros(self.cfg.llm.num_layers, device=comm_device()) if entry is None
-                      else entry["values"].float().clone())
+                      else entry.values.float().clone())
             _sum(values, ps.get_pipeline_model_parallel_group())  # each stage fills its layers
             if entry is None:
                 pass  # no MoE layer on this stage, nor on its DP/TP peers: nothing to reduce
-            elif entry.get("reduce_group") is not None:
+            elif entry.reduce_group is not None:
                 # load balancing: each rank holds its tokens' share of one loss (global
                 # expert counts), summed over the reduce group, then averaged over DP.
-                _sum(values, entry["reduce_group"])
-                if not entry.get("reduce_group_has_dp", False):
+                _sum(values, entry.reduce_group)
+                if entry.needs_dp_average:
                     _sum(values, ps.get_data_parallel_group())
                     values /= ps.get_data_parallel_world_size()
             else:
@@ -80,7 +80,7 @@ class MoEMetrics:
                     ranks *= dist.get_world_size(group)
                 values /= ranks
             out[name] = values / num_microbatches
-        moe_utils.clear_aux_losses_tracker()
+        clear_moe_tracker()
         return out
 
     def collect(self, num_microbatches: int) -> dict[str, float]:

@@ -3,6 +3,7 @@
 missing `latest` resumes from the newest complete checkpoint, and resuming with another model
 shape is refused before anything is written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,20 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, tmp_path
     assert train(demo_data, run_dir, "train.train_steps=2").returncode == 0
     step2 = run_dir / "checkpoints" / "step_00000002"
     assert (step2 / "files.json").is_file()  # sizes and end sums, written with the save
+    # The Megatron-Core that wrote it is recorded; a later release's checkpoint is refused.
+    from mm1_megatron.checkpoint.directory import write_manifest
+    from mm1_megatron.runtime.mcore_version import MCORE
+
+    record, manifest = step2 / "written_by.json", step2 / "files.json"
+    assert json.loads(record.read_text())["megatron_core"] == str(MCORE)
+    originals = record.read_bytes(), manifest.read_bytes()
+    record.write_text(json.dumps({"megatron_core": "9.1.0"}))
+    write_manifest(step2)  # as that release would have written it: not damaged
+    newer = train(demo_data, run_dir, "train.train_steps=3")
+    assert newer.returncode == 2 and len(newer.stderr.strip().splitlines()) == 1, newer.stderr
+    assert "written by Megatron-Core 9.1.0" in newer.stderr and str(MCORE) in newer.stderr
+    record.write_bytes(originals[0])
+    manifest.write_bytes(originals[1])
     shard = sorted(step2.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
     again = train(demo_data, run_dir, "train.train_steps=3")
@@ -93,7 +108,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, tmp_path
     assert "at step 1" in again.stdout
     # None left intact: one line, nothing started.
     for checkpoint in (run_dir / "checkpoints").glob("step_*"):
-        (checkpoint / "common.pt").write_bytes(b"")
+        for shard in checkpoint.glob("*.distcp"):  # every Megatron-Core writes these
+            shard.write_bytes(b"")
     none = train(demo_data, run_dir, "train.train_steps=4")
     assert none.returncode == 2
     assert none.stderr.startswith("mm1-train: config error: run_dir: no usable checkpoint in")

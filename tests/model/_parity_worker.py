@@ -3,7 +3,8 @@
 Builds the tiny MM1 model under the layout in the overrides, loads the initial weights from a
 dist_checkpointing checkpoint (or, with --save-init, writes them: the single-process reference
 does that), trains a few optimizer steps on a fixed synthetic global batch and writes per-step
-loss and grad norm to OUT.json (from the last pipeline stage's first rank).
+loss and grad norm to OUT.json (from the last pipeline stage's first rank), and each MoE
+router's gradient norm (the gradient the balancing and z-losses act on; layouts without PP).
 """
 
 import json
@@ -73,6 +74,14 @@ def microbatches(cfg, rows: list[dict]) -> list[dict]:
     return batches
 
 
+def router_grad_norms(model) -> list[float]:
+    """Each router weight's gradient norm this step. Router weights are replicated over TP
+    (their SP partial gradients are summed by finalize_model_grads), so any rank holds them."""
+    return [param.main_grad.float().norm().item()
+            for chunk in model for name, param in chunk.named_parameters()
+            if name.endswith("router.weight")]
+
+
 def write_report(path: str, report) -> None:
     """One rank holds the reduced loss: the last pipeline stage's first DP/TP rank."""
     if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 \
@@ -100,7 +109,7 @@ def main() -> None:
         rows = synthetic_rows(cfg, step, cfg.train.global_batch_size)
         result = train_step(cfg, model, optimizer, scheduler, microbatches(cfg, rows))
         history.append(dict(loss=result.loss, grad_norm=result.grad_norm,
-                            skipped=result.skipped))
+                            skipped=result.skipped, router_grads=router_grad_norms(model)))
     write_report(out_path, history)
     shutdown_distributed()
 

@@ -195,10 +195,13 @@ def test_vision_spec_is_bidirectional_and_megatrons_is_untouched():
 
     from mm1_megatron.model.specs import vision_layer_spec
 
+    def mask_of(spec):
+        return spec.submodules.self_attention.params["attn_mask_type"]
+
+    before = mask_of(get_vit_layer_with_local_spec())  # causal before 0.17, no_mask since
     ours = vision_layer_spec(use_te=False)
-    assert ours.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.no_mask
-    theirs = get_vit_layer_with_local_spec()
-    assert theirs.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.causal
+    assert mask_of(ours) == AttnMaskType.no_mask
+    assert mask_of(get_vit_layer_with_local_spec()) == before  # built beside, not patched in
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])

@@ -575,8 +575,10 @@ def test_registry_applies_nothing_with_cuda_te_apex() -> None:
 
 
 def test_registry_conditions() -> None:
-    te_fallbacks = ["patch_moe_te_gemm_placeholder", "patch_torch_norm_sequence_parallel",
-                    "patch_clip_vit_default_norm"]
+    from mm1_megatron.runtime.mcore_version import MOE_UTILS_BINDS_TE_GEMM
+
+    te_fallbacks = ([] if MOE_UTILS_BINDS_TE_GEMM else ["patch_moe_te_gemm_placeholder"]) + \
+        ["patch_torch_norm_sequence_parallel", "patch_clip_vit_default_norm"]
     adam_fallbacks = ["patch_distopt_init_adam_state_for_load",
                       "patch_distopt_skip_adam_step_on_load", "patch_distopt_unshare_adam_step"]
     # CUDA without TE or apex: the plain-torch fallbacks, no CUDA redirects
@@ -584,9 +586,10 @@ def test_registry_conditions() -> None:
         te_fallbacks + adam_fallbacks
     # CUDA with apex but no TE: apex's FusedAdam avoids the torch-Adam bugs
     assert needed_patches(_backends(cuda=True, te=False, apex=True)) == te_fallbacks
-    # CPU: everything
+    # CPU: everything this Megatron-Core release needs
     assert needed_patches(_backends(cuda=False, te=False, apex=False)) == \
-        [p.name for p in PATCHES]
+        [p.name for p in PATCHES
+         if p.name != "patch_moe_te_gemm_placeholder" or not MOE_UTILS_BINDS_TE_GEMM]
     assert len({p.name for p in PATCHES}) == len(PATCHES)
     assert all(p.name == p.apply.__name__ for p in PATCHES)
 
@@ -594,6 +597,7 @@ def test_registry_conditions() -> None:
 # What the registry's conditions mean, as each patch module's docstring must say it.
 _APPLIES_WHEN = {"_no_cuda": "Applies when: no CUDA",
                  "_no_te": "Applies when: no Transformer Engine",
+                 "_no_te_and_moe_utils_unbound": "Applies when: no Transformer Engine",
                  "_no_fused_adam": "Applies when: no fused Adam"}
 
 

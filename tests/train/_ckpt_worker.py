@@ -51,7 +51,8 @@ def main() -> None:
     if mode == "resume":
         restored = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler)
         report.update(step=restored["step"], extra=restored["extra"],
-                      rng_restored=restored["rng_restored"])
+                      rng_restored=restored["rng_restored"],
+                      schedule_changes=restored["schedule_changes"])
     result = train_step(cfg, model, optimizer, scheduler, rows(2))
     report.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
     after = train_step(cfg, model, optimizer, scheduler, rows(3))

@@ -39,11 +39,26 @@ def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same)
     assert got["step"] == 2 and got["extra"] == {"loader": {"rows": 8}}
     assert got["rng_restored"] == same
     assert got["lr"] == reference["lr"]  # the LR schedule resumed too
+    assert got["schedule_changes"] == []
     for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
         if same:
             assert got[key] == reference[key]  # bitwise
         else:
             assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
+
+
+def test_a_changed_lr_on_resume_wins_over_the_checkpoints(saved, tmp_path):
+    """`train.lr` changed between save and resume: the run continues on the new schedule
+    (Megatron-Core 0.16 restored the checkpoint's peak LR silently; 0.19 found no matching
+    param group) and says so."""
+    run_dir, reference = saved
+    out = tmp_path / "resume.json"
+    torchrun(WORKER, 1, "resume", str(out), str(run_dir), "train.lr=1e-3")
+    got = json.loads(out.read_text())
+    assert got["step"] == 2
+    # Same schedule shape (no warm-up, cosine to a ratio of the peak), a third of the peak.
+    assert got["lr"] == pytest.approx(reference["lr"] / 3, rel=1e-9)
+    assert got["schedule_changes"] == ["max_lr 0.003 -> 0.001", "min_lr 0.0003 -> 0.0001"]
 
 
 def test_expert_parallel_checkpoint_loads_without_expert_parallelism(tmp_path):

@@ -71,6 +71,12 @@ def _no_fused_adam(b: "Backends") -> bool:
     return not b.fused_adam
 
 
+def _no_te_and_moe_utils_unbound(b: "Backends") -> bool:
+    from mm1_megatron.runtime.mcore_version import MOE_UTILS_BINDS_TE_GEMM
+
+    return _no_te(b) and not MOE_UTILS_BINDS_TE_GEMM
+
+
 # Order matters only in that the device/stream redirects come before anything that might
 # allocate while being patched.
 PATCHES: tuple[CompatPatch, ...] = (
@@ -82,7 +88,8 @@ PATCHES: tuple[CompatPatch, ...] = (
     CompatPatch("patch_moe_alltoall_split_sizes", _no_cuda, patch_moe_alltoall_split_sizes),
     CompatPatch("patch_gloo_uneven_all_gather", _no_cuda, patch_gloo_uneven_all_gather),
     # Transformer Engine absent: the local layer spec, torch norms, torch router GEMM
-    CompatPatch("patch_moe_te_gemm_placeholder", _no_te, patch_moe_te_gemm_placeholder),
+    CompatPatch("patch_moe_te_gemm_placeholder", _no_te_and_moe_utils_unbound,
+                patch_moe_te_gemm_placeholder),
     CompatPatch("patch_torch_norm_sequence_parallel", _no_te, patch_torch_norm_sequence_parallel),
     CompatPatch("patch_clip_vit_default_norm", _no_te, patch_clip_vit_default_norm),
     # apex/TE FusedAdam absent: DistributedOptimizer over torch.optim.Adam, checkpoint loading

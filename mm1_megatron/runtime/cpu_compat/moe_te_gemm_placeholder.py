@@ -6,11 +6,12 @@ Breaks (Megatron-Core 0.16.1): ``TopKRouter.forward`` -> ``Router.gating`` ->
 ``try: from megatron.core.extensions.transformer_engine import ...`` block; the
 ``except ImportError`` branch sets only ``HAVE_TE = False``.
 Error: ``NameError: name 'te_general_gemm' is not defined``.
-Applies when: no Transformer Engine (``Backends.transformer_engine`` is False), CUDA or not.
+Applies when: no Transformer Engine (``Backends.transformer_engine`` is False), CUDA or not,
+on Megatron-Core before 0.17 (``mcore_version.MOE_UTILS_BINDS_TE_GEMM``).
 Redirect: ``None`` is the value ``megatron.core.extensions.transformer_engine`` itself
 gives the name when TE's GEMM is missing; it selects the ``torch.mm`` path.
-Drop when: ``moe_utils``'s ``except ImportError`` branch also sets ``te_general_gemm = None``
-(or ``RouterGatingLinearFunction`` checks ``HAVE_TE`` first).
+Drop when: 0.16 support ends (0.17's ``moe_utils`` binds ``te_general_gemm = None`` without
+TE, so the registry skips this patch there).
 """
 
 from __future__ import annotations
