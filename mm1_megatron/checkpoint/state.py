@@ -153,6 +153,9 @@ def _no_space(root: Path, needed: int) -> str:
             f"{free / 2**30:.2f} GB free)")
 
 
+_FULL_BYTES = 1 << 20  # less free than this after a failed write: the disk filled up
+
+
 def _is_out_of_space(err: BaseException) -> bool:
     """ENOSPC anywhere in the chain; torch's zip writer reports a full disk only as
     'unexpected pos', and dist_checkpointing wraps each rank's error in a CheckpointException."""
@@ -200,11 +203,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     # torch's CheckpointException (each rank's write errors, gathered on every rank) derives
     # from BaseException, not Exception.
     except (Exception, CheckpointException) as err:  # noqa: BLE001
+        # 0.19's writer re-raises a worker's error as a new RuntimeError naming only its class
+        # (filesystem_async: "An error is caught while starting worker 0"): a filesystem with
+        # (almost) nothing left says what the error chain no longer does.
+        full = shutil.disk_usage(root).free < _FULL_BYTES
         written = 0
         if dist.get_rank() == 0:
             written = _bytes_in(partial) if partial.exists() else 0
             shutil.rmtree(partial, ignore_errors=True)
-        if _is_out_of_space(err):
+        if full or _is_out_of_space(err):
             raise CheckpointSaveError(_no_space(root, max(needed, written))) from err
         first = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
         raise CheckpointSaveError(f"checkpoint save to {partial} failed: "

@@ -16,6 +16,7 @@ import pytest
 
 
 from mm1_megatron.runtime.backends import Backends, detect_backends
+from mm1_megatron.runtime.mcore_version import MCORE
 from mm1_megatron.runtime.cpu_compat import (
     PATCHES,
     apply_cpu_compat,
@@ -36,7 +37,8 @@ NEEDED = needed_patches()  # on a GPU machine with TE and apex: none, and these 
 
 
 def needs(name: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(name not in NEEDED, reason=f"{name} not needed on this machine")
+    return pytest.mark.skipif(name not in NEEDED, reason=f"{name} not needed on this machine "
+                              f"(Megatron-Core {MCORE})")
 
 
 def _apply_all_but(target: str) -> Any:
