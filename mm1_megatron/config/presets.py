@@ -24,6 +24,12 @@ _GPU_RUN = dict(gpus_per_node=8, sequence_parallel=True, overlap_grad_reduce=Tru
                 overlap_param_gather=True)
 
 
+# A step of these presets takes seconds (the planner's step times: 2-15 s); ten minutes
+# without one is a hang (a stuck collective, a dead reader). The first step (NCCL set-up on
+# 256 GPUs, TE initialisation) and saves get half an hour.
+_GPU_WATCHDOG = dict(hang_timeout_s=600.0, hang_timeout_slow_s=1800.0)
+
+
 def _tiny() -> Config:
     """Seconds-fast model for tests: 84 px images (6x6 patches) -> 9 tokens."""
     return Config(
@@ -69,7 +75,8 @@ def _mm1(name: str, llm: LLMConfig, nodes: int, micro_batch: int = 1,
                   vision=VisionConfig(recompute=vision_recompute),
                   parallel=ParallelConfig(**_GPU_RUN, planned_nodes=nodes,
                                           tp_comm_overlap=parallel.get("tp", 1) > 1, **parallel),
-                  train=TrainConfig(micro_batch_size=micro_batch, fp8=fp8))
+                  train=TrainConfig(micro_batch_size=micro_batch, fp8=fp8, **_GPU_WATCHDOG),
+                  checkpoint=CheckpointConfig(async_save=True))
 
 
 # Llama-style decoders; vocabulary 32k (our sentencepiece model), untied embeddings.

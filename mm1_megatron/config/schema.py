@@ -258,6 +258,13 @@ class TrainConfig:
     # Parts not trained (ablations): comma-separated subset of vision, connector, llm; "" trains
     # everything (MM1's SFT unfreezes the encoder and the LLM).
     freeze: str = ""
+    # Hang watchdog (runtime/watchdog.py): a step that does not complete within this many
+    # seconds writes every thread's stack to run_dir/hang/rank_N.txt and exits 75 (requeue).
+    # 0: off. The first step and checkpoint saves / loads / evaluation get
+    # `hang_timeout_slow_s` (0: 5 x hang_timeout_s); the process groups' collective timeout
+    # is set just above that, so a hung collective cannot outlive the watchdog.
+    hang_timeout_s: float = 0.0
+    hang_timeout_slow_s: float = 0.0
 
 
 @dataclass
@@ -271,6 +278,9 @@ class CheckpointConfig:
     # A new run (nothing to resume) starts from these model weights: a checkpoint directory
     # of any layout, e.g. one written by mm1-import-hf from CLIP + Llama weights.
     init_from: Optional[str] = None
+    # Write checkpoints in the background (Megatron-Core's async dist_checkpointing): the
+    # step loop waits only for the device-to-host copy; at most one save is in flight.
+    async_save: bool = False
 
 
 @dataclass

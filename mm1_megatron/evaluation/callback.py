@@ -94,7 +94,8 @@ class FewShotEval(Callback):
 
     def on_step(self, trainer, m) -> None:
         if self.evaluator is not None and m.step % self.interval == 0:
-            self.run(trainer, m.step)
+            with trainer.slow_phase(f"the evaluation at step {m.step}"):
+                self.run(trainer, m.step)
 
     def on_train_end(self, trainer) -> None:
         if self._own_writer and self.writer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import sys
@@ -23,7 +24,9 @@ from mm1_megatron.model.flops import training_flops_per_sequence
 from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import (comm_device, describe_backends, init_distributed,
                                   shutdown_distributed)
-from mm1_megatron.train.callbacks import (EXIT_SAVE_FAILED, Callback, StepMetrics, Timer,
+from mm1_megatron.runtime.faults import hang_before_step
+from mm1_megatron.runtime.watchdog import HangWatchdog, collective_timeout
+from mm1_megatron.train.callbacks import (EXIT_PREEMPTED, EXIT_SAVE_FAILED, Callback, StepMetrics, Timer,
                                           default_callbacks, device_peak_tflops, peak_memory_gb)
 from mm1_megatron.train.moe_metrics import MoEMetrics
 from mm1_megatron.train.step import (build_model, build_optimizer, num_microbatches, reads_data,
@@ -41,6 +44,7 @@ class Trainer:
         self.last_saved_step: Optional[int] = None
         self.save_failed = False
         self.lock: Optional[RunLock] = None
+        self.watchdog: Optional[HangWatchdog] = None
         self.skipped_total = 0
         self.sample_ids: list[list[int]] = []  # global sample ids of the last step's rows
 
@@ -49,8 +53,15 @@ class Trainer:
         cfg = self.cfg
         for cb in self.callbacks:
             cb.on_setup(self)
-        self.env = init_distributed(cfg.parallel, seed=cfg.train.seed)
+        t = cfg.train
+        self.env = init_distributed(cfg.parallel, seed=t.seed, timeout=collective_timeout(
+            t.hang_timeout_s, t.hang_timeout_slow_s))
         self.is_logging_rank = dist.get_rank() == 0
+        # A hung collective exits 75 (requeue) like a preemption: the job resumes from the
+        # last checkpoint instead of holding 256 GPUs until the time limit.
+        self.watchdog = HangWatchdog(self.run_dir / "hang", dist.get_rank(), t.hang_timeout_s,
+                                     t.hang_timeout_slow_s, exit_code=EXIT_PREEMPTED)
+        self.watchdog.start("start-up (model build, checkpoint load)")
         self._lock_run_dir()  # before anything is written there
         latest, warning = self._resume_point() if cfg.checkpoint.resume else (None, None)
         if self.is_logging_rank:
@@ -129,18 +140,27 @@ class Trainer:
             raise RunDirLocked(refused or f"run_dir {self.run_dir} is in use by another run")
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.lock is not None:
             self.lock.release()
+
+    def slow_phase(self, what: str):
+        """Context for a phase that may outlast a step (saves, evaluation): the hang
+        watchdog's slow allowance while it runs."""
+        return self.watchdog.allow(what) if self.watchdog is not None else \
+            contextlib.nullcontext()
 
     def save(self) -> None:
         if self.save_failed:
             return  # said once; the run is stopping
         try:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
-                            self.scheduler, extra={"loader": self.loader_state.to_dict(),
-                                                   "skipped_steps": self.skipped_total,
-                                                   "dataset": self.dataset},
-                            keep_last=self.cfg.checkpoint.keep_last)
+            with self.slow_phase(f"the checkpoint save of step {self.step}"):
+                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                self.scheduler, extra={"loader": self.loader_state.to_dict(),
+                                                       "skipped_steps": self.skipped_total,
+                                                       "dataset": self.dataset},
+                                keep_last=self.cfg.checkpoint.keep_last)
         except CheckpointSaveError as err:  # raised on every rank alike
             self.save_failed = True
             self.request_stop(f"step {self.step} not saved: {err}; the last complete "
@@ -187,6 +207,7 @@ class Trainer:
         """One iteration of `train`: the step's micro-batches from `self.batches`, the
         optimizer step, metrics, callbacks, agreeing on a stop (benchmarks time it alone)."""
         micro = num_microbatches(self.cfg)
+        hang_before_step(dist.get_rank(), self.step + 1)  # tests' fault injection only
         with Timer() as timer:
             pairs = list(itertools.islice(self.batches, micro))
             batches = share_batches([batch for batch, _ in pairs])
@@ -200,11 +221,15 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step(self, metrics)
         self._agree_on_stop()
+        if self.watchdog is not None:
+            self.watchdog.step_done(self.step)
         return metrics
 
     def train(self) -> int:
         for cb in self.callbacks:
             cb.on_train_start(self)
+        if self.watchdog is not None:
+            self.watchdog.first_step(self.step)
         while self.step < self.cfg.train.train_steps and self.stop_reason is None:
             self.run_step()
         for cb in self.callbacks:
