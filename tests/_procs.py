@@ -116,14 +116,14 @@ if __name__ == "__main__":
 
 
 def torchrun(script: Path, nproc: int, *args: str, timeout: float = 600.0,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run `script` under torchrun with `nproc` gloo ranks; unless `check` is off, fail with
     its stderr tail when it does not exit 0.
 
     Its own session, output to files, and the whole process group killed at the end: a rank
     killed mid-save orphans dist_checkpointing's writer Manager, which would otherwise hold
     an output pipe open (and the test) until the timeout."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(script), *args]

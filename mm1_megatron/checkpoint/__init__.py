@@ -4,10 +4,11 @@ resume (`state`), the run directory's `checkpoints/` with `latest` and retention
 
 from mm1_megatron.checkpoint.directory import (checkpoint_root, latest_checkpoint,
                                                resolve_checkpoint)
-from mm1_megatron.checkpoint.state import (CheckpointSaveError, load_checkpoint, load_model_state,
+from mm1_megatron.checkpoint.state import (AsyncCheckpointer, CheckpointSaveError, FinishedSave,
+                                           load_checkpoint, load_model_state,
                                            load_model_weights, model_sharded_state,
                                            save_checkpoint)
 
-__all__ = ["CheckpointSaveError", "checkpoint_root", "latest_checkpoint", "resolve_checkpoint",
+__all__ = ["AsyncCheckpointer", "CheckpointSaveError", "FinishedSave", "checkpoint_root", "latest_checkpoint", "resolve_checkpoint",
            "load_checkpoint", "load_model_state", "load_model_weights", "model_sharded_state",
            "save_checkpoint"]

@@ -9,10 +9,16 @@ into any layout too: evaluation, conversion and `checkpoint.init_from` use it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import math
 import os
 import shutil
+import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +35,8 @@ from mm1_megatron.checkpoint.directory import (check_readable, checkpoint_root,
                                                step_dir_name, write_latest, write_manifest,
                                                write_written_by)
 from mm1_megatron.runtime import comm_device
+from mm1_megatron.runtime.faults import slow_save_seconds
+from mm1_megatron.runtime.mcore_version import async_checkpoint_machinery
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
                        "chained_optim_avoid_prefix": True}
@@ -170,12 +178,22 @@ def _is_out_of_space(err: BaseException) -> bool:
     return False
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
-                    extra: Optional[dict] = None, keep_last: int = 3) -> Path:
-    """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
-    all ranks and made of plain Python values. Raises CheckpointSaveError on every rank when
-    the save cannot complete (the disk cannot hold another checkpoint the size of the last
-    one, or a write fails): the partial directory is removed, `latest` is untouched."""
+@dataclass
+class _Save:
+    """One save in progress: where it goes, and the previous checkpoint's size."""
+
+    step: int
+    root: Path
+    final: Path
+    partial: Path
+    needed: int
+    keep_last: int
+    started: float = 0.0
+
+
+def _begin_save(run_dir: str | Path, step: int, model, keep_last: int) -> _Save:
+    """Collective. A fresh `step_N.partial`; refused (CheckpointSaveError on every rank)
+    when the previous checkpoint would not fit again (rank 0 decides)."""
     finish_param_sync(model)
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
@@ -186,7 +204,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         partial.mkdir(parents=True)
         previous = complete_checkpoints(run_dir)  # newest last; no file checks on this path
         needed = _bytes_in(previous[-1]) if previous else 0
-    # Refuse before writing when the previous checkpoint would not fit again (rank 0 decides).
     verdict = torch.tensor([float(needed), float(shutil.disk_usage(root).free)
                             if dist.get_rank() == 0 else 0.0], device=comm_device())
     dist.broadcast(verdict, src=0)
@@ -195,37 +212,149 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointSaveError(_no_space(root, needed))
+    return _Save(step, root, final, partial, needed, keep_last, time.perf_counter())
+
+
+def _full_state(save: _Save, model, optimizer, scheduler, extra: Optional[dict]) -> dict:
     state = _sharded_state(model, optimizer, is_loading=False)
-    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra or {},
+    state.update(step=save.step, scheduler=scheduler.state_dict(), extra=extra or {},
                  layout=_layout(), rng_state=_rng_object())
-    try:
-        dist_checkpointing.save(state, str(partial))
-    # torch's CheckpointException (each rank's write errors, gathered on every rank) derives
-    # from BaseException, not Exception.
-    except (Exception, CheckpointException) as err:  # noqa: BLE001
-        # 0.19's writer re-raises a worker's error as a new RuntimeError naming only its class
-        # (filesystem_async: "An error is caught while starting worker 0"): a filesystem with
-        # (almost) nothing left says what the error chain no longer does.
-        full = shutil.disk_usage(root).free < _FULL_BYTES
-        written = 0
-        if dist.get_rank() == 0:
-            written = _bytes_in(partial) if partial.exists() else 0
-            shutil.rmtree(partial, ignore_errors=True)
-        if full or _is_out_of_space(err):
-            raise CheckpointSaveError(_no_space(root, max(needed, written))) from err
-        first = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
-        raise CheckpointSaveError(f"checkpoint save to {partial} failed: "
-                                  f"{type(err).__name__}: {first}") from err
+    return state
+
+
+def _failed(save: _Save, err: BaseException) -> CheckpointSaveError:
+    """A write that failed on some rank (raised on every rank alike): the partial directory
+    is removed, `latest` is untouched; what to say."""
+    # 0.19's writer re-raises a worker's error as a new RuntimeError naming only its class
+    # (filesystem_async: "An error is caught while starting worker 0"): a filesystem with
+    # (almost) nothing left says what the error chain no longer does.
+    full = shutil.disk_usage(save.root).free < _FULL_BYTES
+    written = 0
+    if dist.get_rank() == 0:
+        written = _bytes_in(save.partial) if save.partial.exists() else 0
+        shutil.rmtree(save.partial, ignore_errors=True)
+    if full or _is_out_of_space(err):
+        return CheckpointSaveError(_no_space(save.root, max(save.needed, written)))
+    first = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+    return CheckpointSaveError(f"checkpoint save to {save.partial} failed: "
+                               f"{type(err).__name__}: {first}")
+
+
+def _publish(save: _Save) -> None:
+    """Collective, once every rank's files are written: manifest, rename, `latest`,
+    retention (rank 0), so `latest` only ever names a complete checkpoint."""
     dist.barrier()
     if dist.get_rank() == 0:
-        write_written_by(partial, {"torch": torch.__version__})
-        write_manifest(partial)  # sizes and end sums, verified before a resume loads it
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        write_latest(root, final.name)
-        prune(root, keep_last, keep=final.name)
+        write_written_by(save.partial, {"torch": torch.__version__})
+        write_manifest(save.partial)  # sizes and end sums, verified before a resume loads it
+        shutil.rmtree(save.final, ignore_errors=True)
+        os.replace(save.partial, save.final)
+        write_latest(save.root, save.final.name)
+        prune(save.root, save.keep_last, keep=save.final.name)
     dist.barrier()
-    return final
+
+
+# torch's CheckpointException (each rank's write errors, gathered on every rank) derives
+# from BaseException, not Exception.
+_WRITE_ERRORS = (Exception, CheckpointException)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
+                    extra: Optional[dict] = None, keep_last: int = 3) -> Path:
+    """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
+    all ranks and made of plain Python values. Raises CheckpointSaveError on every rank when
+    the save cannot complete (the disk cannot hold another checkpoint the size of the last
+    one, or a write fails): the partial directory is removed, `latest` is untouched."""
+    save = _begin_save(run_dir, step, model, keep_last)
+    state = _full_state(save, model, optimizer, scheduler, extra)
+    try:
+        dist_checkpointing.save(state, str(save.partial))
+    except _WRITE_ERRORS as err:  # noqa: BLE001
+        raise _failed(save, err) from err
+    _publish(save)
+    return save.final
+
+
+@dataclass
+class FinishedSave:
+    step: int
+    path: Path
+    write_s: float  # from the start of the save to its checkpoint being complete
+
+
+class AsyncCheckpointer:
+    """Checkpoints written in the background, at most one in flight (collective methods:
+    every rank calls them at the same points).
+
+    `start(...)` waits for a save still in flight, then captures the step's state: the
+    planning collectives and, on GPUs, the device-to-host copy run here (Megatron-Core's
+    `preload_fn`); a forked writer process writes the files while training goes on.
+    `finish(blocking)` completes a written save (Megatron-Core's finalize: every rank's
+    write result gathered, then `_publish`), or raises CheckpointSaveError. Everything the
+    synchronous path promises holds: the same `.partial`, manifest, atomic `latest`,
+    retention and disk-space refusal."""
+
+    def __init__(self) -> None:
+        queue, self._save_args, self.machinery = async_checkpoint_machinery()
+        self._queue = queue()  # not persistent: a writer forked per save, as Megatron-LM
+        self.pending: Optional[_Save] = None
+
+    def start(self, run_dir: str | Path, step: int, model, optimizer, scheduler,
+              extra: Optional[dict] = None, keep_last: int = 3) -> Optional[FinishedSave]:
+        """Returns the save that had to be finished first, if one was in flight."""
+        previous = self.finish(blocking=True)
+        save = _begin_save(run_dir, step, model, keep_last)
+        state = _full_state(save, model, optimizer, scheduler, extra)
+        try:
+            request = dist_checkpointing.save(state, str(save.partial),
+                                              async_sharded_save=True, **self._save_args)
+            request = request._replace(async_fn=functools.partial(
+                _in_writer, os.getpid(), slow_save_seconds(), request.async_fn))
+            request.add_finalize_fn(functools.partial(_publish, save))
+            self._queue.schedule_async_request(request)
+        except _WRITE_ERRORS as err:  # noqa: BLE001
+            raise _failed(save, err) from err
+        self.pending = save
+        return previous
+
+    def finish(self, blocking: bool) -> Optional[FinishedSave]:
+        """The save in flight, if it completed (or, blocking, once it has)."""
+        save = self.pending
+        if save is None:
+            return None
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except _WRITE_ERRORS as err:  # noqa: BLE001
+            self.pending = None
+            raise _failed(save, err) from err
+        if not done:
+            return None
+        self.pending = None
+        return FinishedSave(save.step, save.final, time.perf_counter() - save.started)
+
+    def close(self) -> None:
+        """Waits for a save in flight (errors raised as by `finish`)."""
+        self.finish(blocking=True)
+
+
+def _in_writer(trainer_pid: int, delay_s: float, write, *args, **kwargs):
+    """First thing in the forked writer: die with the trainer (an orphan would go on writing
+    into a `step_N.partial` that the restarted run may be writing again), then the test
+    suite's slow-write fault (`runtime.faults.SLOW_SAVE`), then the write."""
+    _die_with_parent()
+    if os.getppid() != trainer_pid:  # the trainer died before the line above ran
+        os._exit(1)
+    if delay_s:
+        time.sleep(delay_s)
+    return write(*args, **kwargs)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the writer may outlive a killed trainer
+        pass
 
 
 # What the LR / WD schedule reads from each param group (Megatron-Core's ParamGroupOverride),

@@ -10,6 +10,7 @@ elsewhere asks these flags, never the version itself.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -45,6 +46,30 @@ MOE_UTILS_BINDS_TE_GEMM = MCORE_RELEASE >= Version("0.17")
 # `moe_utils`' tracker functions are deprecated since 0.16 (removal announced for 0.18,
 # still present in 0.19.2). 0.16/0.17 have only the `moe_utils` ones.
 HAS_MOE_METRICS_TRACKER = MCORE_RELEASE >= Version("0.18")
+
+
+def async_checkpoint_machinery() -> tuple[Any, dict[str, str], str]:
+    """(the AsyncCallsQueue class, extra `dist_checkpointing.save` arguments, its name) for
+    background checkpoint writes, the machinery the installed release recommends.
+
+    0.19 (`save(..., async_strategy=)`, default "nvrx"): nvidia-resiliency-ext's async
+    checkpointing where it is installed (the `nvrx` extra); Megatron-Core's own ("mcore",
+    deprecated there) otherwise. Before: Megatron-Core's own, the only one. A request must
+    be scheduled on the queue of the machinery that made it."""
+    from megatron.core import dist_checkpointing
+
+    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        return AsyncCallsQueue, {}, "megatron-core"
+    try:
+        from nvidia_resiliency_ext.checkpointing.async_ckpt.core import AsyncCallsQueue
+    except ImportError:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        return AsyncCallsQueue, {"async_strategy": "mcore"}, \
+            "megatron-core (deprecated from 0.19: pip install nvidia-resiliency-ext)"
+    return AsyncCallsQueue, {"async_strategy": "nvrx"}, "nvidia-resiliency-ext"
 
 
 def format_newer_than_installed(written_by: str) -> bool:

@@ -5,6 +5,8 @@ resume: build from a different seed, load the latest checkpoint (any layout), ru
 init: build from a different seed, load only the model weights, run steps 3, 4.
 crash: as save, then step 3 and a save of it during which rank 0 is SIGKILLed as soon as the
        first checkpoint file is on disk (no report: the process dies).
+save-async: as save, but the checkpoint of step 2 is written in the background
+       (AsyncCheckpointer) while steps 3 and 4 train; finished after them.
 Both write the loss and grad norm of the next two steps (and what was restored) to OUT.json:
 the first checks the weights, the second the optimizer state (Adam moments, step, LR).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from mm1_megatron.config import load_config
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
-from mm1_megatron.checkpoint import (latest_checkpoint, load_checkpoint,
+from mm1_megatron.checkpoint import (AsyncCheckpointer, latest_checkpoint, load_checkpoint,
                                            load_model_weights, save_checkpoint)
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
 from tests.model._parity_worker import BASE, microbatches, synthetic_rows, write_report
@@ -32,11 +34,18 @@ def main() -> None:
     optimizer, scheduler = build_optimizer(cfg, model)
     report: dict = {}
     rows = lambda step: microbatches(cfg, synthetic_rows(cfg, step, cfg.train.global_batch_size))
-    if mode in ("save", "crash"):
+    if mode in ("save", "crash", "save-async"):
         for step in range(2):
             train_step(cfg, model, optimizer, scheduler, rows(step))
+    if mode in ("save", "crash"):
         save_checkpoint(run_dir, 2, model, optimizer, scheduler,
                         extra={"loader": {"rows": 8}}, keep_last=2)
+    if mode == "save-async":
+        writer = AsyncCheckpointer()
+        writer.start(run_dir, 2, model, optimizer, scheduler, extra={"loader": {"rows": 8}},
+                     keep_last=2)
+        report["machinery"] = writer.machinery
+        report["in_flight_after_start"] = writer.finish(blocking=False) is None
     if mode == "crash":
         train_step(cfg, model, optimizer, scheduler, rows(2))
         if int(os.environ["RANK"]) == 0:
@@ -57,6 +66,10 @@ def main() -> None:
     report.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
     after = train_step(cfg, model, optimizer, scheduler, rows(3))
     report.update(next_loss=after.loss, next_grad_norm=after.grad_norm)
+    if mode == "save-async":
+        report["latest_while_writing"] = str(latest_checkpoint(run_dir))
+        finished = writer.finish(blocking=True)
+        report["finished_step"] = finished.step
     write_report(out_path, report)
     shutdown_distributed()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mm1_megatron.checkpoint.directory import latest_checkpoint, prune, write_latest
+from mm1_megatron.runtime.faults import SLOW_SAVE
 from tests._procs import torchrun
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
@@ -45,6 +46,32 @@ def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same)
             assert got[key] == reference[key]  # bitwise
         else:
             assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
+
+
+def test_an_async_save_resumes_bitwise_like_a_synchronous_one_and_reshards(saved, tmp_path):
+    """Written in the background while two more steps train (held by the slow-write fault):
+    `latest` appears only once it is complete, and it holds step 2, not what trained after."""
+    _, reference = saved
+    run_dir = tmp_path / "run"
+    out = tmp_path / "async.json"
+    torchrun(WORKER, 2, "save-async", str(out), str(run_dir), "parallel.dp=2", *OVERLAP,
+             env={SLOW_SAVE: "2"})
+    written = json.loads(out.read_text())
+    assert written["in_flight_after_start"] and written["finished_step"] == 2
+    assert written["latest_while_writing"] == "None"
+    assert written["machinery"].startswith(("megatron-core", "nvidia-resiliency-ext"))
+    for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
+        assert written[key] == reference[key]  # training went on as without a save
+    for nproc, layout, bitwise in ((2, ["parallel.dp=2", *OVERLAP], True), (1, [], False)):
+        out = tmp_path / f"resume{nproc}.json"
+        torchrun(WORKER, nproc, "resume", str(out), str(run_dir), *layout, "train.seed=999")
+        got = json.loads(out.read_text())
+        assert got["step"] == 2 and got["extra"] == {"loader": {"rows": 8}}
+        for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
+            if bitwise:
+                assert got[key] == reference[key], key
+            else:
+                assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
 
 
 def test_a_changed_lr_on_resume_wins_over_the_checkpoints(saved, tmp_path):
