@@ -309,7 +309,7 @@ class AsyncCheckpointer:
             request = dist_checkpointing.save(state, str(save.partial),
                                               async_sharded_save=True, **self._save_args)
             request = request._replace(async_fn=functools.partial(
-                _in_writer, os.getpid(), slow_save_seconds(), request.async_fn))
+                _in_writer, os.getpid(), slow_save_seconds(step), request.async_fn))
             request.add_finalize_fn(functools.partial(_publish, save))
             self._queue.schedule_async_request(request)
         except _WRITE_ERRORS as err:  # noqa: BLE001

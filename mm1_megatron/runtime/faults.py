@@ -12,8 +12,9 @@ from pathlib import Path
 # comes back (its peers then wait in that collective). With ONCE_FILE, only while that file
 # does not exist (the fault creates it), so a requeued run gets past the step.
 HANG = "MM1_FAULT_HANG"
-# Seconds the background checkpoint write sleeps before it starts writing (holds an async
-# save in flight, for kills and signals to land during it).
+# "SECONDS[:FROM_STEP]": the background checkpoint write sleeps this long before it starts
+# writing (holds an async save in flight, for kills and signals to land during it); with
+# FROM_STEP, only the saves of that step and later.
 SLOW_SAVE = "MM1_FAULT_SLOW_SAVE_S"
 
 
@@ -33,5 +34,6 @@ def hang_before_step(rank: int, step: int) -> None:
         time.sleep(3600)
 
 
-def slow_save_seconds() -> float:
-    return float(os.environ.get(SLOW_SAVE) or 0.0)
+def slow_save_seconds(step: int) -> float:
+    seconds, _, from_step = (os.environ.get(SLOW_SAVE) or "0").partition(":")
+    return float(seconds) if step >= int(from_step or 0) else 0.0

@@ -42,6 +42,9 @@ class StepMetrics:
     source_losses: dict[int, float] = field(default_factory=dict)
     moe: dict[str, float] = field(default_factory=dict)
     data_counters: dict[str, int] = field(default_factory=dict)
+    # checkpoint_blocking_s (the step loop waited for a save) / checkpoint_write_s (a save's
+    # start to its checkpoint complete), of the saves since the previous step's metrics.
+    checkpoint: dict[str, float] = field(default_factory=dict)
 
 
 class Callback:
@@ -92,6 +95,7 @@ class TensorBoard(Callback):
         scalars.update({f"loss/{SOURCES[s]}": v for s, v in m.source_losses.items()})
         scalars.update({f"moe/{k}": v for k, v in m.moe.items()})
         scalars.update({f"data/{k}": v for k, v in m.data_counters.items()})
+        scalars.update({f"perf/{k}": v for k, v in m.checkpoint.items()})
         for name, value in scalars.items():
             if value is not None:
                 w.add_scalar(name, value, step)

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,8 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from mm1_megatron.checkpoint import (CheckpointSaveError, checkpoint_root, load_checkpoint,
-                                     load_model_weights, save_checkpoint)
+from mm1_megatron.checkpoint import (AsyncCheckpointer, CheckpointSaveError, checkpoint_root,
+                                     load_checkpoint, load_model_weights, save_checkpoint)
 from mm1_megatron.checkpoint.directory import complete_checkpoints, resume_point
 from mm1_megatron.checkpoint.run_lock import RunDirLocked, RunLock
 from mm1_megatron.config import Config, save_run_config
@@ -42,7 +43,10 @@ class Trainer:
         self.exit_code = 0
         self.step = 0
         self.last_saved_step: Optional[int] = None
+        self.saving_step: Optional[int] = None  # an async save in flight
         self.save_failed = False
+        self.checkpointer: Optional[AsyncCheckpointer] = None
+        self.checkpoint_times: dict[str, float] = {}  # for the next step's metrics
         self.lock: Optional[RunLock] = None
         self.watchdog: Optional[HangWatchdog] = None
         self.skipped_total = 0
@@ -62,6 +66,11 @@ class Trainer:
         self.watchdog = HangWatchdog(self.run_dir / "hang", dist.get_rank(), t.hang_timeout_s,
                                      t.hang_timeout_slow_s, exit_code=EXIT_PREEMPTED)
         self.watchdog.start("start-up (model build, checkpoint load)")
+        if cfg.checkpoint.async_save:
+            self.checkpointer = AsyncCheckpointer()
+            if self.is_logging_rank:
+                print(f"checkpoints: written in the background ({self.checkpointer.machinery})",
+                      flush=True)
         self._lock_run_dir()  # before anything is written there
         latest, warning = self._resume_point() if cfg.checkpoint.resume else (None, None)
         if self.is_logging_rank:
@@ -152,23 +161,83 @@ class Trainer:
             contextlib.nullcontext()
 
     def save(self) -> None:
-        if self.save_failed:
-            return  # said once; the run is stopping
+        """Collective. Synchronous, or (checkpoint.async_save) started in the background after
+        a save still in flight has finished: at most one is written at a time."""
+        step = self.step
+        if self.save_failed or step in (self.last_saved_step, self.saving_step):
+            return  # a failure is said once (the run is stopping); a step is saved once
+        if self.checkpointer is not None:
+            in_flight = self.saving_step
+            waited = self.finish_saves(blocking=True)
+            if in_flight is not None and self.is_logging_rank:
+                print(f"checkpoint: the save of step {step} waited {waited:.2f} s for the save "
+                      f"of step {in_flight} to finish", flush=True)
+            if self.save_failed:
+                return
+        extra = {"loader": self.loader_state.to_dict(), "skipped_steps": self.skipped_total,
+                 "dataset": self.dataset}
+        start = time.perf_counter()
         try:
-            with self.slow_phase(f"the checkpoint save of step {self.step}"):
-                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
-                                self.scheduler, extra={"loader": self.loader_state.to_dict(),
-                                                       "skipped_steps": self.skipped_total,
-                                                       "dataset": self.dataset},
-                                keep_last=self.cfg.checkpoint.keep_last)
+            with self.slow_phase(f"the checkpoint save of step {step}"):
+                if self.checkpointer is None:
+                    save_checkpoint(self.run_dir, step, self.model, self.optimizer,
+                                    self.scheduler, extra=extra,
+                                    keep_last=self.cfg.checkpoint.keep_last)
+                else:
+                    self.checkpointer.start(self.run_dir, step, self.model, self.optimizer,
+                                            self.scheduler, extra=extra,
+                                            keep_last=self.cfg.checkpoint.keep_last)
         except CheckpointSaveError as err:  # raised on every rank alike
-            self.save_failed = True
-            self.request_stop(f"step {self.step} not saved: {err}; the last complete "
-                              "checkpoint is kept", EXIT_SAVE_FAILED)
+            self._save_failed(step, err)
             return
-        self.last_saved_step = self.step
+        blocked = time.perf_counter() - start
+        self._add_time("checkpoint_blocking_s", blocked)
+        if self.checkpointer is None:
+            self._saved(step, write_s=blocked)
+        else:
+            self.saving_step = step
+            if self.is_logging_rank:
+                print(f"checkpoint: step {step} is being written in the background "
+                      f"({blocked:.2f} s blocking)", flush=True)
+
+    def finish_saves(self, blocking: bool) -> float:
+        """Collective. Completes the async save in flight if its files are written (blocking:
+        waits for them); returns the seconds the step loop waited."""
+        if self.checkpointer is None or self.saving_step is None:
+            return 0.0
+        step, start = self.saving_step, time.perf_counter()
+        try:
+            with self.slow_phase(f"the background save of step {step}") if blocking else \
+                    contextlib.nullcontext():
+                done = self.checkpointer.finish(blocking)
+        except CheckpointSaveError as err:
+            self.saving_step = None
+            self._save_failed(step, err)
+            return time.perf_counter() - start
+        waited = time.perf_counter() - start
+        if blocking:
+            self._add_time("checkpoint_blocking_s", waited)
+        if done is not None:
+            self.saving_step = None
+            self._saved(done.step, write_s=done.write_s)
+        return waited
+
+    def _add_time(self, name: str, seconds: float) -> None:
+        self.checkpoint_times[name] = self.checkpoint_times.get(name, 0.0) + seconds
+
+    def _saved(self, step: int, write_s: float) -> None:
+        self.last_saved_step = step
+        self._add_time("checkpoint_write_s", write_s)
         if self.is_logging_rank:
-            print(f"saved checkpoint at step {self.step}", flush=True)
+            print(f"saved checkpoint at step {step}", flush=True)
+
+    def _save_failed(self, step: int, err: CheckpointSaveError) -> None:
+        self.save_failed = True
+        reason = f"step {step} not saved: {err}; the last complete checkpoint is kept"
+        if self.stop_reason is not None and self.exit_code != EXIT_SAVE_FAILED:
+            # e.g. a preemption's final save: exit 75 would claim a checkpoint written
+            self.stop_reason, self.exit_code = None, 0
+        self.request_stop(reason, EXIT_SAVE_FAILED)
 
     def request_stop(self, reason: str, exit_code: int) -> None:
         if self.stop_reason is None:
@@ -201,12 +270,18 @@ class Trainer:
             mfu=None if peak is None else tflops / peak, memory_gb=peak_memory_gb(),
             source_losses=result.source_losses,
             moe=self.moe_metrics.collect(num_microbatches(cfg)) if self.moe_metrics else {},
-            data_counters=self.loader_state.counters)  # of the batches consumed
+            data_counters=self.loader_state.counters,  # of the batches consumed
+            checkpoint=self._take_checkpoint_times())
+
+    def _take_checkpoint_times(self) -> dict[str, float]:
+        times, self.checkpoint_times = self.checkpoint_times, {}
+        return times
 
     def run_step(self) -> StepMetrics:
         """One iteration of `train`: the step's micro-batches from `self.batches`, the
         optimizer step, metrics, callbacks, agreeing on a stop (benchmarks time it alone)."""
         micro = num_microbatches(self.cfg)
+        self.finish_saves(blocking=False)  # a background save whose files are written
         hang_before_step(dist.get_rank(), self.step + 1)  # tests' fault injection only
         with Timer() as timer:
             pairs = list(itertools.islice(self.batches, micro))
@@ -234,6 +309,8 @@ class Trainer:
             self.run_step()
         for cb in self.callbacks:
             cb.on_train_end(self)
+        # Also on SIGTERM / USR1: exit (75) only once the last checkpoint is complete.
+        self.finish_saves(blocking=True)
         if self.stop_reason and self.is_logging_rank:
             print(f"mm1-train: stopped at step {self.step}: {self.stop_reason}",
                   file=sys.stderr, flush=True)
