@@ -144,3 +144,24 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: float = 600.0,
     if check:
         assert run.returncode == 0, f"{script.name} {' '.join(args)}\n{run.stderr[-4000:]}"
     return run
+
+
+def sigkill_at_line(proc: subprocess.Popen, prefix: str, after_s: float = 0.0) -> list:
+    """Read `proc`'s stdout until a line starts with `prefix`, wait `after_s`, SIGKILL it (no
+    handler, no final save) and return the helper processes it had then (psutil.Process:
+    dist_checkpointing's writers, which the kill must take along); [] if the line never came."""
+    import psutil
+
+    helpers: list = []
+    try:
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                helpers = psutil.Process(proc.pid).children(recursive=True)
+                time.sleep(after_s)
+                proc.kill()
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return helpers

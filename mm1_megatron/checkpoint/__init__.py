@@ -9,6 +9,6 @@ from mm1_megatron.checkpoint.state import (AsyncCheckpointer, CheckpointSaveErro
                                            load_model_weights, model_sharded_state,
                                            save_checkpoint)
 
-__all__ = ["AsyncCheckpointer", "CheckpointSaveError", "FinishedSave", "checkpoint_root", "latest_checkpoint", "resolve_checkpoint",
-           "load_checkpoint", "load_model_state", "load_model_weights", "model_sharded_state",
+__all__ = ["AsyncCheckpointer", "CheckpointSaveError", "FinishedSave", "checkpoint_root",
+           "latest_checkpoint", "resolve_checkpoint", "load_checkpoint", "load_model_state", "load_model_weights", "model_sharded_state",
            "save_checkpoint"]

@@ -188,7 +188,7 @@ class _Save:
     partial: Path
     needed: int
     keep_last: int
-    started: float = 0.0
+    started: float  # time.perf_counter()
 
 
 def _begin_save(run_dir: str | Path, step: int, model, keep_last: int) -> _Save:
@@ -278,7 +278,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
 @dataclass
 class FinishedSave:
     step: int
-    path: Path
     write_s: float  # from the start of the save to its checkpoint being complete
 
 
@@ -286,7 +285,7 @@ class AsyncCheckpointer:
     """Checkpoints written in the background, at most one in flight (collective methods:
     every rank calls them at the same points).
 
-    `start(...)` waits for a save still in flight, then captures the step's state: the
+    `start(...)` finishes a save still in flight first (blocking), then captures the step's state: the
     planning collectives and, on GPUs, the device-to-host copy run here (Megatron-Core's
     `preload_fn`); a forked writer process writes the files while training goes on.
     `finish(blocking)` completes a written save (Megatron-Core's finalize: every rank's
@@ -300,9 +299,8 @@ class AsyncCheckpointer:
         self.pending: Optional[_Save] = None
 
     def start(self, run_dir: str | Path, step: int, model, optimizer, scheduler,
-              extra: Optional[dict] = None, keep_last: int = 3) -> Optional[FinishedSave]:
-        """Returns the save that had to be finished first, if one was in flight."""
-        previous = self.finish(blocking=True)
+              extra: Optional[dict] = None, keep_last: int = 3) -> None:
+        self.finish(blocking=True)  # at most one in flight (callers that log the wait: first)
         save = _begin_save(run_dir, step, model, keep_last)
         state = _full_state(save, model, optimizer, scheduler, extra)
         try:
@@ -315,7 +313,6 @@ class AsyncCheckpointer:
         except _WRITE_ERRORS as err:  # noqa: BLE001
             raise _failed(save, err) from err
         self.pending = save
-        return previous
 
     def finish(self, blocking: bool) -> Optional[FinishedSave]:
         """The save in flight, if it completed (or, blocking, once it has)."""
@@ -330,11 +327,7 @@ class AsyncCheckpointer:
         if not done:
             return None
         self.pending = None
-        return FinishedSave(save.step, save.final, time.perf_counter() - save.started)
-
-    def close(self) -> None:
-        """Waits for a save in flight (errors raised as by `finish`)."""
-        self.finish(blocking=True)
+        return FinishedSave(save.step, time.perf_counter() - save.started)
 
 
 def _in_writer(trainer_pid: int, delay_s: float, write, *args, **kwargs):

@@ -27,8 +27,9 @@ from mm1_megatron.runtime import (comm_device, describe_backends, init_distribut
                                   shutdown_distributed)
 from mm1_megatron.runtime.faults import hang_before_step
 from mm1_megatron.runtime.watchdog import HangWatchdog, collective_timeout
-from mm1_megatron.train.callbacks import (EXIT_PREEMPTED, EXIT_SAVE_FAILED, Callback, StepMetrics, Timer,
-                                          default_callbacks, device_peak_tflops, peak_memory_gb)
+from mm1_megatron.train.callbacks import (EXIT_PREEMPTED, EXIT_SAVE_FAILED, Callback,
+                                          StepMetrics, Timer, default_callbacks,
+                                          device_peak_tflops, peak_memory_gb)
 from mm1_megatron.train.moe_metrics import MoEMetrics
 from mm1_megatron.train.step import (build_model, build_optimizer, num_microbatches, reads_data,
                                      share_batches, train_step)
@@ -43,7 +44,6 @@ class Trainer:
         self.exit_code = 0
         self.step = 0
         self.last_saved_step: Optional[int] = None
-        self.saving_step: Optional[int] = None  # an async save in flight
         self.save_failed = False
         self.checkpointer: Optional[AsyncCheckpointer] = None
         self.checkpoint_times: dict[str, float] = {}  # for the next step's metrics
@@ -154,6 +154,12 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
+    @property
+    def saving_step(self) -> Optional[int]:
+        """The step of the async save in flight, if any."""
+        pending = self.checkpointer.pending if self.checkpointer is not None else None
+        return pending.step if pending is not None else None
+
     def slow_phase(self, what: str):
         """Context for a phase that may outlast a step (saves, evaluation): the hang
         watchdog's slow allowance while it runs."""
@@ -194,31 +200,27 @@ class Trainer:
         self._add_time("checkpoint_blocking_s", blocked)
         if self.checkpointer is None:
             self._saved(step, write_s=blocked)
-        else:
-            self.saving_step = step
-            if self.is_logging_rank:
-                print(f"checkpoint: step {step} is being written in the background "
-                      f"({blocked:.2f} s blocking)", flush=True)
+        elif self.is_logging_rank:
+            print(f"checkpoint: step {step} is being written in the background "
+                  f"({blocked:.2f} s blocking)", flush=True)
 
     def finish_saves(self, blocking: bool) -> float:
         """Collective. Completes the async save in flight if its files are written (blocking:
         waits for them); returns the seconds the step loop waited."""
-        if self.checkpointer is None or self.saving_step is None:
-            return 0.0
         step, start = self.saving_step, time.perf_counter()
+        if step is None:
+            return 0.0
         try:
             with self.slow_phase(f"the background save of step {step}") if blocking else \
                     contextlib.nullcontext():
                 done = self.checkpointer.finish(blocking)
-        except CheckpointSaveError as err:
-            self.saving_step = None
+        except CheckpointSaveError as err:  # the checkpointer dropped it
             self._save_failed(step, err)
             return time.perf_counter() - start
         waited = time.perf_counter() - start
         if blocking:
             self._add_time("checkpoint_blocking_s", waited)
         if done is not None:
-            self.saving_step = None
             self._saved(done.step, write_s=done.write_s)
         return waited
 

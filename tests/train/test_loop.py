@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests._procs import free_port, run_ranks
+from tests._procs import free_port, run_ranks, sigkill_at_line
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,18 +210,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(command(demo_data, killed, *steps), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
-    helpers = []
-    try:
-        for line in proc.stdout:
-            if line.startswith("saved checkpoint at step 3"):
-                # dist_checkpointing's writer processes, which a SIGKILL cannot take along
-                helpers = psutil.Process(proc.pid).children(recursive=True)
-                proc.kill()  # SIGKILL: no handler, no final save
-                break
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    helpers = sigkill_at_line(proc, "saved checkpoint at step 3")
     assert helpers, "the save started no helper process: nothing to check below"
     gone, alive = psutil.wait_procs(helpers, timeout=10)
     assert not alive, f"helpers outlived the killed rank: {[p.cmdline()[-1:] for p in alive]}"

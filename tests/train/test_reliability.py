@@ -15,7 +15,7 @@ import psutil
 
 from mm1_megatron.runtime.faults import HANG, SLOW_SAVE
 from mm1_megatron.runtime.watchdog import collective_timeout
-from tests._procs import free_port
+from tests._procs import free_port, sigkill_at_line
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 8  # a tiny step takes ~0.2 s here; 40 x that is a hang
@@ -158,18 +158,9 @@ def test_sigkill_during_an_async_write_resumes_bitwise_from_the_previous(demo_da
     env = {**os.environ, "PYTHONWARNINGS": "ignore", SLOW_SAVE: "60:4"}
     proc = subprocess.Popen(rank_command(demo_data, run_dir, *steps), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    writers = []
-    try:
-        for line in proc.stdout:
-            if line.startswith("checkpoint: step 4 is being written in the background"):
-                writers = psutil.Process(proc.pid).children(recursive=True)
-                time.sleep(1.0)  # steps 5 and 6 train while the writer holds
-                proc.kill()
-                break
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # Steps 5 and 6 train for a second while the writer holds.
+    writers = sigkill_at_line(proc, "checkpoint: step 4 is being written in the background",
+                              after_s=1.0)
     assert writers, "no background writer process was running"
     gone, alive = psutil.wait_procs(writers, timeout=10)
     assert not alive, "the background writer outlived the killed trainer"
