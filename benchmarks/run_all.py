@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "trainer_overhead": ([], "mm1-train step / bare Megatron-Core step (time; lower is better)"),
     "convert": ([], "HF export / read+write of the same bytes (output B/s; higher is better)"),
     "data_pipeline": ([], "DALI CPU / PIL + torch (images/s; higher is better)"),
+    "checkpoint_save": ([], "async / sync checkpoint saves, steps/s of demo with a save every "
+                            "2 steps (higher is better)"),
     "data_at_scale": (["--quick"], "loader CPU-s per step / modelled H100 step (quick mode)"),
 }
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"

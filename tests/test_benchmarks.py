@@ -17,7 +17,7 @@ from benchmarks.measure import (compare, interleave, ratio_interval, summary, ti
 from benchmarks.run_all import BEGIN, END, replace_between_markers
 
 REPO = Path(__file__).resolve().parents[1]
-AB = ("trainer_overhead", "convert", "data_pipeline")  # data_at_scale: tests/data/
+AB = ("trainer_overhead", "convert", "data_pipeline", "checkpoint_save")  # data_at_scale: tests/data/
 
 
 def test_interleave_runs_the_sides_in_turn_and_drops_warmup():
