@@ -55,6 +55,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for category, message in _QUIET:
         warnings.filterwarnings("ignore", message=message, category=category)
     args = parse_args(argv)
+    from mm1_megatron.runtime.mcore_version import environment_problem
+
+    problem = environment_problem()  # before anything imports Megatron-Core's checkpointing
+    if problem:
+        print(f"mm1-train: environment error: {problem}", file=sys.stderr)
+        return 2
     try:
         # A dry run plans for the cluster: FP8 is checked against the machine only to train.
         cfg = load_config(args.preset, args.overrides, args.config,

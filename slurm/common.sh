@@ -206,10 +206,11 @@ case $status in
     echo "mm1: training finished"
     exit 0 ;;
   "$EXIT_PREEMPTED" | $(( 128 + 10 )) | $(( 128 + 15 )))
-    # 75: the trainer got SIGUSR1/SIGTERM, wrote a checkpoint and exited for a requeue.
+    # 75: the trainer got SIGUSR1/SIGTERM, wrote a checkpoint and exited for a requeue, or
+    # its hang watchdog found a step that never completed (stacks in $RUN_DIR/hang/).
     # 138/143: the signal came before the trainer installed its handlers (during start-up),
     # so there is nothing new to save; the requeued job resumes from the last checkpoint.
-    echo "mm1: trainer stopped for preemption (status $status); requeueing job $SLURM_JOB_ID"
+    echo "mm1: trainer exited for a requeue (status $status); requeueing job $SLURM_JOB_ID"
     if scontrol requeue "$SLURM_JOB_ID"; then
       # slurmctld ends this run of the batch script and queues the job again (it holds a
       # requeued job about two minutes before it may start); exit 0 so nothing marks it failed.

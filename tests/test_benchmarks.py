@@ -111,6 +111,9 @@ def test_runner_table_markdown_and_readme(quick_run):
     assert set(results) == set(AB)
     assert all(name in out.stdout.split("{")[0] for name in AB)  # the table comes first
     section = (tmp / "RESULTS.md").read_text()
-    assert section.count("\n| ") >= 1 + len(AB) and "commit" in section
+    # header + one row per benchmark + checkpoint_save's blocking-per-save row
+    assert section.count("\n| ") >= 2 + len(AB) and "commit" in section
+    assert "| checkpoint_save blocking per save | " in section
+    assert "- `checkpoint_save blocking per save`: seconds the step loop" in section
     readme = (tmp / "README.md").read_text()
     assert readme == f"intro\n{BEGIN}\n{section}{END}\nafter\n"

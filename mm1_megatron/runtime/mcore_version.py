@@ -53,8 +53,8 @@ def async_checkpoint_machinery() -> tuple[Any, dict[str, str], str]:
     background checkpoint writes, the machinery the installed release recommends.
 
     0.19 (`save(..., async_strategy=)`, default "nvrx"): nvidia-resiliency-ext's async
-    checkpointing where it is installed (the `nvrx` extra); Megatron-Core's own ("mcore",
-    deprecated there) otherwise. Before: Megatron-Core's own, the only one. A request must
+    checkpointing where it is installed (>= 0.6, as NGC containers ship it; see
+    `environment_problem`); Megatron-Core's own ("mcore", deprecated there) otherwise. Before: Megatron-Core's own, the only one. A request must
     be scheduled on the queue of the machinery that made it."""
     from megatron.core import dist_checkpointing
 
@@ -68,8 +68,32 @@ def async_checkpoint_machinery() -> tuple[Any, dict[str, str], str]:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         return AsyncCallsQueue, {"async_strategy": "mcore"}, \
-            "megatron-core (deprecated from 0.19: pip install nvidia-resiliency-ext)"
+            "megatron-core (deprecated from 0.19 for nvidia-resiliency-ext >= 0.6)"
     return AsyncCallsQueue, {"async_strategy": "nvrx"}, "nvidia-resiliency-ext"
+
+
+# 0.19 imports nvidia-resiliency-ext's async checkpointing inside `dist_checkpointing`
+# (`strategies/nvrx.py`, NVRX_MIN_VERSION = "0.6.0") and fails to import with an older one
+# installed (0.4.1, PyPI's newest for Python 3.11 on 2026-12-06: AttributeError on its
+# `__version__`). Before 0.19 it is not imported there.
+NVRX_MIN_FOR_DIST_CHECKPOINTING = Version("0.6.0")
+
+
+def environment_problem(mcore: Version = MCORE_RELEASE, nvrx: Optional[str] = None
+                        ) -> Optional[str]:
+    """One line naming an installed package that breaks this Megatron-Core, or None. `nvrx`:
+    nvidia-resiliency-ext's version (default: the installed one, if any)."""
+    if nvrx is None:
+        try:
+            nvrx = importlib.metadata.version("nvidia-resiliency-ext")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    if mcore >= Version("0.19") and Version(nvrx) < NVRX_MIN_FOR_DIST_CHECKPOINTING:
+        return (f"nvidia-resiliency-ext {nvrx} is installed, but Megatron-Core {mcore} needs "
+                f">= {NVRX_MIN_FOR_DIST_CHECKPOINTING} or none (with an older one its "
+                "dist_checkpointing fails to import): upgrade it, or pip uninstall "
+                "nvidia-resiliency-ext")
+    return None
 
 
 def format_newer_than_installed(written_by: str) -> bool:

@@ -1,6 +1,7 @@
 """A save that cannot complete loses nothing: on a full disk (a real tmpfs, mounted for the
 test) the run stops with one line saying so and exit status 4, leaves no `.partial`, keeps
-`latest` on the last complete checkpoint, and the next start resumes from it."""
+`latest` on the last complete checkpoint, and the next start resumes from it; an asynchronous
+save that fills the disk in its background writer stops the run the same way."""
 
 import os
 import subprocess
@@ -64,10 +65,14 @@ def test_full_disk_before_the_save_keeps_latest_and_the_run_resumes(demo_data, t
     assert (checkpoints / "latest").read_text().strip() == "step_00000003"
 
 
-def test_disk_filling_during_the_write_leaves_no_partial(demo_data, tmp_path, tmpfs):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_disk_filling_during_the_write_leaves_no_partial(demo_data, tmp_path, tmpfs, async_save):
+    """Async: the forked writer hits ENOSPC while training goes on; the failure reaches the
+    step loop when the save is finalized, with the same line and status."""
     run_dir = tmp_path / "run"
     checkpoints = tmpfs(run_dir / "checkpoints", 0.5 * CHECKPOINT_MB)  # not even one
-    result = train(demo_data, run_dir, "train.train_steps=2")
+    result = train(demo_data, run_dir, "train.train_steps=2",
+                   f"checkpoint.async_save={str(async_save).lower()}")
     assert result.returncode == 4, result.stdout[-2000:] + result.stderr[-2000:]
     line = stop_line(result)
     assert "step 1 not saved: no space left on device" in line, line

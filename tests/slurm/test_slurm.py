@@ -3,7 +3,8 @@
 The 30B script runs the `tiny` preset on 2 CPU ranks (gloo) through `sbatch --wait`, with the
 command-line options overriding its `#SBATCH` lines (32 nodes x 8 GPUs -> 1 node x 2 tasks, no
 GPU): training, TensorBoard and checkpoints; SIGUSR1 preemption -> checkpoint -> `scontrol
-requeue` -> resume; a failing node health check. The dry run of every script works without Slurm.
+requeue` -> resume; a hung rank -> hang watchdog -> requeue -> resume; a failing node health
+check. The dry run of every script works without Slurm.
 
 Needs root (apt-get install of slurmctld/slurmd when missing, daemons running as root): without
 it the tests fail with the reason rather than skip.
@@ -272,13 +273,13 @@ def test_sbatch_trains_on_cpu_with_gloo(slurm: Cluster, demo_data: Path, tmp_pat
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
-                                               tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, "slurm/mm1_30b.sh",
-           *tiny_overrides(demo_data, run_dir, "train.train_steps=60",
-                           "checkpoint.save_interval=1000")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(slurm), stdout=subprocess.PIPE,
+def run_through_one_requeue(slurm: Cluster, tmp_path: Path, args: list[str],
+                            env: dict[str, str], while_running=None) -> tuple[str, str, str]:
+    """Submit with `sbatch --wait`, call `while_running(job_id, wait_for)` if given, wait for
+    the job to exit for a requeue and be queued again, lift Slurm's hold, and wait for the
+    requeued run to finish. Returns (job id, the first run's log, the requeued run's log)."""
+    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, "slurm/mm1_30b.sh", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     job_id = ""
     try:
@@ -292,10 +293,8 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
                 assert time.monotonic() < deadline, f"timed out waiting for {what}"
                 time.sleep(0.3)
 
-        wait_for("training steps", lambda: 2 in logged_steps(job_log(tmp_path, job_id)))
-        # Like Slurm's --signal=USR1@600 before the time limit: to every job step (the
-        # trainer's tasks), not to the batch shell.
-        slurm.run("scancel", "--signal=USR1", job_id)
+        if while_running is not None:
+            while_running(job_id, wait_for)
         wait_for("the requeue", lambda: slurm.job(job_id).get("Restarts") == "1"
                  and slurm.job(job_id)["JobState"] == "PENDING")
         # Slurm holds a requeued job for ~2 minutes (its begin time); lift the hold.
@@ -311,26 +310,68 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
             proc.kill()
             if job_id:
                 slurm.run("scancel", job_id, check=False)
-    log, err = job_log(tmp_path, job_id), job_err(tmp_path, job_id)
-    assert proc.returncode == 0, log + err
-
-    first, _, second = log.partition("mm1: trainer stopped for preemption (status 75); "
+    log = job_log(tmp_path, job_id)
+    assert proc.returncode == 0, log + job_err(tmp_path, job_id)
+    first, _, second = log.partition("mm1: trainer exited for a requeue (status 75); "
                                      f"requeueing job {job_id}")
     assert second, log
-    assert "received SIGUSR1; checkpoint written, exit for requeue" in err
-    saved = int(re.findall(r"^saved checkpoint at step (\d+)$", first, re.M)[-1])
-    assert 2 <= saved < 60
-    assert "restarts=1" in second
+    info = slurm.job(job_id)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0")
+    assert "restarts=1" in second and "mm1: training finished" in second
+    return job_id, first, second
+
+
+def assert_resumed_at(second: str, run_dir: Path, saved: int, last: int) -> None:
     resumed = re.search(r"^resumed from (\S+) at step (\d+)$", second, re.M)
     assert resumed, second
     assert resumed.group(1) == str(run_dir / "checkpoints" / f"step_{saved:08d}")
     assert int(resumed.group(2)) == saved
-    assert logged_steps(second) == list(range(saved + 1, 61))  # first step logged: N+1
-    assert "mm1: training finished" in second
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000060"
+    assert logged_steps(second) == list(range(saved + 1, last + 1))  # first step logged: N+1
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
+                                               tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+
+    def preempt(job_id: str, wait_for) -> None:
+        wait_for("training steps", lambda: 2 in logged_steps(job_log(tmp_path, job_id)))
+        # Like Slurm's --signal=USR1@600 before the time limit: to every job step (the
+        # trainer's tasks), not to the batch shell.
+        slurm.run("scancel", "--signal=USR1", job_id)
+
+    job_id, first, second = run_through_one_requeue(
+        slurm, tmp_path, tiny_overrides(demo_data, run_dir, "train.train_steps=60",
+                                        "checkpoint.save_interval=1000"),
+        job_env(slurm), while_running=preempt)
+    assert "received SIGUSR1; checkpoint written, exit for requeue" in job_err(tmp_path, job_id)
+    saved = int(re.findall(r"^saved checkpoint at step (\d+)$", first, re.M)[-1])
+    assert 2 <= saved < 60
+    assert_resumed_at(second, run_dir, saved, 60)
     assert tensorboard_steps(run_dir) == list(range(1, 61))
-    info = slurm.job(job_id)
-    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0")
+
+
+def test_a_hung_rank_is_requeued_and_resumes(slurm: Cluster, demo_data: Path,
+                                             tmp_path: Path) -> None:
+    """Rank 1 stops before step 4's first collective (once: the marker file lets the requeued
+    run past it); rank 0 waits in that collective. Both watchdogs fire, srun returns 75,
+    common.sh requeues, and the requeued job resumes from step 2's checkpoint."""
+    run_dir, once = tmp_path / "run", tmp_path / "hung-once"
+    job_id, first, second = run_through_one_requeue(
+        slurm, tmp_path, tiny_overrides(demo_data, run_dir, "train.train_steps=6",
+                                        "checkpoint.save_interval=2", "train.hang_timeout_s=10",
+                                        "train.hang_timeout_slow_s=120"),
+        job_env(slurm, MM1_FAULT_HANG=f"1:4:{once}"))
+    assert once.read_text() == "rank 1 hung before step 4\n"
+    assert logged_steps(first) == [1, 2, 3]
+    err = job_err(tmp_path, job_id)
+    for rank in range(2):
+        assert (f"mm1-train: rank {rank}: hang: step 4 did not complete within 10 s (last "
+                f"completed step 3); stacks in {run_dir / 'hang' / f'rank_{rank}.txt'}; "
+                "exiting 75 for a requeue") in err
+    assert "in hang_before_step" in (run_dir / "hang" / "rank_1.txt").read_text()
+    assert "in train_step" in (run_dir / "hang" / "rank_0.txt").read_text()
+    assert_resumed_at(second, run_dir, 2, 6)
 
 
 def test_failed_node_check_stops_the_job(slurm: Cluster, demo_data: Path,
