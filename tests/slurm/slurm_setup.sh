@@ -22,6 +22,8 @@ fi
 mkdir -p "$D/state" "$D/spool" "$D/log"
 cat > "$D/slurm.conf" <<CONF
 ClusterName=mm1ci
+# Job ids unique across runs: logs/%x-%j.out of an earlier run's job 1 would be appended to.
+FirstJobId=$(( $(date +%s) % 1000000 * 10 + 1000 ))
 SlurmctldHost=$H(127.0.0.1)
 AuthType=auth/none
 CredType=cred/none
