@@ -295,7 +295,11 @@ class AsyncCheckpointer:
 
     def __init__(self) -> None:
         queue, self._save_args, self.machinery = async_checkpoint_machinery()
-        self._queue = queue()  # not persistent: a writer forked per save, as Megatron-LM
+        # A writer forked per save (`TemporalAsyncCaller`), as Megatron-LM runs it unless
+        # asked otherwise: said explicitly, since nvidia-resiliency-ext's queue defaults to a
+        # persistent spawned worker that takes each request pickled and makes the D2H copy
+        # itself (Megatron-Core's defaults to forking).
+        self._queue = queue(persistent=False)
         self.pending: Optional[_Save] = None
 
     def start(self, run_dir: str | Path, step: int, model, optimizer, scheduler,

@@ -50,26 +50,29 @@ HAS_MOE_METRICS_TRACKER = MCORE_RELEASE >= Version("0.18")
 
 def async_checkpoint_machinery() -> tuple[Any, dict[str, str], str]:
     """(the AsyncCallsQueue class, extra `dist_checkpointing.save` arguments, its name) for
-    background checkpoint writes, the machinery the installed release recommends.
+    background checkpoint writes, the machinery the installed release recommends. A request
+    must be scheduled on the queue of the machinery that made it.
 
-    0.19 (`save(..., async_strategy=)`, default "nvrx"): nvidia-resiliency-ext's async
-    checkpointing where it is installed (>= 0.6, as NGC containers ship it; see
-    `environment_problem`); Megatron-Core's own ("mcore", deprecated there) otherwise. Before: Megatron-Core's own, the only one. A request must
-    be scheduled on the queue of the machinery that made it."""
+    From 0.17 (`save(..., async_strategy=)`, default "nvrx"): its own chooser,
+    `strategies.torch.get_async_strategy`, asked for nvidia-resiliency-ext's async
+    checkpointing (>= 0.6, as NGC containers ship it; see `environment_problem`) and, where
+    that is not installed, for Megatron-Core's own ("mcore", deprecated there). Before:
+    Megatron-Core's own, the only one."""
     from megatron.core import dist_checkpointing
 
     if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         return AsyncCallsQueue, {}, "megatron-core"
-    try:
-        from nvidia_resiliency_ext.checkpointing.async_ckpt.core import AsyncCallsQueue
-    except ImportError:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+    from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
 
-        return AsyncCallsQueue, {"async_strategy": "mcore"}, \
-            "megatron-core (deprecated from 0.19 for nvidia-resiliency-ext >= 0.6)"
-    return AsyncCallsQueue, {"async_strategy": "nvrx"}, "nvidia-resiliency-ext"
+    try:
+        strategy, modules = get_async_strategy("nvrx")
+        name = "nvidia-resiliency-ext"
+    except ModuleNotFoundError:
+        strategy, modules = get_async_strategy("mcore")
+        name = "megatron-core (deprecated from 0.17 for nvidia-resiliency-ext)"
+    return modules["AsyncCallsQueue"], {"async_strategy": strategy}, name
 
 
 # 0.19 imports nvidia-resiliency-ext's async checkpointing inside `dist_checkpointing`

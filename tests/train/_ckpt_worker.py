@@ -45,6 +45,7 @@ def main() -> None:
         writer.start(run_dir, 2, model, optimizer, scheduler, extra={"loader": {"rows": 8}},
                      keep_last=2)
         report["machinery"] = writer.machinery
+        report["writer_per_save"] = not writer._queue.persistent
         report["in_flight_after_start"] = writer.finish(blocking=False) is None
     if mode == "crash":
         train_step(cfg, model, optimizer, scheduler, rows(2))

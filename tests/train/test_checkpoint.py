@@ -60,6 +60,8 @@ def test_an_async_save_resumes_bitwise_like_a_synchronous_one_and_reshards(saved
     assert written["in_flight_after_start"] and written["finished_step"] == 2
     assert written["latest_while_writing"] == "None"
     assert written["machinery"].startswith(("megatron-core", "nvidia-resiliency-ext"))
+    # Forked per save, whichever queue class: nvidia-resiliency-ext's defaults to persistent.
+    assert written["writer_per_save"]
     for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
         assert written[key] == reference[key]  # training went on as without a save
     for nproc, layout, bitwise in ((2, ["parallel.dp=2", *OVERLAP], True), (1, [], False)):
