@@ -7,6 +7,7 @@ a plain ``python`` single process; NCCL on GPUs, gloo (plus the CPU compatibilit
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -163,6 +164,13 @@ def dist_env_from_environ(environ: Mapping[str, str] = os.environ) -> DistEnv:
 # ---------------------------------------------------------------------------------------------
 
 
+def subgroup_timeout_minutes(timeout: timedelta) -> int:
+    """Megatron-Core's TP / DP / PP / EP groups take their timeout in whole minutes: rounded
+    up, so no collective of theirs times out (an abort, under NCCL) before `timeout`, which
+    the hang watchdog's margin is measured against (`runtime.watchdog.collective_timeout`)."""
+    return max(1, math.ceil(timeout.total_seconds() / 60))
+
+
 def init_distributed(parallel: ParallelLayout, seed: int, *,
                      timeout: timedelta = timedelta(minutes=10),
                      environ: Optional[Mapping[str, str]] = None) -> DistEnv:
@@ -209,7 +217,7 @@ def init_distributed(parallel: ParallelLayout, seed: int, *,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=expert_tp,
-        distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)),
+        distributed_timeout_minutes=subgroup_timeout_minutes(timeout),
     )
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

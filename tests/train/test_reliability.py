@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from mm1_megatron.runtime.distributed import subgroup_timeout_minutes
 from mm1_megatron.runtime.faults import HANG, SLOW_SAVE
 from mm1_megatron.runtime.watchdog import collective_timeout
 from tests._procs import free_port, sigkill_at_line
@@ -80,6 +81,12 @@ def test_the_collective_timeout_sits_above_the_watchdog():
     assert collective_timeout(600, 1800) == timedelta(seconds=1860)
     assert collective_timeout(8, 0) == timedelta(minutes=10)  # never below the default
     assert collective_timeout(300, 0) == timedelta(seconds=1560)  # 5 x 300 + 60
+    # Megatron-Core's subgroups (where TP / DP collectives run) take whole minutes: never
+    # fewer than the margin, e.g. a 1000 s allowance gives 1060 s -> 18 min, not 17.
+    for step_s, slow_s in ((600, 1800), (100, 1000), (8, 0), (300, 659), (45, 0)):
+        pg = collective_timeout(step_s, slow_s)
+        assert subgroup_timeout_minutes(pg) * 60 >= pg.total_seconds(), (step_s, slow_s)
+        assert subgroup_timeout_minutes(pg) * 60 < pg.total_seconds() + 60
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
