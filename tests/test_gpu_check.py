@@ -46,3 +46,6 @@ def test_cpu_parts_pass_and_gpu_checks_skip(demo_data):
     losses = status["demo_bf16_steps"]["figures"]["losses"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "predicted" in status["decoder_slice_vs_plan"]["detail"]  # the planner side ran
+    resumed = status["async_save_resume"]["figures"]  # from the background save of step 1
+    assert len(resumed["resumed"]) == 2 and resumed["relative"] == 0  # one CPU process: bitwise
+    assert resumed["blocking_s"]
