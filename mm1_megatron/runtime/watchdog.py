@@ -11,6 +11,11 @@ nvidia-resiliency-ext's heartbeats; torchtitan sets collective timeouts and dump
 recorder traces. The process-group timeout (`collective_timeout`) is set just above the
 largest allowance, so a collective can never outlive the watchdog.
 
+torch's flight recorder (the last collectives of every process group; NCCL, and gloo in recent
+torch) is switched on with the watchdog (`enable_flight_recorder`), so the report and the line
+also say which collective the rank waits in: in a 256-rank job the ranks "in no collective" are
+the ones the others wait for.
+
 Allowances: `timeout_s` per step; `slow_timeout_s` for the first step (start-up, compilation,
 first collectives) and for what the loop marks slow (`allow(...)`: checkpoint saves / loads,
 evaluation).
@@ -19,6 +24,7 @@ evaluation).
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import sys
 import threading
@@ -32,6 +38,76 @@ from typing import Iterator, Optional
 # before a collective's own timeout, which would only raise (or abort, under NCCL).
 _COLLECTIVE_MARGIN_S = 60.0
 _DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+# Entries of torch's flight-recorder ring buffer per process group (torchtitan keeps 20000 by
+# default; a hang needs only the last step's).
+FLIGHT_RECORDER_ENTRIES = 2000
+_FLIGHT_RECORDER_VARS = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")  # new, old name
+_DUMP_WAIT_S = 5.0  # a flight-recorder dump that blocks must not stop the exit for a requeue
+
+
+def enable_flight_recorder(entries: int = FLIGHT_RECORDER_ENTRIES) -> None:
+    """Before the process groups are made (torch reads it then); a setting of either name in
+    the environment wins, 0 included."""
+    if not any(name in os.environ for name in _FLIGHT_RECORDER_VARS):
+        for name in _FLIGHT_RECORDER_VARS:
+            os.environ[name] = str(entries)
+
+
+def collectives_in_flight() -> tuple[str, list[str]]:
+    """From torch's flight recorder: (the phrase for the hang line, e.g. "waiting in
+    gloo:all_reduce #12 on default_pg" or "in no collective"; "" when nothing was recorded) and
+    the lines for the report."""
+    from torch._C import _distributed_c10d as c10d
+
+    dump = getattr(c10d, "_dump_fr_trace_json", None) or \
+        getattr(c10d, "_dump_nccl_trace_json", None)  # torch before the rename
+    if dump is None:
+        return "", ["flight recorder: not in this torch"]
+    trace = json.loads(dump(includeCollectives=True, onlyActive=False))
+    entries = trace.get("entries") or []
+    if not entries:
+        return "", [f"flight recorder: nothing recorded ({_FLIGHT_RECORDER_VARS[0]}="
+                    f"{os.environ.get(_FLIGHT_RECORDER_VARS[0], 'unset')})"]
+    # An entry's process group: (name, description); Megatron-Core describes its groups
+    # (DATA_PARALLEL_GROUP, ...), torch says "undefined" for the others.
+    names = {str(name): desc if desc not in ("", "undefined") else f"group {name}"
+             for name, desc in (e["process_group"] for e in entries)}
+
+    def described(e: dict) -> str:
+        return (f"{e['profiling_name']} #{e['collective_seq_id']} on "
+                f"{names[str(e['process_group'][0])]}")
+
+    waiting = [e for e in entries if not e.get("retired")]  # retired: its work completed
+    lines = ["collectives (torch flight recorder):"]
+    lines += [f"  in flight: {described(e)}, sizes {e.get('input_sizes')} "
+              f"{e.get('input_dtypes')}" for e in waiting]
+    for key, status in sorted((trace.get("pg_status") or {}).items()):
+        lines.append(f"  {names.get(str(key), f'group {key}')}: last enqueued "
+                     f"#{status.get('last_enqueued_collective')}, last completed "
+                     f"#{status.get('last_completed_collective')}")
+    if not waiting:
+        return "in no collective", lines
+    more = f" (+{len(waiting) - 1} more)" if len(waiting) > 1 else ""
+    return f"waiting in {described(waiting[0])}{more}", lines
+
+
+def _bounded(fn, seconds: float):
+    """fn()'s result, or an exception naming why there is none (raised, or still running after
+    `seconds`)."""
+    out: list = [TimeoutError(f"no answer within {seconds:.0f} s")]
+
+    def run() -> None:
+        try:
+            out[0] = fn()
+        except Exception as err:  # noqa: BLE001 - reported, never raised into the exit path
+            out[0] = err
+
+    thread = threading.Thread(target=run, name="mm1-hang-flight-recorder", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out[0]
 
 
 def slow_allowance(timeout_s: float, slow_timeout_s: float) -> float:
@@ -132,16 +208,24 @@ class HangWatchdog:
     def _fire(self, allowed: float, waiting_for: str) -> None:
         """Stacks to disk, one line, exit. Runs on the watchdog thread while the main thread
         is blocked (in a collective, I/O or a stuck data reader)."""
+        found = _bounded(collectives_in_flight, _DUMP_WAIT_S)
+        if isinstance(found, Exception):
+            phrase, collectives = "", [f"flight recorder: unavailable "
+                                       f"({type(found).__name__}: {found})"]
+        else:
+            phrase, collectives = found
         line = (f"mm1-train: rank {self.rank}: hang: {waiting_for} did not complete within "
-                f"{allowed:.0f} s (last completed step {self.last_step}); stacks in "
-                f"{self.report_path}; exiting {self.exit_code} for a requeue")
+                f"{allowed:.0f} s (last completed step {self.last_step})"
+                f"{'; ' + phrase if phrase else ''}; stacks in {self.report_path}; exiting "
+                f"{self.exit_code} for a requeue")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.report_path, "w") as report:
                 report.write(f"rank {self.rank}, pid {os.getpid()}\n"
                              f"last completed step: {self.last_step}\n"
                              f"waiting for: {waiting_for} (allowed {allowed:.0f} s)\n"
-                             f"at: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n")
+                             f"at: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+                report.write("\n".join(collectives) + "\n\n")
                 report.flush()
                 faulthandler.dump_traceback(report, all_threads=True)
         except OSError as err:  # a dead filesystem may be the hang itself: the line still goes

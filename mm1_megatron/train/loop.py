@@ -26,7 +26,8 @@ from mm1_megatron.model.specs import use_transformer_engine
 from mm1_megatron.runtime import (comm_device, describe_backends, init_distributed,
                                   shutdown_distributed)
 from mm1_megatron.runtime.faults import hang_before_step
-from mm1_megatron.runtime.watchdog import HangWatchdog, collective_timeout
+from mm1_megatron.runtime.watchdog import (HangWatchdog, collective_timeout,
+                                           enable_flight_recorder)
 from mm1_megatron.train.callbacks import (EXIT_PREEMPTED, EXIT_SAVE_FAILED, Callback,
                                           StepMetrics, Timer, default_callbacks,
                                           device_peak_tflops, peak_memory_gb)
@@ -58,6 +59,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_setup(self)
         t = cfg.train
+        if t.hang_timeout_s > 0:
+            enable_flight_recorder()  # the hang report names the collective each rank waits in
         self.env = init_distributed(cfg.parallel, seed=t.seed, timeout=collective_timeout(
             t.hang_timeout_s, t.hang_timeout_slow_s))
         self.is_logging_rank = dist.get_rank() == 0

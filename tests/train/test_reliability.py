@@ -4,6 +4,7 @@ checkpoint), and the hang watchdog (a rank that stops before a collective leaves
 waiting in it; within the timeout both write their stacks and exit 75 for a requeue)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import psutil
 
 from mm1_megatron.runtime.distributed import subgroup_timeout_minutes
 from mm1_megatron.runtime.faults import HANG, SLOW_SAVE
-from mm1_megatron.runtime.watchdog import collective_timeout
+from mm1_megatron.runtime.watchdog import (FLIGHT_RECORDER_ENTRIES, collective_timeout,
+                                           enable_flight_recorder)
 from tests._procs import free_port, sigkill_at_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,13 +62,20 @@ def test_a_rank_stopped_before_a_collective_ends_both_ranks_with_75(demo_data, t
     out = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
     assert [p.returncode for p in procs] == [75, 75], out[0][-3000:] + out[1][-3000:]
     assert TIMEOUT_S - 1 <= waited <= TIMEOUT_S + 30, waited
+    # The flight recorder names the collective: rank 0 waits in one, rank 1 is in none (the
+    # rank a 256-rank job waits for).
+    collective = {0: r"waiting in gloo:\w+ #\d+ on \S+", 1: "in no collective"}
     for rank in range(2):
         lines = [ln for ln in out[rank].splitlines() if ln.startswith("mm1-train:")]
-        assert lines == [f"mm1-train: rank {rank}: hang: step 3 did not complete within "
-                         f"{TIMEOUT_S} s (last completed step 2); stacks in "
-                         f"{run_dir / 'hang' / f'rank_{rank}.txt'}; exiting 75 for a requeue"]
+        assert len(lines) == 1 and re.fullmatch(
+            f"mm1-train: rank {rank}: hang: step 3 did not complete within {TIMEOUT_S} s "
+            f"\\(last completed step 2\\); {collective[rank]}; stacks in "
+            f"{re.escape(str(run_dir / 'hang' / f'rank_{rank}.txt'))}; exiting 75 for a "
+            "requeue", lines[0]), lines
         report = (run_dir / "hang" / f"rank_{rank}.txt").read_text()
         assert "last completed step: 2" in report and "most recent call first" in report
+        assert "collectives (torch flight recorder):" in report
+        assert ("  in flight: gloo:" in report) == (rank == 0), report[:3000]
     # The waiting frames: rank 1 stopped in the fault, rank 0 waits for it in a collective.
     hung = (run_dir / "hang" / "rank_1.txt").read_text()
     waiting = (run_dir / "hang" / "rank_0.txt").read_text()
@@ -87,6 +96,18 @@ def test_the_collective_timeout_sits_above_the_watchdog():
         pg = collective_timeout(step_s, slow_s)
         assert subgroup_timeout_minutes(pg) * 60 >= pg.total_seconds(), (step_s, slow_s)
         assert subgroup_timeout_minutes(pg) * 60 < pg.total_seconds() + 60
+
+
+def test_the_flight_recorder_is_switched_on_unless_the_environment_says(monkeypatch):
+    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    enable_flight_recorder()
+    assert os.environ["TORCH_FR_BUFFER_SIZE"] == os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] \
+        == str(FLIGHT_RECORDER_ENTRIES)
+    monkeypatch.delenv("TORCH_FR_BUFFER_SIZE")
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "0")  # a user's "off", by the old name
+    enable_flight_recorder()
+    assert "TORCH_FR_BUFFER_SIZE" not in os.environ
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
