@@ -79,17 +79,19 @@ _POSITION_TABLES = {"position_embeddings.weight": "vision", "pos_emb": "connecto
 
 
 def load_model_weights(path: str | Path, model, adapt_positions: bool = False,
-                       log=None) -> None:
+                       log=None, fully_parallel: bool = False) -> None:
     """Collective. Only the model part of a checkpoint (any layout) into `model`, a list of
     chunks: to initialise a new run (optimizer, scheduler and loader start fresh), or to
     evaluate / convert in one process. `adapt_positions`: position tables saved at another
     image size (a 378 px pre-training run starting 672 px SFT) are interpolated to the
-    model's grid (bicubic; the class token's row kept); every other tensor must match."""
+    model's grid (bicubic; the class token's row kept); every other tensor must match.
+    `fully_parallel`: `checkpoint.fully_parallel_load` (a training run's `init_from`)."""
     path = resolve_checkpoint(path)  # a checkpoint, or a run / checkpoints dir (its latest)
     check_readable(path)
     state = model_sharded_state(model)
     resized = _load_positions_at_saved_shape(state, path) if adapt_positions else {}
-    loaded = dist_checkpointing.load({"model": state}, str(path))["model"]
+    loaded = dist_checkpointing.load({"model": state}, str(path),
+                                     _load_strategy(path, fully_parallel))["model"]
     if resized:
         from mm1_megatron.model.vision import interpolate_position_grid
     for (chunk, name), (want, prefix) in resized.items():
@@ -222,6 +224,37 @@ def _full_state(save: _Save, model, optimizer, scheduler, extra: Optional[dict])
     return state
 
 
+def _save_strategy(fully_parallel: bool):
+    """None (Megatron-Core's default torch_dist writer: the first data-parallel replica writes
+    the replicated tensors), or that writer with the replicated tensors dealt evenly over the
+    DP x CP group by size (only shard metadata is exchanged), as Megatron-LM saves by default."""
+    if not fully_parallel or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy)
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper)
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _load_strategy(path: Path, fully_parallel: bool):
+    """None (each rank reads all it loads), or Megatron-Core's default reader with the reads
+    that DP x CP replicas share dealt over the group and exchanged (broadcasts)."""
+    if not fully_parallel or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy)
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper)
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(path)),
+        ps.get_data_parallel_group(with_context_parallel=True))
+
+
 def _failed(save: _Save, err: BaseException) -> CheckpointSaveError:
     """A write that failed on some rank (raised on every rank alike): the partial directory
     is removed, `latest` is untouched; what to say."""
@@ -260,15 +293,17 @@ _WRITE_ERRORS = (Exception, CheckpointException)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
-                    extra: Optional[dict] = None, keep_last: int = 3) -> Path:
+                    extra: Optional[dict] = None, keep_last: int = 3,
+                    fully_parallel: bool = True) -> Path:
     """Collective: every rank calls it. `extra` (e.g. the loader state) must be the same on
     all ranks and made of plain Python values. Raises CheckpointSaveError on every rank when
     the save cannot complete (the disk cannot hold another checkpoint the size of the last
-    one, or a write fails): the partial directory is removed, `latest` is untouched."""
+    one, or a write fails): the partial directory is removed, `latest` is untouched.
+    `fully_parallel`: `checkpoint.fully_parallel_save`."""
     save = _begin_save(run_dir, step, model, keep_last)
     state = _full_state(save, model, optimizer, scheduler, extra)
     try:
-        dist_checkpointing.save(state, str(save.partial))
+        dist_checkpointing.save(state, str(save.partial), _save_strategy(fully_parallel))
     except _WRITE_ERRORS as err:  # noqa: BLE001
         raise _failed(save, err) from err
     _publish(save)
@@ -303,12 +338,14 @@ class AsyncCheckpointer:
         self.pending: Optional[_Save] = None
 
     def start(self, run_dir: str | Path, step: int, model, optimizer, scheduler,
-              extra: Optional[dict] = None, keep_last: int = 3) -> None:
+              extra: Optional[dict] = None, keep_last: int = 3,
+              fully_parallel: bool = True) -> None:
         self.finish(blocking=True)  # at most one in flight (callers that log the wait: first)
         save = _begin_save(run_dir, step, model, keep_last)
         state = _full_state(save, model, optimizer, scheduler, extra)
         try:
             request = dist_checkpointing.save(state, str(save.partial),
+                                              _save_strategy(fully_parallel),
                                               async_sharded_save=True, **self._save_args)
             request = request._replace(async_fn=functools.partial(
                 _in_writer, os.getpid(), slow_save_seconds(step), request.async_fn))
@@ -412,16 +449,18 @@ def _load_optimizer(optimizer, loaded: dict) -> None:
     optimizer.load_state_dict(states if len(subs) > 1 else states[0])
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model, optimizer, scheduler,
+                    fully_parallel: bool = True) -> dict[str, Any]:
     """Collective. Loads into the current layout; returns {"step", "extra", "rng_restored",
-    "schedule_changes"} (the LR / WD schedule values this run's config changed)."""
+    "schedule_changes"} (the LR / WD schedule values this run's config changed).
+    `fully_parallel`: `checkpoint.fully_parallel_load`."""
     check_readable(Path(path))
     common = dist_checkpointing.load_common_state_dict(str(path))
     state = _sharded_state(model, optimizer, is_loading=True)
     same_layout = common.get("layout") == _layout()
     if same_layout:
         state["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = dist_checkpointing.load(state, str(path), _load_strategy(path, fully_parallel))
     load_model_state(model, loaded["model"])
     schedule_changes = _current_schedule_wins(optimizer, loaded["optimizer"])
     _load_optimizer(optimizer, loaded["optimizer"])

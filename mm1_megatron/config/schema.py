@@ -281,6 +281,17 @@ class CheckpointConfig:
     # Write checkpoints in the background (Megatron-Core's async dist_checkpointing): the
     # step loop waits only for the device-to-host copy; at most one save is in flight.
     async_save: bool = False
+    # Each DP x CP rank writes an equal share of the tensors its data-parallel replicas hold
+    # alike (Megatron-Core's FullyParallelSaveStrategyWrapper; Megatron-LM's
+    # --ckpt-fully-parallel-save, on by default there). False: the first replica writes them
+    # all and its ranks set the save's pace.
+    fully_parallel_save: bool = True
+    # Each DP x CP rank reads an equal share of what its replicas load alike and receives the
+    # rest from them (FullyParallelLoadStrategyWrapper, Megatron-LM's
+    # --ckpt-fully-parallel-load), where each rank would otherwise read it all: the optimizer
+    # state is saved whole (`fully_reshardable`, so a checkpoint reshards), and Megatron-Core
+    # recommends this with it. Resume and `init_from`.
+    fully_parallel_load: bool = True
 
 
 @dataclass

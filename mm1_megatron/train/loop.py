@@ -94,7 +94,8 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         loader_state = None
         if latest is not None:
-            restored = load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+            restored = load_checkpoint(latest, self.model, self.optimizer, self.scheduler,
+                                       fully_parallel=cfg.checkpoint.fully_parallel_load)
             self.step = self.last_saved_step = restored["step"]
             loader_state = LoaderState.from_dict(restored["extra"]["loader"])
             self.skipped_total = restored["extra"].get("skipped_steps", 0)
@@ -107,7 +108,8 @@ class Trainer:
         elif cfg.checkpoint.init_from:
             # Another image size (SFT at 672 px from a 378 px run): positions interpolated.
             load_model_weights(cfg.checkpoint.init_from, self.model, adapt_positions=True,
-                               log=print if self.is_logging_rank else None)
+                               log=print if self.is_logging_rank else None,
+                               fully_parallel=cfg.checkpoint.fully_parallel_load)
             if self.is_logging_rank:
                 print(f"initialised model weights from {cfg.checkpoint.init_from}", flush=True)
         # One rank per tensor x pipeline group reads, tokenizes and decodes (the first stage's
@@ -188,14 +190,14 @@ class Trainer:
         start = time.perf_counter()
         try:
             with self.slow_phase(f"the checkpoint save of step {step}"):
+                how = dict(extra=extra, keep_last=self.cfg.checkpoint.keep_last,
+                           fully_parallel=self.cfg.checkpoint.fully_parallel_save)
                 if self.checkpointer is None:
                     save_checkpoint(self.run_dir, step, self.model, self.optimizer,
-                                    self.scheduler, extra=extra,
-                                    keep_last=self.cfg.checkpoint.keep_last)
+                                    self.scheduler, **how)
                 else:
                     self.checkpointer.start(self.run_dir, step, self.model, self.optimizer,
-                                            self.scheduler, extra=extra,
-                                            keep_last=self.cfg.checkpoint.keep_last)
+                                            self.scheduler, **how)
         except CheckpointSaveError as err:  # raised on every rank alike
             self._save_failed(step, err)
             return

@@ -39,11 +39,12 @@ def main() -> None:
             train_step(cfg, model, optimizer, scheduler, rows(step))
     if mode in ("save", "crash"):
         save_checkpoint(run_dir, 2, model, optimizer, scheduler,
-                        extra={"loader": {"rows": 8}}, keep_last=2)
+                        extra={"loader": {"rows": 8}}, keep_last=2,
+                        fully_parallel=cfg.checkpoint.fully_parallel_save)
     if mode == "save-async":
         writer = AsyncCheckpointer()
         writer.start(run_dir, 2, model, optimizer, scheduler, extra={"loader": {"rows": 8}},
-                     keep_last=2)
+                     keep_last=2, fully_parallel=cfg.checkpoint.fully_parallel_save)
         report["machinery"] = writer.machinery
         report["writer_per_save"] = not writer._queue.persistent
         report["in_flight_after_start"] = writer.finish(blocking=False) is None
@@ -57,9 +58,11 @@ def main() -> None:
                         extra={"loader": {"rows": 12}}, keep_last=2)
         raise AssertionError("the save of step 3 finished before the injected crash")
     if mode == "init":  # checkpoint.init_from: the weights only, a fresh optimizer
-        load_model_weights(latest_checkpoint(run_dir), model)
+        load_model_weights(latest_checkpoint(run_dir), model,
+                           fully_parallel=cfg.checkpoint.fully_parallel_load)
     if mode == "resume":
-        restored = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler)
+        restored = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler,
+                                   fully_parallel=cfg.checkpoint.fully_parallel_load)
         report.update(step=restored["step"], extra=restored["extra"],
                       rng_restored=restored["rng_restored"],
                       schedule_changes=restored["schedule_changes"])

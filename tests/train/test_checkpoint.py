@@ -48,14 +48,28 @@ def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same)
             assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
 
 
+def bytes_per_rank(checkpoint: Path) -> list[int]:
+    """What each rank wrote: torch_dist names its files __RANK_N.distcp."""
+    sizes = [0, 0]
+    for f in checkpoint.glob("__*_*.distcp"):
+        sizes[int(f.name.split("_")[2])] += f.stat().st_size
+    return sizes
+
+
 def test_an_async_save_resumes_bitwise_like_a_synchronous_one_and_reshards(saved, tmp_path):
     """Written in the background while two more steps train (held by the slow-write fault):
-    `latest` appears only once it is complete, and it holds step 2, not what trained after."""
-    _, reference = saved
+    `latest` appears only once it is complete, and it holds step 2, not what trained after.
+    Saved without `fully_parallel_save` (the fixture's save has it): the first DP replica
+    writes the replicated weights, the other only its optimizer shard; the same checkpoint."""
+    saved_dir, reference = saved
     run_dir = tmp_path / "run"
     out = tmp_path / "async.json"
     torchrun(WORKER, 2, "save-async", str(out), str(run_dir), "parallel.dp=2", *OVERLAP,
-             env={SLOW_SAVE: "2"})
+             "checkpoint.fully_parallel_save=false", env={SLOW_SAVE: "2"})
+    dealt, first_replica = (bytes_per_rank(latest_checkpoint(d)) for d in (saved_dir, run_dir))
+    assert sum(dealt) == pytest.approx(sum(first_replica), rel=0.02)
+    assert max(dealt) / min(dealt) < 1.25 < first_replica[0] / first_replica[1], \
+        (dealt, first_replica)
     written = json.loads(out.read_text())
     assert written["in_flight_after_start"] and written["finished_step"] == 2
     assert written["latest_while_writing"] == "None"
@@ -64,7 +78,11 @@ def test_an_async_save_resumes_bitwise_like_a_synchronous_one_and_reshards(saved
     assert written["writer_per_save"]
     for key in ("loss", "grad_norm", "next_loss", "next_grad_norm"):
         assert written[key] == reference[key]  # training went on as without a save
-    for nproc, layout, bitwise in ((2, ["parallel.dp=2", *OVERLAP], True), (1, [], False)):
+    # Loaded as Megatron-Core's default reader does (each rank reads all), where the other
+    # resume tests deal the reads over the DP group (`fully_parallel_load`, the default).
+    for nproc, layout, bitwise in ((2, ["parallel.dp=2", *OVERLAP,
+                                        "checkpoint.fully_parallel_load=false"], True),
+                                   (1, [], False)):
         out = tmp_path / f"resume{nproc}.json"
         torchrun(WORKER, nproc, "resume", str(out), str(run_dir), *layout, "train.seed=999")
         got = json.loads(out.read_text())
