@@ -1,11 +1,19 @@
-"""Run test cases in fresh processes, optionally as the ranks of one gloo world.
+"""Start the suite's test processes: ranks of one gloo world, the CLIs, tools, torchrun.
 
 Megatron-Core's parallel state and our compatibility patches are process-global, so every case
-runs in new interpreters: ``run_ranks(__file__, "case_name", nprocs=2)`` starts ``nprocs``
-copies of this file as a script, each loads the test module by path and calls
-``case_name(**kwargs)`` with the torchrun variables set (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT). Each returns a JSON-able value; ``run_ranks`` returns them by rank.
-A hang fails the test at ``timeout`` (all ranks are killed) instead of stalling the suite.
+runs in its own processes. They start warm: ``tests/_forkserver.py`` (started by conftest) has
+imported torch, Megatron-Core and the training stack, and forks each one from there (a real OS
+process: own pid, environment, working directory, stdout/stderr, exit status and signals).
+``popen`` / ``run`` take the same command lines and keyword arguments as ``subprocess`` and fork
+whatever a fresh interpreter would run as Python (``python -m MOD``, ``python FILE.py``, a
+console script such as ``mm1-train``); ``fresh=True`` (or ``MM1_TEST_FORK=0`` for the whole
+suite) starts a new interpreter instead, for the tests where start-up itself is under test.
+
+``run_ranks(__file__, "case_name", nprocs=2)`` runs ``case_name(**kwargs)`` from a test module
+in ``nprocs`` processes with the torchrun variables set (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT); each returns a JSON-able value, returned by rank. ``torchrun``
+starts a script's ranks the same way. A hang fails the test at ``timeout`` (all ranks are
+killed) instead of stalling the suite.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,6 +33,8 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 _RESULT = "@@CASE_RESULT@@"
+FORKSERVER_ENV = "MM1_TEST_FORKSERVER"  # the server's socket path, set by conftest
+FORK_ENV = "MM1_TEST_FORK"  # "0": every process is a fresh interpreter (debugging, A/B)
 
 
 def free_port() -> int:
@@ -32,44 +43,250 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------------------------------------
+# popen / run: subprocess's interface, forked from the warm server where that is equivalent
+# ---------------------------------------------------------------------------------------------
+
+def fork_target(cmd: list[str]) -> Optional[tuple[str, str]]:
+    """What a fresh interpreter would run for `cmd`, as (kind, name), or None if the server
+    cannot stand in for it (not Python, `-c`, interpreter options, torchrun's agent)."""
+    cmd = [str(c) for c in cmd]
+    if not cmd:
+        return None
+    if cmd[0] == sys.executable and len(cmd) >= 2:
+        if cmd[1] == "-m" and len(cmd) >= 3 and cmd[2] != "torch.distributed.run":
+            return ("module", cmd[2])
+        if cmd[1].endswith(".py") and not cmd[1].startswith("-"):
+            return ("script", cmd[1])
+        return None
+    from importlib.metadata import entry_points
+
+    name = os.path.basename(cmd[0])
+    found = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
+    if found and (os.sep not in cmd[0] or Path(cmd[0]).resolve().parent
+                  == Path(sys.executable).resolve().parent):
+        return ("entry_point", found[0].value)
+    return None
+
+
+def _server_path(env: dict) -> Optional[str]:
+    """The server's socket, if this process may be forked from it: the suite did not turn
+    forking off, and `env` puts nothing on sys.path that the server's imports did not see
+    (a stray `apex` folder, say, changes what Megatron-Core imports)."""
+    path = os.environ.get(FORKSERVER_ENV)
+    if not path or os.environ.get(FORK_ENV) == "0":
+        return None
+    served = set(os.environ.get("MM1_TEST_FORKSERVER_PYTHONPATH", "").split(os.pathsep))
+    served |= {str(REPO), ""}
+    if any(p not in served for p in env.get("PYTHONPATH", "").split(os.pathsep)):
+        return None
+    return path
+
+
+def popen(cmd: list, *, env: Optional[dict] = None, cwd: Any = None, stdin: Any = None,
+          stdout: Any = None, stderr: Any = None, text: bool = False,
+          start_new_session: bool = False, fresh: bool = False) -> Any:
+    """`subprocess.Popen(cmd, ...)`, forked from the warm server when `cmd` is Python that it
+    can run (see `fork_target`) and `fresh` is off."""
+    cmd = [str(c) for c in cmd]
+    env = dict(os.environ if env is None else env)
+    target = None if fresh else fork_target(cmd)
+    server = _server_path(env) if target else None
+    if server is None:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout,
+                                stderr=stderr, text=text, start_new_session=start_new_session)
+    return ForkedProcess(server, cmd, target, env=env, cwd=str(cwd or os.getcwd()),
+                         stdin=stdin, stdout=stdout, stderr=stderr, text=text,
+                         start_new_session=start_new_session)
+
+
+def run(cmd: list, *, capture_output: bool = False, check: bool = False,
+        timeout: Optional[float] = None, input: Optional[str] = None,
+        **kwargs: Any) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, ...)` through `popen`."""
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    with popen(cmd, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        except BaseException:
+            proc.kill()
+            raise
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+class ForkedProcess:
+    """The part of `subprocess.Popen` the tests use, for a child of the fork server."""
+
+    def __init__(self, server: str, cmd: list[str], target: tuple[str, str], *, env: dict,
+                 cwd: str, stdin: Any, stdout: Any, stderr: Any, text: bool,
+                 start_new_session: bool) -> None:
+        self.args = cmd
+        self.returncode: Optional[int] = None
+        self.stdin = self.stdout = self.stderr = None
+        opened: list[int] = []  # ends of pipes the child gets; closed here once sent
+        child_fds = []
+        mine = {}
+        for name, spec in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if spec is None:
+                child_fds.append(os.dup({"stdin": 0, "stdout": 1, "stderr": 2}[name]))
+            elif spec == subprocess.PIPE:
+                read, write = os.pipe()
+                ours, theirs = (write, read) if name == "stdin" else (read, write)
+                mine[name] = ours
+                child_fds.append(theirs)
+            elif spec == subprocess.DEVNULL:
+                child_fds.append(os.open(os.devnull, os.O_RDWR))
+            elif spec == subprocess.STDOUT and name == "stderr":
+                child_fds.append(os.dup(child_fds[1]))
+            else:
+                child_fds.append(os.dup(spec if isinstance(spec, int) else spec.fileno()))
+        opened += child_fds
+        request = {"argv": _child_argv(cmd, target), "env": env, "cwd": cwd,
+                   "target": list(target), "new_session": start_new_session}
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._conn.connect(_wait_for_server(server))
+            socket.send_fds(self._conn, [json.dumps(request).encode()], child_fds)
+            reply = json.loads(self._conn.recv(1 << 16))
+        finally:
+            for fd in opened:
+                os.close(fd)
+        if "pid" not in reply:
+            raise RuntimeError(f"fork server refused {cmd}: {reply.get('error')}")
+        self.pid = reply["pid"]
+        mode = {"stdin": "w", "stdout": "r", "stderr": "r"}
+        for name, fd in mine.items():
+            setattr(self, name, open(fd, mode[name] if text else mode[name] + "b",
+                                     buffering=-1 if name != "stdin" or not text else 1))
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            ready, _, _ = select.select([self._conn], [], [], 0)
+            if ready:
+                self._read_status()
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            ready, _, _ = select.select([self._conn], [], [], timeout)
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._read_status()
+        return self.returncode
+
+    def _read_status(self) -> None:
+        message = self._conn.recv(1 << 16)
+        self._conn.close()
+        if not message:
+            raise RuntimeError(f"fork server went away while {self.args} ran")
+        self.returncode = json.loads(message)["returncode"]
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, input: Any = None, timeout: Optional[float] = None) -> tuple:
+        """Read stdout and stderr to their ends (feeding `input` first), then wait."""
+        import selectors
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.stdin is not None:
+            if input:
+                self.stdin.write(input)
+            self.stdin.close()
+        streams = {s: [] for s in (self.stdout, self.stderr) if s is not None}
+        with selectors.DefaultSelector() as sel:
+            for stream in streams:
+                sel.register(stream.fileno(), selectors.EVENT_READ, stream)
+            while sel.get_map():
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                events = sel.select(left)
+                if not events and deadline is not None and time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                for key, _ in events:
+                    chunk = os.read(key.fd, 1 << 16)
+                    if chunk:
+                        streams[key.data].append(chunk)
+                    else:
+                        sel.unregister(key.fd)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.wait(left)
+        results = []
+        for stream in (self.stdout, self.stderr):
+            if stream is None:
+                results.append(None)
+                continue
+            data = b"".join(streams[stream])
+            text = "b" not in stream.mode
+            results.append(data.decode() if text else data)
+            stream.close()
+        return tuple(results)
+
+    def __enter__(self) -> "ForkedProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for stream in (self.stdout, self.stderr, self.stdin):
+            if stream is not None and not stream.closed:
+                stream.close()
+        if self.returncode is None:
+            self.wait()
+
+
+def _child_argv(cmd: list[str], target: tuple[str, str]) -> list[str]:
+    kind, _ = target
+    if kind == "module":
+        return ["-m", *cmd[3:]]  # runpy puts the module's file in argv[0]
+    if kind == "script":
+        return cmd[1:]
+    return cmd
+
+
+def _wait_for_server(path: str, timeout: float = 180.0) -> str:
+    """The server binds its socket once its imports are done (seconds after the suite starts)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fork server socket {path} did not appear in {timeout:.0f} s")
+        time.sleep(0.05)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks of one gloo world
+# ---------------------------------------------------------------------------------------------
+
+def rank_env(rank: int, nprocs: int, port: int) -> dict:
+    """The variables torchrun gives each of its ranks on one node."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(nprocs), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
 def run_ranks(module_file: str, case: str, nprocs: int = 1, timeout: float = 300.0,
               kwargs: Optional[dict] = None, env: Optional[dict] = None) -> list[Any]:
-    """Run ``case`` from ``module_file`` in ``nprocs`` fresh processes; return their results."""
-    port = free_port()
-    base = {**os.environ, **(env or {})}
-    base["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), base.get("PYTHONPATH")) if p)
-    base.setdefault("OMP_NUM_THREADS", "1")  # ranks share 2 cores; oversubscription is slow
-    base["PYTHONWARNINGS"] = "ignore"  # Megatron's import-time warnings drown real errors
-    procs, logs = [], []
-    for rank in range(nprocs):
-        rank_env = {**base, "RANK": str(rank), "WORLD_SIZE": str(nprocs),
-                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port)}
-        out = tempfile.TemporaryFile(mode="w+")
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, str(module_file), case, json.dumps(kwargs or {})],
-            env=rank_env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT, text=True))
-        logs.append(out)
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{case}: timed out after {timeout:.0f}s\n"
-                                     + _tails(logs))
-            if any(p.returncode not in (None, 0) for p in procs):
-                # One rank died: the others would wait on it in a collective until timeout.
-                time.sleep(2.0)
-                if any(p.poll() is None for p in procs):
-                    raise AssertionError(f"{case}: a rank failed\n" + _tails(logs))
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if any(p.returncode != 0 for p in procs):
-        raise AssertionError(f"{case}: exit codes {[p.returncode for p in procs]}\n"
-                             + _tails(logs))
+    """Run ``case`` from ``module_file`` in ``nprocs`` processes; return their results."""
+    cmd = [sys.executable, __file__, str(module_file), case, json.dumps(kwargs or {})]
+    _, logs = _run_world([cmd] * nprocs, case, timeout, env)
     results = []
     for rank, out in enumerate(logs):
         out.seek(0)
@@ -80,11 +297,60 @@ def run_ranks(module_file: str, case: str, nprocs: int = 1, timeout: float = 300
     return results
 
 
+def _run_world(cmds: list[list[str]], name: str, timeout: float, env: Optional[dict],
+               stderr_apart: bool = False, check: bool = True) -> tuple[list[int], list]:
+    """Start `cmds[r]` as rank r of one world; stop them all as soon as one fails or time runs
+    out. Returns the exit codes and each rank's output file (stdout and stderr together), or
+    with `stderr_apart` an (out, err) pair per rank. `check`: fail unless every rank exits 0."""
+    port = free_port()
+    base = {**os.environ, **(env or {})}
+    base["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), base.get("PYTHONPATH")) if p)
+    base.setdefault("OMP_NUM_THREADS", "1")  # ranks share 2 cores; oversubscription is slow
+    base.setdefault("PYTHONWARNINGS", "ignore")  # Megatron's import-time warnings drown errors
+    procs, logs = [], []
+    try:
+        for rank, cmd in enumerate(cmds):
+            out = tempfile.TemporaryFile(mode="w+")
+            err = tempfile.TemporaryFile(mode="w+") if stderr_apart else None
+            logs.append((out, err) if stderr_apart else out)
+            procs.append(popen(cmd, env={**base, **rank_env(rank, len(cmds), port)},
+                               cwd=str(REPO), stdout=out,
+                               stderr=err if stderr_apart else subprocess.STDOUT, text=True,
+                               start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: timed out after {timeout:.0f}s\n"
+                                     + _tails(logs))
+            if any(p.returncode not in (None, 0) for p in procs):
+                # One rank died: the others would wait on it in a collective until timeout.
+                time.sleep(2.0)
+                if any(p.poll() is None for p in procs):
+                    if check:
+                        raise AssertionError(f"{name}: a rank failed\n" + _tails(logs))
+                    break
+            time.sleep(0.02)
+    finally:
+        # Each rank has its own session: helpers it started (checkpoint writers) go with it.
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.kill()
+            p.wait()
+    codes = [p.returncode for p in procs]
+    if check and any(codes):
+        raise AssertionError(f"{name}: exit codes {codes}\n" + _tails(logs))
+    return codes, logs
+
+
 def _tails(logs: list, chars: int = 4000) -> str:
     parts = []
-    for rank, out in enumerate(logs):
-        out.seek(0)
-        parts.append(f"--- rank {rank} output (tail) ---\n{out.read()[-chars:]}")
+    for rank, outs in enumerate(logs):
+        for out in outs if isinstance(outs, tuple) else (outs,):
+            out.seek(0)
+            parts.append(f"--- rank {rank} output (tail) ---\n{out.read()[-chars:]}")
     return "\n".join(parts)
 
 
@@ -117,32 +383,26 @@ if __name__ == "__main__":
 
 def torchrun(script: Path, nproc: int, *args: str, timeout: float = 600.0,
              check: bool = True, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun with `nproc` gloo ranks; unless `check` is off, fail with
-    its stderr tail when it does not exit 0.
-
-    Its own session, output to files, and the whole process group killed at the end: a rank
-    killed mid-save orphans dist_checkpointing's writer Manager, which would otherwise hold
-    an output pipe open (and the test) until the timeout."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *args]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
-                                cwd=str(REPO), start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+    """Run `script` as `nproc` gloo ranks with torchrun's variables (forked from the warm
+    server, without torchrun's agent); unless `check` is off, fail with their stderr when one
+    does not exit 0. The result carries the ranks' stdout and stderr, rank after rank, and
+    exit status 1 if any rank failed (as torchrun's). Each rank has its own session, killed
+    whole at the end: a rank killed mid-save orphans dist_checkpointing's writers."""
+    cmd = [sys.executable, str(script), *args]
+    codes, logs = _run_world([cmd] * nproc, script.name, timeout, env, stderr_apart=True,
+                             check=False)
+    texts = []
+    for out, err in logs:
         out.seek(0)
         err.seek(0)
-        run = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        texts.append((out.read(), err.read()))
+        out.close()
+        err.close()
+    run = subprocess.CompletedProcess(cmd, int(any(codes)), "".join(t[0] for t in texts),
+                                      "".join(t[1] for t in texts))
     if check:
-        assert run.returncode == 0, f"{script.name} {' '.join(args)}\n{run.stderr[-4000:]}"
+        assert run.returncode == 0, (f"{script.name} {' '.join(args)}: exit codes {codes}\n"
+                                     f"{run.stderr[-4000:]}")
     return run
 
 

@@ -10,6 +10,46 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests import _procs  # noqa: E402 (after the path above)
+
+
+def pytest_configure(config):
+    """Start the fork server first: its imports (about 5 s) overlap collection, and every test
+    process forks from it (tests/_forkserver.py, tests/_procs.py). A pytest-xdist worker or
+    a nested pytest reuses the one already named in the environment."""
+    import os
+    import tempfile
+
+    from tests._procs import FORK_ENV, FORKSERVER_ENV
+
+    if os.environ.get(FORK_ENV) == "0" or os.environ.get(FORKSERVER_ENV):
+        return
+    folder = tempfile.mkdtemp(prefix="mm1-forkserver-")
+    path = os.path.join(folder, "socket")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    log = open(os.path.join(folder, "server.log"), "w")
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "_forkserver.py"), path],
+                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                              cwd=str(REPO))
+    os.environ[FORKSERVER_ENV] = path
+    os.environ["MM1_TEST_FORKSERVER_PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    config._mm1_forkserver = (server, folder, log)
+
+
+def pytest_unconfigure(config):
+    import os
+    import shutil
+
+    started = getattr(config, "_mm1_forkserver", None)
+    if started is None:
+        return
+    server, folder, log = started
+    server.kill()  # its children die with it (PR_SET_PDEATHSIG)
+    server.wait()
+    log.close()
+    os.environ.pop("MM1_TEST_FORKSERVER", None)
+    shutil.rmtree(folder, ignore_errors=True)
+
 
 def pytest_report_header(config):
     from mm1_megatron.runtime.mcore_version import MCORE
@@ -38,13 +78,13 @@ def pytest_sessionstart(session):
 def demo_data(tmp_path_factory) -> Path:
     """The README's demo dataset (real photos from scikit-image), built once per test run."""
     out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
+    _procs.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
                     str(out)], check=True, capture_output=True, timeout=300)
     return out
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_process_outlives_the_suite():
+def no_process_outlives_the_suite(request):
     """Every process the suite starts (ranks, their dist_checkpointing helpers, workers) is
     gone when it ends: a leftover shows up here as an error, not as memory held under PID 1."""
     import time
@@ -64,6 +104,13 @@ def no_process_outlives_the_suite():
                 found.append(proc)
         return found
 
-    _, alive = psutil.wait_procs(orphans(), timeout=15)
+    def forked_and_left():
+        """Children of the fork server still running: tests end their processes."""
+        started = getattr(request.config, "_mm1_forkserver", None)
+        if started is None or started[0].poll() is not None:
+            return []
+        return psutil.Process(started[0].pid).children(recursive=True)
+
+    _, alive = psutil.wait_procs(orphans() + forked_and_left(), timeout=15)
     assert not alive, "processes outlived the test suite: " + "; ".join(
         " ".join(p.cmdline())[:160] for p in alive)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from benchmarks.measure import (compare, interleave, ratio_interval, summary, timed,
                                 within_spread)
 from benchmarks.run_all import BEGIN, END, replace_between_markers
+from tests import _procs
 
 REPO = Path(__file__).resolve().parents[1]
 AB = ("trainer_overhead", "convert", "data_pipeline", "checkpoint_save")  # data_at_scale: tests/data/
@@ -75,9 +75,9 @@ def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     readme = tmp / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nstale\n{END}\nafter\n")
-    out = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", *AB,
+    out = _procs.run([sys.executable, "-m", "benchmarks", "--quick", "--only", *AB,
                           "--markdown", str(tmp / "RESULTS.md"), "--readme", str(readme)],
-                         capture_output=True, text=True, timeout=300, cwd=str(REPO))
+                     capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a benchmark said invalid
     results = {}
     for line in out.stdout.splitlines():

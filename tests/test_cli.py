@@ -6,19 +6,23 @@ import subprocess
 import sys
 
 import pytest
+from tests import _procs
 
 
-def mm1_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def mm1_train(*args: str, env: dict | None = None,
+              fresh: bool = False) -> subprocess.CompletedProcess:
+    """The console script, forked from the suite's warm parent unless `fresh`."""
     exe = shutil.which("mm1-train")
     assert exe, "the mm1-train console script is not installed (pip install -e .)"
     environ = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "SLURM_NTASKS")}
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
-                          env={**environ, **(env or {})})
+    return _procs.run([exe, *args], capture_output=True, text=True, timeout=120,
+                      env={**environ, **(env or {})}, fresh=fresh)
 
 
 def test_dry_run_prints_config_layout_and_plan():
+    # A new interpreter: the one test of the installed console script's own start-up.
     out = mm1_train("--preset", "mm1-30b", "parallel.tp=8", "parallel.pp=4",
-                    "parallel.world_size=256", "--dry-run")
+                    "parallel.world_size=256", "--dry-run", fresh=True)
     assert out.returncode == 0, out.stderr
     assert "tp: 8" in out.stdout and "world_size=256 tp=8 pp=4 cp=1 ep=1 dp=8" in out.stdout
     assert "peak lr" in out.stdout and "params total" in out.stdout
@@ -53,9 +57,9 @@ def test_missing_config_file():
 
 def test_launch_script_is_the_same_main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "launch", "train.py"),
+    out = _procs.run([sys.executable, os.path.join(root, "launch", "train.py"),
                           "--preset", "tiny", "--dry-run"], capture_output=True, text=True,
-                         timeout=120)
+                     timeout=120)
     assert out.returncode == 0, out.stderr
     assert "preset: tiny" in out.stdout
 

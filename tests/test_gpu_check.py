@@ -7,13 +7,14 @@ import shutil
 import subprocess
 
 import torch
+from tests import _procs
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("mm1-gpu-check")
     assert exe, "the mm1-gpu-check console script is not installed (pip install -e .)"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return _procs.run([exe, *args], capture_output=True, text=True, timeout=600,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():

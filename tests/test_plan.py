@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,14 +15,15 @@ from mm1_megatron.model.recipe import paper_peak_lr
 from mm1_megatron.plan import h100, make_plan
 from mm1_megatron.plan.h100 import estimate, resolve_layout, stage_memory
 from mm1_megatron.plan.search import planning_validate
+from tests import _procs
 
 ROOT = Path(__file__).resolve().parents[1]
 MM1 = ["mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe64", "mm1-7b-moe32"]
 
 
 def plan_json(*args: str) -> dict:
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args, "--json"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = _procs.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args, "--json"],
+                     capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout)
 
 
@@ -100,10 +100,10 @@ def test_flops_scale_with_experts_used_not_experts_held():
 
 
 def test_table_output_and_bad_layout():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--preset", "demo"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = _procs.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--preset", "demo"],
+                     capture_output=True, text=True, timeout=120, check=True).stdout
     assert "params total" in out and "peak lr" in out
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--preset", "mm1-30b",
+    bad = _procs.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--preset", "mm1-30b",
                           "parallel.tp=13"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "parallel.tp" in bad.stderr
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mm1_megatron.checkpoint.directory import complete_checkpoints, prune
+from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,8 +21,8 @@ def train(data: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedPro
            f"data.tokenizer_model={data}/tokenizer.model", "llm.vocab_size=2048",
            f"run_dir={run_dir}", "train.warmup_steps=0", "checkpoint.save_interval=1",
            *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return _procs.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def names(run_dir: Path) -> list[str]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT_MB = 8.4  # one checkpoint of `tiny` with the demo vocabulary (measured)
@@ -19,8 +20,8 @@ def train(data: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedPro
            f"data.tokenizer_model={data}/tokenizer.model", "llm.vocab_size=2048",
            f"run_dir={run_dir}", "train.warmup_steps=1", "checkpoint.save_interval=1",
            "checkpoint.keep_last=5", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return _procs.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture

@@ -2,16 +2,16 @@
 fresh processes; its JSON line carries what the README reports (no timing is asserted)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+from tests import _procs
 
 BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "data_at_scale.py"
 
 
 def test_quick_run_reports_cost_memory_startup_and_packing(tmp_path):
-    out = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = _procs.run([sys.executable, str(BENCHMARK), "--quick", "--dir", str(tmp_path)],
+                     capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "data_at_scale"

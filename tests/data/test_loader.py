@@ -13,6 +13,7 @@ from mm1_megatron.data.loader import MultimodalLoader
 from mm1_megatron.data.mixture import LoaderState
 from mm1_megatron.data.shards import RawSample, write_dataset
 from mm1_megatron.data.tokenizer import Tokenizer
+from tests import _procs
 
 
 
@@ -164,7 +165,6 @@ def test_rows_planned_from_the_index_equal_rows_packed_from_tokenized_text(demo_
 
 def test_token_index_missing_or_from_another_tokenizer_is_refused(tmp_path, demo_data):
     import shutil
-    import subprocess
     import sys
 
     from mm1_megatron.data.shards import DatasetError
@@ -178,8 +178,8 @@ def test_token_index_missing_or_from_another_tokenizer_is_refused(tmp_path, demo
                             tmp_path / "other.model", exact_vocab=False)
     tool = [sys.executable, str(Path(__file__).parents[2] / "tools" / "index_tokens.py"),
             "--no-progress", "--workers", "2"]
-    subprocess.run([*tool, str(root), "--tokenizer", str(other)], check=True,
-                   capture_output=True, timeout=300)
+    _procs.run([*tool, str(root), "--tokenizer", str(other)], check=True,
+               capture_output=True, timeout=300)
     with pytest.raises(DatasetError, match=r"text: indexed with tokenizer .*other.model "
                        r"\(sha256 \w+\), data.tokenizer_model is .*tokenizer.model"):
         MultimodalLoader(cfg, 0, 1, log=None)
@@ -191,8 +191,8 @@ def test_token_index_missing_or_from_another_tokenizer_is_refused(tmp_path, demo
     with pytest.raises(DatasetError, match=r"no token index .* run: python "
                                            r"tools/index_tokens.py .*text --tokenizer"):
         MultimodalLoader(cfg, 0, 1, log=None)
-    out = subprocess.run([*tool, str(root), "--tokenizer", str(root / "tokenizer.model")],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+    out = _procs.run([*tool, str(root), "--tokenizer", str(root / "tokenizer.model")],
+                     check=True, capture_output=True, text=True, timeout=300).stdout
     assert "text: 10 samples" in out
     got = batches(MultimodalLoader(cfg, 0, 1, log=None), 3)
     want = batches(MultimodalLoader(config(demo_data, "data.weight_interleaved=0",

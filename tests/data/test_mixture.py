@@ -7,6 +7,7 @@ import pytest
 from mm1_megatron.data.mixture import (LoaderState, MixtureSampler, RowStream, SourceRowStream,
                                        rank_rows, row_stream)
 from mm1_megatron.data.packing import IMAGE, Document, Packer
+from tests import _procs
 
 UNITS = ["sequences", "documents"]
 
@@ -169,13 +170,12 @@ def test_shares_tool_reports_what_each_unit_realises():
     """tools/mixture_shares.py on its realistic-length corpus: per-sequence mixing gives
     45/45/10 of the rows; per-document mixing leaves short captions far fewer rows."""
     import json
-    import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).parents[2] / "tools" / "mixture_shares.py"
-    out = subprocess.run([sys.executable, str(tool), "--synthetic", "--rows", "120"],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+    out = _procs.run([sys.executable, str(tool), "--synthetic", "--rows", "120"],
+                     capture_output=True, text=True, timeout=300, check=True).stdout
     shares = json.loads(out.strip().splitlines()[-1])
     for got, want in zip(shares["sequences"]["rows"], WEIGHTS):
         assert abs(got - want) <= 1 / 120 + 1e-4

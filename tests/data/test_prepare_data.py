@@ -16,6 +16,7 @@ import pytest
 
 from mm1_megatron.data.shards import open_dataset
 from tests.data._fixtures import TEXT, jpeg, write_jsonl
+from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, "tools/prepare_data.py", "--no-progress"]
@@ -27,8 +28,8 @@ def _args(kind: str, jsonl: Path, root: Path, out: Path, shard_mb: str = "1") ->
 
 
 def _run(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(_args(*args, **kw), cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return _procs.run(_args(*args, **kw), cwd=REPO, capture_output=True, text=True,
+                      timeout=120)
 
 
 @pytest.fixture
@@ -125,8 +126,8 @@ def test_crash_mid_write_keeps_old_dataset(tmp_path, images, old, sig):
     jsonl = write_jsonl(tmp_path / "new.jsonl",
                         [{"image": f"{n}.jpg", "text": TEXT[n]} for n in range(3)]
                         + [{"image": "slow.jpg", "text": "never read"}])
-    proc = subprocess.Popen(_args("caption", jsonl, images, old, shard_mb="0.001"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _procs.popen(_args("caption", jsonl, images, old, shard_mb="0.001"), cwd=REPO,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fd = None
     try:
         fd = _wait_for_reader(images / "slow.jpg", proc)

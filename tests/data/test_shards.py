@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -16,6 +15,7 @@ import webdataset as wds
 from mm1_megatron.data.shards import (BadSample, DatasetError, SkipCounter, index_dataset,
                                       open_dataset)
 from tests.data._fixtures import TEXT, jpeg, tiny_tokenizer, write_jsonl
+from tests import _procs
 from tools.prepare_data import prepare
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,10 +136,10 @@ def test_prepare_skips_and_counts_bad_lines(tmp_path, images):
 
 def test_prepare_cli(tmp_path, images):
     jsonl = write_jsonl(tmp_path / "c.jsonl", _records("caption") + ["{broken"])
-    out = subprocess.run([sys.executable, "tools/prepare_data.py", "--kind", "caption",
+    out = _procs.run([sys.executable, "tools/prepare_data.py", "--kind", "caption",
                           "--input", str(jsonl), "--images-root", str(images), "--output",
                           str(tmp_path / "c"), "--shard-size-mb", "1", "--no-progress"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "7 samples in 1 shards" in out.stdout and "'bad_json': 1" in out.stdout
     assert len(open_dataset(tmp_path / "c")) == 7

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mm1_megatron.config import LLMConfig
 from mm1_megatron.data.tokenizer import (BOS_ID, EOC_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID,
                                          Tokenizer)
 from tests.data._fixtures import TEXT, tiny_tokenizer
+from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,15 +92,15 @@ def test_train_tokenizer_cli_from_text_and_shards(tmp_path):
     jsonl = write_jsonl(tmp_path / "t.jsonl",
                         [{"text": "Shard text about zebras and a xylophone."}] * 5)
     prepare("text", [jsonl], tmp_path, tmp_path / "text", progress=False)
-    out = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus),
+    out = _procs.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus),
                           str(tmp_path / "text"), "--vocab-size", "350", "--soft-vocab",
                           "--output", str(tmp_path / "cli")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     tok = Tokenizer.load(tmp_path / "cli.model")
     # The shard's text was part of the training data: its rare word is a learned piece.
     assert len(tok.encode("zebras")) < len("zebras")
-    bad = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", "nope.txt",
+    bad = _procs.run([sys.executable, "tools/train_tokenizer.py", "--input", "nope.txt",
                           "--vocab-size", "300", "--output", str(tmp_path / "x")],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+                     cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "nope.txt: no such file" in bad.stderr

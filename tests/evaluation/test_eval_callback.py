@@ -1,7 +1,6 @@
 """The in-training few-shot evaluation callback, driven by the real Trainer with the tiny
 model on the demo data: eval/<task>/<k>shot scalars land in TensorBoard beside the loss."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 
 from tests._procs import REPO, run_ranks
 from tests.train.test_loop import scalars
+from tests import _procs
 
 
 def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dict:
@@ -48,7 +48,7 @@ def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dic
 @pytest.fixture(scope="module")
 def tasks(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tasks")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+    _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
                     str(demo_data), "--output", str(out)], check=True, capture_output=True)
     return out
 

@@ -3,7 +3,6 @@ DP=2 x EP=2 (MoE) checkpoint evaluated in one process (weights, tokens and logit
 `mm1-eval` command end to end on it."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ import torch
 from mm1_megatron.data.tokenizer import EOC_ID, EOS_ID, IMAGE_ID, PAD_ID, Tokenizer
 from mm1_megatron.evaluation.generate import Generator, newline_token_ids
 from tests._procs import REPO, run_ranks, torchrun
+from tests import _procs
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_eval_worker.py"
@@ -136,7 +136,7 @@ def test_ep2_checkpoint_evaluates_identically_in_one_process(ep2_run):
 def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
     root, _, _ = ep2_run
     tasks = root / "tasks"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+    _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
                     str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
     from tests.evaluation.common import EVAL_OVERRIDES
     from tests.model._parity_worker import BASE
@@ -146,8 +146,8 @@ def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
            "--task", str(tasks / "vqa.jsonl"), "--shots", "0", "4", "8", "--limit", "2",
            "--max-new-tokens", "4", "--output", str(root / "eval.json"),
            *BASE, *EVAL_OVERRIDES, f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    run = _procs.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert lines[-4].split(" | ")[3:] == ["0-shot", "4-shot", "8-shot"]
@@ -163,7 +163,7 @@ def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, de
     """One missing image costs one example, counted in the table, not the whole evaluation."""
     root, _, _ = ep2_run
     tasks = root / "tasks_missing"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+    _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
                     str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
     lines = (tasks / "caption.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
@@ -177,8 +177,8 @@ def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, de
            "--shots", "0", "--limit", "3", "--max-new-tokens", "4", "--output",
            str(root / "eval_missing.json"), *BASE, *EVAL_OVERRIDES,
            f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    run = _procs.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()
     assert table[-3].split(" | ")[-1].strip() == "skipped (bad images)"

@@ -1,7 +1,6 @@
 """Analytic parameter and FLOP counts equal what the built Megatron-Core modules hold and do."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,14 +10,15 @@ from mm1_megatron.config import PRESETS, get_preset, set_field
 from mm1_megatron.model.params import connector_params, count_params
 from mm1_megatron.model.flops import (connector_forward_flops, llm_forward_flops,
                                       vision_forward_flops)
+from tests import _procs
 
 SCRIPT = Path(__file__).with_name("_count_modules.py")
 
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                         timeout=600)
+    out = _procs.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                     timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 

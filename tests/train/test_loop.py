@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 
 from tests._procs import free_port, run_ranks, sigkill_at_line
+from tests import _procs
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +26,8 @@ def command(data: Path, run_dir: Path, *overrides: str) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=env)
+    return _procs.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                      env=env)
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -155,9 +156,9 @@ def case_parts_changed(before: str, after: str) -> dict:
 def test_sigusr1_checkpoints_and_exits_for_requeue(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(command(demo_data, run_dir, "train.train_steps=200"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=env)
+    proc = _procs.popen(command(demo_data, run_dir, "train.train_steps=200"),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 300
         for line in proc.stdout:
@@ -208,8 +209,8 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(command(demo_data, killed, *steps), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+    proc = _procs.popen(command(demo_data, killed, *steps), stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
     helpers = sigkill_at_line(proc, "saved checkpoint at step 3")
     assert helpers, "the save started no helper process: nothing to check below"
     gone, alive = psutil.wait_procs(helpers, timeout=10)
@@ -314,9 +315,9 @@ def test_one_run_per_run_dir_and_a_killed_holder_does_not_block(demo_data, tmp_p
     (nothing written); after the holder is SIGKILLed the next run starts."""
     run_dir = tmp_path / "run"
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command(demo_data, run_dir, "train.train_steps=500"), cwd=REPO,
-                             stdout=log, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    first = _procs.popen(command(demo_data, run_dir, "train.train_steps=500"), cwd=REPO,
+                         stdout=log, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     try:
         deadline = time.monotonic() + 180
         while "step " not in (tmp_path / "first.log").read_text():

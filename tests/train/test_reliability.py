@@ -19,6 +19,7 @@ from mm1_megatron.runtime.faults import HANG, SLOW_SAVE
 from mm1_megatron.runtime.watchdog import (FLIGHT_RECORDER_ENTRIES, collective_timeout,
                                            enable_flight_recorder)
 from tests._procs import free_port, sigkill_at_line
+from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 8  # a tiny step takes ~0.2 s here; 40 x that is a hang
@@ -40,9 +41,9 @@ def test_a_rank_stopped_before_a_collective_ends_both_ranks_with_75(demo_data, t
                "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), HANG: "1:3"}
         log = (tmp_path / f"rank{rank}.log").open("w+")
-        procs.append(subprocess.Popen(rank_command(demo_data, run_dir, "train.train_steps=6"),
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(_procs.popen(rank_command(demo_data, run_dir, "train.train_steps=6"),
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  text=True))
         logs.append(log)
     try:
         deadline = time.monotonic() + 240
@@ -111,8 +112,8 @@ def test_the_flight_recorder_is_switched_on_unless_the_environment_says(monkeypa
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+    return _procs.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                      env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
 
 
 def scalars(run_dir: Path, tag: str) -> list[dict[int, float]]:
@@ -154,10 +155,10 @@ def test_async_saves_overlap_training_and_sigusr1_waits_for_the_write(demo_data,
 
     # SIGUSR1 while a save is in flight: exit 75 only once it and the stop's save are written.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", SLOW_SAVE: "3"}
-    proc = subprocess.Popen(rank_command(demo_data, run_dir, "train.train_steps=200",
+    proc = _procs.popen(rank_command(demo_data, run_dir, "train.train_steps=200",
                                          "checkpoint.save_interval=10", *ASYNC),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
     lines = []
     try:
         for line in proc.stdout:
@@ -184,8 +185,8 @@ def test_sigkill_during_an_async_write_resumes_bitwise_from_the_previous(demo_da
     steps = ["train.train_steps=6", "checkpoint.save_interval=2", *ASYNC]
     # Step 2's save is written at once; step 4's is held in its writer until the kill.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", SLOW_SAVE: "60:4"}
-    proc = subprocess.Popen(rank_command(demo_data, run_dir, *steps), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = _procs.popen(rank_command(demo_data, run_dir, *steps), cwd=REPO, env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     # Steps 5 and 6 train for a second while the writer holds.
     writers = sigkill_at_line(proc, "checkpoint: step 4 is being written in the background",
                               after_s=1.0)
