@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from tests import _procs
 
+pytestmark = pytest.mark.mcore
+
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT_MB = 8.4  # one checkpoint of `tiny` with the demo vocabulary (measured)
 

@@ -20,6 +20,8 @@ import pytest
 
 from tests._procs import run_ranks, torchrun
 
+pytestmark = [pytest.mark.mcore, pytest.mark.multirank]
+
 HERE = Path(__file__).resolve().parent
 MOE = ["llm.moe.num_experts=4", "llm.moe.layer_freq=2"]
 LAYOUTS = {

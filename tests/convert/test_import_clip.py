@@ -26,6 +26,8 @@ import pytest
 
 from tests._procs import run_ranks
 
+pytestmark = pytest.mark.mcore
+
 SIZE = 56  # 4x4 patches of 14
 VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=2,
               num_attention_heads=16, patch_size=14, image_size=SIZE, hidden_act="quick_gelu",

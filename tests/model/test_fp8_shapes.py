@@ -11,7 +11,11 @@ FP8, 1-3 images per micro-batch (any count not a multiple of 4) would assert on 
 step, so the encoder stays out of FP8; the check below shows both.
 """
 
+import pytest
+
 from tests._procs import run_ranks
+
+pytestmark = pytest.mark.mcore
 
 IMAGE_COUNTS = (0, 1, 2, 3, 4, 5, 16)
 

@@ -12,6 +12,8 @@ from mm1_megatron.config import get_preset, set_field
 from mm1_megatron.runtime.backends import Backends
 from tests._procs import run_ranks
 
+pytestmark = pytest.mark.mcore
+
 
 def _cfg(**fields):
     cfg = get_preset("tiny")

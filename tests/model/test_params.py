@@ -12,6 +12,8 @@ from mm1_megatron.model.flops import (connector_forward_flops, llm_forward_flops
                                       vision_forward_flops)
 from tests import _procs
 
+pytestmark = pytest.mark.mcore
+
 SCRIPT = Path(__file__).with_name("_count_modules.py")
 
 

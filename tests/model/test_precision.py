@@ -7,6 +7,8 @@ import pytest
 
 from tests._procs import run_ranks
 
+pytestmark = pytest.mark.mcore
+
 IMAGES_PER_MICROBATCH = (0, 1, 16)
 STEPS = 3
 

@@ -11,6 +11,8 @@ from mm1_megatron.data.packing import PAD_DOCUMENT, segment_boundaries
 from mm1_megatron.model.mm1 import document_attention_mask
 from tests._procs import run_ranks
 
+pytestmark = pytest.mark.mcore
+
 
 def packed_rows(seed: int, b: int = 4, s: int = 48) -> torch.Tensor:
     """Document ids of random packed rows: one-token documents, padding at the end, and a

@@ -32,6 +32,8 @@ from tests.runtime._helpers import (
     tiny_gpt,
 )
 
+pytestmark = pytest.mark.mcore
+
 NO_CUDA = "Torch not compiled with CUDA enabled"
 NEEDED = needed_patches()  # on a GPU machine with TE and apex: none, and these tests skip
 
@@ -239,6 +241,7 @@ def case_moe_alltoall_split_sizes() -> dict:
 
 
 @needs("patch_moe_alltoall_split_sizes")
+@pytest.mark.multirank
 def test_patch_moe_alltoall_split_sizes() -> None:
     results = run_ranks(__file__, "case_moe_alltoall_split_sizes", nprocs=2)
     for r in results:
@@ -277,6 +280,7 @@ def case_gloo_uneven_all_gather() -> dict:
 
 
 @needs("patch_gloo_uneven_all_gather")
+@pytest.mark.multirank
 def test_patch_gloo_uneven_all_gather() -> None:
     for r in run_ranks(__file__, "case_gloo_uneven_all_gather", nprocs=2):
         _assert_needed(r["without"], "RuntimeError",
@@ -467,6 +471,7 @@ def _assert_resume_exact(r: dict) -> None:
 
 
 @needs("patch_distopt_init_adam_state_for_load")
+@pytest.mark.multirank
 def test_patch_distopt_init_adam_state_for_load(tmp_path: Path) -> None:
     for r in _run_distopt("patch_distopt_init_adam_state_for_load", tmp_path):
         _assert_needed(r["without"], "AssertionError")
@@ -474,6 +479,7 @@ def test_patch_distopt_init_adam_state_for_load(tmp_path: Path) -> None:
 
 
 @needs("patch_distopt_skip_adam_step_on_load")
+@pytest.mark.multirank
 def test_patch_distopt_skip_adam_step_on_load(tmp_path: Path) -> None:
     for r in _run_distopt("patch_distopt_skip_adam_step_on_load", tmp_path):
         _assert_needed(r["without"], "KeyError", "step")
@@ -481,6 +487,7 @@ def test_patch_distopt_skip_adam_step_on_load(tmp_path: Path) -> None:
 
 
 @needs("patch_distopt_unshare_adam_step")
+@pytest.mark.multirank
 def test_patch_distopt_unshare_adam_step(tmp_path: Path) -> None:
     for r in _run_distopt("patch_distopt_unshare_adam_step", tmp_path):
         # Silent without the patch: loads, steps, but all params share one step counter,

@@ -10,7 +10,11 @@ Dense decoders: Megatron-Core's MoE token permutation sizes its outputs from the
 
 from pathlib import Path
 
+import pytest
+
 from tests._procs import run_ranks
+
+pytestmark = pytest.mark.mcore
 
 DENSE = ["llm.moe.num_experts=0"]
 

@@ -17,6 +17,8 @@ from mm1_megatron.runtime.distributed import (
 )
 from tests.runtime._helpers import run_ranks
 
+pytestmark = pytest.mark.mcore
+
 # ---------------------------------------------------------------------------------------------
 # Environment parsing
 # ---------------------------------------------------------------------------------------------

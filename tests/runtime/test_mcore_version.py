@@ -6,8 +6,12 @@ import sys
 
 from packaging.version import Version
 
+import pytest
+
 from mm1_megatron.runtime.mcore_version import (MCORE_RELEASE, NVRX_MIN_FOR_DIST_CHECKPOINTING,
                                                 environment_problem)
+
+pytestmark = pytest.mark.mcore
 
 
 def test_an_old_resiliency_ext_is_refused_only_where_megatron_core_imports_it():

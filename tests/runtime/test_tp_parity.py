@@ -25,6 +25,8 @@ from tests.runtime._helpers import (
     tiny_gpt,
 )
 
+pytestmark = [pytest.mark.mcore, pytest.mark.multirank]
+
 SEED = 1234
 
 

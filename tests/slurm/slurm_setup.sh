@@ -41,6 +41,9 @@ ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# Schedule every second, not every 60 s (main loop) / 30 s (backfill): a requeued job starts
+# as soon as its node is free instead of waiting for the next pass.
+SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

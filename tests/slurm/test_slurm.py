@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slurm, pytest.mark.multirank]
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SLURM = REPO / "slurm"

@@ -9,6 +9,8 @@ from mm1_megatron.checkpoint.directory import latest_checkpoint, prune, write_la
 from mm1_megatron.runtime.faults import SLOW_SAVE
 from tests._procs import torchrun
 
+pytestmark = [pytest.mark.mcore, pytest.mark.multirank]
+
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 # Saved with the GPU presets' overlaps: with overlap_param_gather the other DP rank's updated
 # shard arrives only in the next forward, so the save must gather first; the bitwise

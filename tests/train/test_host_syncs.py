@@ -5,6 +5,8 @@ import pytest
 
 from tests._procs import run_ranks
 
+pytestmark = pytest.mark.mcore
+
 BUDGET = 8
 
 

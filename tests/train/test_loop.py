@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests._procs import free_port, run_ranks, sigkill_at_line
 from tests import _procs
@@ -233,6 +234,8 @@ def torchrun_command(nproc: int, cmd: list[str]) -> list[str]:
             f"--master_port={free_port()}", str(REPO / "launch" / "train.py"), *cmd[3:]]
 
 
+@pytest.mark.mcore
+@pytest.mark.multirank
 def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data, tmp_path):
     """PP=2 (each stage owns one MoE layer; rank 0 logs both) for 2 steps, then one process
     continues: steps 3-4 match the uninterrupted PP=2 run within 1e-5 relative."""

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import psutil
+import pytest
 
 from mm1_megatron.runtime.distributed import subgroup_timeout_minutes
 from mm1_megatron.runtime.faults import HANG, SLOW_SAVE
@@ -32,6 +33,8 @@ def rank_command(data: Path, run_dir: Path, *overrides: str) -> list[str]:
             f"train.hang_timeout_s={TIMEOUT_S}", "train.hang_timeout_slow_s=120", *overrides]
 
 
+@pytest.mark.mcore
+@pytest.mark.multirank
 def test_a_rank_stopped_before_a_collective_ends_both_ranks_with_75(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     port = free_port()
@@ -86,6 +89,7 @@ def test_a_rank_stopped_before_a_collective_ends_both_ranks_with_75(demo_data, t
     assert not (run_dir / "hang" / "rank_2.txt").exists()
 
 
+@pytest.mark.mcore
 def test_the_collective_timeout_sits_above_the_watchdog():
     assert collective_timeout(0, 0) == timedelta(minutes=10)  # off: torch's default
     assert collective_timeout(600, 1800) == timedelta(seconds=1860)

@@ -5,7 +5,11 @@ five sub-images each) travel the same way."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests._procs import run_ranks
+
+pytestmark = pytest.mark.multirank
 
 
 def _digest(tensor) -> str:
