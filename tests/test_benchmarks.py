@@ -87,6 +87,7 @@ def quick_run(tmp_path_factory):
     return out, results, tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", AB)
 def test_quick_mode_json_line(quick_run, name):
     _, results, _ = quick_run
@@ -106,6 +107,7 @@ def test_quick_mode_json_line(quick_run, name):
         assert r["self_check"]["repeats"] == r["repeats"]
 
 
+@pytest.mark.slow
 def test_runner_table_markdown_and_readme(quick_run):
     out, results, tmp = quick_run
     assert set(results) == set(AB)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 
+import pytest
 import torch
 from tests import _procs
 
@@ -24,6 +25,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():
     assert "no CUDA GPU" in out.stdout
 
 
+@pytest.mark.slow
 def test_cpu_parts_pass_and_gpu_checks_skip(demo_data):
     from mm1_megatron.gpu_check import CHECKS, GPU_ONLY
 

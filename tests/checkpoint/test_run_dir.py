@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mm1_megatron.checkpoint.directory import complete_checkpoints, prune
 from tests import _procs
 
@@ -44,6 +46,7 @@ def test_retention_keeps_the_newest_saves_not_the_highest_steps(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
 
 
+@pytest.mark.slow
 def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     first = train(demo_data, run_dir, "train.train_steps=2")
@@ -80,6 +83,7 @@ def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, tmp_path):
     assert names(run_dir) == ["latest", "step_00000001"]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     assert train(demo_data, run_dir, "train.train_steps=2").returncode == 0
@@ -129,6 +133,7 @@ def _tensorboard(run_dir: Path, tag: str) -> dict[int, float]:
     return values
 
 
+@pytest.mark.slow
 def test_data_counters_continue_on_resume_and_another_dataset_is_refused(demo_data, tmp_path):
     """Undecodable images and images dropped at the per-row limit are counted, and the counts
     continue after a resume (they restarted at 0); resuming on another dataset is refused

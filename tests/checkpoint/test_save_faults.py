@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests import _procs
 
-pytestmark = pytest.mark.mcore
+pytestmark = [pytest.mark.mcore, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT_MB = 8.4  # one checkpoint of `tiny` with the demo vocabulary (measured)

@@ -20,7 +20,7 @@ import pytest
 
 from tests._procs import run_ranks, torchrun
 
-pytestmark = [pytest.mark.mcore, pytest.mark.multirank]
+pytestmark = [pytest.mark.mcore, pytest.mark.multirank, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 MOE = ["llm.moe.num_experts=4", "llm.moe.layer_freq=2"]

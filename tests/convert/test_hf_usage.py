@@ -20,6 +20,8 @@ import torch
 
 from tests._procs import run_ranks
 
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 # tiny, with the demo tokenizer's vocabulary; 9 tokens per image
 OVERRIDES = ["llm.vocab_size=2048", "llm.num_query_groups=2"]

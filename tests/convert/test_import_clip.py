@@ -26,7 +26,7 @@ import pytest
 
 from tests._procs import run_ranks
 
-pytestmark = pytest.mark.mcore
+pytestmark = [pytest.mark.mcore, pytest.mark.slow]
 
 SIZE = 56  # 4x4 patches of 14
 VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=2,

@@ -5,6 +5,9 @@ import json
 import sys
 from pathlib import Path
 from tests import _procs
+import pytest
+
+pytestmark = pytest.mark.slow
 
 BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "data_at_scale.py"
 

@@ -10,6 +10,8 @@ from tests._procs import REPO, run_ranks
 from tests.train.test_loop import scalars
 from tests import _procs
 
+pytestmark = pytest.mark.slow
+
 
 def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dict:
     from mm1_megatron.config import load_config

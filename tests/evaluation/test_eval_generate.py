@@ -106,6 +106,7 @@ def max_diff(a, b) -> float:
     return float((torch.tensor(a) - torch.tensor(b)).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_kv_cache_equals_no_cache(ep2_run):
     _, _, local = ep2_run
@@ -114,6 +115,7 @@ def test_kv_cache_equals_no_cache(ep2_run):
     assert max_diff(local["cache"]["logits"], local["no_cache"]["logits"]) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_left_padding_does_not_change_a_row(ep2_run):
     _, _, local = ep2_run
@@ -123,12 +125,14 @@ def test_left_padding_does_not_change_a_row(ep2_run):
     assert max_diff(batched, alone) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_te_path_batches_rows_by_length_with_the_same_tokens(ep2_run):
     _, _, local = ep2_run
     assert local["by_length"] == local["cache"]["tokens"] + [local["cache"]["tokens"][0]]
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_ep2_checkpoint_evaluates_identically_in_one_process(ep2_run):
     _, reference, local = ep2_run
@@ -137,6 +141,7 @@ def test_ep2_checkpoint_evaluates_identically_in_one_process(ep2_run):
     assert max_diff(local["cache"]["logits"], reference["logits"]) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
     root, _, _ = ep2_run
@@ -164,6 +169,7 @@ def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
     assert all(len(r["predictions"]) == 2 for r in results)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, demo_data):
     """One missing image costs one example, counted in the table, not the whole evaluation."""

@@ -64,9 +64,19 @@ EXTRA = {"ep2_allgather": (2, ["parallel.ep=2", "llm.moe.dispatcher=allgather"])
                                  "parallel.virtual_stages=2"])}
 # The connectors are plain torch: the layouts reach Megatron-Core's version-dependent code the
 # same way with each, so only the C-Abstractor's cases are marked `mcore`.
-CASES = [pytest.param(c, layout, marks=[pytest.mark.mcore] if c == "c_abstractor" else [])
+# The quick loop (-m "not slow") keeps one grid row: the C-Abstractor at TP2xPP2 and PP=2.
+QUICK = {("c_abstractor", "tp2xpp2"), ("c_abstractor", "pp2")}
+
+
+def _marks(connector: str, layout: str) -> list:
+    return [*([pytest.mark.mcore] if connector == "c_abstractor" else []),
+            *([] if (connector, layout) in QUICK else [pytest.mark.slow])]
+
+
+CASES = [pytest.param(c, layout, marks=_marks(c, layout))
          for c in CONNECTORS for layout in LAYOUTS] + \
-    [pytest.param("c_abstractor", layout, marks=pytest.mark.mcore) for layout in EXTRA]
+    [pytest.param("c_abstractor", layout, marks=_marks("c_abstractor", layout))
+     for layout in EXTRA]
 
 pytestmark = pytest.mark.multirank
 
@@ -87,6 +97,7 @@ def test_layout_matches_single_process(references, tmp_path, connector, layout):
     print(f"{connector} {layout}: max relative difference {worst:.2e}")
 
 
+@pytest.mark.slow
 @pytest.mark.mcore
 def test_router_loss_gradients_match_single_process(references, tmp_path):
     """TP=2 + SP against one process, on the routers' gradients themselves, with balancing

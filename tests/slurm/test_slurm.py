@@ -252,6 +252,7 @@ def test_not_in_slurm_refuses_to_launch(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not inside a Slurm job" in result.stderr
 
 
+@pytest.mark.slow
 def test_sbatch_trains_on_cpu_with_gloo(slurm: Cluster, demo_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     job_id, status = submit_and_wait(
@@ -332,6 +333,7 @@ def assert_resumed_at(second: str, run_dir: Path, saved: int, last: int) -> None
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
                                                tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -353,6 +355,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
     assert tensorboard_steps(run_dir) == list(range(1, 61))
 
 
+@pytest.mark.slow
 def test_a_hung_rank_is_requeued_and_resumes(slurm: Cluster, demo_data: Path,
                                              tmp_path: Path) -> None:
     """Rank 1 stops before step 4's first collective (once: the marker file lets the requeued
@@ -378,6 +381,7 @@ def test_a_hung_rank_is_requeued_and_resumes(slurm: Cluster, demo_data: Path,
     assert_resumed_at(second, run_dir, 2, 6)
 
 
+@pytest.mark.slow
 def test_failed_node_check_stops_the_job(slurm: Cluster, demo_data: Path,
                                          tmp_path: Path) -> None:
     job_id, status = submit_and_wait(slurm, tmp_path, tiny_overrides(demo_data, tmp_path / "run"),

@@ -34,6 +34,7 @@ def saved(tmp_path_factory) -> tuple[Path, dict]:
     # EP=2 chains a separate expert optimizer (one optimizer at EP=1): re-dealt on load.
     (2, ["parallel.ep=2"], False),
 ])
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_step(saved, tmp_path, nproc, layout, same):
     run_dir, reference = saved
     out = tmp_path / "resume.json"
@@ -58,6 +59,7 @@ def bytes_per_rank(checkpoint: Path) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 def test_an_async_save_resumes_bitwise_like_a_synchronous_one_and_reshards(saved, tmp_path):
     """Written in the background while two more steps train (held by the slow-write fault):
     `latest` appears only once it is complete, and it holds step 2, not what trained after.
@@ -96,6 +98,7 @@ def test_an_async_save_resumes_bitwise_like_a_synchronous_one_and_reshards(saved
                 assert abs(got[key] - reference[key]) <= 1e-5 * abs(reference[key]), key
 
 
+@pytest.mark.slow
 def test_a_changed_lr_on_resume_wins_over_the_checkpoints(saved, tmp_path):
     """`train.lr` changed between save and resume: the run continues on the new schedule
     (Megatron-Core 0.16 restored the checkpoint's peak LR silently; 0.19 found no matching
@@ -110,6 +113,7 @@ def test_a_changed_lr_on_resume_wins_over_the_checkpoints(saved, tmp_path):
     assert got["schedule_changes"] == ["max_lr 0.003 -> 0.001", "min_lr 0.0003 -> 0.0001"]
 
 
+@pytest.mark.slow
 def test_expert_parallel_checkpoint_loads_without_expert_parallelism(tmp_path):
     """The other direction: saved at EP=2 (a chained expert optimizer), resumed at EP=1."""
     run_dir = tmp_path / "run"
@@ -129,6 +133,7 @@ def test_expert_parallel_checkpoint_loads_without_expert_parallelism(tmp_path):
                                                   "next_grad_norm"))
 
 
+@pytest.mark.slow
 def test_init_from_loads_weights_only_into_another_layout(saved, tmp_path):
     run_dir, reference = saved
     out = tmp_path / "init.json"
@@ -141,6 +146,7 @@ def test_init_from_loads_weights_only_into_another_layout(saved, tmp_path):
     assert abs(got["next_loss"] - reference["next_loss"]) > 1e-4 * reference["next_loss"]
 
 
+@pytest.mark.slow
 def test_crash_during_save_keeps_the_previous_checkpoint(saved, tmp_path):
     reference = saved[1]
     run_dir = tmp_path / "run"

@@ -5,7 +5,7 @@ import pytest
 
 from tests._procs import run_ranks
 
-pytestmark = pytest.mark.mcore
+pytestmark = [pytest.mark.mcore, pytest.mark.slow]
 
 BUDGET = 8
 

@@ -15,6 +15,8 @@ import pytest
 from tests._procs import free_port, run_ranks, sigkill_at_line
 from tests import _procs
 
+pytestmark = pytest.mark.slow
+
 
 REPO = Path(__file__).resolve().parents[2]
 

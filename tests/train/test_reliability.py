@@ -33,6 +33,7 @@ def rank_command(data: Path, run_dir: Path, *overrides: str) -> list[str]:
             f"train.hang_timeout_s={TIMEOUT_S}", "train.hang_timeout_slow_s=120", *overrides]
 
 
+@pytest.mark.slow
 @pytest.mark.mcore
 @pytest.mark.multirank
 def test_a_rank_stopped_before_a_collective_ends_both_ranks_with_75(demo_data, tmp_path):
@@ -137,6 +138,7 @@ def scalars(run_dir: Path, tag: str) -> list[dict[int, float]]:
 ASYNC = ["checkpoint.async_save=true"]
 
 
+@pytest.mark.slow
 def test_async_saves_overlap_training_and_sigusr1_waits_for_the_write(demo_data, tmp_path):
     # Saves at 3 and 6 and the last step's, each held 1.5 s in the writer: the save of step 6
     # is due while step 3's is still being written, and waits for it (logged).
@@ -184,6 +186,7 @@ def test_async_saves_overlap_training_and_sigusr1_waits_for_the_write(demo_data,
     assert again.returncode == 0 and f"at step {stopped}" in again.stdout, again.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_write_resumes_bitwise_from_the_previous(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     steps = ["train.train_steps=6", "checkpoint.save_interval=2", *ASYNC]
