@@ -223,5 +223,11 @@ def _leave(code: int) -> None:
 if __name__ == "__main__":
     # Started as `python tests/_forkserver.py`: the repository, not tests/, goes on sys.path.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    preload()
-    serve(sys.argv[1])
+    try:
+        preload()
+        serve(sys.argv[1])
+    except BaseException as err:
+        # Clients wait for the socket; this tells them at once why it will not come.
+        with open(sys.argv[1] + ".failed", "w") as f:
+            f.write(f"{type(err).__name__}: {err}")
+        raise

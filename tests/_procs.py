@@ -265,6 +265,10 @@ def _wait_for_server(path: str, timeout: float = 180.0) -> str:
     """The server binds its socket once its imports are done (seconds after the suite starts)."""
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
+        if os.path.exists(path + ".failed"):
+            with open(path + ".failed") as f:
+                raise RuntimeError(f"the fork server did not start: {f.read()} (its log: "
+                                   f"{os.path.dirname(path)}/server.log)")
         if time.monotonic() > deadline:
             raise RuntimeError(f"fork server socket {path} did not appear in {timeout:.0f} s")
         time.sleep(0.05)
@@ -363,15 +367,26 @@ def outcome(fn: Any, *args: Any, **kwargs: Any) -> dict:
     return {"ok": True, "value": value}
 
 
-def _main() -> None:
-    module_file, case, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location("_case_module", module_file)
+def _load(module_file: str, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, module_file)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    result = getattr(module, case)(**kwargs)
+    return module
+
+
+def _main() -> None:
+    sys.path.insert(0, str(REPO))
+    if sys.argv[1] == "--main":
+        # A worker script's main(), with this light file as __main__: dist_checkpointing's
+        # writer starts a spawn-context Manager, whose child re-imports __main__ (here: the
+        # standard library only, instead of the worker's torch and Megatron-Core).
+        script, args = sys.argv[2], sys.argv[3:]
+        sys.argv = [script, *args]
+        sys.exit(_load(script, "_worker_module").main())
+    module_file, case, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    result = getattr(_load(module_file, "_case_module"), case)(**kwargs)
     print(_RESULT + json.dumps(result), flush=True)
 
 
@@ -383,12 +398,12 @@ if __name__ == "__main__":
 
 def torchrun(script: Path, nproc: int, *args: str, timeout: float = 600.0,
              check: bool = True, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run `script` as `nproc` gloo ranks with torchrun's variables (forked from the warm
-    server, without torchrun's agent); unless `check` is off, fail with their stderr when one
-    does not exit 0. The result carries the ranks' stdout and stderr, rank after rank, and
+    """Run `script`'s `main()` as `nproc` gloo ranks with torchrun's variables (forked from the
+    warm server, without torchrun's agent); unless `check` is off, fail with their stderr when
+    one does not exit 0. The result carries the ranks' stdout and stderr, rank after rank, and
     exit status 1 if any rank failed (as torchrun's). Each rank has its own session, killed
     whole at the end: a rank killed mid-save orphans dist_checkpointing's writers."""
-    cmd = [sys.executable, str(script), *args]
+    cmd = [sys.executable, __file__, "--main", str(script), *args]
     codes, logs = _run_world([cmd] * nproc, script.name, timeout, env, stderr_apart=True,
                              check=False)
     texts = []

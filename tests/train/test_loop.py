@@ -231,13 +231,18 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
 
 
 def torchrun_command(nproc: int, cmd: list[str]) -> list[str]:
-    """`command(...)` (python -m mm1_megatron.cli ARGS) as torchrun launch/train.py ARGS."""
+    """`command(...)` (python -m mm1_megatron.cli ARGS) as torchrun launch/train.py ARGS: the
+    suite's one run through torchrun's own agent (fresh interpreters)."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}", str(REPO / "launch" / "train.py"), *cmd[3:]]
 
 
-@pytest.mark.mcore
-@pytest.mark.multirank
+def ranks(nproc: int, cmd: list[str]) -> subprocess.CompletedProcess:
+    """`command(...)` as `nproc` ranks of launch/train.py with torchrun's variables, forked
+    from the suite's warm parent (the CompletedProcess of `run`)."""
+    return _procs.torchrun(REPO / "launch" / "train.py", nproc, *cmd[3:], check=False)
+
+
 def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data, tmp_path):
     """PP=2 (each stage owns one MoE layer; rank 0 logs both) for 2 steps, then one process
     continues: steps 3-4 match the uninterrupted PP=2 run within 1e-5 relative."""
@@ -252,8 +257,7 @@ def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data,
         assert len(scalars(whole, tag)) == 4, tag
 
     resharded = tmp_path / "resharded"
-    first = run(torchrun_command(2, command(demo_data, resharded, "train.train_steps=2",
-                                           "parallel.pp=2")))
+    first = ranks(2, command(demo_data, resharded, "train.train_steps=2", "parallel.pp=2"))
     assert first.returncode == 0, first.stderr[-3000:]
     # train_steps grows from 2 to 4 on resume: the config's LR schedule applies from here.
     rest = run(command(demo_data, resharded, "train.train_steps=4"))
@@ -268,8 +272,8 @@ def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data,
 def test_pipeline_stage_without_moe_layers_logs_and_finishes(demo_data, tmp_path):
     """MoE only on layer 1 of 4 (layer_freq=4) with PP=2: stage 1 has no router, yet the MoE
     metrics' collectives still line up across stages."""
-    result = run(torchrun_command(2, command(demo_data, tmp_path / "run", "train.train_steps=2",
-                                             "parallel.pp=2", "llm.moe.layer_freq=4")))
+    result = ranks(2, command(demo_data, tmp_path / "run", "train.train_steps=2",
+                              "parallel.pp=2", "llm.moe.layer_freq=4"))
     assert result.returncode == 0, result.stderr[-3000:]
     for tag in ("moe/z_loss/layer_1", "moe/load_balancing_loss/layer_1",
                 "moe/expert_load_imbalance/layer_1"):
@@ -303,7 +307,7 @@ def test_images_decoded_once_per_tp_group_and_on_the_first_stage_only(demo_data,
                                 ("tp2", 2, ["parallel.tp=2"]),
                                 ("pp2", 2, ["parallel.pp=2"])):
         cmd = command(data, tmp_path / name, *mixture, *layout, "train.train_steps=3")
-        result = run(torchrun_command(nproc, cmd) if nproc > 1 else cmd)
+        result = ranks(nproc, cmd) if nproc > 1 else run(cmd)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[name] = newest_scalars(tmp_path / name, "loss/lm")
         skipped = newest_scalars(tmp_path / name, "data/skipped_undecodable_image")
