@@ -44,6 +44,10 @@ SchedulerType=sched/backfill
 # Schedule every second, not every 60 s (main loop) / 30 s (backfill): a requeued job starts
 # as soon as its node is free instead of waiting for the next pass.
 SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=0
+# `sbatch --wait` polls the job after 2, 8, then every 32 s while its interval is under half of
+# MinJobAge (default 300): a 25 s job was noticed at 42 s. At 16 it polls every 8 s, and a
+# finished job's record still outlives the poll long enough for the tests' `scontrol show job`.
+MinJobAge=16
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
