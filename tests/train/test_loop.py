@@ -247,8 +247,7 @@ def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data,
     """PP=2 (each stage owns one MoE layer; rank 0 logs both) for 2 steps, then one process
     continues: steps 3-4 match the uninterrupted PP=2 run within 1e-5 relative."""
     whole = tmp_path / "whole"
-    uninterrupted = run(torchrun_command(2, command(demo_data, whole, "train.train_steps=4",
-                                                    "parallel.pp=2")))
+    uninterrupted = ranks(2, command(demo_data, whole, "train.train_steps=4", "parallel.pp=2"))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     reference = newest_scalars(whole, "loss/lm")
     assert sorted(reference) == [1, 2, 3, 4]  # computed on the last stage, logged on rank 0
@@ -272,8 +271,8 @@ def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data,
 def test_pipeline_stage_without_moe_layers_logs_and_finishes(demo_data, tmp_path):
     """MoE only on layer 1 of 4 (layer_freq=4) with PP=2: stage 1 has no router, yet the MoE
     metrics' collectives still line up across stages."""
-    result = ranks(2, command(demo_data, tmp_path / "run", "train.train_steps=2",
-                              "parallel.pp=2", "llm.moe.layer_freq=4"))
+    result = run(torchrun_command(2, command(demo_data, tmp_path / "run", "train.train_steps=2",
+                                             "parallel.pp=2", "llm.moe.layer_freq=4")))
     assert result.returncode == 0, result.stderr[-3000:]
     for tag in ("moe/z_loss/layer_1", "moe/load_balancing_loss/layer_1",
                 "moe/expert_load_imbalance/layer_1"):
