@@ -31,6 +31,22 @@ def names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
+@pytest.fixture(scope="module")
+def two_steps(demo_data, tmp_path_factory):
+    """The tiny run both tests below start from: 2 steps, a checkpoint after each. Each test
+    takes a copy, as a user moves a run directory (the command's run_dir is the one used)."""
+    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
+    first = train(demo_data, run_dir, "train.train_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "run", symlinks=True))
+
+
 def test_retention_keeps_the_newest_saves_not_the_highest_steps(tmp_path):
     root = tmp_path / "checkpoints"
     for name in ("step_00000010", "step_00000002", "step_00000003"):  # saved in this order
@@ -47,10 +63,8 @@ def test_retention_keeps_the_newest_saves_not_the_highest_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    first = train(demo_data, run_dir, "train.train_steps=2")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, two_steps, tmp_path):
+    run_dir = copy_of(two_steps, tmp_path)
     assert names(run_dir) == ["latest", "step_00000001", "step_00000002"]
     config = (run_dir / "config.yaml").read_bytes()
 
@@ -84,9 +98,8 @@ def test_start_over_restart_and_a_lost_latest_lose_nothing(demo_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    assert train(demo_data, run_dir, "train.train_steps=2").returncode == 0
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(demo_data, two_steps, tmp_path):
+    run_dir = copy_of(two_steps, tmp_path)
     step2 = run_dir / "checkpoints" / "step_00000002"
     assert (step2 / "files.json").is_file()  # sizes and end sums, written with the save
     # The Megatron-Core that wrote it is recorded; a later release's checkpoint is refused.
