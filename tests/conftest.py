@@ -79,7 +79,7 @@ def demo_data(tmp_path_factory) -> Path:
     """The README's demo dataset (real photos from scikit-image), built once per test run."""
     out = tmp_path_factory.mktemp("demo_data")
     _procs.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--output",
-                    str(out)], check=True, capture_output=True, timeout=300)
+                str(out)], check=True, capture_output=True, timeout=300)
     return out
 
 

@@ -76,7 +76,7 @@ def quick_run(tmp_path_factory):
     readme = tmp / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nstale\n{END}\nafter\n")
     out = _procs.run([sys.executable, "-m", "benchmarks", "--quick", "--only", *AB,
-                          "--markdown", str(tmp / "RESULTS.md"), "--readme", str(readme)],
+                      "--markdown", str(tmp / "RESULTS.md"), "--readme", str(readme)],
                      capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a benchmark said invalid
     results = {}

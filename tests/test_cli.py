@@ -58,7 +58,7 @@ def test_missing_config_file():
 def test_launch_script_is_the_same_main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = _procs.run([sys.executable, os.path.join(root, "launch", "train.py"),
-                          "--preset", "tiny", "--dry-run"], capture_output=True, text=True,
+                      "--preset", "tiny", "--dry-run"], capture_output=True, text=True,
                      timeout=120)
     assert out.returncode == 0, out.stderr
     assert "preset: tiny" in out.stdout

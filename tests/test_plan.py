@@ -104,7 +104,7 @@ def test_table_output_and_bad_layout():
                      capture_output=True, text=True, timeout=120, check=True).stdout
     assert "params total" in out and "peak lr" in out
     bad = _procs.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--preset", "mm1-30b",
-                          "parallel.tp=13"], capture_output=True, text=True, timeout=120)
+                      "parallel.tp=13"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "parallel.tp" in bad.stderr
 
 

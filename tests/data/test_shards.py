@@ -137,8 +137,8 @@ def test_prepare_skips_and_counts_bad_lines(tmp_path, images):
 def test_prepare_cli(tmp_path, images):
     jsonl = write_jsonl(tmp_path / "c.jsonl", _records("caption") + ["{broken"])
     out = _procs.run([sys.executable, "tools/prepare_data.py", "--kind", "caption",
-                          "--input", str(jsonl), "--images-root", str(images), "--output",
-                          str(tmp_path / "c"), "--shard-size-mb", "1", "--no-progress"],
+                      "--input", str(jsonl), "--images-root", str(images), "--output",
+                      str(tmp_path / "c"), "--shard-size-mb", "1", "--no-progress"],
                      cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "7 samples in 1 shards" in out.stdout and "'bad_json': 1" in out.stdout

@@ -93,14 +93,14 @@ def test_train_tokenizer_cli_from_text_and_shards(tmp_path):
                         [{"text": "Shard text about zebras and a xylophone."}] * 5)
     prepare("text", [jsonl], tmp_path, tmp_path / "text", progress=False)
     out = _procs.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus),
-                          str(tmp_path / "text"), "--vocab-size", "350", "--soft-vocab",
-                          "--output", str(tmp_path / "cli")],
+                      str(tmp_path / "text"), "--vocab-size", "350", "--soft-vocab",
+                      "--output", str(tmp_path / "cli")],
                      cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     tok = Tokenizer.load(tmp_path / "cli.model")
     # The shard's text was part of the training data: its rare word is a learned piece.
     assert len(tok.encode("zebras")) < len("zebras")
     bad = _procs.run([sys.executable, "tools/train_tokenizer.py", "--input", "nope.txt",
-                          "--vocab-size", "300", "--output", str(tmp_path / "x")],
+                      "--vocab-size", "300", "--output", str(tmp_path / "x")],
                      cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "nope.txt: no such file" in bad.stderr

@@ -51,7 +51,7 @@ def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dic
 def tasks(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tasks")
     _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
-                    str(demo_data), "--output", str(out)], check=True, capture_output=True)
+                str(demo_data), "--output", str(out)], check=True, capture_output=True)
     return out
 
 

@@ -147,7 +147,7 @@ def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
     root, _, _ = ep2_run
     tasks = root / "tasks"
     _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
-                    str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
+                str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
     from tests.evaluation.common import EVAL_OVERRIDES
     from tests.model._parity_worker import BASE
 
@@ -176,7 +176,7 @@ def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, de
     root, _, _ = ep2_run
     tasks = root / "tasks_missing"
     _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
-                    str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
+                str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
     lines = (tasks / "caption.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     first["image"] = "images/not-there.jpg"

@@ -162,7 +162,7 @@ def test_async_saves_overlap_training_and_sigusr1_waits_for_the_write(demo_data,
     # SIGUSR1 while a save is in flight: exit 75 only once it and the stop's save are written.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", SLOW_SAVE: "3"}
     proc = _procs.popen(rank_command(demo_data, run_dir, "train.train_steps=200",
-                                         "checkpoint.save_interval=10", *ASYNC),
+                                     "checkpoint.save_interval=10", *ASYNC),
                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         text=True)
     lines = []
