@@ -29,9 +29,12 @@ import sys
 import threading
 import warnings
 
-# The interpreter's own warning filters (the server starts without PYTHONWARNINGS): each child
-# starts from these and adds its PYTHONWARNINGS, as a fresh interpreter would.
+# The interpreter's own warning filters (the server starts without PYTHONWARNINGS). A child gets
+# the filters the preloaded libraries added at import, then its PYTHONWARNINGS, then these: the
+# order a fresh interpreter builds them in.
 _DEFAULT_FILTERS = list(warnings.filters)
+_LIBRARY_FILTERS: list = []
+_SERVER_THREADS = os.environ.get("OMP_NUM_THREADS")  # what OpenMP read as torch loaded here
 
 # What every test process would otherwise import itself (4-6 s on CI's machine). Nothing that
 # reads the environment at import time for a behaviour a test sets per process (transformers /
@@ -60,10 +63,15 @@ _MAX_MESSAGE = 1 << 20
 def preload() -> None:
     import importlib
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Megatron-Core's "TE/apex not installed" notices
-        for name in PRELOAD:
-            importlib.import_module(name)
+    # Import-time warnings (Megatron-Core's "TE/apex not installed") go to the server's log.
+    for name in PRELOAD:
+        importlib.import_module(name)
+    _LIBRARY_FILTERS[:] = [f for f in warnings.filters if f not in _DEFAULT_FILTERS]
+    # What the docstring promises, checked: a child must import these with its own environment.
+    early = [m for m in ("transformers", "huggingface_hub") if m in sys.modules]
+    if early:
+        raise SystemExit(f"forkserver: {early} imported by the preload; they read the "
+                         "environment at import (HF_HUB_OFFLINE) and must load in the children")
 
 
 def serve(path: str) -> None:
@@ -74,15 +82,19 @@ def serve(path: str) -> None:
     listener.bind(path + ".tmp")
     os.rename(path + ".tmp", path)  # clients wait for the path: it appears when ready
     listener.listen(64)
+    parent = os.getppid()
     children: dict[int, socket.socket] = {}
-    while True:
+    while os.getppid() == parent:  # pytest gone (killed): so are we, and our children
         ready, _, _ = select.select([listener], [], [], 0.02)
         if ready:
             conn, _ = listener.accept()
             try:
-                pid = _start(conn, listener)
+                pid = _start(conn, listener, children)
             except Exception as err:  # noqa: BLE001 - the client gets the reason
-                conn.send(json.dumps({"error": f"{type(err).__name__}: {err}"}).encode())
+                try:
+                    conn.send(json.dumps({"error": f"{type(err).__name__}: {err}"}).encode())
+                except OSError:
+                    pass  # that client went away; the others must not lose their server
                 conn.close()
             else:
                 children[pid] = conn
@@ -103,19 +115,28 @@ def serve(path: str) -> None:
                 conn.close()
 
 
-def _start(conn: socket.socket, listener: socket.socket) -> int:
+def _start(conn: socket.socket, listener: socket.socket,
+           children: dict[int, socket.socket]) -> int:
     data, fds, _, _ = socket.recv_fds(conn, _MAX_MESSAGE, 3)
     request = json.loads(data)
     if len(fds) != 3:
         raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
     pid = os.fork()
     if pid == 0:
-        listener.close()
-        conn.close()
-        _child(request, fds)  # never returns
+        try:
+            # The server's ends of every connection stay with the server: a child (or the
+            # checkpoint writers it forks) holding one would hide the server's exit.
+            for sock in (listener, conn, *children.values()):
+                sock.close()
+            _child(request, fds)  # leaves with os._exit
+        finally:
+            os._exit(1)
     for fd in fds:
         os.close(fd)
-    conn.send(json.dumps({"pid": pid}).encode())
+    try:
+        conn.send(json.dumps({"pid": pid}).encode())
+    except OSError:
+        pass  # the client went away; the child runs and is reaped all the same
     return pid
 
 
@@ -143,9 +164,10 @@ def _run_child(request: dict, fds: list[int]) -> int:
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    sys.stdin = open(0, closefd=False)
-    sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)
-    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    sys.stdin = sys.__stdin__ = open(0, closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False,
+                                       buffering=1 if os.isatty(1) else -1)
+    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False, buffering=1)
     os.environ.clear()  # in place: modules hold the os.environ object itself
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
@@ -164,9 +186,11 @@ def _run_child(request: dict, fds: list[int]) -> int:
             warnings.filterwarnings("ignore", message=".*found in sys.modules after import",
                                     category=RuntimeWarning)
             runpy.run_module(name, run_name="__main__", alter_sys=True)
-    elif kind == "script":  # python FILE: sys.path[0] is the file's folder
-        sys.path.insert(0, os.path.dirname(os.path.abspath(name)))
-        runpy.run_path(name, run_name="__main__")
+    elif kind == "script":  # python FILE: sys.path[0] is the file's folder, __file__ absolute
+        path = os.path.abspath(name)
+        sys.path.insert(0, os.path.dirname(path))
+        runpy.run_path(path, run_name="__main__")
+        sys.argv[0] = name
     elif kind == "entry_point":  # a console script: MODULE:FUNCTION
         import importlib
 
@@ -186,12 +210,17 @@ def _apply_process_settings(env: dict) -> None:
     import torch
 
     warnings.filters[:] = _DEFAULT_FILTERS
-    warnings._filters_mutated()
     for option in filter(None, env.get("PYTHONWARNINGS", "").split(",")):
         warnings._setoption(option)  # the same parser the interpreter uses for -W
+    warnings.filters[:0] = _LIBRARY_FILTERS
+    warnings._filters_mutated()
+    # OpenMP read the server's OMP_NUM_THREADS when torch loaded; torch's pool does not exist
+    # yet, so a child sized by its own variable gets exactly that (unset: the same default).
     threads = env.get("OMP_NUM_THREADS")
-    torch.set_num_threads(int(threads) if threads and threads.isdigit()
-                          else len(os.sched_getaffinity(0)))
+    if threads and threads.isdigit() and threads != _SERVER_THREADS:
+        torch.set_num_threads(int(threads))
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()  # a fresh interpreter's numpy draws its own seed
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -210,6 +239,7 @@ def _leave(code: int) -> None:
     import atexit
 
     try:
+        threading._shutdown()  # as the interpreter does: join non-daemon threads first
         atexit._run_exitfuncs()  # multiprocessing's finalizers (Managers) among them
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -223,6 +253,9 @@ def _leave(code: int) -> None:
 if __name__ == "__main__":
     # Started as `python tests/_forkserver.py`: the repository, not tests/, goes on sys.path.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: with pytest
     try:
         preload()
         serve(sys.argv[1])

@@ -35,6 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 _RESULT = "@@CASE_RESULT@@"
 FORKSERVER_ENV = "MM1_TEST_FORKSERVER"  # the server's socket path, set by conftest
 FORK_ENV = "MM1_TEST_FORK"  # "0": every process is a fresh interpreter (debugging, A/B)
+# What an interpreter reads from its environment once, at start-up or at its first import of a
+# library (the server did both long ago): a process that asks for other values starts fresh.
+STARTUP_VARS = ("PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONIOENCODING",
+                "PYTHONSAFEPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "MKL_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def startup_env(environ: dict) -> dict:
+    return {var: environ.get(var, "") for var in (*STARTUP_VARS, "OMP_NUM_THREADS")}
 
 
 def free_port() -> int:
@@ -59,27 +68,36 @@ def fork_target(cmd: list[str]) -> Optional[tuple[str, str]]:
         if cmd[1].endswith(".py") and not cmd[1].startswith("-"):
             return ("script", cmd[1])
         return None
+    import shutil
     from importlib.metadata import entry_points
 
     name = os.path.basename(cmd[0])
     found = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
-    if found and (os.sep not in cmd[0] or Path(cmd[0]).resolve().parent
-                  == Path(sys.executable).resolve().parent):
+    # The script of this interpreter's installation: by name, as PATH finds it (a pyenv shim
+    # included), or beside the interpreter.
+    ours = {name, shutil.which(name), os.path.join(os.path.dirname(sys.executable), name)}
+    if found and cmd[0] in ours:
         return ("entry_point", found[0].value)
     return None
 
 
 def _server_path(env: dict) -> Optional[str]:
     """The server's socket, if this process may be forked from it: the suite did not turn
-    forking off, and `env` puts nothing on sys.path that the server's imports did not see
-    (a stray `apex` folder, say, changes what Megatron-Core imports)."""
+    forking off, `env` puts nothing on sys.path that the server's imports did not see (a stray
+    `apex` folder, say, changes what Megatron-Core imports), and asks for the start-up
+    settings the server has."""
     path = os.environ.get(FORKSERVER_ENV)
     if not path or os.environ.get(FORK_ENV) == "0":
         return None
-    served = set(os.environ.get("MM1_TEST_FORKSERVER_PYTHONPATH", "").split(os.pathsep))
-    served |= {str(REPO), ""}
+    server = json.loads(os.environ.get(FORKSERVER_ENV + "_STARTUP", "{}"))
+    served = set(server.get("PYTHONPATH", "").split(os.pathsep)) | {str(REPO), ""}
     if any(p not in served for p in env.get("PYTHONPATH", "").split(os.pathsep)):
         return None
+    wanted = startup_env(env)
+    if any(wanted[var] != server.get(var, "") for var in STARTUP_VARS if var != "PYTHONPATH"):
+        return None
+    if server.get("OMP_NUM_THREADS") and not env.get("OMP_NUM_THREADS"):
+        return None  # a child sets its own count; the default it would then get is not ours
     return path
 
 
@@ -157,12 +175,17 @@ class ForkedProcess:
         try:
             self._conn.connect(_wait_for_server(server))
             socket.send_fds(self._conn, [json.dumps(request).encode()], child_fds)
-            reply = json.loads(self._conn.recv(1 << 16))
+            reply = json.loads(self._conn.recv(1 << 16) or b"{}")
+            if "pid" not in reply:
+                raise RuntimeError(f"fork server refused {cmd}: {reply.get('error')}")
+        except BaseException:
+            self._conn.close()
+            for fd in mine.values():
+                os.close(fd)
+            raise
         finally:
             for fd in opened:
                 os.close(fd)
-        if "pid" not in reply:
-            raise RuntimeError(f"fork server refused {cmd}: {reply.get('error')}")
         self.pid = reply["pid"]
         mode = {"stdin": "w", "stdout": "r", "stderr": "r"}
         for name, fd in mine.items():
@@ -210,9 +233,12 @@ class ForkedProcess:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.stdin is not None:
-            if input:
-                self.stdin.write(input)
-            self.stdin.close()
+            try:
+                if input:
+                    self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError:
+                pass  # the child exited without reading it, as subprocess allows
         streams = {s: [] for s in (self.stdout, self.stderr) if s is not None}
         with selectors.DefaultSelector() as sel:
             for stream in streams:
@@ -261,6 +287,14 @@ def _child_argv(cmd: list[str], target: tuple[str, str]) -> list[str]:
     return cmd
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_for_server(path: str, timeout: float = 180.0) -> str:
     """The server binds its socket once its imports are done (seconds after the suite starts)."""
     deadline = time.monotonic() + timeout
@@ -269,6 +303,10 @@ def _wait_for_server(path: str, timeout: float = 180.0) -> str:
             with open(path + ".failed") as f:
                 raise RuntimeError(f"the fork server did not start: {f.read()} (its log: "
                                    f"{os.path.dirname(path)}/server.log)")
+        pid = int(os.environ.get(FORKSERVER_ENV + "_PID", "0"))
+        if pid and not _alive(pid):
+            raise RuntimeError(f"the fork server (pid {pid}) died while starting (its log: "
+                               f"{os.path.dirname(path)}/server.log)")
         if time.monotonic() > deadline:
             raise RuntimeError(f"fork server socket {path} did not appear in {timeout:.0f} s")
         time.sleep(0.05)

@@ -20,7 +20,9 @@ def pytest_configure(config):
     import os
     import tempfile
 
-    from tests._procs import FORK_ENV, FORKSERVER_ENV
+    import json
+
+    from tests._procs import FORK_ENV, FORKSERVER_ENV, startup_env
 
     if os.environ.get(FORK_ENV) == "0" or os.environ.get(FORKSERVER_ENV):
         return
@@ -32,7 +34,8 @@ def pytest_configure(config):
                               env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                               cwd=str(REPO))
     os.environ[FORKSERVER_ENV] = path
-    os.environ["MM1_TEST_FORKSERVER_PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    os.environ[FORKSERVER_ENV + "_PID"] = str(server.pid)
+    os.environ[FORKSERVER_ENV + "_STARTUP"] = json.dumps(startup_env(env))
     config._mm1_forkserver = (server, folder, log)
 
 
@@ -48,6 +51,8 @@ def pytest_unconfigure(config):
     server.wait()
     log.close()
     os.environ.pop("MM1_TEST_FORKSERVER", None)
+    os.environ.pop("MM1_TEST_FORKSERVER_PID", None)
+    os.environ.pop("MM1_TEST_FORKSERVER_STARTUP", None)
     shutil.rmtree(folder, ignore_errors=True)
 
 

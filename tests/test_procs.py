@@ -26,7 +26,8 @@ REPORT = textwrap.dedent("""
         "session": os.getsid(0), "x": os.environ.get("MM1_X"),
         "threads": torch.get_num_threads(), "path0": sys.path[0],
         "warm": "megatron.core" in sys.modules,
-        "filters": [f[0] for f in warnings.filters[:1]],
+        "ignore_all": any(f[0] == "ignore" and f[1] is None and f[2] is Warning
+                          and f[3] is None for f in warnings.filters),
         "stdin": sys.stdin.read()}))
 """)
 
@@ -50,11 +51,11 @@ def test_a_forked_script_sees_its_own_argv_env_cwd_threads_and_stdin(tmp_path):
     assert got["cwd"] == str(tmp_path) and got["path0"] == str(tmp_path)
     assert got["pid"] != os.getpid() and got["x"] == "forked" and got["threads"] == 1
     assert got["stdin"] == "from stdin"
-    assert got["filters"] == ["default"]  # the interpreter's own first filter, not "ignore"
+    assert not got["ignore_all"]  # no PYTHONWARNINGS: no catch-all "ignore" (none left by us)
     ignoring = _procs.run([sys.executable, str(path)], env={**env, "PYTHONWARNINGS": "ignore",
                                                             "OMP_NUM_THREADS": "2"},
                           capture_output=True, text=True, timeout=60)
-    assert json.loads(ignoring.stdout)["filters"] == ["ignore"]
+    assert json.loads(ignoring.stdout)["ignore_all"]
     assert json.loads(ignoring.stdout)["threads"] == 2
 
 
@@ -69,6 +70,10 @@ def test_fresh_and_unseen_pythonpath_start_a_new_interpreter(tmp_path):
     unseen = _procs.run([sys.executable, str(path)], env=other, capture_output=True, text=True,
                         timeout=120)
     assert not json.loads(unseen.stdout)["warm"]
+    # Read once at start-up: a process that asks for another hash seed gets an interpreter.
+    seeded = _procs.run([sys.executable, str(path)], env={**os.environ, "PYTHONHASHSEED": "7"},
+                        capture_output=True, text=True, timeout=120)
+    assert not json.loads(seeded.stdout)["warm"]
 
 
 @pytest.mark.parametrize("body, code, err", [
@@ -104,6 +109,16 @@ def test_signals_pipes_and_sessions_reach_the_child(tmp_path):
     finally:
         proc.kill()
         proc.stdout.close()
+
+
+def test_console_scripts_fork_by_name_or_by_the_path_PATH_gives():
+    import shutil
+
+    for cmd in ("mm1-train", shutil.which("mm1-train")):
+        assert _procs.fork_target([cmd, "--help"]) == ("entry_point", "mm1_megatron.cli:main")
+    assert _procs.fork_target(["/elsewhere/bin/mm1-train"]) is None  # another installation
+    assert _procs.fork_target(["bash", "-c", "true"]) is None
+    assert _procs.fork_target([sys.executable, "-c", "pass"]) is None
 
 
 def test_modules_and_console_scripts_run_as_main():

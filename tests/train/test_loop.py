@@ -243,6 +243,8 @@ def ranks(nproc: int, cmd: list[str]) -> subprocess.CompletedProcess:
     return _procs.torchrun(REPO / "launch" / "train.py", nproc, *cmd[3:], check=False)
 
 
+@pytest.mark.mcore
+@pytest.mark.multirank
 def test_pipeline_run_logs_every_moe_layer_and_resumes_in_one_process(demo_data, tmp_path):
     """PP=2 (each stage owns one MoE layer; rank 0 logs both) for 2 steps, then one process
     continues: steps 3-4 match the uninterrupted PP=2 run within 1e-5 relative."""
