@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.multirank]
+pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -253,6 +253,7 @@ def test_not_in_slurm_refuses_to_launch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multirank
 def test_sbatch_trains_on_cpu_with_gloo(slurm: Cluster, demo_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     job_id, status = submit_and_wait(
@@ -334,6 +335,7 @@ def assert_resumed_at(second: str, run_dir: Path, saved: int, last: int) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.multirank
 def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
                                                tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -356,6 +358,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm: Cluster, demo_data: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.multirank
 def test_a_hung_rank_is_requeued_and_resumes(slurm: Cluster, demo_data: Path,
                                              tmp_path: Path) -> None:
     """Rank 1 stops before step 4's first collective (once: the marker file lets the requeued
