@@ -154,11 +154,14 @@ def _child(request: dict, fds: list[int]) -> None:
         _leave(code)
 
 
-def _run_child(request: dict, fds: list[int]) -> int:
+def _die_with_parent() -> None:
     import ctypes
 
-    # The child dies with the server (an orphan would outlive the suite).
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+
+
+def _run_child(request: dict, fds: list[int]) -> int:
+    _die_with_parent()  # an orphan of the server would outlive the suite
     if request.get("new_session"):
         os.setsid()
     for target, fd in enumerate(fds):
@@ -187,10 +190,10 @@ def _run_child(request: dict, fds: list[int]) -> int:
                                     category=RuntimeWarning)
             runpy.run_module(name, run_name="__main__", alter_sys=True)
     elif kind == "script":  # python FILE: sys.path[0] is the file's folder, __file__ absolute
+        # (runpy puts the absolute path in argv[0] too, where an interpreter keeps it as given)
         path = os.path.abspath(name)
         sys.path.insert(0, os.path.dirname(path))
         runpy.run_path(path, run_name="__main__")
-        sys.argv[0] = name
     elif kind == "entry_point":  # a console script: MODULE:FUNCTION
         import importlib
 
@@ -253,9 +256,7 @@ def _leave(code: int) -> None:
 if __name__ == "__main__":
     # Started as `python tests/_forkserver.py`: the repository, not tests/, goes on sys.path.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: with pytest
+    _die_with_parent()  # pytest killed: the server and its children go too
     try:
         preload()
         serve(sys.argv[1])

@@ -151,9 +151,8 @@ class ForkedProcess:
         self.args = cmd
         self.returncode: Optional[int] = None
         self.stdin = self.stdout = self.stderr = None
-        opened: list[int] = []  # ends of pipes the child gets; closed here once sent
-        child_fds = []
-        mine = {}
+        child_fds = []  # what the child gets as 0, 1, 2: ours to close once sent
+        mine = {}  # our ends of the pipes
         for name, spec in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
             if spec is None:
                 child_fds.append(os.dup({"stdin": 0, "stdout": 1, "stderr": 2}[name]))
@@ -168,7 +167,6 @@ class ForkedProcess:
                 child_fds.append(os.dup(child_fds[1]))
             else:
                 child_fds.append(os.dup(spec if isinstance(spec, int) else spec.fileno()))
-        opened += child_fds
         request = {"argv": _child_argv(cmd, target), "env": env, "cwd": cwd,
                    "target": list(target), "new_session": start_new_session}
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -184,7 +182,7 @@ class ForkedProcess:
                 os.close(fd)
             raise
         finally:
-            for fd in opened:
+            for fd in child_fds:
                 os.close(fd)
         self.pid = reply["pid"]
         mode = {"stdin": "w", "stdout": "r", "stderr": "r"}

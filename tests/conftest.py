@@ -17,10 +17,9 @@ def pytest_configure(config):
     """Start the fork server first: its imports (about 5 s) overlap collection, and every test
     process forks from it (tests/_forkserver.py, tests/_procs.py). A pytest-xdist worker or
     a nested pytest reuses the one already named in the environment."""
+    import json
     import os
     import tempfile
-
-    import json
 
     from tests._procs import FORK_ENV, FORKSERVER_ENV, startup_env
 
@@ -50,9 +49,8 @@ def pytest_unconfigure(config):
     server.kill()  # its children die with it (PR_SET_PDEATHSIG)
     server.wait()
     log.close()
-    os.environ.pop("MM1_TEST_FORKSERVER", None)
-    os.environ.pop("MM1_TEST_FORKSERVER_PID", None)
-    os.environ.pop("MM1_TEST_FORKSERVER_STARTUP", None)
+    for suffix in ("", "_PID", "_STARTUP"):
+        os.environ.pop(_procs.FORKSERVER_ENV + suffix, None)
     shutil.rmtree(folder, ignore_errors=True)
 
 

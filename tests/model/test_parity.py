@@ -64,7 +64,7 @@ EXTRA = {"ep2_allgather": (2, ["parallel.ep=2", "llm.moe.dispatcher=allgather"])
                                  "parallel.virtual_stages=2"])}
 # The connectors are plain torch: the layouts reach Megatron-Core's version-dependent code the
 # same way with each, so only the C-Abstractor's cases are marked `mcore`.
-# The quick loop (-m "not slow") keeps one grid row: the C-Abstractor at TP2xPP2 and PP=2.
+# The quick loop (-m "not slow") keeps two of its cases: the C-Abstractor at TP2xPP2 and PP=2.
 QUICK = {("c_abstractor", "tp2xpp2"), ("c_abstractor", "pp2")}
 
 
