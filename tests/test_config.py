@@ -29,6 +29,33 @@ def test_every_preset_validates(name):
     _check(cfg)  # planned for H100s: the 30B trains in FP8
 
 
+def test_a_misspelled_field_in_a_derived_preset_raises():
+    from mm1_megatron.config import presets
+
+    with pytest.raises(TypeError, match="globl_batch_size"):
+        presets._sft("tiny", globl_batch_size=8)
+    with pytest.raises(TypeError, match="tpp"):
+        presets._with_layout(get_preset("tiny"), vision_recompute="none", tpp=2)
+
+
+def test_presets_never_assign_to_config_fields():
+    """Assignment (`cfg.train.lr = ...`, setattr) would take a misspelled name silently;
+    presets change fields with dataclasses.replace, which refuses one."""
+    import ast
+    import inspect
+
+    from mm1_megatron.config import presets
+
+    tree = ast.parse(inspect.getsource(presets))
+    offenders = [node.lineno for node in ast.walk(tree)
+                 if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                 and any(isinstance(t, ast.Attribute) for target in
+                         (node.targets if isinstance(node, ast.Assign) else [node.target])
+                         for t in ast.walk(target))
+                 or isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr"]
+    assert offenders == [], f"config/presets.py assigns to fields at lines {offenders}"
+
+
 def test_presets_are_independent_copies():
     a, b = get_preset("mm1-3b"), get_preset("mm1-3b-moe64")
     a.llm.hidden_size = 1

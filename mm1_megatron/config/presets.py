@@ -1,9 +1,12 @@
-"""The preset registry: `PRESETS` and `get_preset`, built in code from the schema."""
+"""The preset registry: `PRESETS` and `get_preset`, built in code from the schema.
+
+Presets derived from others change fields with `replace` (dataclasses.replace), never by
+assignment: a misspelled field name raises instead of adding an attribute nobody reads."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from mm1_megatron.config.schema import (CheckpointConfig, Config, ConfigError, ConnectorConfig,
@@ -89,7 +92,7 @@ _LLM_30B = LLMConfig(num_layers=52, hidden_size=7168, num_attention_heads=56,
 
 
 def _with_moe(llm: LLMConfig, num_experts: int, layer_freq: int) -> LLMConfig:
-    return dataclasses.replace(llm, moe=MoEConfig(num_experts=num_experts, layer_freq=layer_freq))
+    return replace(llm, moe=MoEConfig(num_experts=num_experts, layer_freq=layer_freq))
 
 
 PRESETS: dict[str, Callable[[], Config]] = {
@@ -119,43 +122,35 @@ PRESETS: dict[str, Callable[[], Config]] = {
 # from a pre-training run (checkpoint.init_from, a run dir or a checkpoint).
 def _sft(base: str, **train: Any) -> Config:
     cfg = PRESETS[base]()
-    cfg.preset, cfg.run_dir = f"{base}-sft", f"runs/{base}-sft"
-    d = cfg.data
-    d.weight_interleaved = d.weight_caption = d.weight_text = 0.0
-    d.weight_sft = 1.0
-    # 1344 px as a 672 px overview + 2 x 2 672 px tiles: 720 tokens per image (MM1 §5), so
-    # two images per 2048-token row.
-    cfg.vision.tiling, cfg.vision.image_size = "sphinx", 672
-    d.seq_length, d.max_images_per_sequence = 2048, 2
-    t = cfg.train
-    settings = dict(global_batch_size=128, train_steps=5200, lr=2e-5, warmup_steps=156,
-                    min_lr_ratio=0.0, weight_decay_ratio=0.0)
-    settings.update(train)
-    for key, value in settings.items():
-        setattr(t, key, value)
-    cfg.checkpoint.init_from = f"runs/{base}"
-    cfg.eval.chat, cfg.eval.shots = True, "0"  # eval.tasks, when given, in the chat format
-    return cfg
+    train = {**dict(global_batch_size=128, train_steps=5200, lr=2e-5, warmup_steps=156,
+                    min_lr_ratio=0.0, weight_decay_ratio=0.0), **train}
+    return replace(
+        cfg, preset=f"{base}-sft", run_dir=f"runs/{base}-sft",
+        # 1344 px as a 672 px overview + 2 x 2 672 px tiles: 720 tokens per image (MM1 §5),
+        # so two images per 2048-token row.
+        vision=replace(cfg.vision, tiling="sphinx", image_size=672),
+        data=replace(cfg.data, weight_interleaved=0.0, weight_caption=0.0, weight_text=0.0,
+                     weight_sft=1.0, seq_length=2048, max_images_per_sequence=2),
+        train=replace(cfg.train, **train),
+        checkpoint=replace(cfg.checkpoint, init_from=f"runs/{base}"),
+        eval=replace(cfg.eval, chat=True, shots="0"))  # eval.tasks, when given, as chats
 
 
 def _with_layout(cfg: Config, vision_recompute: Recompute, **parallel: Any) -> Config:
-    for key, value in parallel.items():
-        setattr(cfg.parallel, key, value)
-    cfg.vision.recompute = vision_recompute
-    return cfg
+    return replace(cfg, parallel=replace(cfg.parallel, **parallel),
+                   vision=replace(cfg.vision, recompute=vision_recompute))
 
 
 def _demo_sft() -> Config:
     """`demo-sft`: the demo model fine-tuned on demo_data/sft from runs/demo (minutes on CPU)."""
     cfg = _sft("demo", global_batch_size=8, train_steps=40, lr=2e-4, warmup_steps=4)
-    cfg.data.seq_length = 256  # the demo model's own (its conversations are short)
     # MM1's high resolution at demo scale: 168 px tiles (the 112 px ViT's position tables
     # interpolated, as 378 -> 672 in MM1), overview + 2 x 2 of the 336 px resize, 5 x 16 = 80
-    # tokens per image, two images per 256-token row.
-    cfg.vision.tiling, cfg.vision.image_size = "sphinx", 168
-    cfg.data.max_images_per_sequence = 2
-    cfg.checkpoint.save_interval = 20
-    return cfg
+    # tokens per image, two images per 256-token row; 256 tokens, the demo model's own (its
+    # conversations are short).
+    return replace(cfg, vision=replace(cfg.vision, image_size=168),
+                   data=replace(cfg.data, seq_length=256),
+                   checkpoint=replace(cfg.checkpoint, save_interval=20))
 
 
 PRESETS.update({
