@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_save.py [--repeats 7 --warmup 2 --saves 3] [--quick]
 
 One process, one Trainer on the demo preset (`--quick`: a smaller demo model, 2 saves per
-round). Both sides run the real `Trainer.run_step` and `Trainer.save` on the same trainer; they
+round). Both sides run the real `Trainer.run_step` and `CheckpointManager.save` on the same trainer; they
 differ only in the checkpointer: `sync` writes in `save_checkpoint`, `async` starts Megatron-Core's
 async dist_checkpointing save (`checkpoint.async_save=true`, checkpoint.state.AsyncCheckpointer)
 and the loop goes on while a background process writes it. A round of either side is
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    *(QUICK if args.quick else [])])
         trainer = Trainer(cfg, callbacks=[])  # saves are called by the rounds themselves
         trainer.setup()
-        async_checkpointer = trainer.checkpointer
+        async_checkpointer = trainer.checkpoints.checkpointer
         assert isinstance(async_checkpointer, AsyncCheckpointer)
         micro = num_microbatches(cfg)
         threads = torch.get_num_threads()
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def side(kind: str) -> Callable[[], float]:
             def run() -> float:
-                trainer.checkpointer = async_checkpointer if kind == "async" else None
+                trainer.checkpoints.checkpointer = async_checkpointer if kind == "async" else None
                 seen_threads.add(torch.get_num_threads())
                 written: list[float] = []  # the saves completed, as the trainer timed them
                 start = time.perf_counter()
@@ -111,19 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
                         metrics = trainer.run_step()
                         written.append(metrics.checkpoint.get("checkpoint_write_s", 0.0))
                     t0 = time.perf_counter()
-                    trainer.save()
+                    trainer.checkpoints.save(trainer.step)
                     blocking[kind].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                trainer.finish_saves(blocking=True)  # the round's last save, on disk
+                trainer.checkpoints.finish(blocking=True)  # the round's last save, on disk
                 if kind == "async":
                     drain_s.append(time.perf_counter() - t0)
                 seconds = time.perf_counter() - start
-                written.append(trainer.checkpoint_times.pop("checkpoint_write_s", 0.0))
-                trainer.checkpoint_times.clear()  # the round's metrics are its own
+                written.append(trainer.checkpoints.times.pop("checkpoint_write_s", 0.0))
+                trainer.checkpoints.times.clear()  # the round's metrics are its own
                 if kind == "async":
                     write_s.append(sum(written) / args.saves)
                 latest = latest_checkpoint(trainer.run_dir)
-                complete.append(trainer.last_saved_step == trainer.step and latest is not None
+                complete.append(trainer.checkpoints.last_saved_step == trainer.step and latest is not None
                                 and latest == checkpoint_root(trainer.run_dir)
                                 / step_dir_name(trainer.step) and damage(latest) is None)
                 return steps_per_round / seconds

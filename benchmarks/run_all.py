@@ -1,11 +1,11 @@
 """Run every benchmark; print one table and each benchmark's JSON line.
 
-    python -m benchmarks [--quick] [--only NAME ...] [--markdown FILE] [--readme PATH]
+    python -m benchmarks [--quick] [--only NAME ...] [--markdown FILE] [--page PATH]
 
 Each benchmark runs in a fresh process, one after the other (they share the cores), and its
-last line (JSON, benchmarks/measure.py) is collected. `--markdown FILE` writes the README's
-performance section (table, date, commit, machine); `--readme PATH` puts that section between
-the markers `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` of PATH.
+last line (JSON, benchmarks/measure.py) is collected. `--markdown FILE` writes the results
+section (table, date, commit, machine); `--page docs/performance.md` puts that section between
+the markers `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` of the page.
 data_at_scale always runs in its quick mode here (its full sweep over a 50M-sample index takes
 far longer than the others; run it alone), and it is no A/B: its row is the loader's CPU
 seconds per step at the largest DP size against the planner's modelled step of the fastest
@@ -154,8 +154,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="every benchmark's quick mode")
     ap.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="just these")
-    ap.add_argument("--markdown", type=Path, help="write the README section to this file")
-    ap.add_argument("--readme", type=Path, help="replace the section between the markers")
+    ap.add_argument("--markdown", type=Path, help="write the results section to this file")
+    ap.add_argument("--page", type=Path,
+                    help="replace the section between the markers (docs/performance.md)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per benchmark, seconds")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -170,12 +171,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table(rows, markdown=False))
     for result in results:
         print(json.dumps(result))
-    if args.markdown or args.readme:
+    if args.markdown or args.page:
         section = markdown_section(rows, results, args.quick, time.perf_counter() - start)
         if args.markdown:
             args.markdown.write_text(section)
-        if args.readme:
-            replace_between_markers(args.readme, section)
+        if args.page:
+            replace_between_markers(args.page, section)
     return 0 if all(r["valid"] for r in rows) else 1
 
 

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         prebuilt = [list(itertools.islice(trainer.batches, micro)) for _ in range(rounds)]
         loader_s = (time.perf_counter() - t0) / rounds
         torch.set_num_threads(threads)  # whatever building the batches did (DALI), undone
-        for cb in callbacks:
+        ordered = trainer.callbacks  # by priority, as train() runs them
+        for cb in ordered:
             cb.on_train_start(trainer)
         calls = {"full": 0, "noop": 0, "bare": 0}
         cpu: dict[str, list[float]] = {kind: [] for kind in calls}
@@ -112,17 +113,18 @@ def main(argv: list[str] | None = None) -> dict:
                     return timed(lambda: train_step(cfg, trainer.model, trainer.optimizer,
                                                     trainer.scheduler, batches), cpu[kind])
                 trainer.batches = iter(pairs)
-                trainer.callbacks = callbacks if kind == "full" else []
+                trainer.callbacks = ordered if kind == "full" else []
                 return timed(trainer.run_step, cpu[kind])
             return run
 
         prefetching = any(t.name == "mm1-data-prefetch" for t in threading.enumerate())
         full_t, noop_t, bare_t = interleave([side("full"), side("noop"), side("bare")],
                                             repeats=args.repeats, warmup=args.warmup)
-        for cb in callbacks:
+        trainer.callbacks = ordered
+        for cb in ordered:
             if not isinstance(cb, Checkpointing):  # no final save: nothing to keep
                 cb.on_train_end(trainer)
-        trainer.close()
+        trainer.close()  # the callbacks' close too
         shutdown_distributed()
     result = compare(bare_t, full_t, unit="s")
     noop = compare(bare_t, noop_t, unit="s")

@@ -1,6 +1,6 @@
 """benchmarks/: the shared measuring code (benchmarks/measure.py) on known samples, and one
-`python -m benchmarks --quick` run whose JSON lines, table, Markdown section and README
-markers are checked (no timing is asserted: the machine's cores are shared)."""
+`python -m benchmarks --quick` run whose JSON lines, table, Markdown section and the
+performance page's markers are checked (no timing is asserted: the machine's cores are shared)."""
 
 from __future__ import annotations
 
@@ -59,24 +59,30 @@ def test_timed_returns_wall_and_keeps_cpu_seconds():
     assert timed(lambda: sum(range(10**5)), cpu) > 0 and len(cpu) == 1 and cpu[0] >= 0
 
 
-def test_readme_markers_are_replaced(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n{BEGIN}\nold table\n{END}\n\nrest\n")
-    replace_between_markers(readme, "new table\n")
-    assert readme.read_text() == f"# x\n\n## Performance\n{BEGIN}\nnew table\n{END}\n\nrest\n"
+def test_page_markers_are_replaced(tmp_path):
+    page = tmp_path / "performance.md"
+    page.write_text(f"# x\n\n## Benchmarks\n{BEGIN}\nold table\n{END}\n\nrest\n")
+    replace_between_markers(page, "new table\n")
+    assert page.read_text() == f"# x\n\n## Benchmarks\n{BEGIN}\nnew table\n{END}\n\nrest\n"
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ValueError):
         replace_between_markers(tmp_path / "plain.md", "x")
+
+
+def test_performance_page_holds_the_markers():
+    """`python -m benchmarks --page docs/performance.md` has a section to replace."""
+    text = (REPO / "docs" / "performance.md").read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1 and text.index(BEGIN) < text.index(END)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """`python -m benchmarks --quick` over the A/B benchmarks, once for the tests below."""
     tmp = tmp_path_factory.mktemp("bench")
-    readme = tmp / "README.md"
-    readme.write_text(f"intro\n{BEGIN}\nstale\n{END}\nafter\n")
+    page = tmp / "performance.md"
+    page.write_text(f"intro\n{BEGIN}\nstale\n{END}\nafter\n")
     out = _procs.run([sys.executable, "-m", "benchmarks", "--quick", "--only", *AB,
-                      "--markdown", str(tmp / "RESULTS.md"), "--readme", str(readme)],
+                      "--markdown", str(tmp / "RESULTS.md"), "--page", str(page)],
                      capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a benchmark said invalid
     results = {}
@@ -108,7 +114,7 @@ def test_quick_mode_json_line(quick_run, name):
 
 
 @pytest.mark.slow
-def test_runner_table_markdown_and_readme(quick_run):
+def test_runner_table_markdown_and_page(quick_run):
     out, results, tmp = quick_run
     assert set(results) == set(AB)
     assert all(name in out.stdout.split("{")[0] for name in AB)  # the table comes first
@@ -117,5 +123,5 @@ def test_runner_table_markdown_and_readme(quick_run):
     assert section.count("\n| ") >= 2 + len(AB) and "commit" in section
     assert "| checkpoint_save blocking per save | " in section
     assert "- `checkpoint_save blocking per save`: seconds the step loop" in section
-    readme = (tmp / "README.md").read_text()
-    assert readme == f"intro\n{BEGIN}\n{section}{END}\nafter\n"
+    page = (tmp / "performance.md").read_text()
+    assert page == f"intro\n{BEGIN}\n{section}{END}\nafter\n"

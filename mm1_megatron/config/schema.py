@@ -44,14 +44,14 @@ class ConfigError(ValueError):
 class VisionConfig:
     """CLIP-style ViT (pre-LN, learned position embeddings, class token)."""
 
-    image_size: int = 378
-    patch_size: int = 14
-    hidden_size: int = 1280
-    num_layers: int = 32
-    num_attention_heads: int = 16
-    ffn_hidden_size: int = 5120
-    class_token: bool = True
-    layernorm_eps: float = 1e-5
+    image_size: int = 378  # input pixels per side (with tiling: per tile)
+    patch_size: int = 14  # pixels per patch side; image_size / patch_size patches per side
+    hidden_size: int = 1280  # ViT width
+    num_layers: int = 32  # ViT layers (those after feature_layer are not built)
+    num_attention_heads: int = 16  # ViT attention heads
+    ffn_hidden_size: int = 5120  # ViT MLP width
+    class_token: bool = True  # a class token before the patches (CLIP)
+    layernorm_eps: float = 1e-5  # epsilon of the ViT's LayerNorms
     # MLP activation. MM1's encoder, DFN5B-CLIP-ViT-H/14-378, is open_clip's
     # `ViT-H-14-378-quickgelu` (HF config `hidden_act: quick_gelu`): x * sigmoid(1.702 x).
     activation: VisionActivation = "quick_gelu"
@@ -65,10 +65,12 @@ class VisionConfig:
     # times connector.num_tokens placeholders per image (MM1's SFT: 672 px tiles, 2 x 2 grid
     # of a 1344 resize, 5 x 144 = 720 tokens). `image_size` is then the tile size.
     tiling: ImageTiling = "none"
-    tile_grid: int = 2
+    tile_grid: int = 2  # tiles per side with tiling=sphinx (2: an overview and 2 x 2 tiles)
     # Which layer's output feeds the connector: -1 the last, -2 the penultimate, or 1..N.
     # Layers after it are not built.
     feature_layer: int = -1
+    # Activation recomputation of the ViT: `selective` re-runs core attention, `full` whole
+    # layers (gradients unchanged).
     recompute: Recompute = "none"
     recompute_layers: int = 1  # full recompute: layers per checkpointed group
 
@@ -100,6 +102,9 @@ class VisionConfig:
 class ConnectorConfig:
     """Vision-language connector; every type maps the patch grid to `num_tokens` LLM tokens."""
 
+    # c_abstractor: RegNet blocks, adaptive average pooling to the token grid, blocks, MLP;
+    # avg_pool: adaptive average pooling then a linear layer; attn_pool: num_tokens learned
+    # queries cross-attending to the patches, then a linear layer.
     type: ConnectorType = "c_abstractor"
     num_tokens: int = 144  # 12x12 for the grid-based connectors
     hidden_size: int = 1024  # conv channels of the C-Abstractor
@@ -119,14 +124,14 @@ class ConnectorConfig:
 class MoEConfig:
     """Mixture of experts in the decoder; `num_experts=0` means dense."""
 
-    num_experts: int = 0
+    num_experts: int = 0  # experts per MoE layer; 0: a dense decoder
     layer_freq: int = 1  # every Nth decoder layer is an MoE layer (layer 0, N, 2N, ...)
-    top_k: int = 2
+    top_k: int = 2  # experts each token is routed to
     aux_loss_coeff: float = 0.01  # GShard load-balancing loss
     z_loss_coeff: float = 0.001  # ST-MoE router z-loss
-    dispatcher: Dispatcher = "alltoall"
+    dispatcher: Dispatcher = "alltoall"  # Megatron-Core's token dispatcher across EP ranks
     expert_ffn_hidden_size: Optional[int] = None  # None: same as llm.ffn_hidden_size
-    grouped_gemm: bool = False
+    grouped_gemm: bool = False  # Megatron-Core's grouped GEMM over the local experts
     # Router logits, softmax and top-k in fp32 (ST-MoE; Megatron-LM's MoE recipes) or in the
     # model's dtype (bf16 on GPUs).
     router_dtype: RouterDtype = "fp32"
@@ -136,19 +141,21 @@ class MoEConfig:
 class LLMConfig:
     """Llama-style decoder: RMSNorm, SwiGLU, RoPE, no biases."""
 
-    num_layers: int = 32
-    hidden_size: int = 2560
-    num_attention_heads: int = 32
+    num_layers: int = 32  # decoder layers
+    hidden_size: int = 2560  # decoder width
+    num_attention_heads: int = 32  # decoder query heads
     num_query_groups: Optional[int] = None  # None: multi-head attention; else GQA
     # Width of one attention head; None: hidden_size / heads (every MM1 preset). Set for
     # decoders whose heads are wider than that (Qwen3: 32 x 128 on a 2048 hidden size).
     kv_channels: Optional[int] = None
-    ffn_hidden_size: int = 6912
-    vocab_size: int = 32000
+    ffn_hidden_size: int = 6912  # SwiGLU width (dense layers, and experts unless set there)
+    vocab_size: int = 32000  # at least the tokenizer's vocabulary
     image_token_id: int = 3  # placeholder id; each image occupies connector.num_tokens of them
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the output layer
+    # Activation recomputation of the decoder: `selective` re-runs core attention, `full` whole
+    # layers (gradients unchanged).
     recompute: Recompute = "none"
     recompute_layers: int = 1  # full recompute: layers per checkpointed group
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -175,12 +182,12 @@ class LLMConfig:
 
 @dataclass
 class DataConfig:
-    seq_length: int = 4096
-    max_images_per_sequence: int = 16
+    seq_length: int = 4096  # positions per packed row (text tokens and image placeholders)
+    max_images_per_sequence: int = 16  # images one packed row may hold
     # Mixture weights (MM1: 45% interleaved, 45% caption pairs, 10% text-only).
-    weight_interleaved: float = 0.45
-    weight_caption: float = 0.45
-    weight_text: float = 0.10
+    weight_interleaved: float = 0.45  # interleaved image-text documents
+    weight_caption: float = 0.45  # image-caption pairs
+    weight_text: float = 0.10  # text-only documents
     # Supervised fine-tuning conversations (the SFT presets: the only source).
     weight_sft: float = 0.0
     path: str = ""  # root folder holding the shard sets (interleaved/, caption/, text/, sft/)
@@ -205,20 +212,26 @@ class ParallelConfig:
     ep: int = 1  # expert parallel
     expert_tp: Optional[int] = None  # tensor parallel inside experts; None: same as tp
     dp: Optional[int] = None  # None: derived as world_size / (tp * pp * cp)
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # Megatron-Core SP over the TP ranks (MoE with tp>1 needs it)
     first_stage_layers: Optional[int] = None  # decoder layers on pipeline stage 0 (uneven PP)
     # Model chunks per pipeline rank: Megatron-Core's interleaved 1F1B schedule, which cuts
     # the pipeline bubble by this factor at the cost of more point-to-point traffic.
     virtual_stages: Optional[int] = None
-    world_size: Optional[int] = None  # None: from the launcher's environment at run time
+    # None: torchrun's WORLD_SIZE or Slurm's SLURM_NTASKS at run time; without a launcher,
+    # planned_nodes x gpus_per_node.
+    world_size: Optional[int] = None
     gpus_per_node: Optional[int] = None  # set for GPU clusters: TP must stay inside a node
     # Nodes the layout was planned for (tools/plan.py); the world size of a dry run or plan
     # when neither parallel.world_size nor a launcher (torchrun/Slurm) gives one.
     planned_nodes: Optional[int] = None
+    # Megatron-Core's distributed optimizer: fp32 master weights and Adam moments sharded
+    # over the data-parallel ranks.
     distributed_optimizer: bool = True
-    # Megatron-Core communication overlaps (on in the GPU presets).
+    # Megatron-Core communication overlaps (on in the GPU presets): gradient reduce-scatter
+    # during the backward pass; parameter all-gather during the next forward (needs the
+    # distributed optimizer).
     overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
+    overlap_param_gather: bool = False  # see overlap_grad_reduce
     # Transformer Engine userbuffers: the decoder's TP all-gathers / reduce-scatters overlap
     # its GEMMs (needs TE on GPUs, tp>1 with sequence parallelism; ignored at tp=1).
     tp_comm_overlap: bool = False
@@ -230,9 +243,9 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = 512
-    micro_batch_size: int = 1
-    train_steps: int = 200_000
+    global_batch_size: int = 512  # rows per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 1  # rows per forward/backward pass on one rank
+    train_steps: int = 200_000  # optimizer steps; the cosine schedule ends here
     lr: Optional[float] = None  # None: the paper's rule over non-embedding LLM parameters
     # Which parameter count that rule sees for an MoE decoder: `dense`, the dense backbone the
     # MoE model is built from (the paper reuses the dense model's recipe for MoE), or
@@ -240,20 +253,21 @@ class TrainConfig:
     lr_params: LrParams = "dense"
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay_ratio: float = 0.1  # decoupled weight decay = ratio * peak lr
-    warmup_steps: int = 2000
-    grad_clip: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    warmup_steps: int = 2000  # linear LR warm-up from 0
+    grad_clip: float = 1.0  # global gradient-norm clipping
+    adam_beta1: float = 0.9  # AdamW (Megatron-Core's "adam", decoupled weight decay)
+    adam_beta2: float = 0.95  # AdamW
+    adam_eps: float = 1e-8  # AdamW
+    # The model's dtype (the optimizer keeps fp32 master weights; the loss is fp32).
     precision: Precision = "bf16"
-    fp8: Optional[Fp8Format] = None  # needs Transformer Engine on Hopper
-    fp8_recipe: Fp8Recipe = "delayed"
+    fp8: Optional[Fp8Format] = None  # FP8 decoder GEMMs; needs Transformer Engine on Hopper
+    fp8_recipe: Fp8Recipe = "delayed"  # Transformer Engine's FP8 scaling recipe
     # Megatron-Core DDP's gradient buffer (accumulation over micro-batches and the DP
     # reduce-scatter) in fp32, Megatron-LM's default for bf16 training; false keeps it in the
     # parameters' dtype (bf16): 2 bytes per parameter less and half the gradient traffic, at
     # the cost of bf16 accumulation (Megatron-Bridge's H100 perf recipes turn it off).
     grad_reduce_in_fp32: bool = True
-    seed: int = 1234
+    seed: int = 1234  # weight initialisation, data order, image decoding
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps before the run saves and stops
     # Parts not trained (ablations): comma-separated subset of vision, connector, llm; "" trains
     # everything (MM1's SFT unfreezes the encoder and the LLM).
@@ -264,13 +278,13 @@ class TrainConfig:
     # `hang_timeout_slow_s` (0: 5 x hang_timeout_s); the process groups' collective timeout
     # is set just above that, so a hung collective cannot outlive the watchdog.
     hang_timeout_s: float = 0.0
-    hang_timeout_slow_s: float = 0.0
+    hang_timeout_slow_s: float = 0.0  # see hang_timeout_s
 
 
 @dataclass
 class CheckpointConfig:
-    save_interval: int = 1000
-    keep_last: int = 3
+    save_interval: int = 1000  # steps between saves (also saved on a stop request and at the end)
+    keep_last: int = 3  # the newest saves kept (by when they were written)
     resume: bool = True  # resume from the latest checkpoint in run_dir when there is one
     # resume=false in a run_dir holding checkpoints is refused unless this is set: then the
     # old checkpoints are deleted when the new run starts.
@@ -296,8 +310,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
-    tensorboard: bool = True
+    log_interval: int = 10  # steps between console lines (rank 0)
+    tensorboard: bool = True  # scalars under run_dir/tensorboard
     # Write run_dir/samples/dp_rank_N.jsonl: the global sample ids each step trained on (for
     # auditing data order and exact resume).
     sample_ids: bool = False
@@ -311,9 +325,9 @@ class EvalConfig:
     interval: int = 1000  # steps between evaluations
     shots: str = "0,4"  # comma-separated in-context example counts
     limit: Optional[int] = 64  # examples per task (None: all)
-    batch_size: int = 8
+    batch_size: int = 8  # prompts generated together
     seed: int = 0  # draws the in-context examples
-    max_new_tokens: Optional[int] = None  # None: 20 for captioning, 10 for VQA
+    max_new_tokens: Optional[int] = None  # None: 20 captioning, 10 VQA, 8 choice, 4 yes/no
     # Zero-shot in the chat format (a fine-tuned model; the SFT presets set it): VQA, multiple
     # choice and yes/no tasks, as `mm1-eval --chat` scores them. Needs shots "0".
     chat: bool = False
@@ -321,7 +335,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    preset: str = ""
+    preset: str = ""  # the preset this config was built from ("" for none)
+    # Everything a run writes: checkpoints/, tensorboard/, config.yaml, hang reports.
     run_dir: str = "runs/default"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)

@@ -22,6 +22,8 @@ from mm1_megatron.train.callbacks import Callback
 
 
 class FewShotEval(Callback):
+    priority = 10  # after the step's checkpoint: a slow or failing evaluation costs no save
+
     def __init__(self, tasks: Sequence[Union[str, Path]], interval: int,
                  shots: Sequence[int] = (0, 4), limit: Optional[int] = None,
                  batch_size: int = 8, seed: int = 0, max_new_tokens: Optional[int] = None,
@@ -97,9 +99,10 @@ class FewShotEval(Callback):
             with trainer.slow_phase(f"the evaluation at step {m.step}"):
                 self.run(trainer, m.step)
 
-    def on_train_end(self, trainer) -> None:
+    def close(self, trainer) -> None:
         if self._own_writer and self.writer is not None:
             self.writer.close()
+        self.writer = None
 
     # -- evaluation ----------------------------------------------------------------------
     def run(self, trainer, step: int) -> dict[str, float]:

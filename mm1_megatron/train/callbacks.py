@@ -1,8 +1,12 @@
-"""Training callbacks: console line, TensorBoard, checkpoints, NaN guard, preemption signals.
+"""Training callbacks: console line, TensorBoard, sample ids, checkpoints, NaN guard,
+preemption signals.
 
-Each callback sees the Trainer after every step (`on_step`) and at the start and end. They
-may ask the run to stop (`trainer.request_stop(reason, exit_code)`); the loop agrees on that
-across ranks before acting, so no rank leaves a collective behind.
+The contract (`Callback`): hooks run in descending `priority` (ties keep the order given);
+`on_error` runs when setup or a step raises and `close` always runs, from the loop's
+`finally`, so files and signal handlers are released whatever happened. Callbacks may ask the
+run to stop (`trainer.request_stop(reason, exit_code)`); the loop agrees on that across ranks
+before acting, so no rank leaves a collective behind. A callback with counters to keep over a
+restart overrides `state_dict` / `load_state_dict`: the checkpoint carries them.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ import json
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from mm1_megatron.config import Config
 from mm1_megatron.data.mixture import SOURCES
 
+# The run's exit statuses besides 0 and a crash's 1; EXIT_SAVE_FAILED (4) is the checkpoint
+# manager's: a checkpoint could not be written (e.g. disk full), the previous one kept.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the Slurm scripts use it)
 EXIT_NON_FINITE = 3  # too many NaN/Inf steps in a row: checkpoint written, needs a human
-EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (e.g. disk full): the previous one kept
 
 
 @dataclass
@@ -49,16 +55,35 @@ class StepMetrics:
 
 class Callback:
     """Hooks of the run. `trainer` is the `train.loop.Trainer` (not imported here: the loop
-    imports this module): cfg, run_dir, step, model, is_logging_rank, save(), request_stop()."""
+    imports this module): cfg, run_dir, step, model, is_logging_rank, checkpoints (the
+    `CheckpointManager`), request_stop(), slow_phase().
+
+    `priority`: higher runs first (the defaults: 90 signals, 80 NaN guard, 70-50 logging, 20
+    checkpointing, 10 evaluation; 0 for a callback that does not say)."""
+
+    priority: int = 0
 
     def on_setup(self, trainer) -> None: ...  # before anything is built or loaded
     def on_train_start(self, trainer) -> None: ...
     def on_step(self, trainer, metrics: StepMetrics) -> None: ...
-    def on_train_end(self, trainer) -> None: ...
+    # After checkpoint `path` of `step` is complete and `latest` names it (every rank).
+    def on_checkpoint(self, trainer, step: int, path: Path) -> None: ...
+    def on_train_end(self, trainer) -> None: ...  # the last step done (not after an error)
+    def on_error(self, trainer, error: BaseException) -> None: ...  # setup or a step raised
+    def close(self, trainer) -> None: ...  # always, last: release what the callback holds
+
+    # Counters to carry over a restart: plain Python values, the same on every rank.
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+    def has_state(self) -> bool:
+        return type(self).state_dict is not Callback.state_dict
 
 
 class ConsoleLog(Callback):
     """One concise line every `logging.log_interval` steps (rank 0)."""
+
+    priority = 70
 
     def on_step(self, trainer, m) -> None:
         if trainer.is_logging_rank and m.step % trainer.cfg.logging.log_interval == 0:
@@ -73,6 +98,8 @@ class ConsoleLog(Callback):
 
 class TensorBoard(Callback):
     """Scalars under run_dir/tensorboard (rank 0 writes; values are already reduced)."""
+
+    priority = 60
 
     def __init__(self) -> None:
         self.writer = None
@@ -101,14 +128,17 @@ class TensorBoard(Callback):
                 w.add_scalar(name, value, step)
         w.flush()
 
-    def on_train_end(self, trainer) -> None:
+    def close(self, trainer) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 class SampleLog(Callback):
     """`logging.sample_ids`: run_dir/samples/dp_rank_N.jsonl, one line per step with the
     global sample ids of each row this data-parallel rank trained on."""
+
+    priority = 50
 
     def __init__(self) -> None:
         self.file = None
@@ -126,31 +156,42 @@ class SampleLog(Callback):
             self.file.write(json.dumps({"step": m.step, "rows": trainer.sample_ids}) + "\n")
             self.file.flush()
 
-    def on_train_end(self, trainer) -> None:
+    def close(self, trainer) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
 
 
 class Checkpointing(Callback):
     """Every `checkpoint.save_interval` steps, when the run is asked to stop, and at the end."""
 
+    priority = 20  # after what may ask to stop or log the step
+
     def on_step(self, trainer, m) -> None:
         # Never conditioned on a local stop request: saving is collective, and a signal may
         # have reached only this rank (the loop agrees on stopping after the callbacks).
         if m.step % trainer.cfg.checkpoint.save_interval == 0:
-            trainer.save()
+            trainer.checkpoints.save(trainer.step)
 
     def on_train_end(self, trainer) -> None:
-        if trainer.last_saved_step != trainer.step:
-            trainer.save()
+        if trainer.checkpoints.last_saved_step != trainer.step:
+            trainer.checkpoints.save(trainer.step)
 
 
 class NonFiniteGuard(Callback):
     """Skipped (NaN/Inf) steps are counted; after `train.max_nonfinite_steps` in a row the run
-    saves and stops."""
+    saves and stops. The count goes on over a restart (its state is checkpointed)."""
+
+    priority = 80
 
     def __init__(self) -> None:
         self.in_a_row = 0
+
+    def state_dict(self) -> dict:
+        return {"in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_a_row = state["in_a_row"]
 
     def on_step(self, trainer, m) -> None:
         self.in_a_row = self.in_a_row + 1 if m.skipped else 0
@@ -165,6 +206,7 @@ class PreemptionSignals(Callback):
     """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint, exit 75."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    priority = 90
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -183,9 +225,10 @@ class PreemptionSignals(Callback):
             trainer.request_stop(f"received {signal.Signals(self.received).name}; checkpoint "
                                  "written, exit for requeue", EXIT_PREEMPTED)
 
-    def on_train_end(self, trainer) -> None:
+    def close(self, trainer) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
 
 @dataclass
@@ -201,7 +244,8 @@ class Timer:
 
 
 def default_callbacks(cfg: Config) -> list[Callback]:
-    """What every run has; the entry point adds others (e.g. few-shot evaluation)."""
+    """What every run has; the entry point adds others (e.g. few-shot evaluation). The
+    trainer orders them by priority."""
     callbacks: list[Callback] = [PreemptionSignals(), NonFiniteGuard(), ConsoleLog()]
     if cfg.logging.tensorboard:
         callbacks.append(TensorBoard())
