@@ -11,6 +11,7 @@ What lives where (import from this package; the modules import each other direct
                 load_config, save_run_config, load_run_config, RUN_CONFIG, single_process_config
   validate.py   validate, launcher_world_size, resolve_world_size, data_parallel_size,
                 fp8_available
+  reference.py  docs/configuration.md from the schema's field comments (--write / --check)
 Dependencies point one way: schema <- presets, validate <- overrides.
 """
 
