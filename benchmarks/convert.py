@@ -50,13 +50,13 @@ def build_and_save(run_dir: Path, overrides: list[str]):
     from mm1_megatron.config import ParallelConfig, load_config
     from mm1_megatron.convert.reader import ensure_process_group
     from mm1_megatron.convert.verify import reference_config
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.runtime import init_distributed
 
     cfg = load_config("tiny", overrides)
     ensure_process_group()
     init_distributed(ParallelConfig(world_size=1), seed=1, environ={})
-    model = MM1Model(reference_config(cfg), use_te=False)
+    model = build_mm1_model(reference_config(cfg), use_te=False)
     ckpt = run_dir / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
     dist_checkpointing.save({"model": model_sharded_state([model])}, str(ckpt))

@@ -69,7 +69,7 @@ def _jpegs(count: int) -> list[bytes]:
 
 def build_pool(root: Path, pool: int, seed: int = 0) -> None:
     """Real shards: `pool` distinct documents per kind and their token index."""
-    from mm1_megatron.data.shards import RawSample, write_dataset
+    from mm1_megatron.data.shard_writer import RawSample, write_dataset
     from mm1_megatron.data.tokenizer import Tokenizer, train_tokenizer
 
     rng = random.Random(seed)

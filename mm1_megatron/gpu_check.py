@@ -133,10 +133,10 @@ def _tiny_bf16_world() -> Iterator:
 
 def check_te_spec_builds(ctx: Context) -> Result:
     _need_gpu()
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
 
     with _tiny_bf16_world() as cfg:
-        n_te, n_local = (sum(p.numel() for p in MM1Model(cfg, use_te=te).parameters())
+        n_te, n_local = (sum(p.numel() for p in build_mm1_model(cfg, use_te=te).parameters())
                          for te in (True, False))
     ok = n_te == n_local
     return Result("te_spec_builds", "pass" if ok else "fail",
@@ -150,15 +150,15 @@ def check_te_vs_local_logits(ctx: Context) -> Result:
 
     from mm1_megatron.checkpoint import load_model_weights, model_sharded_state
     from mm1_megatron.convert.verify import probe
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.runtime import to_device
 
     with _tiny_bf16_world() as cfg:
-        local = MM1Model(cfg, use_te=False)
+        local = build_mm1_model(cfg, use_te=False)
         ckpt = ctx.work / "te_vs_local"
         ckpt.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save({"model": model_sharded_state([local])}, str(ckpt))
-        te = MM1Model(cfg, use_te=True)
+        te = build_mm1_model(cfg, use_te=True)
         load_model_weights(ckpt, [te])  # the local spec saves under TE-compatible keys
         ids, pixels = probe(cfg, images=True)
         out = {}

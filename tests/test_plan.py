@@ -12,9 +12,13 @@ from mm1_megatron.config import PRESETS, get_preset, load_config, set_field, val
 from mm1_megatron.model.flops import llm_forward_flops, training_flops_per_sequence
 from mm1_megatron.model.params import count_params
 from mm1_megatron.model.recipe import paper_peak_lr
-from mm1_megatron.plan import h100, make_plan
-from mm1_megatron.plan.h100 import estimate, resolve_layout, stage_memory
+from mm1_megatron.plan import make_plan, memory
+from mm1_megatron.plan.h100 import estimate
+from mm1_megatron.plan.h100_constants import CE_BYTES_PER_LOGIT
+from mm1_megatron.plan.layout import resolve_layout
+from mm1_megatron.plan.memory import stage_memory
 from mm1_megatron.plan.search import planning_validate
+from mm1_megatron.plan.step_time import decoder_layer_gemms
 from tests import _procs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +120,7 @@ def test_every_preset_plans(preset):
 
 
 # --------------------------------------------------------------------------------------------
-# H100 memory / time model (mm1_megatron/plan/h100.py)
+# H100 memory / time model (mm1_megatron/plan/h100.py, memory.py, step_time.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -152,7 +156,7 @@ def test_memory_components_match_hand_computed_values():
     c = cfg.connector
     conn = cfg.data.max_images_per_sequence * 2 * (
         10 * c.hidden_size * c.depth * (v.num_patches + c.num_tokens) + v.num_patches * v.hidden_size)
-    logits = h100.CE_BYTES_PER_LOGIT * s * llm.vocab_size
+    logits = CE_BYTES_PER_LOGIT * s * llm.vocab_size
     assert stage.activations == pytest.approx(llm.num_layers * layer + vit + conn + logits)
 
 
@@ -188,7 +192,7 @@ def test_expert_state_is_sharded_by_ep():
 
 @pytest.mark.parametrize("attention", ["fused", "unfused"])
 def test_activation_memory_full_below_selective_below_none(monkeypatch, attention):
-    monkeypatch.setattr(h100, "ATTENTION", attention)
+    monkeypatch.setattr(memory, "ATTENTION", attention)
     acts = {}
     for mode in ("none", "selective", "full"):
         cfg = _cfg("mm1-30b", 256, llm__recompute=mode, vision__recompute=mode)
@@ -219,7 +223,7 @@ def test_plan_counts_are_params_py_and_flops_py():
         lay = resolve_layout(c, 1)
         llm = c.llm
         gemms = sum(2 * m * n * k * calls for i in range(llm.num_layers)
-                    for m, n, k, calls, _ in h100.decoder_layer_gemms(c, lay, i, seq))
+                    for m, n, k, calls, _ in decoder_layer_gemms(c, lay, i, seq))
         attention = 4 * seq * seq * llm.num_attention_heads * llm.head_dim * llm.num_layers
         assert gemms + attention + 2 * seq * llm.vocab_size * llm.hidden_size == \
             pytest.approx(llm_forward_flops(llm, seq), rel=1e-12)

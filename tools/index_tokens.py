@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from mm1_megatron.data.shards import KINDS, DatasetError, add_token_index
+from mm1_megatron.data.shard_index import add_token_index
+from mm1_megatron.data.shard_schema import KINDS, DatasetError
 
 
 def _datasets(paths: list[str]) -> list[Path]:

@@ -282,7 +282,7 @@ def make_demo_data(output: str | Path, vocab_size: int = DEMO_VOCAB,
                    progress: bool = False) -> dict:
     """Build everything; returns {"caption": n, "interleaved": n, "text": n, "images": n,
     "vocab_size": n}."""
-    from mm1_megatron.data.shards import RawSample, write_dataset
+    from mm1_megatron.data.shard_writer import RawSample, write_dataset
     from mm1_megatron.data.tokenizer import Tokenizer, train_tokenizer
 
     out = Path(output)

@@ -55,7 +55,7 @@ def ten_answers(options: list[str]) -> list[str]:
 
 
 def make_demo_tasks(data: str | Path, output: str | Path) -> dict[str, Path]:
-    from mm1_megatron.data.shards import open_dataset
+    from mm1_megatron.data.shard_reader import open_dataset
     from mm1_megatron.evaluation.tasks import write_task
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,4 +1,4 @@
-"""JSONL + image files -> webdataset shards + manifest.json + index (mm1_megatron/data/shards.py).
+"""JSONL + image files -> webdataset shards + manifest.json + index (mm1_megatron/data/shard_*.py).
 
     python tools/prepare_data.py --kind caption --input pairs.jsonl --images-root imgs/ \\
         --output data/caption [--shard-size-mb 64] [--tokenizer tok.model]
@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from mm1_megatron.data.prompt_format import llava_turns
-from mm1_megatron.data.shards import (IMAGE_EXTS, KINDS, BadSample, DatasetError, RawSample,
-                                      SkipCounter, normalize_ext, write_dataset)
+from mm1_megatron.data.shard_schema import (IMAGE_EXTS, KINDS, BadSample, DatasetError,
+                                            SkipCounter, normalize_ext)
+from mm1_megatron.data.shard_writer import RawSample, write_dataset
 
 MAX_PRINTED = 10
 # How the one-line "no usable samples" error names each skip reason.

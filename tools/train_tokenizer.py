@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Union
 
 
 def iter_texts(inputs: list[Union[str, Path]]) -> Iterator[str]:
-    from mm1_megatron.data.shards import open_dataset
+    from mm1_megatron.data.shard_reader import open_dataset
 
     for item in map(Path, inputs):
         if item.is_dir():
@@ -41,7 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="lines sampled for training")
     args = p.parse_args(argv)
-    from mm1_megatron.data.shards import DatasetError
+    from mm1_megatron.data.shard_schema import DatasetError
     from mm1_megatron.data.tokenizer import Tokenizer, train_tokenizer
 
     try:

@@ -32,430 +32,23 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
-from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from mm1_megatron.checkpoint.directory import complete_checkpoints, write_latest
 from mm1_megatron.config import Config, ConfigError, load_config
 from mm1_megatron.convert.mappings import (LLAMA_PREFIXES, MM1_PREFIXES, ConvertError, Item,
-                                           candidates, expand, from_hf, open_clip_names)
+                                           candidates, expand, from_hf)
+from mm1_megatron.convert.source_checks import (check_clip, check_llama, clip_vision_prefix,
+                                                is_text_tower, stray_vision_tensors,
+                                                unused_summary)
+from mm1_megatron.convert.source_weights import HFWeights, OpenClipWeights, clip_weights
 from mm1_megatron.convert.verify import (LOGIT_TOL, megatron_logits, megatron_model,
                                          open_clip_vision_features, probe, reference_config)
-
-
-# ---------------------------------------------------------------------------- source side
-
-HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                   "pytorch_model.bin.index.json", "pytorch_model.bin")  # preference order
-OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-
-
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConvertError(f"{path}: not readable JSON ({_first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return data
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A `.bin` state dict through torch.load(weights_only=True): tensors and plain containers
-    only, never arbitrary pickle. Memory-mapped where the file allows (zip format), so a 4 GB
-    checkpoint is read tensor by tensor."""
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
-    except Exception as err:  # noqa: BLE001 - the refusal (or corruption) in one line
-        # torch's refusal opens with advice to unpickle anyway; the line naming what the
-        # file wants to run is the one worth showing.
-        why = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln), None)
-        raise ConvertError(f"{path}: torch.load(weights_only=True) cannot read it "
-                           f"({why or _first_line(err)}); not loaded as plain pickle") from None
-    # open_clip training checkpoints wrap the weights: {"state_dict": {"module.visual...": }}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    tensors = {k[len("module."):] if k.startswith("module.") else k: v
-               for k, v in (obj.items() if isinstance(obj, dict) else ())
-               if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ConvertError(f"{path}: holds no state dict of tensors")
-    return tensors
-
-
-class _TensorFile:
-    """One weights file read lazily: safetensors through safe_open, `.bin` through
-    `_torch_load`."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if not path.is_file():
-            raise ConvertError(f"{path}: shard file is missing")
-        if path.name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                self._st = safe_open(str(path), "pt")
-            except Exception as err:  # noqa: BLE001
-                raise ConvertError(f"{path}: not a readable safetensors file "
-                                   f"({_first_line(err)})") from None
-            self.keys = list(self._st.keys())
-        else:
-            self._sd = _torch_load(path)
-            self.keys = list(self._sd)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._st.get_tensor(name) if hasattr(self, "_st") else self._sd[name]
-
-
-class HFWeights:
-    """A HF directory's weights, by the first of `HF_WEIGHT_FILES` present (safetensors or
-    pytorch_model.bin, single file or sharded with an index), and its config.json."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        found = [f for f in HF_WEIGHT_FILES if (self.path / f).is_file()]
-        if not found:
-            raise ConvertError(f"{self.path}: no weights found (none of "
-                               f"{', '.join(HF_WEIGHT_FILES)})")
-        self.source = found[0]
-        self._files: dict[str, _TensorFile] = {}
-        if self.source.endswith(".index.json"):
-            weight_map = _read_json(self.path / self.source).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConvertError(f"{self.path / self.source}: no weight_map")
-            self.weight_map: dict[str, str] = weight_map
-        else:
-            f = self._file(self.source)
-            self.weight_map = {k: self.source for k in f.keys}
-        self.config_file = self.path / "config.json"
-        self.config = _read_json(self.config_file) if self.config_file.is_file() else {}
-        self.used: set[str] = set()
-        self.also: Optional[str] = None  # an open_clip file beside it, left unread
-
-    def _file(self, name: str) -> _TensorFile:
-        if name not in self._files:
-            self._files[name] = _TensorFile(self.path / name)
-        return self._files[name]
-
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise ConvertError(f"{self.path}: has no tensor {name}")
-        self.used.add(name)
-        return self._file(self.weight_map[name]).get(name)
-
-    def label(self, name: str) -> str:
-        return name
-
-    def describe(self) -> str:
-        kind = "CLIPModel" if "vision_config" in self.config else \
-            (self.config.get("architectures") or ["HF model"])[0]
-        return f"{kind} ({self.source})"
-
-
-# open_clip vision_cfg fields that change the architecture away from MM1's plain pre-LN CLIP
-# ViT, with the value that keeps it (refused otherwise: no tensor of ours could express them).
-_OPEN_CLIP_PLAIN = {"ls_init_value": None, "no_ln_pre": False, "attentional_pool": False,
-                    "pos_embed_type": "learnable", "timm_model_name": None, "qk_norm": False,
-                    "scaled_cosine_attn": False, "scale_heads": False,
-                    "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
-                    "input_patchnorm": False, "act_kwargs": None}
-
-
-def _open_clip_config_file(d: Path, weights: str) -> Path:
-    if (d / OPEN_CLIP_CONFIG).is_file():
-        return d / OPEN_CLIP_CONFIG
-    found = []
-    for f in sorted(d.glob("*.json")):
-        if f.name == "config.json" or f.name.endswith(".index.json"):
-            continue
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and "vision_cfg" in (data.get("model_cfg") or data):
-            found.append(f)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise ConvertError(f"{d}: several open_clip model configs ("
-                           f"{', '.join(f.name for f in found)}); keep the one of {weights}")
-    raise ConvertError(f"{d}: {weights} needs its open_clip model config beside it "
-                       f"({OPEN_CLIP_CONFIG}, or the model's JSON with a vision_cfg)")
-
-
-def _open_clip_vision_config(file: Path) -> tuple[dict, dict]:
-    """open_clip model config -> (HF-style vision config, HF key -> open_clip field name)."""
-    data = _read_json(file)
-    model = data.get("model_cfg", data)
-    vc = model.get("vision_cfg") if isinstance(model, dict) else None
-    if not isinstance(vc, dict):
-        raise ConvertError(f"{file}: no vision_cfg (neither model_cfg.vision_cfg nor "
-                           "vision_cfg): not an open_clip model config")
-    # Never guessed: open_clip's default without the flag is exact GELU, but DFN5B (like
-    # OpenAI's CLIP) was trained with quick_gelu; the two give different features.
-    if "quick_gelu" not in model:
-        raise ConvertError(f'{file}: no "quick_gelu" in the model config; add '
-                           '"quick_gelu": true|false (DFN5B ViT-H-14-378-quickgelu: true)')
-    for key, plain in _OPEN_CLIP_PLAIN.items():
-        if vc.get(key, plain) not in (plain, None, False, {}):
-            raise ConvertError(f"{file}: vision_cfg.{key}={vc[key]!r} is not supported "
-                               "(MM1's ViT is a plain pre-LN CLIP ViT)")
-    for key in ("layers", "width", "patch_size", "image_size"):
-        if not isinstance(vc.get(key), int):
-            raise ConvertError(f"{file}: vision_cfg.{key} must be one integer, got "
-                               f"{vc.get(key)!r}")
-    width, head_width = vc["width"], vc.get("head_width", 64)  # open_clip's defaults
-    if width % head_width:
-        raise ConvertError(f"{file}: vision_cfg.width={width} is not a multiple of "
-                           f"head_width={head_width}")
-    src = {"hidden_size": width,
-           "intermediate_size": int(width * vc.get("mlp_ratio", 4.0)),
-           "num_attention_heads": width // head_width,
-           "num_hidden_layers": vc["layers"],
-           "patch_size": vc["patch_size"],
-           "image_size": vc["image_size"],
-           "layer_norm_eps": (vc.get("norm_kwargs") or {}).get("eps", 1e-5),  # nn.LayerNorm
-           "hidden_act": "quick_gelu" if model["quick_gelu"] else "gelu"}
-    names = {"hidden_size": "vision_cfg.width", "intermediate_size": "vision_cfg.mlp_ratio*width",
-             "num_attention_heads": "vision_cfg.width/head_width",
-             "num_hidden_layers": "vision_cfg.layers", "patch_size": "vision_cfg.patch_size",
-             "image_size": "vision_cfg.image_size", "layer_norm_eps": "norm_kwargs.eps",
-             "hidden_act": "quick_gelu"}
-    return src, names
-
-
-class OpenClipWeights:
-    """An open_clip checkpoint seen under HF CLIPVisionModel names (`vision_model.*`, see
-    mappings.OPEN_CLIP_VISION), its model config as a HF vision config: the HF path (checks,
-    QKV fusion, interpolation) then serves both. `used` holds open_clip names."""
-
-    def __init__(self, path: str | Path, weights: str):
-        self.path = Path(path)
-        self.source = weights
-        self.config_file = _open_clip_config_file(self.path, weights)
-        self.config, self.field_names = _open_clip_vision_config(self.config_file)
-        self._file = _TensorFile(self.path / weights)
-        have = set(self._file.keys)
-        blocks = {int(m.group(1)) for k in have
-                  if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))}
-        if "visual.conv1.weight" not in have:
-            raise ConvertError(f"{self.path / weights}: no visual.conv1.weight: not an "
-                               "open_clip ViT checkpoint")
-        if len(blocks) != self.config["num_hidden_layers"]:
-            raise ConvertError(f"config mismatch: {self.path / weights} has {len(blocks)} "
-                               f"visual resblocks, {self.config_file.name} vision_cfg.layers="
-                               f"{self.config['num_hidden_layers']}")
-        self._map = {"vision_model." + hf: src for hf, src in open_clip_names(len(blocks)).items()
-                     if src[0] in have}
-        self.used: set[str] = set()
-
-    def names(self) -> list[str]:
-        return list(self._file.keys)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._map
-
-    def raw(self, name: str) -> torch.Tensor:
-        """A tensor by its open_clip name."""
-        return self._file.get(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._map:
-            raise ConvertError(f"{self.path / self.source}: has no tensor for {name}")
-        oc, part = self._map[name]
-        self.used.add(oc)
-        t = self._file.get(oc)
-        if part is not None:  # nn.MultiheadAttention's in_proj stacks [q; k; v] on rows
-            if t.shape[0] % 3:
-                raise ConvertError(f"{self.path / self.source}: {oc} has {t.shape[0]} rows, "
-                                   "not 3 x width")
-            t = t.chunk(3, dim=0)[part]
-        return t
-
-    def label(self, name: str) -> str:
-        """The open_clip name behind a HF name."""
-        return self._map[name][0] if name in self._map else name
-
-    def describe(self) -> str:
-        return f"open_clip ({self.source} + {self.config_file.name})"
-
-
-def clip_weights(path: str | Path) -> HFWeights | OpenClipWeights:
-    """The CLIP source in `path`, by the files present: HF first, then open_clip."""
-    d = Path(path)
-    if not d.is_dir():
-        raise ConvertError(f"--clip {d}: not a directory")
-    hf = [f for f in HF_WEIGHT_FILES if (d / f).is_file()]
-    oc = [f for f in OPEN_CLIP_WEIGHT_FILES if (d / f).is_file()]
-    if hf:
-        w = HFWeights(d)
-        w.also = oc[0] if oc else None
-        return w
-    if oc:
-        return OpenClipWeights(d, oc[0])
-    raise ConvertError(f"{d}: no CLIP weights (none of "
-                       f"{', '.join(HF_WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES)})")
-
-
-def _clip_prefix(w) -> str:
-    for p in ("vision_model.", ""):
-        if p + "embeddings.patch_embedding.weight" in w:
-            return p
-    raise ConvertError(f"{w.path}: not a CLIP vision model (no embeddings.patch_embedding)")
-
-
-def _check_fields(what: str, src: dict, expect: dict, names: Optional[dict] = None) -> None:
-    for key, (field, value) in expect.items():
-        got = src.get(key)
-        if got is not None and got != value:
-            raise ConvertError(f"config mismatch: {what} has {(names or {}).get(key, key)}="
-                               f"{got}, {field}={value}")
-
-
-def _check_clip(cfg: Config, w, prefix: str) -> int:
-    """Refuse a CLIP of another shape or activation; returns the source's image size (from
-    its position table, which is what the weights were trained at)."""
-    if not w.config:
-        raise ConvertError(f"{w.config_file}: missing; the CLIP's config is needed "
-                           "(hidden_act, shapes)")
-    src = w.config.get("vision_config", w.config)
-    v = cfg.vision
-    names = getattr(w, "field_names", None)
-    _check_fields(f"{w.config_file}", src, {
-        "hidden_size": ("vision.hidden_size", v.hidden_size),
-        "intermediate_size": ("vision.ffn_hidden_size", v.ffn_hidden_size),
-        "num_attention_heads": ("vision.num_attention_heads", v.num_attention_heads),
-        "patch_size": ("vision.patch_size", v.patch_size),
-        "layer_norm_eps": ("vision.layernorm_eps", v.layernorm_eps)}, names)
-    if src.get("num_hidden_layers", v.layers_built) < v.layers_built:
-        raise ConvertError(f"config mismatch: {w.config_file} has {src['num_hidden_layers']} "
-                           f"layers, vision.feature_layer needs {v.layers_built}")
-    # Never guessed: transformers defaults a missing hidden_act to quick_gelu, older
-    # exporters meant gelu, and the two give different features.
-    act = src.get("hidden_act")
-    if act is None:
-        raise ConvertError(f"{w.config_file}: no hidden_act in the vision config; "
-                           "add it (DFN5B / OpenAI CLIP: quick_gelu)")
-    if act != v.activation:
-        said = f"quick_gelu={act == 'quick_gelu'} ({act})" if names else f"hidden_act={act!r}"
-        raise ConvertError(f"config mismatch: {w.config_file} has {said}, "
-                           f"vision.activation={v.activation!r}")
-    rows = w.get(prefix + "embeddings.position_embedding.weight").shape[0]
-    patch = w.get(prefix + "embeddings.patch_embedding.weight").shape[-1]
-    grid = math.isqrt(rows - 1)
-    if grid * grid != rows - 1:
-        raise ConvertError(f"{w.path / w.source}: position table of {rows} rows is not a "
-                           "class token + a square grid")
-    size = grid * patch
-    if src.get("image_size", size) != size:
-        key = (names or {}).get("image_size", "image_size")
-        raise ConvertError(f"config mismatch: {w.config_file} has {key}={src['image_size']}, "
-                           f"its position table is for {size} px ({grid}x{grid} patches)")
-    return size
-
-
-def _is_text_tower(name: str) -> bool:
-    """CLIP text-tower tensors: HF `text_model.*`; open_clip's top-level text names."""
-    return name.startswith("text_model.") or not (
-        name.startswith(("vision_model.", "visual.", "visual_projection", "text_projection",
-                         "logit_", "embeddings.", "encoder.", "pre_layrnorm.",
-                         "post_layernorm.")))
-
-
-_LAYER = re.compile(r"^(.*?(?:layers|resblocks)\.)(\d+)\.(.+)$")
-
-
-def _braced(stem: str, leaves: Sequence[str]) -> str:
-    leaves = sorted(set(leaves))
-    return stem + (leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}")
-
-
-def unused_summary(names: Iterable[str], text_tower: Callable[[str], bool] = lambda n: False,
-                   max_parts: int = 10) -> str:
-    """One short line for many tensor names: the text tower as a count, layer ranges as
-    `prefix{a-b}.leaf`, siblings as `stem.{weight,bias}`."""
-    names = sorted(names)
-    if not names:
-        return "none"
-    parts: list[str] = []
-    text = [n for n in names if text_tower(n)]
-    if text:
-        heads: dict[str, list[str]] = defaultdict(list)
-        for n in text:
-            heads[n.split(".")[0]].append(n)
-        shown = [h + ".*" if len(ns) > 1 else ns[0]
-                 for h, ns in sorted(heads.items(), key=lambda kv: -len(kv[1]))]
-        parts.append(f"{len(text)} text tower ({', '.join(shown)})")
-    layers: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    stems: dict[str, list[str]] = defaultdict(list)
-    for n in names:
-        if text_tower(n):
-            continue
-        m = _LAYER.match(n)
-        if m:
-            layers[m.group(1)].append((int(m.group(2)), m.group(3)))
-        elif "." in n:
-            stem, _, leaf = n.rpartition(".")
-            stems[stem + "."].append(leaf)
-        else:
-            stems[n].append("")  # a top-level name (logit_scale) stands alone
-    for prefix, found in layers.items():
-        idx = sorted({i for i, _ in found})
-        span = str(idx[0]) if len(idx) == 1 else "{%d-%d}" % (idx[0], idx[-1]) \
-            if idx == list(range(idx[0], idx[-1] + 1)) else "{" + ",".join(map(str, idx)) + "}"
-        leaves = sorted({leaf for _, leaf in found})
-        tail = _braced("", leaves) if len(leaves) <= 4 else "*"
-        parts.append(f"{len(found)} in {prefix}{span}.{tail}")
-    parts += sorted(_braced(stem, leaves) for stem, leaves in stems.items())
-    if len(parts) > max_parts:
-        parts = parts[:max_parts] + [f"+{len(parts) - max_parts} more"]
-    return ", ".join(parts)
-
-
-def _check_llama(cfg: Config, w: HFWeights) -> dict:
-    src, llm = w.config, cfg.llm
-    _check_fields(f"{w.path}", src, {
-        "hidden_size": ("llm.hidden_size", llm.hidden_size),
-        "intermediate_size": ("llm.ffn_hidden_size", llm.ffn_hidden_size),
-        "num_hidden_layers": ("llm.num_layers", llm.num_layers),
-        "num_attention_heads": ("llm.num_attention_heads", llm.num_attention_heads),
-        "num_key_value_heads": ("llm.num_query_groups", llm.query_groups),
-        "vocab_size": ("llm.vocab_size", llm.vocab_size),
-        "rms_norm_eps": ("llm.norm_eps", llm.norm_eps)})
-    theta = (src.get("rope_parameters") or {}).get("rope_theta", src.get("rope_theta"))
-    if theta is not None and float(theta) != float(llm.rope_theta):
-        raise ConvertError(f"config mismatch: {w.path} has rope_theta={theta}, "
-                           f"llm.rope_theta={llm.rope_theta}")
-    if llm.moe.num_experts:
-        raise ConvertError("--llama: llm.moe.num_experts > 0; a dense Llama cannot fill the "
-                           "experts (import it into the dense preset, or use --mm1)")
-    return src
-
-
-# ---------------------------------------------------------------------------- Megatron side
 
 
 def _local_name(item: Item, local: dict) -> str:
@@ -486,24 +79,13 @@ def _assign(items: list[Item], hf, prefix_swap: tuple[str, str], local: dict,
     return n
 
 
-def _stray_vision_tensors(unused: Iterable[str], layers_built: int) -> list[str]:
-    """Unused tensors inside the layers we build: an architecture MM1's ViT cannot express
-    (layer scale, q/k norms, ...), which a silent import would drop."""
-    out = []
-    for n in sorted(unused):
-        m = _LAYER.match(n)
-        if m and not _is_text_tower(n) and int(m.group(2)) < layers_built:
-            out.append(n)
-    return out
-
-
 def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
               llama: Optional[str] = None, mm1: Optional[str] = None, verify: bool = True,
               overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     from megatron.core import dist_checkpointing
 
     from mm1_megatron.convert.reader import ensure_process_group
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.model.vision import interpolate_position_grid
     from mm1_megatron.runtime import init_distributed
     from mm1_megatron.checkpoint import model_sharded_state
@@ -521,22 +103,22 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
         sources["mm1"] = HFWeights(mm1)
     if clip:
         w = sources["clip"] = clip_weights(clip)
-        clip_prefix = _clip_prefix(w)
-        clip_size = _check_clip(cfg, w, clip_prefix)
+        clip_prefix = clip_vision_prefix(w)
+        clip_size = check_clip(cfg, w, clip_prefix)
         also = getattr(w, "also", None)
         report["clip_source"] = {"format": w.describe(), "image_size": clip_size}
         log(f"--clip {w.path}: {w.describe()}, {clip_size} px"
             + (f" (HF files preferred: {also} not read)" if also else ""))
     if llama:
         sources["llama"] = HFWeights(llama)
-        _check_llama(cfg, sources["llama"])
+        check_llama(cfg, sources["llama"])
 
     c = reference_config(cfg)
     ensure_process_group()
     if not ps.model_parallel_is_initialized():
         init_distributed(c.parallel, seed=c.train.seed, environ={})
     torch.manual_seed(c.train.seed)
-    model = MM1Model(c, use_te=False)
+    model = build_mm1_model(c, use_te=False)
     local = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
     if mm1:
@@ -558,7 +140,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
         report["imported"]["clip"] = _assign(items, w, ("vision_tower.", clip_prefix), local,
                                              adapt)
         unused = set(w.names()) - w.used
-        stray = _stray_vision_tensors(unused, cfg.vision.layers_built)
+        stray = stray_vision_tensors(unused, cfg.vision.layers_built)
         if stray:
             more = f" (+{len(stray) - 1} more)" if len(stray) > 1 else ""
             raise ConvertError(f"{w.path / w.source}: {stray[0]}{more} has no place in MM1's "
@@ -568,7 +150,7 @@ def import_hf(out: str | Path, cfg: Config, *, clip: Optional[str] = None,
         report["imported"]["llama"] = _assign(items, sources["llama"], ("", ""), local)
     for part, w in sources.items():
         summary = unused_summary(set(w.names()) - w.used,
-                                 _is_text_tower if part == "clip" else lambda n: False)
+                                 is_text_tower if part == "clip" else lambda n: False)
         report["unused"][part] = summary
         log(f"--{part}: unused source tensors: {summary}")
 
@@ -660,7 +242,7 @@ def _verify_clip(ref, cfg: Config, w) -> dict:
 
     from mm1_megatron.model.vision import interpolate_position_grid, resize_vision_encoder
 
-    prefix = _clip_prefix(w)
+    prefix = clip_vision_prefix(w)
     raw = w.get(prefix + "embeddings.position_embedding.weight")
     table = raw.float()
     size = math.isqrt(table.shape[0] - 1) * cfg.vision.patch_size

@@ -39,7 +39,7 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
     from megatron.core import parallel_state as ps
 
     from mm1_megatron.convert.reader import ensure_process_group
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.runtime import init_distributed, training_device
     from mm1_megatron.checkpoint import load_model_weights
 
@@ -47,7 +47,7 @@ def megatron_model(ckpt: str | Path, cfg: Config, round_to: Optional[torch.dtype
     ensure_process_group()
     if not ps.model_parallel_is_initialized():
         init_distributed(c.parallel, seed=c.train.seed, environ={})
-    model = MM1Model(c, use_te=False)
+    model = build_mm1_model(c, use_te=False)
     load_model_weights(ckpt, [model])
     if round_to is not None:
         with torch.no_grad():

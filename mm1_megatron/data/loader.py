@@ -4,9 +4,10 @@ Every rank plans the same global rows (mixture.row_stream) from the datasets' to
 alone (`ShardDataset.layout`: token counts per text segment and the image positions; no shard
 is read), takes rows j with j % dp == its rank, and only then reads and tokenizes those rows'
 documents and decodes their images with DALI. The index must come from the run's tokenizer
-(checked by sha256 at start). Bad samples (see shards.BAD_REASONS) are skipped and counted; an image
-that DALI cannot decode becomes a blank image and its document carries no loss in that row
-(counted as `undecodable_image`), so a bad file never stalls or desynchronises ranks.
+(checked by sha256 at start). Bad samples (see shard_schema.BAD_REASONS) are skipped and
+counted; an image that DALI cannot decode becomes a blank image and its document carries no
+loss in that row (counted as `undecodable_image`), so a bad file never stalls or
+desynchronises ranks.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from mm1_megatron.data.mixture import SOURCES, LoaderState, rank_rows, row_strea
 from mm1_megatron.data.packing import (IMAGE, Document, PackedRow, Packer, PackingStats,
                                        PlannedRow, segment_boundaries)
 from mm1_megatron.data.prompt_format import Answer
-from mm1_megatron.data.shards import (BadSample, DatasetError, ShardDataset, SkipCounter,
-                                      open_dataset, tokenizer_record)
+from mm1_megatron.data.shard_index import tokenizer_record
+from mm1_megatron.data.shard_reader import ShardDataset, open_dataset
+from mm1_megatron.data.shard_schema import BadSample, DatasetError, SkipCounter
 from mm1_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from mm1_megatron.runtime import pin_batch
 

@@ -27,13 +27,13 @@ def resolve_checkpoint(run_dir: Optional[Union[str, Path]] = None,
 
 def build_eval_model(cfg: Config, seed: Optional[int] = None):
     """Start a one-process world (if none is up) and build the MM1Model in eval mode."""
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.model.specs import use_transformer_engine
     from mm1_megatron.runtime import init_distributed, training_device
 
     init_distributed(cfg.parallel, seed=cfg.train.seed if seed is None else seed,
                      environ={})  # always a world of one, whatever launched us
-    model = MM1Model(cfg, use_transformer_engine())
+    model = build_mm1_model(cfg, use_transformer_engine())
     model.to(training_device())
     model.eval()
     return model

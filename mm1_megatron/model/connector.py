@@ -1,17 +1,19 @@
 """Vision-language connectors: patch grid [B, N, Dv] -> [B, num_tokens, D_llm].
 
-All three MM1-ablated variants share one interface (`build_connector`). The paper's lesson is
-that the token count matters and the connector type barely does, so they are interchangeable.
+All three MM1-ablated variants share one interface (a `ConnectorParts` spec; model/builder.py
+picks one). The paper's lesson is that the token count matters and the connector type barely
+does, so they are interchangeable.
 Connectors are small (<2% of parameters) and stay replicated across TP ranks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
-
-from mm1_megatron.config import Config
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -131,13 +133,13 @@ class AttnPoolConnector(nn.Module):
         return self.proj(self.norm(pooled))
 
 
-def build_connector(cfg: Config) -> nn.Module:
-    c, v, llm_hidden = cfg.connector, cfg.vision, cfg.llm.hidden_size
-    if c.type == "c_abstractor":
-        return CAbstractor(v.hidden_size, v.num_patches, llm_hidden, c.hidden_size, c.depth,
-                           c.mlp_depth, c.grid_size, c.pos_emb, c.norm_eps)
-    if c.type == "avg_pool":
-        return AvgPoolConnector(v.hidden_size, llm_hidden, c.grid_size)
-    if c.type == "attn_pool":
-        return AttnPoolConnector(v.hidden_size, llm_hidden, c.num_tokens, v.num_attention_heads)
-    raise ValueError(f"connector.type: unknown connector {c.type!r}")
+@dataclass(frozen=True)
+class ConnectorParts:
+    """What the connector is built from, as LLaVAModel takes its vision projection: a spec
+    (one of the classes above and its arguments) and the tokens it makes per image."""
+
+    spec: ModuleSpec
+    num_tokens: int
+
+    def build(self) -> nn.Module:
+        return build_module(self.spec)

@@ -9,43 +9,62 @@ the placeholder embeddings in that order. Later stages only run decoder layers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from mm1_megatron.config import Config
-from mm1_megatron.model.connector import build_connector
-from mm1_megatron.model.language import build_decoder
-from mm1_megatron.model.vision import build_vision_encoder, resize_vision_encoder
+from mm1_megatron.model.connector import ConnectorParts
+from mm1_megatron.model.language import LanguageParts
+from mm1_megatron.model.vision import VisionParts, resize_vision_encoder
+
+
+@dataclass(frozen=True)
+class MM1Parts:
+    """Everything MM1Model is built from, injected as LLaVAModel takes its parts: the
+    language, vision and connector configs and specs, and the image-slot settings.
+    `model/builder.py: mm1_parts` makes them from a run Config."""
+
+    language: LanguageParts
+    vision: VisionParts
+    connector: ConnectorParts
+    image_token_id: int  # the placeholder id the data pipeline writes for each image token
+    # Images a row may hold, sub-images (tiling: an image's overview and tiles) counted.
+    max_images_per_row: int
+    # Packed rows as THD segments (Transformer Engine); the local spec takes the dense mask.
+    packed_sequences: bool = False
 
 
 class MM1Model(MegatronModule):
-    def __init__(self, cfg: Config, use_te: bool, pre_process: bool = True,
-                 post_process: bool = True, pp_rank: Optional[int] = None,
+    """One pipeline stage's model chunk (`vp_stage`), built from injected `parts`:
+    `pre_process` holds the embedding, encoder and connector, `post_process` the output layer.
+    `model/builder.py: build_mm1_model` builds it from a run Config."""
+
+    def __init__(self, parts: MM1Parts, pre_process: bool = True, post_process: bool = True,
                  vp_stage: Optional[int] = None):
-        decoder = build_decoder(cfg, use_te, pre_process, post_process, pp_rank=pp_rank,
-                                vp_stage=vp_stage)
+        # Built (and initialised) in this order: decoder, encoder, connector; registered
+        # encoder, connector, decoder (the order of the parameters, DDP buckets included).
+        decoder = parts.language.build(pre_process, post_process, vp_stage=vp_stage)
         super().__init__(config=decoder.config)
-        self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
-        self.image_token_id = cfg.llm.image_token_id
-        self.tokens_per_image = cfg.connector.num_tokens
-        # The model sees sub-images (tiling: an image's overview and tiles) as images.
-        self.max_images_per_row = cfg.data.max_images_per_sequence * cfg.vision.sub_images
+        self.image_token_id = parts.image_token_id
+        self.tokens_per_image = parts.connector.num_tokens
+        self.max_images_per_row = parts.max_images_per_row
         # The encoder and connector live on the first pipeline stage (its first chunk) only.
-        self.vision = build_vision_encoder(cfg, use_te) if pre_process else None
-        self.connector = build_connector(cfg) if pre_process else None
-        self.image_size = cfg.vision.image_size
+        self.vision = parts.vision.build() if pre_process else None
+        self.connector = parts.connector.build() if pre_process else None
         self.language_model = decoder  # not `decoder`: schedules read that as a TransformerBlock
-        # Packed rows as THD segments under Transformer Engine; the local spec takes the mask.
-        self.packed_sequences = use_te
+        self.image_size = parts.vision.image_size
+        self.patch_size = parts.vision.patch_size
+        self.class_token = parts.vision.class_token
+        self.packed_sequences = parts.packed_sequences
         # Mixed precision as Megatron-Core's Float16Module does it: every module in the run's
         # dtype (the patch conv, norms and connector included, which torch creates in fp32),
         # float inputs cast on entry, fp32 out of the last stage. The loss is computed in fp32
         # and the optimizer keeps fp32 master weights.
-        self.dtype = decoder.config.params_dtype
+        self.dtype = self.config.params_dtype
         if self.dtype != torch.float32:
             self.to(dtype=self.dtype)
 
@@ -70,13 +89,13 @@ class MM1Model(MegatronModule):
         `connector.num_tokens` (the grid connectors pool adaptively; attn_pool has queries)."""
         resize_vision_encoder(self.vision, image_size)
         if hasattr(self.connector, "resize_position_grid"):
-            self.connector.resize_position_grid(image_size // self.cfg.vision.patch_size)
+            self.connector.resize_position_grid(image_size // self.patch_size)
         self.image_size = image_size
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, num_tokens, llm_hidden]."""
         features = self.vision(images.to(self.dtype))
-        if self.cfg.vision.class_token:
+        if self.class_token:
             features = features[:, 1:]  # the connectors work on the patch grid
         return self.connector(features)
 

@@ -11,6 +11,7 @@ import copy
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -46,6 +47,11 @@ def vision_layer_spec(use_te: bool) -> ModuleSpec:
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     return spec
+
+
+def vision_norm(use_te: bool) -> type | None:
+    """The ViT's ln_pre / ln_post: CLIPViTModel's default (TENorm) under TE, torch's otherwise."""
+    return None if use_te else WrappedTorchNorm
 
 
 def userbuffer_kwargs(cfg, te_version: str) -> dict:

@@ -1,18 +1,17 @@
-"""CLIP-style ViT image encoder on Megatron-Core's CLIPViTModel (TP-sharded like the decoder)."""
+"""CLIP-style ViT image encoder on Megatron-Core's CLIPViTModel (TP-sharded like the decoder),
+built from an injected TransformerConfig and layer spec (model/builder.py makes them)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-from mm1_megatron.config import Config
-from mm1_megatron.model.language import parallel_kwargs, precision_kwargs, recompute_kwargs
-from mm1_megatron.model.specs import vision_layer_spec
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -27,44 +26,32 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
-def vision_transformer_config(cfg: Config) -> TransformerConfig:
-    v = cfg.vision
-    return TransformerConfig(
-        num_layers=v.layers_built,
-        hidden_size=v.hidden_size,
-        num_attention_heads=v.num_attention_heads,
-        ffn_hidden_size=v.ffn_hidden_size,
-        normalization="LayerNorm",
-        layernorm_epsilon=v.layernorm_eps,
-        add_bias_linear=True,
-        activation_func=VISION_ACTIVATIONS[v.activation],
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        # The encoder lives whole on the first pipeline stage.
-        **parallel_kwargs(cfg, decoder=False),
-        # Never FP8 (train.fp8 is the decoder's): its GEMMs see 730 x images rows, which TE's
-        # FP8 refuses unless the image count is a multiple of 4, and the encoder is ~10% of
-        # the FLOPs. Megatron-Bridge keeps vision backbones out of FP8 by default too.
-        **precision_kwargs(cfg, fp8=False),
-        **recompute_kwargs(v.recompute, v.recompute_layers),
-    )
+@dataclass(frozen=True)
+class VisionParts:
+    """What the encoder is built from, as LLaVAModel takes its vision model's: a
+    TransformerConfig and layer spec, and the CLIP geometry."""
 
+    config: TransformerConfig
+    layer_spec: ModuleSpec
+    image_size: int
+    patch_size: int
+    class_token: bool
+    # ln_pre / ln_post; None: CLIPViTModel's default (TENorm). specs.vision_norm chooses.
+    norm: Optional[type] = None
 
-def build_vision_encoder(cfg: Config, use_te: bool) -> CLIPViTModel:
-    v = cfg.vision
-    norm = None if use_te else WrappedTorchNorm  # TE: Megatron's default (TENorm)
-    extra = {} if norm is None else dict(ln_pre_impl=norm, ln_post_impl=norm)
-    return CLIPViTModel(
-        transformer_config=vision_transformer_config(cfg),
-        transformer_layer_spec=vision_layer_spec(use_te),
-        add_class_token=v.class_token,
-        class_token_len=1,
-        patch_dim=v.patch_size,
-        img_h=v.image_size,
-        img_w=v.image_size,
-        model_subtype="clip",
-        **extra,
-    )
+    def build(self) -> CLIPViTModel:
+        extra = {} if self.norm is None else dict(ln_pre_impl=self.norm, ln_post_impl=self.norm)
+        return CLIPViTModel(
+            transformer_config=self.config,
+            transformer_layer_spec=self.layer_spec,
+            add_class_token=self.class_token,
+            class_token_len=1,
+            patch_dim=self.patch_size,
+            img_h=self.image_size,
+            img_w=self.image_size,
+            model_subtype="clip",
+            **extra,
+        )
 
 
 def interpolate_position_grid(table: torch.Tensor, prefix_tokens: int,

@@ -7,7 +7,8 @@ import copy
 from typing import Any, Iterator, Optional
 
 from mm1_megatron.config import Config, ConfigError, validate
-from mm1_megatron.plan.h100 import USABLE_GIB, estimate
+from mm1_megatron.plan.h100 import estimate
+from mm1_megatron.plan.h100_constants import USABLE_GIB
 
 
 

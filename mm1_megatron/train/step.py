@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mm1_megatron.config import Config
 from mm1_megatron.data.loader import drop_loss_of_undecoded
 from mm1_megatron.data.mixture import SOURCES
+from mm1_megatron.model.builder import build_mm1_model
 from mm1_megatron.model.mm1 import MM1Model
 from mm1_megatron.model.recipe import lr_rule_params, peak_lr_and_weight_decay
 from mm1_megatron.model.specs import init_tp_comm_overlap
@@ -51,8 +52,8 @@ def build_model(cfg: Config, use_te: bool) -> list[DDP]:
         vp = vp_stage if chunks > 1 else None
         first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
         last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
-        module = MM1Model(cfg, use_te, pre_process=first, post_process=last,
-                          pp_rank=ps.get_pipeline_model_parallel_rank(), vp_stage=vp)
+        module = build_mm1_model(cfg, use_te, pre_process=first, post_process=last,
+                                 pp_rank=ps.get_pipeline_model_parallel_rank(), vp_stage=vp)
         module.model_type = ModelType.encoder_or_decoder  # what the schedules expect of a GPT
         freeze(module, cfg.train.freeze)
         # Weights are initialised on the host (identical for every TP size); the whole module,

@@ -151,8 +151,8 @@ def test_data_counters_continue_on_resume_and_another_dataset_is_refused(demo_da
     """Undecodable images and images dropped at the per-row limit are counted, and the counts
     continue after a resume (they restarted at 0); resuming on another dataset is refused
     unless data.allow_change=true (the old position was applied to new data silently)."""
-    from mm1_megatron.data.shards import RawSample, write_dataset
-    from tests.data._fixtures import jpeg
+    from mm1_megatron.data.shard_writer import RawSample, write_dataset
+    from tests._helpers.data import jpeg
 
     def dataset(root: Path, docs: int) -> Path:
         bad = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4

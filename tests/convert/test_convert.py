@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._helpers.convert import save_single
 from tests._procs import run_ranks, torchrun
 
 pytestmark = [pytest.mark.mcore, pytest.mark.multirank, pytest.mark.slow]
@@ -38,28 +39,6 @@ PARALLEL_4 = ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.exper
 
 
 # ---------------------------------------------------------------------------- the case
-
-
-def _save_single(run_dir: str, overrides: list[str]) -> None:
-    """The tiny model in this process, weights perturbed, saved like the trainer does."""
-    import torch
-    from megatron.core import dist_checkpointing
-
-    from mm1_megatron.config import load_config
-    from mm1_megatron.convert.verify import reference_config
-    from mm1_megatron.model.mm1 import MM1Model
-    from mm1_megatron.checkpoint import model_sharded_state
-
-    cfg = reference_config(load_config("tiny", overrides))
-    model = MM1Model(cfg, use_te=False)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    ckpt = Path(run_dir) / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    dist_checkpointing.save({"model": model_sharded_state([model]), "step": 1}, str(ckpt))
-    (ckpt.parent / "latest").write_text(ckpt.name + "\n")
 
 
 def _tiny_hf_sources(root: Path) -> tuple[str, str]:
@@ -125,7 +104,7 @@ def case_conversions(root: str, multi_rank_run: str) -> dict:
     runs = {"tp2pp2ep2_moe_cabs": multi_rank_run}
     for name in ("single_moe_attn_pool", "single_dense_avg_pool"):
         runs[name] = str(root_p / "runs" / name)
-        _save_single(runs[name], LAYOUTS[name])
+        save_single(runs[name], LAYOUTS[name])
     cfg = {name: load_config("tiny", ov) for name, ov in LAYOUTS.items()}
     out: dict = {"export": {}}
     quiet = dict(progress=False, log=lambda *_: None)

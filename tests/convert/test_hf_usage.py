@@ -34,13 +34,13 @@ def case_export(root: str, tokenizer: str) -> dict:
     from mm1_megatron.convert.reader import ensure_process_group
     from mm1_megatron.convert.to_hf import export
     from mm1_megatron.runtime import init_distributed
-    from tests.convert.test_convert import _save_single
+    from tests._helpers.convert import save_single
 
     ensure_process_group()
     init_distributed(ParallelConfig(world_size=1), seed=1234, environ={})
     overrides = OVERRIDES + [f"data.tokenizer_model={tokenizer}"]
     run = Path(root) / "run"
-    _save_single(str(run), overrides)
+    save_single(str(run), overrides)
     report = export(run, Path(root) / "hf", load_config("tiny", overrides), progress=False,
                     log=lambda *_: None)
     # the same weights as an SFT run's export: the chat format's template

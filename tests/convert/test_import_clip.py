@@ -188,8 +188,9 @@ def case_clip_imports(root: str) -> dict:
     import torch
 
     from mm1_megatron.config import ParallelConfig, load_config
-    from mm1_megatron.convert.from_hf import clip_weights, import_hf
+    from mm1_megatron.convert.from_hf import import_hf
     from mm1_megatron.convert.reader import ensure_process_group
+    from mm1_megatron.convert.source_weights import clip_weights
     from mm1_megatron.convert.verify import megatron_model
     from mm1_megatron.runtime import init_distributed
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mm1_megatron.config import get_preset
-from mm1_megatron.data.shards import open_dataset
+from mm1_megatron.data.shard_reader import open_dataset
 from mm1_megatron.data.tokenizer import IMAGE_ID, Tokenizer
 from tools.make_demo_data import (CONVERSATIONS, DOCUMENTS, HELD_OUT, PHOTOS, TEXTS, VARIANTS,
                                   make_demo_data)

@@ -11,7 +11,7 @@ import torch
 from mm1_megatron.config import load_config
 from mm1_megatron.data.loader import MultimodalLoader
 from mm1_megatron.data.mixture import LoaderState
-from mm1_megatron.data.shards import RawSample, write_dataset
+from mm1_megatron.data.shard_writer import RawSample, write_dataset
 from mm1_megatron.data.tokenizer import Tokenizer
 from tests import _procs
 
@@ -80,7 +80,7 @@ def test_resume_exact_and_across_dp_sizes(demo_data, unit):
 
 
 def test_undecodable_image_is_blank_and_counted(tmp_path, demo_data):
-    from tests.data._fixtures import jpeg
+    from tests._helpers.data import jpeg
 
     root = tmp_path / "data"
     good, bad = jpeg(1, (64, 48)), b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4
@@ -167,7 +167,7 @@ def test_token_index_missing_or_from_another_tokenizer_is_refused(tmp_path, demo
     import shutil
     import sys
 
-    from mm1_megatron.data.shards import DatasetError
+    from mm1_megatron.data.shard_schema import DatasetError
     from mm1_megatron.data.tokenizer import train_tokenizer
 
     root = tmp_path / "data"

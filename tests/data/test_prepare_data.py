@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mm1_megatron.data.shards import open_dataset
-from tests.data._fixtures import TEXT, jpeg, write_jsonl
+from mm1_megatron.data.shard_reader import open_dataset
+from tests._helpers.data import TEXT, jpeg, write_jsonl
 from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]

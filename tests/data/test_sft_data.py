@@ -13,7 +13,8 @@ from mm1_megatron.data.loader import tokenized_document
 from mm1_megatron.data.packing import IMAGE, PAD_DOCUMENT, Document, Packer
 from mm1_megatron.data.prompt_format import (Answer, Turn, chat_segments, chat_template,
                                              render_chat)
-from mm1_megatron.data.shards import open_dataset, segment_runs
+from mm1_megatron.data.shard_index import segment_runs
+from mm1_megatron.data.shard_reader import open_dataset
 from mm1_megatron.data.tokenizer import EOS_ID, IMAGE_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from mm1_megatron.data.shards import (BadSample, DatasetError, SkipCounter, index_dataset,
-                                      open_dataset)
-from tests.data._fixtures import TEXT, jpeg, tiny_tokenizer, write_jsonl
+from mm1_megatron.data.shard_index import index_dataset
+from mm1_megatron.data.shard_reader import open_dataset
+from mm1_megatron.data.shard_schema import BadSample, DatasetError, SkipCounter
+from tests._helpers.data import TEXT, jpeg, tiny_tokenizer, write_jsonl
 from tests import _procs
 from tools.prepare_data import prepare
 
@@ -290,7 +291,7 @@ def test_unreadable_tar_fails_indexing(tmp_path):
 
 
 def test_skip_counter_lists_a_bounded_number_and_counts_all():
-    from mm1_megatron.data.shards import BadSample, SkipCounter
+    from mm1_megatron.data.shard_schema import BadSample, SkipCounter
 
     lines = []
     skips = SkipCounter(log=lines.append, max_listed=3)

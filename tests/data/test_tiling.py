@@ -11,7 +11,7 @@ from PIL import Image
 
 from mm1_megatron.config import load_config
 from mm1_megatron.data.images import ImageDecoder
-from tests.data.test_images import GOOD, pil_reference
+from tests._helpers.images import GOOD, pil_reference
 
 S = 56  # tile size (4 x 4 patches of 14)
 

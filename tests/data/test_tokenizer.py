@@ -13,7 +13,7 @@ import sentencepiece as spm
 from mm1_megatron.config import LLMConfig
 from mm1_megatron.data.tokenizer import (BOS_ID, EOC_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID,
                                          Tokenizer)
-from tests.data._fixtures import TEXT, tiny_tokenizer
+from tests._helpers.data import TEXT, tiny_tokenizer
 from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def test_refuses_unreadable_file(tmp_path):
 
 def test_train_tokenizer_cli_from_text_and_shards(tmp_path):
     from tools.prepare_data import prepare
-    from tests.data._fixtures import write_jsonl
+    from tests._helpers.data import write_jsonl
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXT * 10))

@@ -18,8 +18,8 @@ from mm1_megatron.evaluation.generate import Generator
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
 from mm1_megatron.checkpoint import save_checkpoint
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
-from tests.evaluation.common import EVAL_OVERRIDES, fixed_prompts
-from tests.model._parity_worker import BASE, microbatches, synthetic_rows
+from tests._helpers.evaluation import EVAL_OVERRIDES, fixed_prompts
+from tests._helpers.parity import BASE, microbatches, synthetic_rows
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._helpers.tensorboard import scalars
 from tests._procs import REPO, run_ranks
-from tests.train.test_loop import scalars
 from tests import _procs
 
 pytestmark = pytest.mark.slow
@@ -16,9 +16,8 @@ pytestmark = pytest.mark.slow
 def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dict:
     from mm1_megatron.config import load_config
     from mm1_megatron.evaluation.callback import FewShotEval
-    from mm1_megatron.runtime import shutdown_distributed
-    from mm1_megatron.train.callbacks import default_callbacks
-    from mm1_megatron.train.loop import Trainer
+    from mm1_megatron.train.callbacks import Callback, default_callbacks
+    from mm1_megatron.train.loop import train
 
     cfg = load_config("tiny", [f"data.path={data}", f"data.tokenizer_model={data}/tokenizer.model",
                                "llm.vocab_size=2048", f"run_dir={run_dir}",
@@ -29,21 +28,13 @@ def train_with_eval(data: str, tasks: str, run_dir: str, with_eval: bool) -> dic
                              shots=(0, 2), limit=3, max_new_tokens=4)
     if with_eval:
         callbacks.append(evaluation)
-    trainer = Trainer(cfg, callbacks=callbacks)
     losses = []
 
-    class Losses:
+    class Losses(Callback):
         def on_step(self, trainer, m):
             losses.append(m.loss)
 
-        on_setup = on_train_start = on_train_end = lambda self, trainer: None
-
-    callbacks.append(Losses())
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        shutdown_distributed()
+    train(cfg, callbacks + [Losses()])
     return {"history": evaluation.history, "losses": losses}
 
 

@@ -63,8 +63,8 @@ def one_process_case(run_dir: str, tokenizer: str) -> dict:
     from mm1_megatron.config import load_config, single_process_config
     from mm1_megatron.evaluation.model_io import (build_eval_model, load_model_weights,
                                                   resolve_checkpoint)
-    from tests.evaluation.common import EVAL_OVERRIDES, fixed_prompts
-    from tests.model._parity_worker import BASE
+    from tests._helpers.evaluation import EVAL_OVERRIDES, fixed_prompts
+    from tests._helpers.parity import BASE
 
     cfg = single_process_config(load_config("tiny", BASE + EVAL_OVERRIDES))
     model = build_eval_model(cfg, seed=999)  # other initial weights: only loading matches
@@ -148,10 +148,10 @@ def test_mm1_eval_command_prints_the_table(ep2_run, demo_data):
     tasks = root / "tasks"
     _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
                 str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
-    from tests.evaluation.common import EVAL_OVERRIDES
-    from tests.model._parity_worker import BASE
+    from tests._helpers.evaluation import EVAL_OVERRIDES
+    from tests._helpers.parity import BASE
 
-    cmd = [sys.executable, str(REPO / "tools" / "eval_fewshot.py"), "--run-dir",
+    cmd = ["mm1-eval", "--run-dir",
            str(root / "run"), "--preset", "tiny", "--task", str(tasks / "caption.jsonl"),
            "--task", str(tasks / "vqa.jsonl"), "--shots", "0", "4", "8", "--limit", "2",
            "--max-new-tokens", "4", "--output", str(root / "eval.json"),
@@ -181,10 +181,10 @@ def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, de
     first = json.loads(lines[0])
     first["image"] = "images/not-there.jpg"
     (tasks / "caption.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
-    from tests.evaluation.common import EVAL_OVERRIDES
-    from tests.model._parity_worker import BASE
+    from tests._helpers.evaluation import EVAL_OVERRIDES
+    from tests._helpers.parity import BASE
 
-    cmd = [sys.executable, str(REPO / "tools" / "eval_fewshot.py"), "--run-dir",
+    cmd = ["mm1-eval", "--run-dir",
            str(root / "run"), "--preset", "tiny", "--task", str(tasks / "caption.jsonl"),
            "--shots", "0", "--limit", "3", "--max-new-tokens", "4", "--output",
            str(root / "eval_missing.json"), *BASE, *EVAL_OVERRIDES,

@@ -12,9 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm1_megatron.config import PRESETS, get_preset, set_field
-from mm1_megatron.model.connector import build_connector
-from mm1_megatron.model.language import build_decoder
-from mm1_megatron.model.vision import build_vision_encoder
+from mm1_megatron.model.builder import connector_parts, language_parts, vision_parts
 from mm1_megatron.runtime import init_distributed, shutdown_distributed
 
 
@@ -42,35 +40,36 @@ def main() -> None:
             set_field(cfg, key, value)
         entry = {}
         with torch.device("meta"):
-            entry["llm"] = numel(build_decoder(cfg, use_te=False))
-            entry["vision"] = numel(build_vision_encoder(cfg, use_te=False))
+            entry["llm"] = numel(language_parts(cfg, use_te=False).build())
+            entry["vision"] = numel(vision_parts(cfg, use_te=False).build())
             for kind in ("c_abstractor", "avg_pool", "attn_pool"):
                 set_field(cfg, "connector.type", kind)
-                entry[f"connector.{kind}"] = numel(build_connector(cfg))
+                entry[f"connector.{kind}"] = numel(connector_parts(cfg).build())
         out["params"][name] = entry
     # Heads wider than hidden / heads (kv_channels), GQA: the decoder alone.
     cfg = get_preset("tiny")
     set_field(cfg, "llm.kv_channels", 32)
     set_field(cfg, "llm.num_query_groups", 2)
     with torch.device("meta"):
-        out["params"]["tiny_kv_channels"] = {"llm": numel(build_decoder(cfg, use_te=False))}
+        out["params"]["tiny_kv_channels"] = {
+            "llm": numel(language_parts(cfg, use_te=False).build())}
 
     # Forward FLOPs of real tiny modules (batch of 2), per component and connector type.
     cfg = get_preset("tiny")
     set_field(cfg, "train.precision", "fp32")
     seq, batch = cfg.data.seq_length, 2
-    decoder = build_decoder(cfg, use_te=False)
+    decoder = language_parts(cfg, use_te=False).build()
     tokens = torch.randint(0, cfg.llm.vocab_size, (batch, seq))
     positions = torch.arange(seq).expand(batch, -1)
     causal = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
     out["flops"]["llm"] = measured_flops(lambda: decoder(tokens, positions, causal)) // batch
-    vision = build_vision_encoder(cfg, use_te=False)
+    vision = vision_parts(cfg, use_te=False).build()
     images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)
     out["flops"]["vision"] = measured_flops(lambda: vision(images)) // batch
     patches = torch.randn(batch, cfg.vision.num_patches, cfg.vision.hidden_size)
     for kind in ("c_abstractor", "avg_pool", "attn_pool"):
         set_field(cfg, "connector.type", kind)
-        connector = build_connector(cfg)
+        connector = connector_parts(cfg).build()
         out["flops"][f"connector.{kind}"] = measured_flops(lambda: connector(patches)) // batch
     shutdown_distributed()
     json.dump(out, sys.stdout)

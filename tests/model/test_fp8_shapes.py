@@ -42,7 +42,7 @@ def case_fp8_shapes() -> dict:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from mm1_megatron.config import get_preset, set_field
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.runtime import device_audit, init_distributed
 
     cfg = get_preset("mm1-30b")
@@ -57,7 +57,7 @@ def case_fp8_shapes() -> dict:
     init_distributed(cfg.parallel, seed=0, environ={})
     out: dict = {"decoder": {}, "vision_if_fp8": {}, "seen": 0}
     with device_audit(), torch.device("meta"):
-        model = MM1Model(cfg, use_te=False)
+        model = build_mm1_model(cfg, use_te=False)
         towers = {"decoder": model.language_model.decoder, "vision": model.vision.decoder}
         out["fp8"] = {name: tower.config.fp8 for name, tower in towers.items()}
         records: dict[str, list] = {"decoder": [], "vision": []}

@@ -45,7 +45,8 @@ def _row(cfg, n_images: int, length: int, first: int = 10):
 def case_shapes_and_limits() -> dict:
     import torch
 
-    from mm1_megatron.model.mm1 import MM1Model, document_attention_mask
+    from mm1_megatron.model.builder import build_mm1_model
+    from mm1_megatron.model.mm1 import document_attention_mask
 
     # ViT at the real 378 px / patch 14 (27x27 grid), tiny width; 144 tokens per image.
     cfg = _cfg(vision__image_size=378, connector__num_tokens=144, llm__num_layers=2,
@@ -56,7 +57,7 @@ def case_shapes_and_limits() -> dict:
     for kind in ("c_abstractor", "avg_pool", "attn_pool"):
         set_field(cfg, "connector.type", kind)
         torch.manual_seed(0)
-        model = MM1Model(cfg, use_te=False)
+        model = build_mm1_model(cfg, use_te=False)
         out["tokens"][kind] = list(model.encode_images(images).shape)
 
     s = cfg.data.seq_length
@@ -94,12 +95,13 @@ def test_image_shapes_and_limits():
 def case_packed_isolation() -> dict:
     import torch
 
-    from mm1_megatron.model.mm1 import MM1Model, document_attention_mask
+    from mm1_megatron.model.builder import build_mm1_model
+    from mm1_megatron.model.mm1 import document_attention_mask
 
     cfg = _cfg()
     _start(cfg)
     torch.manual_seed(0)
-    model = MM1Model(cfg, use_te=False).eval()
+    model = build_mm1_model(cfg, use_te=False).eval()
     s, img = cfg.data.seq_length, cfg.vision.image_size
     g = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, img, img, generator=g)
@@ -138,7 +140,8 @@ def test_packed_documents_do_not_see_each_other():
 def case_recompute_gradients() -> dict:
     import torch
 
-    from mm1_megatron.model.mm1 import MM1Model, document_attention_mask
+    from mm1_megatron.model.builder import build_mm1_model
+    from mm1_megatron.model.mm1 import document_attention_mask
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     base = _cfg(llm__moe__num_experts=4, llm__moe__layer_freq=2)
@@ -153,7 +156,7 @@ def case_recompute_gradients() -> dict:
                    vision__recompute=mode)
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)
-        model = MM1Model(cfg, use_te=False)
+        model = build_mm1_model(cfg, use_te=False)
         loss = model(ids, torch.arange(s).expand(2, -1), mask, images, labels=ids.roll(-1, 1))
         loss.mean().backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()
@@ -208,7 +211,7 @@ def test_vision_spec_is_bidirectional_and_megatrons_is_untouched():
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_switch_reaches_megatron_config(recipe):
-    from mm1_megatron.model.language import precision_kwargs
+    from mm1_megatron.model.builder import precision_kwargs
 
     cfg = _cfg(train__precision="bf16", train__fp8="hybrid", train__fp8_recipe=recipe)
     kwargs = precision_kwargs(cfg)
@@ -222,6 +225,8 @@ def test_fp8_switch_reaches_megatron_config(recipe):
 def case_resize_and_feature_layer() -> dict:
     import torch
 
+    from mm1_megatron.config import Config
+    from mm1_megatron.model.builder import mm1_parts
     from mm1_megatron.model.mm1 import MM1Model
     from mm1_megatron.model.params import count_params
     from mm1_megatron.model.vision import interpolate_position_grid
@@ -230,7 +235,9 @@ def case_resize_and_feature_layer() -> dict:
     cfg = _cfg(vision__feature_layer=-2)
     _start(cfg)
     torch.manual_seed(0)
-    model = MM1Model(cfg, use_te=False)
+    model = MM1Model(mm1_parts(cfg, use_te=False))  # the parts injected, as LLaVAModel's
+    out["holds_config"] = any(isinstance(value, Config) for module in model.modules()
+                              for value in vars(module).values())
     out["vision_layers"] = len(model.vision.decoder.layers)
     out["vision_params"] = [sum(p.numel() for p in model.vision.parameters()),
                             count_params(cfg).vision]
@@ -252,6 +259,7 @@ def case_resize_and_feature_layer() -> dict:
 
 def test_resize_for_higher_resolution_and_feature_layer():
     (r,) = run_ranks(__file__, "case_resize_and_feature_layer")
+    assert not r["holds_config"]  # built from injected parts, not the run Config
     assert r["vision_layers"] == 1  # feature_layer=-2 of 2: the last layer is not built
     assert r["vision_params"][0] == r["vision_params"][1]
     assert r["same_size_identity"] and r["ramp_rows_equal"] and r["ramp_increasing"]
@@ -264,8 +272,8 @@ def case_encoder_fidelity() -> dict:
     the C-Abstractor's Honeybee initialisation."""
     import torch
 
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.model.connector import CAbstractor, LayerNorm2d
-    from mm1_megatron.model.mm1 import MM1Model
 
     cfg = _cfg()
     _start(cfg)
@@ -274,7 +282,7 @@ def case_encoder_fidelity() -> dict:
     for act in ("quick_gelu", "gelu", "quick_gelu_again"):
         set_field(cfg, "vision.activation", act.removesuffix("_again"))
         torch.manual_seed(0)
-        model = MM1Model(cfg, use_te=False)
+        model = build_mm1_model(cfg, use_te=False)
         with torch.no_grad():
             features[act] = model.vision(images)
     diff = {act: float((features[act] - features["quick_gelu"]).abs().max())
@@ -291,7 +299,7 @@ def case_encoder_fidelity() -> dict:
     for router_dtype in ("fp32", "model"):
         set_field(moe, "llm.moe.router_dtype", router_dtype)
         torch.manual_seed(0)
-        router = MM1Model(moe, use_te=False).language_model.decoder.layers[0].mlp.router
+        router = build_mm1_model(moe, use_te=False).language_model.decoder.layers[0].mlp.router
         x = torch.randn(8, 1, moe.llm.hidden_size, dtype=torch.bfloat16)
         dtypes[router_dtype] = str(router.gating(x).dtype)
     out["router_logits"] = dtypes
@@ -357,13 +365,13 @@ def case_init_from_another_image_size(root: str) -> dict:
 
     from mm1_megatron.checkpoint import model_sharded_state
     from mm1_megatron.checkpoint.state import load_model_weights
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.model.vision import interpolate_position_grid
 
     cfg = _cfg(connector__type="c_abstractor", connector__pos_emb=True)
     _start(cfg)
     torch.manual_seed(0)
-    small = MM1Model(cfg, use_te=False).eval()
+    small = build_mm1_model(cfg, use_te=False).eval()
     with torch.no_grad():  # positions that matter: larger than the random patch features
         small.vision.position_embeddings.weight.mul_(30)
         small.connector.pos_emb.normal_(0, 1.0)
@@ -371,7 +379,7 @@ def case_init_from_another_image_size(root: str) -> dict:
     dist_checkpointing.save({"model": model_sharded_state([small])}, root)
     big_cfg = _cfg(connector__type="c_abstractor", connector__pos_emb=True,
                    vision__image_size=168)
-    big = MM1Model(big_cfg, use_te=False).eval()
+    big = build_mm1_model(big_cfg, use_te=False).eval()
     logs = []
     load_model_weights(root, [big], adapt_positions=True, log=logs.append)
     table = small.vision.position_embeddings.weight.detach()

@@ -75,12 +75,12 @@ def test_segment_attention_over_cu_seqlens_equals_the_dense_document_mask(seed):
 
 def case_te_path_arguments() -> dict:
     from mm1_megatron.config import load_config
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.runtime import init_distributed
 
     cfg = load_config("tiny", [])
     init_distributed(cfg.parallel, seed=0)
-    model = MM1Model(cfg, use_te=False)
+    model = build_mm1_model(cfg, use_te=False)
     b, s = 2, cfg.data.seq_length
     docs = packed_rows(7, b, s)
     cu_seqlens, max_seqlen = segment_boundaries(docs)

@@ -1,5 +1,5 @@
 """Published, measured peak GPU memory of Megatron-LM / Megatron-Core / Megatron-Bridge training runs on
-H100 80GB, for calibrating the memory side of ``mm1_megatron.plan.h100``.
+H100 80GB, for calibrating the memory side of ``mm1_megatron.plan.memory``.
 
 Plain data only. Every number was copied from the stored text of the cited file (repository + path +
 commit, or index id where the commit could not be resolved); nothing is from memory. Conversions and

@@ -25,7 +25,9 @@ if __name__ == "__main__":  # run as a script from anywhere in the checkout
 
 from mm1_megatron.config import Config, get_preset  # noqa: E402
 from mm1_megatron.plan import estimate  # noqa: E402
-from mm1_megatron.plan.h100 import GIB, resolve_layout, stage_memory  # noqa: E402
+from mm1_megatron.plan.h100_constants import GIB  # noqa: E402
+from mm1_megatron.plan.layout import resolve_layout  # noqa: E402
+from mm1_megatron.plan.memory import stage_memory  # noqa: E402
 
 POINTS = runpy.run_path(str(HERE / "published_h100.py"))["POINTS"]
 MEMORY_POINTS = runpy.run_path(str(HERE / "published_memory_h100.py"))["MEMORY_POINTS"]
@@ -190,9 +192,9 @@ def _local_experts(p: dict) -> int:
     return p["num_experts"] // p["ep"] if p["num_experts"] else 0
 
 
-# FP8 quantizes each local expert's tensors on its own (h100.HOST_PER_FP8_EXPERT), so with many
-# experts per GPU FP8 can lose to BF16 (torchao's MoE FP8 benchmark: +10% at 2 experts per GPU,
-# +1% at 16, pytorch/ao#2864). The property holds for dense layers and coarse MoE.
+# FP8 quantizes each local expert's tensors on its own (h100_constants.HOST_PER_FP8_EXPERT), so
+# with many experts per GPU FP8 can lose to BF16 (torchao's MoE FP8 benchmark: +10% at 2 experts
+# per GPU, +1% at 16, pytorch/ao#2864). The property holds for dense layers and coarse MoE.
 @pytest.mark.parametrize("p", [p for p in POINTS
                                if p["precision"] == "bf16" and _local_experts(p) <= 4],
                          ids=lambda p: p["name"])

@@ -22,15 +22,14 @@ from mm1_megatron.runtime.cpu_compat import (
     apply_cpu_compat,
     needed_patches,
 )
-from tests.runtime._helpers import (
+from tests._helpers.tiny_gpt import (
     gloo_world,
     lm_batch,
     lm_loss,
-    outcome,
-    run_ranks,
     tiny_config,
     tiny_gpt,
 )
+from tests._procs import outcome, run_ranks
 
 pytestmark = pytest.mark.mcore
 

@@ -25,7 +25,7 @@ def case_training_step() -> dict:
     from mm1_megatron.config import load_config
     from mm1_megatron.runtime import device_audit, init_distributed
     from mm1_megatron.train.step import build_model, build_optimizer, train_step
-    from tests.model._parity_worker import BASE, microbatches, synthetic_rows
+    from tests._helpers.parity import BASE, microbatches, synthetic_rows
 
     cfg = load_config("tiny", BASE + DENSE)
     init_distributed(cfg.parallel, seed=0)
@@ -55,10 +55,10 @@ def case_training_step() -> dict:
             step_module.to_device = moving
     # And a model left on the host does not meet a batch on the device.
     with device_audit():
-        from mm1_megatron.model.mm1 import MM1Model
+        from mm1_megatron.model.builder import build_mm1_model
         from mm1_megatron.runtime import to_device
 
-        host_model = MM1Model(cfg, use_te=False)
+        host_model = build_mm1_model(cfg, use_te=False)
         batch = to_device(microbatches(cfg, synthetic_rows(cfg, 2, 4))[0])
         try:
             host_model(batch["tokens"], batch["position_ids"], images=batch["images"],
@@ -103,15 +103,15 @@ def case_converter_forward(run_dir: str) -> dict:
     from mm1_megatron.config import load_config
     from mm1_megatron.convert.verify import (megatron_greedy, megatron_logits, megatron_model,
                                              probe, reference_config)
-    from mm1_megatron.model.mm1 import MM1Model
+    from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.runtime import device_audit, init_distributed
 
     cfg = load_config("tiny", DENSE)
     init_distributed(reference_config(cfg).parallel, seed=0, environ={})
     ckpt = Path(run_dir) / "step_00000000"
     ckpt.mkdir(parents=True)
-    dist_checkpointing.save({"model": model_sharded_state([MM1Model(reference_config(cfg),
-                                                                    use_te=False)])}, str(ckpt))
+    dist_checkpointing.save({"model": model_sharded_state([build_mm1_model(
+        reference_config(cfg), use_te=False)])}, str(ckpt))
     with device_audit():
         model = megatron_model(ckpt, cfg)
         ids, pixels = probe(cfg, images=True)

@@ -15,7 +15,7 @@ from mm1_megatron.runtime.distributed import (
     dist_env_from_environ,
     expand_slurm_nodelist,
 )
-from tests.runtime._helpers import run_ranks
+from tests._procs import run_ranks
 
 pytestmark = pytest.mark.mcore
 

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 
 
-from tests.runtime._helpers import (
+from tests._helpers.tiny_gpt import (
     lm_batch,
     lm_loss,
-    run_ranks,
     set_model_parallel,
     tiny_config,
     tiny_gpt,
 )
+from tests._procs import run_ranks
 
 pytestmark = [pytest.mark.mcore, pytest.mark.multirank]
 

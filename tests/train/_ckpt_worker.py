@@ -23,7 +23,7 @@ from mm1_megatron.runtime import init_distributed, shutdown_distributed
 from mm1_megatron.checkpoint import (AsyncCheckpointer, latest_checkpoint, load_checkpoint,
                                            load_model_weights, save_checkpoint)
 from mm1_megatron.train.step import build_model, build_optimizer, train_step
-from tests.model._parity_worker import BASE, microbatches, synthetic_rows, write_report
+from tests._helpers.parity import BASE, microbatches, synthetic_rows, write_report
 
 
 def main() -> None:

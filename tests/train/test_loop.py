@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests._helpers.tensorboard import scalars
 from tests._procs import free_port, run_ranks, sigkill_at_line
 from tests import _procs
 
@@ -31,18 +32,6 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return _procs.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                       env=env)
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values += [(e.step, e.value) for e in acc.Scalars(tag)]
-    return sorted(values)
 
 
 def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
@@ -286,8 +275,8 @@ def test_images_decoded_once_per_tp_group_and_on_the_first_stage_only(demo_data,
     """Only the first pipeline stage's TP rank 0 reads and decodes images; its TP peer gets
     them by broadcast and every stage learns which could not be decoded (their documents
     carry no loss). TP=2 and PP=2 on data with an undecodable image match one process."""
-    from mm1_megatron.data.shards import RawSample, write_dataset
-    from tests.data._fixtures import jpeg
+    from mm1_megatron.data.shard_writer import RawSample, write_dataset
+    from tests._helpers.data import jpeg
 
     data = tmp_path / "data"
     good, bad = jpeg(1, (64, 48)), b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4

@@ -1,4 +1,4 @@
-"""Shared by the evaluation tests and their worker processes."""
+"""The evaluation tests' model overrides and fixed prompts, shared with their worker processes."""
 
 import torch
 

@@ -1,4 +1,5 @@
-"""Helpers for the runtime tests: a gloo world inside a case, a tiny Megatron-Core GPT, data.
+"""A tiny Megatron-Core GPT for the runtime tests' cases: a gloo world and model-parallel
+groups inside a case, a Llama-style config, the model, and language-model batches and loss.
 
 Cases run in fresh processes through ``tests._procs.run_ranks``.
 """
@@ -8,8 +9,6 @@ from __future__ import annotations
 import contextlib
 from datetime import timedelta
 from typing import Any, Iterator, Optional
-
-from tests._procs import REPO, free_port, outcome, run_ranks  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------

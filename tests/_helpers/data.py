@@ -1,4 +1,5 @@
-"""Small real inputs for the data tests: JPEG bytes, JSONL files, a tiny tokenizer."""
+"""Small real inputs for the data, loader and trainer tests: JPEG bytes, JSONL files, a tiny
+tokenizer."""
 
 from __future__ import annotations
 

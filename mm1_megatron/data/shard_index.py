@@ -1,0 +1,249 @@
+"""Indexing a dataset folder: scanning its tars (ours, or webdataset shards written by other
+tools that follow `shard_schema`) into index/samples.npy + images.npy and manifest.json
+(`index_dataset`), with each sample's validation and bad reason; the token index for the
+packer (`segment_runs`, index/segments.npy + segment_offsets.npy), written while indexing or
+added later to a prepared dataset (`add_token_index`); and the progress bar the writer shares.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from mm1_megatron.data.prompt_format import Answer
+from mm1_megatron.data.shard_reader import file_sha256, open_dataset, read_at, reopen_dataset
+from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IMAGE_EXTS,
+                                            KEY_BYTES, SAMPLE_DTYPE, BadSample, DatasetError,
+                                            normalize_ext, parse_sample_json)
+
+
+def progress_bar(enabled: bool, total: Optional[int], desc: str):
+    """A tqdm bar counting samples, or one that shows nothing."""
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="sample")
+
+    class _Null:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+    return _Null()
+
+
+def _scan_tar(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], Optional[str]]:
+    """Members grouped by key in tar order; plus the key cut by truncation, if any."""
+    file_size = path.stat().st_size
+    groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    cut: Optional[str] = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                key, _, suffix = base.partition(".")
+                key = info.name[: len(info.name) - len(base)] + key
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1][suffix] = (info.offset_data, info.size)
+                if info.offset_data + info.size > file_size:
+                    cut = key  # tarfile lists a header whose data the file no longer holds
+                    break
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        if not groups:
+            raise DatasetError(f"{path}: cannot read as a tar file ({e})") from None
+        cut = groups[-1][0]  # the sample being read when the archive broke
+    return groups, cut
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """How a manifest names the tokenizer its token counts come from."""
+    return {"path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size,
+            "sha256": hashlib.sha256(tokenizer.__getstate__()["proto"]).hexdigest()}
+
+
+def segment_runs(segments: list[Union[str, int]], tokenizer) -> list[int]:
+    """A document's layout for the packer: text token count per text segment, -1 per image
+    (an `Answer` counts its closing `</s>` too)."""
+    return [-1 if isinstance(s, int) else tokenizer.count(s) + isinstance(s, Answer)
+            for s in segments]
+
+
+def _save_token_index(folder: Path, runs: list[list[int]]) -> None:
+    offsets = np.zeros(len(runs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in runs])
+    flat = np.fromiter((n for r in runs for n in r), dtype=np.int32, count=int(offsets[-1]))
+    np.save(folder / "index" / "segments.npy", flat)
+    np.save(folder / "index" / "segment_offsets.npy", offsets)
+
+
+def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
+                  progress: bool = False) -> dict:
+    """Scan DIR/*.tar (name order) and write index/ and manifest.json; returns the manifest."""
+    folder = Path(folder)
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise DatasetError(f"{folder}: no .tar shards")
+    rows, images, runs = [], [], []
+    shard_entries, bad = [], collections.Counter()
+    text_chars = text_tokens = 0
+    bar = progress_bar(progress, None, f"indexing {folder.name}")
+    for shard_no, path in enumerate(shards):
+        groups, cut = _scan_tar(path)
+        with open(path, "rb") as f:
+            for key, members in groups:
+                if len(key.encode()) > KEY_BYTES:
+                    raise DatasetError(f"{path}: key {key!r} is longer than {KEY_BYTES} bytes")
+                row = dict(shard=shard_no, key=key.encode(), json_offset=-1, json_size=0,
+                           image_start=len(images), num_images=0, text_chars=0,
+                           text_tokens=-1 if tokenizer is None else 0, bad=0, bad_member=-1)
+                reason, member, layout = _index_sample(kind, key, members, f, cut == key, row,
+                                                       images, tokenizer)
+                runs.append([] if reason else layout)
+                if reason:
+                    row["bad"], row["bad_member"] = BAD_REASONS.index(reason) + 1, member
+                    bad[reason] += 1
+                else:
+                    text_chars += row["text_chars"]
+                    text_tokens += max(row["text_tokens"], 0)
+                rows.append(tuple(row[name] for name in SAMPLE_DTYPE.names))
+                bar.update(1)
+        shard_entries.append({"name": path.name, "samples": len(groups),
+                              "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+    bar.close()
+    (folder / "index").mkdir(exist_ok=True)
+    np.save(folder / "index" / "samples.npy", np.array(rows, dtype=SAMPLE_DTYPE))
+    np.save(folder / "index" / "images.npy", np.array(images, dtype=IMAGE_DTYPE))
+    index = {"samples": "index/samples.npy", "images": "index/images.npy"}
+    for stale in ("segments.npy", "segment_offsets.npy"):
+        (folder / "index" / stale).unlink(missing_ok=True)
+    if tokenizer is not None:
+        _save_token_index(folder, runs)
+        index.update(segments="index/segments.npy", segment_offsets="index/segment_offsets.npy")
+    manifest = {
+        "format": FORMAT, "kind": kind, "shards": shard_entries,
+        "samples": len(rows), "bytes": sum(s["bytes"] for s in shard_entries),
+        "images": len(images), "bad": dict(sorted(bad.items())),
+        "text_chars": text_chars, "text_tokens": None if tokenizer is None else text_tokens,
+        "tokenizer": None if tokenizer is None else tokenizer_record(tokenizer),
+        "index": index,
+        "image_exts": list(IMAGE_EXTS), "bad_reasons": list(BAD_REASONS),
+    }
+    _write_manifest(folder, manifest)
+    return manifest
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(folder / "manifest.json")  # atomic: a reader never sees half a manifest
+
+
+def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: dict,
+                  images: list, tokenizer) -> tuple[Optional[str], int, list[int]]:
+    """(bad reason or None, bad member, the packer's layout: `segment_runs`)."""
+    if "json" not in members:
+        return ("truncated", -1, []) if truncated else ("bad_json", -1, [])
+    row["json_offset"], row["json_size"] = members["json"]
+    if truncated and row["json_offset"] + row["json_size"] > _file_size(f):
+        return "truncated", -1, []
+    try:
+        segments, names = parse_sample_json(kind, read_at(f, *members["json"]))
+    except ValueError as e:
+        return e.args[0], -1, []
+    if kind == "caption":
+        found = [s for s in members if s in IMAGE_EXTS or normalize_ext(s) in IMAGE_EXTS
+                 and "." not in s]
+        names = found[:1] if found else ["jpg"]
+        if not found:
+            images.append((-1, 0, 0))
+            row["num_images"] = 1
+            return "missing_image", 0, []
+    texts = [s for s in segments if isinstance(s, str)]
+    row["text_chars"] = sum(len(t) for t in texts)
+    layout = []
+    if tokenizer is not None:
+        layout = segment_runs(segments, tokenizer)
+        row["text_tokens"] = sum(n for n in layout if n >= 0)
+    row["num_images"] = len(names)
+    problem: tuple[Optional[str], int] = (None, -1)
+    for j, name in enumerate(names):
+        offset, size = members.get(name, (-1, 0))
+        images.append((offset, size, IMAGE_EXTS.index(normalize_ext(name))))
+        if problem[0]:
+            continue
+        if offset < 0:
+            problem = ("truncated" if truncated else "missing_image", j)
+        elif offset + size > _file_size(f):
+            problem = ("truncated", j)
+        elif size == 0:
+            problem = ("zero_byte_image", j)
+    if problem[0] is None and truncated:
+        problem = ("truncated", -1)
+    return problem[0], problem[1], layout
+
+
+def _file_size(f) -> int:
+    return os.fstat(f.fileno()).st_size
+def _shard_runs(args: tuple) -> tuple[list[list[int]], list[int]]:
+    """One shard's samples: (layout per sample, text tokens per sample); -1 tokens if bad."""
+    folder, shard, tokenizer = args
+    ds = reopen_dataset(Path(folder))
+    runs, tokens = [], []
+    for i in np.flatnonzero(ds.samples["shard"] == shard).tolist():
+        try:
+            layout = segment_runs(ds.read(i, images=False).segments, tokenizer)
+        except BadSample:
+            layout, count = [], -1
+        else:
+            count = sum(n for n in layout if n >= 0)
+        runs.append(layout)
+        tokens.append(count)
+    ds.close()
+    return runs, tokens
+
+
+def add_token_index(folder: Union[str, Path], tokenizer, *, workers: int = 1,
+                    progress: bool = False) -> dict:
+    """Write index/segments.npy + segment_offsets.npy (and the text token counts) for
+    `tokenizer` into a prepared dataset, reading each sample's json once, shards in parallel.
+    Returns the updated manifest."""
+    import multiprocessing
+
+    folder = Path(folder)
+    ds = open_dataset(folder)
+    jobs = [(str(folder), shard, tokenizer) for shard in range(len(ds.shards))]
+    bar = progress_bar(progress, len(jobs), f"token index {folder.name}")
+    results: list = []
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(_shard_runs, jobs):  # in shard order
+                results.append(result)
+                bar.update(1)
+    else:
+        for job in jobs:
+            results.append(_shard_runs(job))
+            bar.update(1)
+    bar.close()
+    runs = [r for shard_runs, _ in results for r in shard_runs]
+    tokens = np.array([t for _, shard_tokens in results for t in shard_tokens], dtype=np.int64)
+    samples = np.array(ds.samples)  # samples are in shard order, so this lines up
+    good = samples["bad"] == 0
+    samples["text_tokens"] = np.where(good, tokens, -1)
+    ds.close()
+    np.save(folder / "index" / "samples.npy", samples)
+    _save_token_index(folder, runs)
+    manifest = dict(ds.manifest)
+    manifest["text_tokens"] = int(samples["text_tokens"][good].sum())
+    manifest["tokenizer"] = tokenizer_record(tokenizer)
+    manifest["index"] = {**manifest.get("index", {}), "segments": "index/segments.npy",
+                         "segment_offsets": "index/segment_offsets.npy"}
+    _write_manifest(folder, manifest)
+    return manifest
