@@ -246,7 +246,9 @@ class CheckpointManager:
         self.on_failure(f"step {step} not saved: {err}; the last complete checkpoint is kept")
 
     def close(self) -> None:
-        """Releases run_dir's lock (a save in flight is the loop's to finish first)."""
+        """Releases run_dir's lock. A background save still in flight (the run raised before
+        finishing it) is never published: its writer dies with this process, and the next
+        run resumes from the last complete checkpoint (`latest`), never a `.partial`."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None

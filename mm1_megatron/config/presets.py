@@ -17,7 +17,7 @@ from mm1_megatron.config.schema import (CheckpointConfig, Config, ConfigError, C
 
 # --------------------------------------------------------------------------------------------
 # Presets: one registry. Shapes and their parameter counts are tabulated in README.md and
-# checked against the built Megatron-Core modules in tests/test_presets.py.
+# checked against the built Megatron-Core modules in tests/model/test_params.py.
 # --------------------------------------------------------------------------------------------
 
 # Full-scale runs: bf16 on 8-GPU H100 nodes, the paper's batch and sequence. Each MM1 preset's

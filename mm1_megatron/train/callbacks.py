@@ -54,8 +54,9 @@ class StepMetrics:
 
 
 class Callback:
-    """Hooks of the run. `trainer` is the `train.loop.Trainer` (not imported here: the loop
-    imports this module): cfg, run_dir, step, model, is_logging_rank, checkpoints (the
+    """Hooks of the run; a callback subclasses this (the trainer calls every hook and reads
+    `priority`). `trainer` is the `train.loop.Trainer` (not imported here: the loop imports
+    this module): cfg, run_dir, step, model, is_logging_rank, checkpoints (the
     `CheckpointManager`), request_stop(), slow_phase().
 
     `priority`: higher runs first (the defaults: 90 signals, 80 NaN guard, 70-50 logging, 20
@@ -180,18 +181,12 @@ class Checkpointing(Callback):
 
 class NonFiniteGuard(Callback):
     """Skipped (NaN/Inf) steps are counted; after `train.max_nonfinite_steps` in a row the run
-    saves and stops. The count goes on over a restart (its state is checkpointed)."""
+    saves and stops. A resumed run counts afresh (a human may have changed train.lr)."""
 
     priority = 80
 
     def __init__(self) -> None:
         self.in_a_row = 0
-
-    def state_dict(self) -> dict:
-        return {"in_a_row": self.in_a_row}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.in_a_row = state["in_a_row"]
 
     def on_step(self, trainer, m) -> None:
         self.in_a_row = self.in_a_row + 1 if m.skipped else 0

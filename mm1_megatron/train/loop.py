@@ -42,6 +42,7 @@ class Trainer:
         self.callbacks = sorted(given, key=lambda cb: -cb.priority)  # stable: ties keep order
         self.stop_reason: Optional[str] = None
         self.exit_code = 0
+        self.is_logging_rank = False  # until the process group says (hooks may run before)
         self.step = 0
         self.watchdog: Optional[HangWatchdog] = None
         self.checkpoints: Optional[CheckpointManager] = None
@@ -124,8 +125,10 @@ class Trainer:
                                StatePart(cb.state_dict, cb.load_state_dict))
 
     def close(self) -> None:
-        """Every callback's `close` (each one, whatever the others do), then run_dir's lock
-        and the watchdog."""
+        """The watchdog stopped (a slow close is no hang), every callback's `close` (each
+        one, whatever the others do), then run_dir's lock."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for cb in self.callbacks:
             try:
                 cb.close(self)
@@ -134,8 +137,6 @@ class Trainer:
                       file=sys.stderr, flush=True)
         if self.checkpoints is not None:
             self.checkpoints.close()
-        if self.watchdog is not None:
-            self.watchdog.stop()
 
     def _on_error(self, error: BaseException) -> None:
         for cb in self.callbacks:

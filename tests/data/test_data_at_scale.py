@@ -1,5 +1,5 @@
 """benchmarks/data_at_scale.py in its quick mode: a real extended index, the real loader in
-fresh processes; its JSON line carries what the README reports (no timing is asserted)."""
+fresh processes; its JSON line carries what docs/performance.md reports (no timing is asserted)."""
 
 import json
 import sys

@@ -2,7 +2,7 @@
 
 Each point of `published_h100.py` (source, shape, layout, precision, measured tokens/s per
 GPU) is planned as a text-only decoder through the planner's public API and compared on
-tokens/s, which has no FLOP convention. Run as a script to print the Markdown table the README
+tokens/s, which has no FLOP convention. Run as a script to print the Markdown table docs/planning.md
 shows: `python tests/plan/test_calibration.py`.
 
 Not modelled, so approximated: non-gated MLPs (GPT-3, Nemotron-4) as a SwiGLU of the same

@@ -1,8 +1,13 @@
 """The callback contract, on a real Trainer (tiny model, demo data, one process): hooks run
-by priority, `on_checkpoint` follows each published checkpoint, and when a step raises every
-callback's `on_error` and `close` run (files, signal handlers and run_dir's lock released)."""
+by priority, `on_checkpoint` follows each published checkpoint with the callbacks' state in
+it, and when setup or a step raises every callback's `on_error` and `close` run (files,
+signal handlers and run_dir's lock released)."""
+
+import pytest
 
 from tests._procs import run_ranks
+
+pytestmark = pytest.mark.slow  # a tiny training run with a checkpoint per step: ~10 s
 
 
 def run_that_raises_at_step_2(data: str, run_dir: str) -> dict:
@@ -47,13 +52,35 @@ def run_that_raises_at_step_2(data: str, run_dir: str) -> dict:
         def close(self, trainer) -> None:
             events.append(["close", self.priority])
 
+    class Steps(Callback):  # a callback with state: the checkpoint carries it
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def on_step(self, trainer, m) -> None:
+            self.seen += 1
+
+        def state_dict(self) -> dict:
+            return {"seen": self.seen}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.seen = state["seen"]
+
     handler_before = signal.getsignal(signal.SIGTERM)
     defaults = default_callbacks(cfg)
     raised = None
     try:
-        train(cfg, defaults + [Recorder(5), Recorder(0), Recorder(100)])
+        train(cfg, defaults + [Recorder(5), Recorder(0), Recorder(100), Steps()])
     except RuntimeError as err:
         raised = str(err)
+
+    class FailsAtSetup(Recorder):
+        def on_setup(self, trainer) -> None:
+            raise ValueError("no setup")
+
+    try:  # before any process group or checkpoint manager exists
+        train(cfg, [FailsAtSetup(7)])
+    except ValueError as err:
+        events.append(["setup raised", str(err)])
     samples = next(cb for cb in defaults if type(cb).__name__ == "SampleLog")
     lock = (Path(run_dir) / ".lock").open("a")
     try:  # free again: the run released it
@@ -77,12 +104,13 @@ def test_callbacks_run_by_priority_and_close_when_a_step_raises(demo_data, tmp_p
     assert steps == [[100, 1], [5, 1], [0, 1], [100, 2], [5, 2], [0, 2]]
     first = events.index(["step", 5, 1])
     published = [e for e in events[:first] if e[0] == "checkpoint"]
-    parts = ["callback/NonFiniteGuard", "dataset", "loader", "skipped_steps"]
+    parts = ["callback/Steps", "dataset", "loader", "skipped_steps"]
     assert published == [["checkpoint", p, 1, True, parts] for p in (100, 5, 0)]
     # Step 2 raised in the priority-0 callback: no end of training, every on_error and
     # close ran, each once, by priority; the defaults released what they held.
     assert not any(e[0] == "train_end" for e in events)
-    tail = [e for e in events if e[0] in ("error", "close")]
+    tail = [e for e in events if e[0] in ("error", "close", "setup raised")]
     assert tail == [["error", p, "boom at step 2"] for p in (100, 5, 0)] + \
-        [["close", p] for p in (100, 5, 0)]
+        [["close", p] for p in (100, 5, 0)] + \
+        [["error", 7, "no setup"], ["close", 7], ["setup raised", "no setup"]]
     assert result["samples_closed"] and result["sigterm_restored"] and result["lock_free"]
