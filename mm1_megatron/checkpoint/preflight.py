@@ -78,10 +78,12 @@ def _check_same_dataset(cfg: Config, checkpoint: Path) -> None:
     """The loader position in `checkpoint` refers to the dataset it was saved with."""
     saved = (dist_checkpointing.load_common_state_dict(str(checkpoint)) or {}).get(
         "extra", {}).get("dataset")
-    now = dataset_fingerprint(cfg.data.path)
+    now = dataset_fingerprint(cfg.data)
     if saved is not None and saved != now:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ConfigError("data.path", f"{cfg.data.path} is not the data {checkpoint.name} was "
+        field = "data.blend" if cfg.data.blend else "data.path"
+        raise ConfigError(field, f"{cfg.data.blend or cfg.data.path} is not the data "
+                          f"{checkpoint.name} was "
                           f"trained on ({', '.join(changed)} changed); its loader position "
                           "would be applied to other samples: set data.allow_change=true to "
                           "continue on this data anyway")

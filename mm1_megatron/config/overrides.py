@@ -217,6 +217,7 @@ def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str]
       False  dry runs and plans for a cluster: neither.
     """
     cfg = get_preset(preset)
+    given = []  # fields the file and the overrides set
     if yaml_file:
         data = read_yaml_file(yaml_file) or {}
         if not isinstance(data, dict):
@@ -224,8 +225,13 @@ def load_config(preset: str, overrides: list[str] = (), yaml_file: Optional[str]
         data.pop("preset", None)
         for key, value in _flatten(data):
             set_field(cfg, key, value)
+            given.append(key)
     for text in overrides:
-        set_field(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        set_field(cfg, key, value)
+        given.append(key)
+    if "data.blend" in given and "data.path" not in given:
+        cfg.data.path = ""  # a blend replaces the preset's / file's one folder per kind
     validate(cfg, fp8_ok=None if this_machine is not False else True,
              data_files=this_machine is True)
     return cfg

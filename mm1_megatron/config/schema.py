@@ -191,6 +191,9 @@ class DataConfig:
     # Supervised fine-tuning conversations (the SFT presets: the only source).
     weight_sft: float = 0.0
     path: str = ""  # root folder holding the shard sets (interleaved/, caption/, text/, sft/)
+    # A YAML file listing several weighted datasets per kind instead (config/blend.py says the
+    # format); the kind weights stay data.weight_*. Exclusive with data.path.
+    blend: str = ""
     tokenizer_model: str = ""  # sentencepiece .model
     num_workers: int = 2  # DALI decoding threads
     prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline)

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from mm1_megatron.config.blend import KINDS, data_sources
 from mm1_megatron.config.schema import Config, ConfigError
 
 # --------------------------------------------------------------------------------------------
@@ -61,9 +62,8 @@ _POSITIVE_FLOATS = {"vision.layernorm_eps", "llm.norm_eps", "llm.rope_theta", "t
                     "train.adam_eps"}
 
 
-# The loader's dataset folders under data.path, in mixture order (mm1_megatron.data.mixture
-# .SOURCES; config sits below data, so the names are repeated here), one data.weight_* each.
-SOURCES = ("interleaved", "caption", "text", "sft")
+# The dataset kinds in mixture order, one data.weight_* each (config.blend.KINDS).
+SOURCES = KINDS
 FREEZABLE = ("vision", "connector", "llm")  # train.freeze: MM1Model's parts
 # The special pieces and the ids every tokenizer must give them (mm1_megatron.data.tokenizer
 # .SPECIAL_TOKENS, which the loader checks; tests/test_config.py keeps the two equal).
@@ -244,6 +244,8 @@ def _validate_train(cfg: Config, fp8_ok: bool) -> None:
     _require(not cfg.eval.chat or cfg.eval.shots.replace(" ", "") == "0", "eval.shots",
              f"{cfg.eval.shots!r}: eval.chat scores zero-shot; give eval.shots=0")
     d = cfg.data
+    _require(not (d.path and d.blend), "data.blend",
+             f"{d.blend} and data.path={d.path} both name the data; give one")
     # Each weight is finite and >= 0 (`_validate_positive` names the one that is not).
     _require(sum(getattr(d, f"weight_{source}") for source in SOURCES) > 0,
              "data.weight_interleaved", "data.weight_interleaved, data.weight_caption, "
@@ -255,17 +257,29 @@ def _validate_data_files(cfg: Config) -> None:
     """The dataset and tokenizer a run on this machine reads (not for dry runs / plans: the
     files may live on the cluster only)."""
     d, llm = cfg.data, cfg.llm
-    _require(bool(d.path), "data.path", "not set; give the folder holding the dataset "
-             f"folders ({', '.join(SOURCES)}), e.g. data.path=demo_data")
-    root = Path(d.path)
-    _require(root.is_dir(), "data.path",
-             f"{d.path}: {'not a directory' if root.exists() else 'no such directory'}")
-    found = [s for s in SOURCES if (root / s / "manifest.json").is_file()]
-    _require(bool(found), "data.path", f"{d.path} holds no dataset folder ({', '.join(SOURCES)}) "
-             "with a manifest.json (prepare one with tools/prepare_data.py)")
-    _require(any(getattr(d, f"weight_{s}") > 0 for s in found), "data.path",
-             f"{d.path} holds only {', '.join(found)}, whose mixture weight is zero "
-             f"({', '.join(f'data.weight_{s}' for s in found)})")
+    field = "data.blend" if d.blend else "data.path"
+    if d.blend:
+        _require(Path(d.blend).is_file(), field, f"{d.blend}: no such file")
+        folders = [s.folder for s in data_sources(d)]
+        for folder in folders:
+            _require((folder / "manifest.json").is_file(), field,
+                     f"{d.blend} names {folder}, which holds no manifest.json (prepare it "
+                     "with mm1-prepare-data)")
+        found = sorted({s.kind for s in data_sources(d)}, key=SOURCES.index)
+    else:
+        _require(bool(d.path), field, "not set; give the folder holding the dataset folders "
+                 f"({', '.join(SOURCES)}), e.g. data.path=demo_data, or data.blend=FILE")
+        root = Path(d.path)
+        _require(root.is_dir(), field,
+                 f"{d.path}: {'not a directory' if root.exists() else 'no such directory'}")
+        found = [s for s in SOURCES if (root / s / "manifest.json").is_file()]
+        _require(bool(found), field, f"{d.path} holds no dataset folder "
+                 f"({', '.join(SOURCES)}) with a manifest.json (prepare one with "
+                 "mm1-prepare-data)")
+        folders = [root / s for s in found]
+    _require(any(getattr(d, f"weight_{s}") > 0 for s in found), field,
+             f"{d.blend or d.path} holds only {', '.join(found)}, whose mixture weight is "
+             f"zero ({', '.join(f'data.weight_{s}' for s in found)})")
 
     _require(bool(d.tokenizer_model), "data.tokenizer_model",
              "not set; give the sentencepiece .model (e.g. DATA/tokenizer.model)")
@@ -294,19 +308,19 @@ def _validate_data_files(cfg: Config) -> None:
     # The loader plans rows from each dataset's token index, made with this tokenizer (the
     # loader checks it too; here it is refused before any process group starts).
     sha = hashlib.sha256(proto).hexdigest()
-    for source in found:
-        manifest_path = root / source / "manifest.json"
+    for folder in folders:
+        manifest_path = folder / "manifest.json"
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError("data.path", f"{manifest_path}: cannot read ({e})") from None
+            raise ConfigError(field, f"{manifest_path}: cannot read ({e})") from None
         indexed = (manifest.get("tokenizer") or {}) if "segments" in manifest.get("index", {}) \
             else {}
-        fix = f"run: python tools/index_tokens.py {root / source} --tokenizer {path}"
-        _require(bool(indexed), "data.path", f"{root / source}: no token index (prepared "
+        fix = f"run: python tools/index_tokens.py {folder} --tokenizer {path}"
+        _require(bool(indexed), field, f"{folder}: no token index (prepared "
                  f"without --tokenizer); {fix}")
         _require(indexed.get("sha256") == sha, "data.tokenizer_model",
-                 f"{path} (sha256 {sha[:12]}) is not the tokenizer {root / source} was indexed "
+                 f"{path} (sha256 {sha[:12]}) is not the tokenizer {folder} was indexed "
                  f"with ({indexed.get('path')}, sha256 {str(indexed.get('sha256'))[:12]}); {fix}")
     # The model reads every id equal to llm.image_token_id as an image slot: it must be the
     # tokenizer's <image> or an id the tokenizer never produces.

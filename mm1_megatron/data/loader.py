@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 import torch
 
 from mm1_megatron.config import Config
+from mm1_megatron.config.blend import data_sources
+from mm1_megatron.config.schema import DataConfig
 from mm1_megatron.data.images import ImageDecoder
 from mm1_megatron.data.mixture import SOURCES, LoaderState, rank_rows, row_stream
 from mm1_megatron.data.packing import (IMAGE, Document, PackedRow, Packer, PackingStats,
@@ -77,14 +79,17 @@ def tokenized_document(tokenizer: Tokenizer, segments: list
 DROPPED_IMAGES = "dropped_images_row_limit"
 
 
-def dataset_fingerprint(path: str | Path) -> dict[str, str]:
-    """Per source folder, a hash of its manifest: a checkpoint remembers which data its loader
-    position refers to."""
+def dataset_fingerprint(d: DataConfig) -> dict[str, str]:
+    """Per dataset stream ("caption", or "caption[1]" in a blend), a hash of its manifest and
+    weight: a checkpoint remembers which data its loader position refers to."""
     out = {}
-    for name in SOURCES:
-        manifest = Path(path) / name / "manifest.json"
+    for source in data_sources(d):
+        manifest = source.folder / "manifest.json"
         if manifest.is_file():
-            out[name] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+            digest = hashlib.sha256(manifest.read_bytes())
+            if d.blend:  # a position per stream means nothing under other weights
+                digest.update(repr(source.weight).encode())
+            out[source.name] = digest.hexdigest()[:16]
     return out
 
 
@@ -116,13 +121,16 @@ class MultimodalLoader:
         `build_rows=False`: this rank plans (its loader state stays exact) but reads nothing
         and yields `None` micro-batches; the step receives them from the reading rank."""
         d = cfg.data
-        root = Path(d.path)
         self.tokenizer = Tokenizer.load(d.tokenizer_model)
+        # One stream per dataset (data.path: one per kind, absent ones empty; data.blend: each
+        # listed folder); the row plan draws from streams, a row's `sources` name its kind.
+        self.sources = data_sources(d)
+        self.kinds = [SOURCES.index(s.kind) for s in self.sources]
         self.datasets: list[Optional[ShardDataset]] = [
-            open_dataset(root / name) if (root / name / "manifest.json").exists() else None
-            for name in SOURCES]
+            open_dataset(s.folder) if d.blend or (s.folder / "manifest.json").exists() else None
+            for s in self.sources]
         if not any(self.datasets):
-            raise FileNotFoundError(f"{root}: no dataset folder ({', '.join(SOURCES)}) with a "
+            raise FileNotFoundError(f"{d.path}: no dataset folder ({', '.join(SOURCES)}) with a "
                                     "manifest.json")
         check_token_index(self.datasets, self.tokenizer)
         sizes = [len(ds) if ds is not None else 0 for ds in self.datasets]
@@ -137,9 +145,7 @@ class MultimodalLoader:
                           cfg.llm.image_token_id, pad_id=PAD_ID, stats=stats)
 
         self.stream = row_stream(
-            d.mixture_unit, sizes,
-            [d.weight_interleaved, d.weight_caption, d.weight_text, d.weight_sft],
-            cfg.train.seed, lambda: packer(self.packing), self._document, state)
+            d.mixture_unit, sizes, [s.weight for s in self.sources], cfg.train.seed, lambda: packer(self.packing), self._document, state)
         self.rows = rank_rows(self.stream, dp_rank, dp_size)
         # Splits this rank's documents again once tokenized (stats-free: planning counted).
         self.builder = packer()
@@ -178,8 +184,8 @@ class MultimodalLoader:
             self.skips.add(err)
             return None
         refs = [ImageRef(source, index, j) for j in range(runs.count(IMAGE))]
-        return Document(doc_id, source, None, refs, layout=[1, *runs, 1],  # + BOS, EOS
-                        origin=(source, index))
+        return Document(doc_id, self.kinds[source], None, refs,
+                        layout=[1, *runs, 1], origin=(source, index))  # + BOS, EOS
 
     def _build(self, planned: PlannedRow, samples: dict) -> PackedRow:
         """This rank's row: read and tokenize its documents (once per micro-batch, images too
@@ -197,7 +203,7 @@ class MultimodalLoader:
                 chunks.append(dataclasses.replace(chunk, images=[], void=True))
                 continue
             tokens, trains = tokenized_document(self.tokenizer, sample.segments)
-            doc = Document(chunk.doc_id, source, tokens,
+            doc = Document(chunk.doc_id, self.kinds[source], tokens,
                            [ImageRef(source, index, j) for j in range(sample.num_images)],
                            trains=trains)
             real, _ = self.builder.split(doc)

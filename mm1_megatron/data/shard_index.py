@@ -21,7 +21,8 @@ from mm1_megatron.data.prompt_format import Answer
 from mm1_megatron.data.shard_reader import file_sha256, open_dataset, read_at, reopen_dataset
 from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IMAGE_EXTS,
                                             KEY_BYTES, SAMPLE_DTYPE, BadSample, DatasetError,
-                                            normalize_ext, parse_sample_json)
+                                            normalize_ext, parse_sample_json,
+                                            parse_text_member)
 
 
 def progress_bar(enabled: bool, total: Optional[int], desc: str):
@@ -37,7 +38,7 @@ def progress_bar(enabled: bool, total: Optional[int], desc: str):
     return _Null()
 
 
-def _scan_tar(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], Optional[str]]:
+def scan_tar(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], Optional[str]]:
     """Members grouped by key in tar order; plus the key cut by truncation, if any."""
     file_size = path.stat().st_size
     groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
@@ -76,7 +77,7 @@ def segment_runs(segments: list[Union[str, int]], tokenizer) -> list[int]:
             for s in segments]
 
 
-def _save_token_index(folder: Path, runs: list[list[int]]) -> None:
+def save_token_index(folder: Path, runs: list[list[int]]) -> None:
     offsets = np.zeros(len(runs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r) for r in runs])
     flat = np.fromiter((n for r in runs for n in r), dtype=np.int32, count=int(offsets[-1]))
@@ -91,12 +92,24 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
     shards = sorted(folder.glob("*.tar"))
     if not shards:
         raise DatasetError(f"{folder}: no .tar shards")
+    manifest = index_shards(shards, kind, folder, tokenizer=tokenizer, progress=progress)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def index_shards(shards: list[Path], kind: str, out: Path, *, root: Optional[Path] = None,
+                 text: Optional[dict] = None, tokenizer=None, progress: bool = False) -> dict:
+    """Scan `shards` in the given order into out/index/ and return the manifest (not yet
+    written). `root` None: the shards are out's own (named by file name, with sha256); else
+    a source indexed in place, the shards named relative to `root` with size and mtime (a
+    change is caught at start-up without hashing the source). `text`: how a sample's text
+    member reads (`parse_text_member`); None for our schema's json."""
     rows, images, runs = [], [], []
     shard_entries, bad = [], collections.Counter()
     text_chars = text_tokens = 0
-    bar = progress_bar(progress, None, f"indexing {folder.name}")
+    bar = progress_bar(progress, None, f"indexing {out.name}")
     for shard_no, path in enumerate(shards):
-        groups, cut = _scan_tar(path)
+        groups, cut = scan_tar(path)
         with open(path, "rb") as f:
             for key, members in groups:
                 if len(key.encode()) > KEY_BYTES:
@@ -105,7 +118,7 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
                            image_start=len(images), num_images=0, text_chars=0,
                            text_tokens=-1 if tokenizer is None else 0, bad=0, bad_member=-1)
                 reason, member, layout = _index_sample(kind, key, members, f, cut == key, row,
-                                                       images, tokenizer)
+                                                       images, tokenizer, text)
                 runs.append([] if reason else layout)
                 if reason:
                     row["bad"], row["bad_member"] = BAD_REASONS.index(reason) + 1, member
@@ -115,19 +128,25 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
                     text_tokens += max(row["text_tokens"], 0)
                 rows.append(tuple(row[name] for name in SAMPLE_DTYPE.names))
                 bar.update(1)
-        shard_entries.append({"name": path.name, "samples": len(groups),
-                              "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        stat = path.stat()
+        entry = {"name": path.name, "samples": len(groups), "bytes": stat.st_size}
+        if root is None:
+            entry["sha256"] = file_sha256(path)
+        else:
+            entry.update(name=str(path.relative_to(root)), sha256=None,
+                         mtime_ns=stat.st_mtime_ns)
+        shard_entries.append(entry)
     bar.close()
-    (folder / "index").mkdir(exist_ok=True)
-    np.save(folder / "index" / "samples.npy", np.array(rows, dtype=SAMPLE_DTYPE))
-    np.save(folder / "index" / "images.npy", np.array(images, dtype=IMAGE_DTYPE))
+    (out / "index").mkdir(exist_ok=True)
+    np.save(out / "index" / "samples.npy", np.array(rows, dtype=SAMPLE_DTYPE))
+    np.save(out / "index" / "images.npy", np.array(images, dtype=IMAGE_DTYPE))
     index = {"samples": "index/samples.npy", "images": "index/images.npy"}
     for stale in ("segments.npy", "segment_offsets.npy"):
-        (folder / "index" / stale).unlink(missing_ok=True)
+        (out / "index" / stale).unlink(missing_ok=True)
     if tokenizer is not None:
-        _save_token_index(folder, runs)
+        save_token_index(out, runs)
         index.update(segments="index/segments.npy", segment_offsets="index/segment_offsets.npy")
-    manifest = {
+    return {
         "format": FORMAT, "kind": kind, "shards": shard_entries,
         "samples": len(rows), "bytes": sum(s["bytes"] for s in shard_entries),
         "images": len(images), "bad": dict(sorted(bad.items())),
@@ -136,26 +155,29 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
         "index": index,
         "image_exts": list(IMAGE_EXTS), "bad_reasons": list(BAD_REASONS),
     }
-    _write_manifest(folder, manifest)
-    return manifest
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: dict) -> None:
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(folder / "manifest.json")  # atomic: a reader never sees half a manifest
 
 
 def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: dict,
-                  images: list, tokenizer) -> tuple[Optional[str], int, list[int]]:
+                  images: list, tokenizer, text: Optional[dict]
+                  ) -> tuple[Optional[str], int, list[int]]:
     """(bad reason or None, bad member, the packer's layout: `segment_runs`)."""
-    if "json" not in members:
-        return ("truncated", -1, []) if truncated else ("bad_json", -1, [])
-    row["json_offset"], row["json_size"] = members["json"]
+    suffix = "json" if text is None else text["member"]
+    if suffix not in members:
+        return ("truncated", -1, []) if truncated else \
+            ("bad_json" if text is None else "missing_text", -1, [])
+    row["json_offset"], row["json_size"] = members[suffix]
     if truncated and row["json_offset"] + row["json_size"] > _file_size(f):
         return "truncated", -1, []
     try:
-        segments, names = parse_sample_json(kind, read_at(f, *members["json"]))
+        raw = read_at(f, *members[suffix])
+        segments, names = parse_sample_json(kind, raw) if text is None else \
+            (parse_text_member(kind, raw, text), [])
     except ValueError as e:
         return e.args[0], -1, []
     if kind == "caption":
@@ -239,11 +261,11 @@ def add_token_index(folder: Union[str, Path], tokenizer, *, workers: int = 1,
     samples["text_tokens"] = np.where(good, tokens, -1)
     ds.close()
     np.save(folder / "index" / "samples.npy", samples)
-    _save_token_index(folder, runs)
+    save_token_index(folder, runs)
     manifest = dict(ds.manifest)
     manifest["text_tokens"] = int(samples["text_tokens"][good].sum())
     manifest["tokenizer"] = tokenizer_record(tokenizer)
     manifest["index"] = {**manifest.get("index", {}), "segments": "index/segments.npy",
                          "segment_offsets": "index/segment_offsets.npy"}
-    _write_manifest(folder, manifest)
+    write_manifest(folder, manifest)
     return manifest

@@ -19,7 +19,7 @@ import numpy as np
 
 from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_EXTS, KINDS,
                                             SAMPLE_DTYPE, BadSample, DatasetError, Sample,
-                                            SkipCounter, parse_sample_json)
+                                            SkipCounter, parse_text_member)
 
 _BAD_OFFSET = SAMPLE_DTYPE.fields["bad"][1]
 _NATIVE_INT32 = array.array("i").itemsize == 4 and sys.byteorder == "little"  # = "<i4"
@@ -105,18 +105,25 @@ class ShardDataset:
         if m.get("format") != FORMAT or self.kind not in KINDS:
             raise DatasetError(f"{mpath}: format {m.get('format')!r} / kind {self.kind!r} "
                                f"not supported (format {FORMAT}, kinds {KINDS})")
-        for name, size, sha, _ in sizes:
-            path = self.folder / name
+        self._locate(m)
+        for entry, (name, size, sha, _) in zip(m["shards"], sizes):
+            path = self.root / name
             try:
-                actual = path.stat().st_size
+                stat = path.stat()
                 with open(path, "rb") as f:
                     f.read(512)
             except OSError as e:
-                raise DatasetError(f"{path}: cannot open shard ({e.strerror})") from None
-            if actual != size:
-                raise DatasetError(f"{path}: {actual} bytes but manifest.json says {size} "
-                                   "(truncated or rewritten shard; re-run prepare_data)")
-            if verify and file_sha256(path) != sha:
+                raise DatasetError(f"{path}: cannot open shard ({e.strerror}); "
+                                   f"{self._redo}") from None
+            # In place, the source's own files: size and mtime, never a hash of terabytes.
+            changed = stat.st_size != size or (
+                "mtime_ns" in entry and stat.st_mtime_ns != int(entry["mtime_ns"]))
+            if changed:
+                raise DatasetError(f"{path}: {stat.st_size} bytes, modified "
+                                   f"{stat.st_mtime_ns}, but manifest.json says {size} bytes"
+                                   + (f", {entry['mtime_ns']}" if "mtime_ns" in entry else "")
+                                   + f" (truncated or rewritten shard; {self._redo})")
+            if verify and sha is not None and file_sha256(path) != sha:
                 raise DatasetError(f"{path}: sha256 differs from manifest.json")
         try:
             self.samples = np.load(self.folder / "index" / "samples.npy", mmap_mode="r")
@@ -137,6 +144,14 @@ class ShardDataset:
                                "counts (re-run prepare_data)")
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+
+    def _locate(self, manifest: dict) -> None:
+        """Where the shards are: this folder, or (a source indexed in place, manifest
+        "source") the source's root, and how a sample's text member reads."""
+        source = manifest.get("source")
+        self.root = Path(source["root"]) if source else self.folder
+        self.text_member: Optional[dict] = source.get("text") if source else None
+        self._redo = "re-run mm1-prepare-data"
 
     def _open_index(self) -> None:
         """Per-sample lookups go through `IndexFile` (point reads; nothing per sample stays in
@@ -191,7 +206,7 @@ class ShardDataset:
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(self.folder / self.shards[shard], "rb")
+            f = self._files[shard] = open(self.root / self.shards[shard], "rb")
         return f
 
     def close(self) -> None:
@@ -207,7 +222,7 @@ class ShardDataset:
         row = self._rows.get(i)[0]
         key = row["key"].decode()
         if member < 0:
-            return f"{key}.json"
+            return f"{key}.{(self.text_member or {}).get('member', 'json')}"
         ext = IMAGE_EXTS[int(self._images.get(int(row["image_start"]) + member)[0]["ext"])]
         return f"{key}.{ext}" if self.kind == "caption" else f"{key}.img{member}.{ext}"
 
@@ -230,7 +245,7 @@ class ShardDataset:
         if len(raw) != row["json_size"]:
             raise BadSample(shard, self.member_name(i, -1), "truncated")
         try:
-            segments, _ = parse_sample_json(self.kind, raw)
+            segments = parse_text_member(self.kind, raw, self.text_member)
         except ValueError as e:
             raise BadSample(shard, self.member_name(i, -1), e.args[0], e.args[1]) from None
         start, count = int(row["image_start"]), int(row["num_images"])
@@ -267,6 +282,7 @@ def reopen_dataset(folder: Path) -> ShardDataset:
     ds.manifest = json.loads((ds.folder / "manifest.json").read_text())
     ds.kind = ds.manifest["kind"]
     ds.shards = [s["name"] for s in ds.manifest["shards"]]
+    ds._locate(ds.manifest)
     ds.samples = np.load(ds.folder / "index" / "samples.npy", mmap_mode="r")
     ds.images = np.load(ds.folder / "index" / "images.npy", mmap_mode="r")
     ds._open_index()

@@ -70,7 +70,11 @@ _EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}
 # Reason codes; 0 is "good". "undecodable_image" is raised by the image decoder (images.py),
 # listed here so every skip is counted under one vocabulary.
 BAD_REASONS = ("truncated", "bad_json", "missing_image", "zero_byte_image", "empty_text",
-               "images_only", "undecodable_image")
+               "images_only", "undecodable_image", "missing_text")
+# Counted in a manifest's "bad" when a source indexed in place has gaps, with no index row
+# (there is no sample to number): a download img2dataset recorded as failed (its parquet /
+# stats hold it, the tar has no members) and a shard number missing from a numbered series.
+SOURCE_GAPS = ("failed_download", "missing_shard")
 FORMAT = 1
 KEY_BYTES = 48
 
@@ -190,6 +194,28 @@ def parse_sample_json(kind: str, raw: bytes) -> tuple[list[Union[str, int]], lis
     if not any(isinstance(s, str) for s in out):
         raise ValueError("images_only", "no text segment")
     return out, names
+
+
+def parse_text_member(kind: str, raw: bytes, text: Optional[dict]) -> list[Union[str, int]]:
+    """A sample's segments from its text member. `text` None: our schema's json
+    (`parse_sample_json`). A source indexed in place (manifest "source.text"):
+    {"member": "txt"} the member is the text itself (img2dataset's KEY.txt), or
+    {"member": "json", "field": F} a JSON object whose field F holds it. Caption and text
+    kinds only. Raises ValueError(reason, detail)."""
+    if text is None:
+        return parse_sample_json(kind, raw)[0]
+    try:
+        value = raw.decode("utf-8")
+        if text["member"] == "json":
+            obj = json.loads(value)
+            value = obj.get(text["field"]) if isinstance(obj, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError("bad_json", str(e).split(":")[0]) from None
+    if not isinstance(value, str):
+        raise ValueError("missing_text", f"field {text.get('field')!r} missing or not a string")
+    if not value.strip():
+        raise ValueError("empty_text", text["member"])
+    return [0, value] if kind == "caption" else [value]
 
 
 def _is_image_segment(seg: object) -> bool:

@@ -117,7 +117,7 @@ class Trainer:
                        required=True)
         parts.register("skipped_steps", StatePart(lambda: self.skipped_total, lambda n:
                                                   setattr(self, "skipped_total", n)))
-        dataset = dataset_fingerprint(self.cfg.data.path)
+        dataset = dataset_fingerprint(self.cfg.data)
         parts.register("dataset", StatePart(lambda: dataset, lambda saved: None))
         for cb in self.callbacks:
             if cb.has_state():

@@ -198,3 +198,84 @@ def test_token_index_missing_or_from_another_tokenizer_is_refused(tmp_path, demo
     want = batches(MultimodalLoader(config(demo_data, "data.weight_interleaved=0",
                                            "data.weight_caption=0"), 0, 1, log=None), 3)
     assert all(same(a, b) for a, b in zip(got, want))
+
+
+@pytest.fixture(scope="module")
+def blend(demo_data, tmp_path_factory) -> Path:
+    """Two datasets per kind: the demo's own, plus an img2dataset-layout caption set indexed
+    in place and small interleaved / text sets in our shards, listed with weights."""
+    from mm1_megatron.data.sources.webdataset import index_in_place
+    from tests._helpers.data import TEXT, jpeg
+    from tests._helpers.img2dataset import write_img2dataset
+
+    root = tmp_path_factory.mktemp("blend")
+    tok = Tokenizer.load(demo_data / "tokenizer.model")
+    shards = write_img2dataset(root / "src" / "cc", TEXT, shards=3, samples_per_shard=6,
+                               failed=(4,), no_image=(7,))
+    (root / "cc").mkdir()
+    index_in_place([shards.folder], "caption", root / "cc", tokenizer=tok)
+    write_dataset([RawSample([f"{t} Then a picture:", 0, t.upper()], [("jpg", jpeg(i))])
+                   for i, t in enumerate(TEXT * 3)], root / "docs", "interleaved",
+                  tokenizer=tok)
+    write_dataset([RawSample([" ".join(TEXT[i:] + TEXT[:i])]) for i in range(len(TEXT))],
+                  root / "books", "text", tokenizer=tok)
+    demo = Path(demo_data)
+    (root / "blend.yaml").write_text(
+        f"caption:\n  - {{path: {demo / 'caption'}, weight: 0.75}}\n"
+        "  - {path: cc, weight: 0.25}\n"
+        f"interleaved:\n  - {{path: {demo / 'interleaved'}, weight: 1}}\n"
+        "  - {path: docs, weight: 1}\n"
+        f"text:\n  - {{path: {demo / 'text'}}}\n  - {{path: books, weight: 3}}\n")
+    return root / "blend.yaml"
+
+
+def blend_config(demo_data: Path, blend: Path, *extra: str):
+    return load_config("demo", [f"data.blend={blend}",
+                                f"data.tokenizer_model={demo_data}/tokenizer.model",
+                                "data.seq_length=256", *extra], this_machine=True)
+
+
+@pytest.mark.parametrize("unit", ["sequences", "documents"])
+def test_a_blend_draws_every_dataset_and_resumes_exactly_across_dp_sizes(demo_data, blend,
+                                                                        unit):
+    cfg = blend_config(demo_data, blend, "train.micro_batch_size=1",
+                       "train.global_batch_size=8", f"data.mixture_unit={unit}")
+    assert cfg.data.path == ""  # the blend replaced the preset's folder
+    one = MultimodalLoader(cfg, 0, 1, log=None)
+    assert [s.name for s in one.sources] == ["interleaved[0]", "interleaved[1]", "caption[0]",
+                                             "caption[1]", "text[0]", "text[1]"]
+    # Inside a kind the blend's weights split the kind's: caption 0.45 as 0.75 / 0.25.
+    assert [round(s.weight, 4) for s in one.sources] == [0.225, 0.225, 0.3375, 0.1125,
+                                                         0.025, 0.075]
+    rows = batches(one, 40)
+    drawn = one.state.sources if unit == "sequences" else None
+    if drawn is not None:  # rows per dataset: each drew, in its share
+        assert all(p.rows > 0 for p in drawn)
+        assert abs(drawn[2].rows - 3 * drawn[3].rows) <= 3
+    kinds = {int(k) for b in rows for k in b["sources"].unique().tolist() if k >= 0}
+    assert kinds == {0, 1, 2}  # interleaved, caption, text (row sources name the kind)
+    # The in-place set's sample without an image is skipped and counted (each time drawn).
+    assert set(one.skips.snapshot()) == {"missing_image"}
+    ranks = [MultimodalLoader(cfg, r, 2, log=None) for r in range(2)]
+    got = [batches(loader, 10) for loader in ranks]
+    assert ranks[0].state.to_dict() == ranks[1].state.to_dict()
+    assert all(same(x, y) for x, y in zip([b for pair in zip(*got) for b in pair], rows[:20]))
+    resumed = batches(MultimodalLoader(cfg, 0, 1, ranks[1].state, log=None), 20)
+    assert all(same(x, y) for x, y in zip(resumed, rows[20:40]))
+
+
+def test_a_blend_is_refused_in_one_line_naming_what_is_wrong(demo_data, blend, tmp_path):
+    from mm1_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.blend: .* and data.path=.* both name"):
+        load_config("demo", [f"data.blend={blend}", f"data.path={demo_data}"])
+    for text, words in [("caption: [{path: nowhere}]\n", r"names .*nowhere, which holds no "
+                         r"manifest.json"),
+                        ("pictures: [{path: x}]\n", "unknown kind 'pictures'"),
+                        ("caption: [{path: x, weight: -1}]\n", r"caption\[0\]: weight must "
+                         "be a number > 0"),
+                        ("caption: {path: x}\n", "caption: a non-empty list")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"data.blend: .*{words}"):
+            blend_config(demo_data, bad)

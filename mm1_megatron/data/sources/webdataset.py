@@ -1,0 +1,105 @@
+"""Webdataset shards indexed in place: img2dataset's output (DataComp, DFN, LAION, CC12M)
+and any tars of KEY.<image ext> + KEY.txt / KEY.json samples.
+
+Nothing is copied: OUT gets manifest.json and index/ (`shard_index.index_shards`) naming
+each source tar relative to the source's root with its size and mtime, and the byte offset
+and size of every sample's text and image member; the reader seeks into the source tars
+(`shard_reader`, manifest "source"). A source tar that changes or vanishes afterwards is
+refused when the dataset is opened.
+
+img2dataset's layout (`output_format="webdataset"`): `00000.tar`, `00001.tar`, ... each with
+`00000_stats.json` and `00000.parquet` beside it; a sample is KEY.jpg, KEY.txt (the caption)
+and KEY.json (url, caption, key, status, width, height, original_width, original_height,
+sha256, ...), KEY = shard * 10**ceil(log10(samples_per_shard)) + i, zero-padded. A failed
+download has a parquet row and no tar members; `_stats.json` counts them
+(`failed_to_download`, `failed_to_resize`), and so does the manifest's "bad". A shard that
+failed whole is missing from the numbered series: each gap counts as `missing_shard`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from mm1_megatron.data.shard_index import index_shards, write_manifest
+from mm1_megatron.data.shard_schema import DatasetError
+
+NAME = "webdataset"
+KINDS = ("caption", "text")  # one text member per sample; interleaved tars are MINT's layout
+
+
+def detect(paths: list[Path]) -> bool:
+    """Tar files, or folders holding them."""
+    return bool(paths) and all(
+        p.suffix == ".tar" if p.is_file() else p.is_dir() and any(p.glob("*.tar"))
+        for p in paths)
+
+
+def list_shards(paths: list[Path]) -> list[Path]:
+    """The tars of `paths` (a folder: its *.tar), sorted, each once."""
+    shards: set[Path] = set()
+    for p in paths:
+        found = sorted(p.glob("*.tar")) if p.is_dir() else [p] if p.suffix == ".tar" else []
+        if not found:
+            raise DatasetError(f"{p}: no .tar shards")
+        shards.update(f.resolve() for f in found)
+    return sorted(shards)
+
+
+def source_root(shards: list[Path]) -> Path:
+    """The folder every shard lies under (names in the manifest are relative to it)."""
+    return Path(os.path.commonpath([str(s.parent) for s in shards]))
+
+
+def text_spec(kind: str, field: Optional[str]) -> dict:
+    """How a sample's text reads: KEY.txt itself (img2dataset's caption), or a field of
+    KEY.json when one is named."""
+    return {"member": "txt"} if field is None else {"member": "json", "field": field}
+
+
+def source_gaps(shards: list[Path]) -> collections.Counter:
+    """Downloads img2dataset recorded as failed (its _stats.json beside each tar) and
+    numbered shards missing from their folder's series 0..max."""
+    gaps: collections.Counter = collections.Counter()
+    numbered: dict[Path, set[int]] = collections.defaultdict(set)
+    for shard in shards:
+        if shard.stem.isdigit():
+            numbered[shard.parent].add(int(shard.stem))
+        stats = shard.with_name(f"{shard.stem}_stats.json")
+        try:
+            counts = json.loads(stats.read_text())
+            failed = int(counts.get("failed_to_download", 0)) + \
+                int(counts.get("failed_to_resize", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # no stats (not img2dataset's output) or unreadable: nothing known
+        if failed:
+            gaps["failed_download"] += failed
+    for numbers in numbered.values():
+        missing = max(numbers) + 1 - len(numbers)
+        if missing:
+            gaps["missing_shard"] += missing
+    return gaps
+
+
+def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=None,
+                   caption_field: Optional[str] = None, text_field: Optional[str] = None,
+                   progress: bool = False) -> tuple[dict, collections.Counter]:
+    """Index `sources` (tars or folders of tars) into `output_tmp` (manifest written);
+    returns the manifest and the skipped samples per reason (bad samples and gaps)."""
+    if kind not in KINDS:
+        raise DatasetError(f"--kind {kind}: webdataset sources are indexed in place for "
+                           f"{' and '.join(KINDS)}; interleaved tars need their own format")
+    shards = list_shards([Path(s) for s in sources])
+    root = source_root(shards)
+    field = caption_field if kind == "caption" else text_field
+    text = text_spec(kind, field)
+    manifest = index_shards(shards, kind, output_tmp, root=root, text=text,
+                            tokenizer=tokenizer, progress=progress)
+    skipped = collections.Counter(manifest["bad"]) + source_gaps(shards)
+    manifest["bad"] = dict(sorted(skipped.items()))
+    manifest["source"] = {"format": NAME, "root": str(root), "text": text}
+    write_manifest(output_tmp, manifest)
+    return manifest, skipped

@@ -1,0 +1,79 @@
+"""img2dataset / DataComp webdataset shards indexed in place: nothing copied, the source
+untouched, every failure case counted, and a source shard changed afterwards refused."""
+
+import os
+import stat
+
+import pytest
+
+from mm1_megatron.data.shard_reader import open_dataset
+from mm1_megatron.data.shard_schema import DatasetError, SkipCounter
+from mm1_megatron.data.sources.webdataset import index_in_place
+from tests._helpers.data import TEXT
+from tests._helpers.img2dataset import tree_digest, write_img2dataset
+
+
+def read_only(folder) -> None:
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+@pytest.fixture
+def source(tmp_path):
+    # Shard 2 failed whole; sample 1 failed to download; sample 5 has no image; shard 3 is
+    # cut inside its last image.
+    shards = write_img2dataset(tmp_path / "datacomp", TEXT, shards=4, failed=(1,),
+                               missing_shards=(2,), no_image=(5,), truncated_shard=3)
+    read_only(shards.folder)
+    yield shards
+    for p in [shards.folder, *shards.folder.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_img2dataset_shards_are_indexed_in_place_with_every_gap_counted(source, tmp_path):
+    before = tree_digest(source.folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest, skipped = index_in_place([source.folder], "caption", out)
+    assert tree_digest(source.folder) == before  # the source, byte for byte
+    assert not list(out.rglob("*.tar"))  # not one member copied
+    assert skipped == {"failed_download": 1, "missing_shard": 1, "missing_image": 1,
+                       "truncated": 1}
+    assert manifest["bad"] == dict(sorted(skipped.items()))
+    assert [s["name"] for s in manifest["shards"]] == ["00000.tar", "00001.tar", "00003.tar"]
+    assert manifest["source"]["root"] == str(source.folder.resolve())
+    ds = open_dataset(out)
+    skips = SkipCounter(log=None)
+    read = {s.key: (s.segments[1], s.images[0]) for s in ds.iter_good(skips=skips)}
+    assert read == source.good  # each caption from KEY.txt, each image's own bytes
+    assert skips.snapshot() == {"missing_image": 1, "truncated": 1}
+    assert manifest["samples"] == len(source.good) + 2
+
+
+def test_a_json_field_can_hold_the_caption(source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    index_in_place([source.folder / "00000.tar"], "caption", out, caption_field="caption")
+    assert {s.key: s.segments[1] for s in open_dataset(out).iter_good()} == \
+        {k: v[0] for k, v in source.good.items() if k.startswith("00000")}
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    manifest, skipped = index_in_place([source.folder / "00000.tar"], "caption", out2,
+                                       caption_field="no_such_field")
+    assert skipped["missing_text"] == manifest["samples"]
+
+
+def test_a_source_shard_changed_or_gone_after_indexing_is_refused(tmp_path):
+    shards = write_img2dataset(tmp_path / "src", TEXT, shards=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    index_in_place([shards.folder], "caption", out)
+    open_dataset(out)  # fine as indexed
+    first = shards.folder / "00000.tar"
+    mtime = first.stat().st_mtime_ns
+    os.utime(first, ns=(mtime + 10**9, mtime + 10**9))  # same size, rewritten later
+    with pytest.raises(DatasetError, match=r"00000\.tar: .*rewritten shard"):
+        open_dataset(out)
+    first.unlink()
+    with pytest.raises(DatasetError, match=r"00000\.tar: cannot open shard"):
+        open_dataset(out)
