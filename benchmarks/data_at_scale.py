@@ -2,6 +2,7 @@
 the size of the dataset and the number of data-parallel ranks.
 
     python benchmarks/data_at_scale.py [--samples 50000000] [--dp 1 64 256] [--steps 4]
+                                       [--blend 10]
     python benchmarks/data_at_scale.py --quick        # seconds; what the test suite runs
 
 Dataset: the three kinds at realistic lengths — captions of 5-40 words, interleaved documents
@@ -17,6 +18,11 @@ building its own rows (reading and tokenizing their documents), in this process,
 threaded (`time.process_time`). Each (samples, DP) point runs in a fresh process so peak RSS
 and start-up are its own. The baseline is the planner's modelled step time of the fastest MM1
 preset: the ratio is the share of a step the loader would take from one core.
+
+A blend (`data.blend`) of `--blend` datasets per kind, each a folder holding the same
+index (links, so the disk stays small), runs at the largest size and DP: one loader stream per
+dataset, as a user with many caption and interleaved sets has. Its cost, memory and start-up
+are reported beside the one-dataset-per-kind point at the same size and DP.
 
 The last line printed is one JSON object (DESIGN.md conventions).
 """
@@ -155,13 +161,34 @@ def extend_index(root: Path, samples: int) -> None:
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def measure(root: Path, dp: int, steps: int, unit: str) -> dict:
+def write_blend(root: Path, per_kind: int) -> Path:
+    """A blend of `per_kind` datasets per kind, each a folder of links to the kind's files
+    (its own manifest and index files to open), equal weights."""
+    lines = []
+    for kind in KINDS:
+        lines.append(f"{kind}:")
+        for n in range(per_kind):
+            folder = root / "blend" / f"{kind}{n}"
+            (folder / "index").mkdir(parents=True, exist_ok=True)
+            for path in [*(root / kind).glob("*"), *(root / kind / "index").glob("*")]:
+                if path.is_file():
+                    link = folder / path.relative_to(root / kind)
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(path)
+            lines.append(f"  - {{path: {folder.name}, weight: 1}}")
+    blend = root / "blend" / "blend.yaml"
+    blend.write_text("\n".join(lines) + "\n")
+    return blend
+
+
+def measure(root: Path, dp: int, steps: int, unit: str, blend: str = "") -> dict:
     """One rank of `dp` for `steps` recipe steps (plus one warm-up); in a fresh process."""
     start = time.perf_counter()
     from mm1_megatron.config import load_config
     from mm1_megatron.data.loader import MultimodalLoader
 
-    cfg = load_config("mm1-3b", [f"data.path={root}", f"data.tokenizer_model={root}/tokenizer.model",
+    data = f"data.blend={blend}" if blend else f"data.path={root}"
+    cfg = load_config("mm1-3b", [data, f"data.tokenizer_model={root}/tokenizer.model",
                                  f"data.mixture_unit={unit}", "train.micro_batch_size=1",
                                  f"parallel.world_size={dp}", "parallel.sequence_parallel=false",
                                  "parallel.tp_comm_overlap=false", "data.prefetch=0"],
@@ -201,10 +228,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
-def _child(root: Path, dp: int, steps: int, unit: str) -> dict:
+def _child(root: Path, dp: int, steps: int, unit: str, blend: str = "") -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", str(root), "--dp", str(dp),
-                          "--steps", str(steps), "--unit", unit], capture_output=True,
-                         text=True, timeout=3600, check=True).stdout
+                          "--steps", str(steps), "--unit", unit, "--blend-file", blend],
+                         capture_output=True, text=True, timeout=3600, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -230,10 +257,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for the test suite")
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--blend", type=int, default=10,
+                        help="datasets per kind in the blend point (0: none)")
     parser.add_argument("--unit", default="sequences", help=argparse.SUPPRESS)
+    parser.add_argument("--blend-file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(Path(args.child), args.dp[0], args.steps, args.unit)))
+        print(json.dumps(measure(Path(args.child), args.dp[0], args.steps, args.unit,
+                                 args.blend_file)))
         return 0
     if args.quick:
         args.samples, args.dp, args.steps, args.pool = [60_000, 600_000], [1, 64], 1, 200
@@ -266,6 +297,14 @@ def main(argv=None) -> int:
         largest = max(args.samples)
         documents = _child(root, max(args.dp), args.steps, "documents")
         print(f"mixture_unit=documents: packing {documents['packing_efficiency']:.1%}")
+        blended = None
+        if args.blend:
+            blended = _child(root, max(args.dp), args.steps, "sequences",
+                             str(write_blend(root, args.blend)))
+            print(f"blend of {args.blend} datasets per kind: total "
+                  f"{blended['cpu_s_per_step']:.3f} s/step  rss "
+                  f"{blended['peak_rss_mb']:.0f} MB  start-up {blended['startup_s']:.1f} s",
+                  flush=True)
     at = {r["dp"]: r for r in results if r["samples"] == largest}
     small = min(r["peak_rss_mb"] for r in results if r["samples"] == min(args.samples))
     big = max(args.dp)
@@ -278,6 +317,13 @@ def main(argv=None) -> int:
         "startup_s": round(at[big]["startup_s"], 2),
         "packing_efficiency": {"sequences": round(at[big]["packing_efficiency"], 4),
                                "documents": round(documents["packing_efficiency"], 4)},
+        "blend": None if blended is None else {
+            "datasets_per_kind": args.blend, "dp": big,
+            "cpu_s_per_step": round(blended["cpu_s_per_step"], 4),
+            "ratio_to_one_per_kind": round(blended["cpu_s_per_step"]
+                                           / at[big]["cpu_s_per_step"], 3),
+            "rss_growth_mb": round(blended["peak_rss_mb"] - at[big]["peak_rss_mb"], 1),
+            "startup_s": round(blended["startup_s"], 2)},
         "points": results,
         "load_avg": {"start": load_before, "end": load_average()}, **machine(),
     }

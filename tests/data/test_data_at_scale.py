@@ -25,4 +25,7 @@ def test_quick_run_reports_cost_memory_startup_and_packing(tmp_path):
         assert point["peak_rss_mb"] > 0 and point["startup_s"] > 0
     for unit in ("sequences", "documents"):
         assert 0.3 < result["packing_efficiency"][unit] <= 1.0
+    blend = result["blend"]  # ten datasets per kind, one loader stream each
+    assert blend["datasets_per_kind"] == 10 and blend["dp"] == 64
+    assert blend["cpu_s_per_step"] > 0 and blend["startup_s"] > 0
     assert not list(tmp_path.iterdir())  # the work directory is cleaned up
