@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "data_pipeline": ([], "DALI CPU / PIL + torch (images/s; higher is better)"),
     "checkpoint_save": ([], "async / sync checkpoint saves, steps/s of demo with a save every "
                             "2 steps (higher is better)"),
+    "prepare_in_place": ([], "img2dataset shards indexed in place / rewritten into our shards "
+                             "(samples per CPU-s; higher is better)"),
     "data_at_scale": (["--quick"], "loader CPU-s per step / modelled H100 step (quick mode)"),
 }
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"

@@ -17,7 +17,8 @@ from benchmarks.run_all import BEGIN, END, replace_between_markers
 from tests import _procs
 
 REPO = Path(__file__).resolve().parents[1]
-AB = ("trainer_overhead", "convert", "data_pipeline", "checkpoint_save")  # data_at_scale: tests/data/
+# data_at_scale: tests/data/
+AB = ("trainer_overhead", "convert", "data_pipeline", "checkpoint_save", "prepare_in_place")
 
 
 def test_interleave_runs_the_sides_in_turn_and_drops_warmup():
@@ -108,6 +109,9 @@ def test_quick_mode_json_line(quick_run, name):
     assert r["spread"] >= 1.0 and isinstance(r["valid"], bool)
     assert len(r["load_avg"]["start"]) == len(r["load_avg"]["end"]) == 3
     assert r["date"] and r["baseline_is"] and r["candidate_is"]
+    if name == "prepare_in_place":  # not one image byte copied: a small fraction written
+        assert r["valid"] and r["bytes"]["in_place_fraction"] < 0.05
+        assert r["bytes"]["rewrite"] > r["bytes"]["source"] / 2
     if name == "trainer_overhead":  # the no-op self-check decides validity
         assert r["valid"] == all(r["checks"].values())
         assert r["self_check"]["repeats"] == r["repeats"]
