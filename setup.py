@@ -51,6 +51,7 @@ setup(
             "mm1-convert-hf=mm1_megatron.convert.to_hf:main",
             "mm1-import-hf=mm1_megatron.convert.from_hf:main",
             "mm1-gpu-check=mm1_megatron.gpu_check:main",
+            "mm1-prepare-data=mm1_megatron.data.prepare:main",
         ],
     },
 )

@@ -18,7 +18,7 @@ from megatron.core import dist_checkpointing
 from mm1_megatron.checkpoint.directory import (CheckpointFormatError, check_readable,
                                                complete_checkpoints, resume_point)
 from mm1_megatron.config import RUN_CONFIG, Config, ConfigError
-from mm1_megatron.config.overrides import read_yaml_file
+from mm1_megatron.config.yaml_file import read_yaml_file
 from mm1_megatron.data.loader import dataset_fingerprint
 
 # Fields of the model sections a run may change between restarts (how it computes, not what).

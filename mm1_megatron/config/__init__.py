@@ -12,6 +12,8 @@ What lives where (import from this package; the modules import each other direct
   validate.py   validate, launcher_world_size, resolve_world_size, data_parallel_size,
                 fp8_available
   reference.py  docs/configuration.md from the schema's field comments (--write / --check)
+  blend.py      data.blend's file and the run's datasets per kind (data_sources)
+  yaml_file.py  read_yaml_file: a YAML file of ours, errors naming FILE:LINE
 Dependencies point one way: schema <- presets, validate <- overrides.
 """
 

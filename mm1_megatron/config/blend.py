@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mm1_megatron.config.schema import ConfigError, DataConfig
+from mm1_megatron.config.yaml_file import read_yaml_file
 
 # The dataset kinds in mixture order (mm1_megatron.data.mixture.SOURCES; config sits below
 # data, so the names are repeated here), one data.weight_* each.
@@ -42,11 +43,9 @@ class DataSource:
 
 def read_blend(file: str | Path) -> dict[str, list[tuple[Path, float]]]:
     """kind -> [(folder, weight)]; refuses anything else in one line naming the entry."""
-    from mm1_megatron.config.overrides import read_yaml_file  # the one YAML reader
-
     path = Path(file)
     data = read_yaml_file(str(path))
-    where = f"data.blend"
+    where = "data.blend"
     if not isinstance(data, dict) or not data:
         raise ConfigError(where, f"{path}: must map kinds ({', '.join(KINDS)}) to lists of "
                                  "{path, weight}")

@@ -171,7 +171,7 @@ def render_chat(segments: Sequence[ChatSegment], image_token: str = "<image>",
 
 
 # LLaVA's conversation records ({"from": "human" | "gpt" | "system", "value": "...<image>..."}),
-# read by tools/prepare_data.py (--kind sft) and `mm1-eval --answer-loss`.
+# read by `mm1-prepare-data --kind sft` (data/sources/jsonl.py) and `mm1-eval --answer-loss`.
 LLAVA_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 

@@ -115,14 +115,14 @@ class ShardDataset:
             except OSError as e:
                 raise DatasetError(f"{path}: cannot open shard ({e.strerror}); "
                                    f"{self._redo}") from None
+            if stat.st_size != size:
+                raise DatasetError(f"{path}: {stat.st_size} bytes but manifest.json says {size} "
+                                   f"(truncated or rewritten shard; {self._redo})")
             # In place, the source's own files: size and mtime, never a hash of terabytes.
-            changed = stat.st_size != size or (
-                "mtime_ns" in entry and stat.st_mtime_ns != int(entry["mtime_ns"]))
-            if changed:
-                raise DatasetError(f"{path}: {stat.st_size} bytes, modified "
-                                   f"{stat.st_mtime_ns}, but manifest.json says {size} bytes"
-                                   + (f", {entry['mtime_ns']}" if "mtime_ns" in entry else "")
-                                   + f" (truncated or rewritten shard; {self._redo})")
+            if "mtime_ns" in entry and stat.st_mtime_ns != int(entry["mtime_ns"]):
+                raise DatasetError(f"{path}: modified since it was indexed (mtime_ns "
+                                   f"{stat.st_mtime_ns}, manifest.json says {entry['mtime_ns']}:"
+                                   f" rewritten shard; {self._redo})")
             if verify and sha is not None and file_sha256(path) != sha:
                 raise DatasetError(f"{path}: sha256 differs from manifest.json")
         try:
@@ -141,7 +141,7 @@ class ShardDataset:
                     int(self._rows.get(end - 1)[0]["shard"])
         if not consistent:
             raise DatasetError(f"{self.folder}: index does not match manifest.json sample "
-                               "counts (re-run prepare_data)")
+                               f"counts ({self._redo})")
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
 

@@ -1,5 +1,5 @@
 """Held-out answer loss of a chat model (`mm1-eval --answer-loss FILE.jsonl`): conversations in
-LLaVA's format (as `tools/prepare_data.py --kind sft` reads them; image paths relative to the
+LLaVA's format (as `mm1-prepare-data --kind sft` reads them; image paths relative to the
 file), tokenized exactly as SFT training tokenizes them, and the mean cross-entropy over the
 tokens that training puts loss on (the assistant's answers and their `</s>`)."""
 

@@ -205,7 +205,8 @@ def blend(demo_data, tmp_path_factory) -> Path:
     """Two datasets per kind: the demo's own, plus an img2dataset-layout caption set indexed
     in place and small interleaved / text sets in our shards, listed with weights."""
     from mm1_megatron.data.sources.webdataset import index_in_place
-    from tests._helpers.data import TEXT, jpeg
+    from tests._helpers.blend import write_blend, write_second_datasets
+    from tests._helpers.data import TEXT
     from tests._helpers.img2dataset import write_img2dataset
 
     root = tmp_path_factory.mktemp("blend")
@@ -214,19 +215,8 @@ def blend(demo_data, tmp_path_factory) -> Path:
                                failed=(4,), no_image=(7,))
     (root / "cc").mkdir()
     index_in_place([shards.folder], "caption", root / "cc", tokenizer=tok)
-    write_dataset([RawSample([f"{t} Then a picture:", 0, t.upper()], [("jpg", jpeg(i))])
-                   for i, t in enumerate(TEXT * 3)], root / "docs", "interleaved",
-                  tokenizer=tok)
-    write_dataset([RawSample([" ".join(TEXT[i:] + TEXT[:i])]) for i in range(len(TEXT))],
-                  root / "books", "text", tokenizer=tok)
-    demo = Path(demo_data)
-    (root / "blend.yaml").write_text(
-        f"caption:\n  - {{path: {demo / 'caption'}, weight: 0.75}}\n"
-        "  - {path: cc, weight: 0.25}\n"
-        f"interleaved:\n  - {{path: {demo / 'interleaved'}, weight: 1}}\n"
-        "  - {path: docs, weight: 1}\n"
-        f"text:\n  - {{path: {demo / 'text'}}}\n  - {{path: books, weight: 3}}\n")
-    return root / "blend.yaml"
+    docs, books = write_second_datasets(root, tok)
+    return write_blend(root / "blend.yaml", Path(demo_data), root / "cc", docs, books)
 
 
 def blend_config(demo_data: Path, blend: Path, *extra: str):

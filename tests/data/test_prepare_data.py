@@ -1,4 +1,4 @@
-"""tools/prepare_data.py over an existing dataset: bad lines skipped as FILE:LINE, all-bad input
+"""mm1-prepare-data over an existing dataset: bad lines skipped as FILE:LINE, all-bad input
 is one stderr line, and no error or crash ever damages the dataset already at --output."""
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from tests._helpers.data import TEXT, jpeg, write_jsonl
 from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
-TOOL = [sys.executable, "tools/prepare_data.py", "--no-progress"]
+TOOL = ["mm1-prepare-data", "--no-progress"]
 
 
 def _args(kind: str, jsonl: Path, root: Path, out: Path, shard_mb: str = "1") -> list[str]:
-    return TOOL + ["--kind", kind, "--input", str(jsonl), "--images-root", str(root),
+    return TOOL + [str(jsonl), "--kind", kind, "--images-root", str(root),
                    "--output", str(out), "--shard-size-mb", shard_mb]
 
 
@@ -68,8 +68,10 @@ def test_non_utf8_line_skipped_with_file_line(tmp_path, images, old):
     jsonl.write_bytes(b"\n".join(lines) + b"\n")
     done = _run("caption", jsonl, images, old)
     assert done.returncode == 0, done.stderr
-    assert f"{jsonl}:3: skipped: not_utf8" in done.stdout
-    assert "4 samples in 1 shards" in done.stdout and "{'not_utf8': 1}" in done.stdout
+    assert f"{jsonl}:3: skipped: not_utf8" in done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["samples"] == 4 and result["shards"] == 1 and result["format"] == "jsonl"
+    assert result["bad"] == {"not_utf8": 1} and result["output"] == str(old)
     ds = open_dataset(old, verify=True)
     assert [ds.read(i).texts for i in range(len(ds))] == [[t] for t in TEXT[:4]]
     assert _leftovers(old) == []
@@ -95,7 +97,7 @@ def test_all_lines_bad_is_one_line_and_keeps_old_dataset(tmp_path, images, old, 
     done = _run(kind, jsonl, root, old)
     assert done.returncode == 2, done.stderr
     err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("prepare_data: no usable samples in "), err
+    assert len(err) == 1 and err[0].startswith("mm1-prepare-data: no usable samples in "), err
     assert err[0].endswith("; nothing written, the existing dataset is unchanged"), err
     for text in want:
         assert text in err[0], err
@@ -115,7 +117,7 @@ def _wait_for_reader(fifo: Path, proc: subprocess.Popen, timeout: float = 60.0) 
                 raise
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    raise AssertionError("prepare_data never reached the FIFO image")
+    raise AssertionError("mm1-prepare-data never reached the FIFO image")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -146,7 +148,7 @@ def test_crash_mid_write_keeps_old_dataset(tmp_path, images, old, sig):
         assert (old.parent / "caption.incomplete" / "shard-000001.tar").exists()
     else:
         assert proc.returncode == 130 and stderr.strip().splitlines() == \
-            ["prepare_data: interrupted; the existing dataset is unchanged"], stderr
+            ["mm1-prepare-data: interrupted; the existing dataset is unchanged"], stderr
         assert _leftovers(old) == []
     (images / "slow.jpg").unlink()
     (images / "slow.jpg").write_bytes(jpeg(9))
@@ -174,6 +176,112 @@ def test_refuses_output_holding_other_files(tmp_path, images):
     before = sorted(p.name for p in images.iterdir())
     done = _run("caption", jsonl, images, images)  # --output pointed at the images by mistake
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"prepare_data: --output {images} holds files prepare_data did not write (0.jpg, "
-        "1.jpg, 2.jpg, ...); refusing to replace it: choose another --output or remove them"]
+        f"mm1-prepare-data: --output {images} holds files mm1-prepare-data did not write "
+        "(0.jpg, 1.jpg, 2.jpg, ...); refusing to replace it: choose another --output or "
+        "remove them"]
     assert sorted(p.name for p in images.iterdir()) == before
+
+
+# ---- the command line: SOURCE globs, format detection, where OUT may be, the JSON line -----
+
+def _main(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
+    from mm1_megatron.data.prepare import main
+
+    code = main(["--no-progress", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def test_quoted_glob_of_a_read_only_folder_and_caption_field(tmp_path, images, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for part in range(2):
+        write_jsonl(src / f"part{part}.jsonl", [{"image": f"{n}.jpg", "caption": TEXT[n]}
+                                                for n in range(3 * part, 3 * part + 3)])
+    src.chmod(0o555)
+    try:
+        code, out, err = _main(capsys, src / "part*.jsonl", "--kind", "caption",
+                               "--caption-field", "caption", "--images-root", images,
+                               "--output", tmp_path / "out")
+    finally:
+        src.chmod(0o755)
+    assert code == 0, err
+    result = json.loads(out[-1])
+    assert len(out) == 1 and result["samples"] == 6 and result["bad"] == {}
+    assert result["format"] == "jsonl" and result["images"] == 6
+    assert result["text_tokens"] is None and result["seconds"] >= 0
+    assert sorted(p.name for p in src.iterdir()) == ["part0.jsonl", "part1.jsonl"]
+    ds = open_dataset(tmp_path / "out")
+    assert [ds.read(i).texts for i in range(6)] == [[t] for t in TEXT[:6]]
+
+
+@pytest.mark.parametrize("case", ["out_in_source", "source_in_out", "mixed", "unknown",
+                                  "no_match", "field_for_other_kind"])
+def test_refusals_are_one_line_and_write_nothing(tmp_path, images, capsys, case):
+    src = tmp_path / "src"
+    src.mkdir()
+    jsonl = write_jsonl(src / "c.jsonl", [{"image": "0.jpg", "text": TEXT[0]}])
+    out, extra, want = tmp_path / "out", [], ""
+    if case == "out_in_source":
+        sources, out = [src], src / "out"
+        want = f"--output {out} is inside SOURCE {src}"
+    elif case == "source_in_out":
+        sources, out = [jsonl], src
+        want = f"SOURCE {jsonl} is inside --output {src}"
+    elif case == "mixed":
+        (src / "x.tar").write_bytes(b"")
+        sources = [jsonl, src / "x.tar"]
+        want = f"SOURCEs mix formats ({jsonl} is jsonl, {src / 'x.tar'} is webdataset)"
+    elif case == "unknown":
+        sources = [images / "0.jpg"]
+        want = f"SOURCE {images / '0.jpg'}: format not recognised"
+    elif case == "no_match":
+        sources = [src / "*.parquet"]
+        want = f"SOURCE {src / '*.parquet'}: no file or folder matches"
+    else:
+        sources, extra = [jsonl], ["--text-field", "body"]
+        want = "--text-field is for --kind text, not --kind caption"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, stdout, err = _main(capsys, *sources, "--kind", "caption", "--images-root", images,
+                              "--output", out, *extra)
+    assert code == 2 and stdout == [] and len(err) == 1, err
+    assert err[0].startswith(f"mm1-prepare-data: {want}"), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_webdataset_dispatch_without_its_module_is_one_line(tmp_path, capsys, monkeypatch):
+    # An installation without sources/webdataset.py: a None entry makes the import fail as a
+    # missing module does.
+    monkeypatch.setitem(sys.modules, "mm1_megatron.data.sources.webdataset", None)
+    (tmp_path / "00000.tar").write_bytes(b"")
+    code, stdout, err = _main(capsys, tmp_path / "00000.tar", "--kind", "caption",
+                              "--output", tmp_path / "out")
+    assert code == 2 and stdout == [] and err == [
+        "mm1-prepare-data: --format webdataset is not available in this version "
+        "(mm1_megatron/data/sources/webdataset.py is missing)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]
+
+
+def test_img2dataset_folder_is_indexed_in_place_from_the_command_line(tmp_path, capsys):
+    from tests._helpers.img2dataset import tree_digest, write_img2dataset
+
+    shards = write_img2dataset(tmp_path / "datacomp", TEXT, shards=3, failed=(1,),
+                               missing_shards=(1,), no_image=(9,))
+    before = tree_digest(shards.folder)
+    out = tmp_path / "caption"
+    code, stdout, err = _main(capsys, shards.folder, "--kind", "caption", "--output", out)
+    assert code == 0, err
+    result = json.loads(stdout[-1])
+    assert result["format"] == "webdataset" and result["samples"] == len(shards.good)
+    assert result["bad"] == {"failed_download": 1, "missing_image": 1, "missing_shard": 1}
+    assert tree_digest(shards.folder) == before and not list(out.rglob("*.tar"))
+    assert {s.key: s.segments[1] for s in open_dataset(out).iter_good()} == \
+        {k: v[0] for k, v in shards.good.items()}
+    # No caption where --caption-field points: nothing usable, one line, OUT as it was.
+    manifest = (out / "manifest.json").read_bytes()
+    code, stdout, err = _main(capsys, shards.folder / "*.tar", "--kind", "caption",
+                              "--caption-field", "no_such_field", "--output", out)
+    assert code == 2 and stdout == [] and len(err) == 1, err
+    assert err[0].startswith("mm1-prepare-data: no usable samples in "), err
+    assert "missing_text" in err[0] and err[0].endswith("the existing dataset is unchanged")
+    assert (out / "manifest.json").read_bytes() == manifest and _leftovers(out) == []

@@ -3,7 +3,6 @@ into sft shards (bad records skipped and counted), loss on the assistant's answe
 conversations isolated, and rows planned from the token index equal to rows built from text."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,6 @@ from mm1_megatron.data.prompt_format import (Answer, Turn, chat_segments, chat_t
 from mm1_megatron.data.shard_index import segment_runs
 from mm1_megatron.data.shard_reader import open_dataset
 from mm1_megatron.data.tokenizer import EOS_ID, IMAGE_ID, Tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 
 CONVERSATIONS = [
     [Turn("user", (0, "\nWhat animal is this?")), Turn("assistant", ("A cat.",))],
@@ -133,7 +129,7 @@ def _llava_records(root: Path) -> list:
 
 @pytest.mark.parametrize("layout", ["json_array", "jsonl"])
 def test_prepare_llava_conversations(tmp_path, demo_data, layout):
-    from prepare_data import prepare
+    from mm1_megatron.data.prepare import prepare
 
     good, bad = _llava_records(tmp_path)
     records = good[:2] + bad + good[2:]
@@ -169,10 +165,10 @@ def test_prepare_llava_conversations(tmp_path, demo_data, layout):
 
 
 def test_prepare_refuses_a_broken_json_array(tmp_path):
-    from prepare_data import main
+    from mm1_megatron.data.prepare import main
 
     (tmp_path / "in.json").write_text('[{"id": 1, "conversations": []')
-    assert main(["--kind", "sft", "--input", str(tmp_path / "in.json"), "--output",
+    assert main([str(tmp_path / "in.json"), "--kind", "sft", "--output",
                  str(tmp_path / "out"), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
 

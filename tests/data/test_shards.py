@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from mm1_megatron.data.shard_reader import open_dataset
 from mm1_megatron.data.shard_schema import BadSample, DatasetError, SkipCounter
 from tests._helpers.data import TEXT, jpeg, tiny_tokenizer, write_jsonl
 from tests import _procs
-from tools.prepare_data import prepare
+from mm1_megatron.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,12 +136,14 @@ def test_prepare_skips_and_counts_bad_lines(tmp_path, images):
 
 def test_prepare_cli(tmp_path, images):
     jsonl = write_jsonl(tmp_path / "c.jsonl", _records("caption") + ["{broken"])
-    out = _procs.run([sys.executable, "tools/prepare_data.py", "--kind", "caption",
-                      "--input", str(jsonl), "--images-root", str(images), "--output",
-                      str(tmp_path / "c"), "--shard-size-mb", "1", "--no-progress"],
+    out = _procs.run(["mm1-prepare-data", str(jsonl), "--kind", "caption", "--images-root",
+                      str(images), "--output", str(tmp_path / "c"), "--shard-size-mb", "1",
+                      "--no-progress"],
                      cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "7 samples in 1 shards" in out.stdout and "'bad_json': 1" in out.stdout
+    assert "7 samples in 1 shards" in out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["samples"] == 7 and result["bad"] == {"bad_json": 1}
     assert len(open_dataset(tmp_path / "c")) == 7
 
 

@@ -84,7 +84,7 @@ def test_refuses_unreadable_file(tmp_path):
 
 
 def test_train_tokenizer_cli_from_text_and_shards(tmp_path):
-    from tools.prepare_data import prepare
+    from mm1_megatron.data.prepare import prepare
     from tests._helpers.data import write_jsonl
 
     corpus = tmp_path / "corpus.txt"

@@ -338,3 +338,43 @@ def test_one_run_per_run_dir_and_a_killed_holder_does_not_block(demo_data, tmp_p
     third = run(command(demo_data, run_dir, "train.train_steps=2"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert "saved checkpoint at step 2" in third.stdout
+
+
+def test_mm1_train_draws_every_kind_from_a_blend_of_prepared_sources(demo_data, tmp_path):
+    """img2dataset shards prepared in place by mm1-prepare-data, then `mm1-train --preset
+    demo data.blend=...` with two datasets per kind: every dataset drawn, every kind's loss."""
+    from megatron.core import dist_checkpointing
+
+    from mm1_megatron.checkpoint import latest_checkpoint
+    from mm1_megatron.data.tokenizer import Tokenizer
+    from tests._helpers.blend import write_blend, write_second_datasets
+    from tests._helpers.data import TEXT
+    from tests._helpers.img2dataset import write_img2dataset
+
+    shards = write_img2dataset(tmp_path / "src", TEXT, shards=2, samples_per_shard=6,
+                               failed=(3,))
+    prepared = run(["mm1-prepare-data", str(shards.folder), "--kind", "caption", "--output",
+                    str(tmp_path / "cc"), "--tokenizer", str(demo_data / "tokenizer.model"),
+                    "--no-progress"])
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    summary = json.loads(prepared.stdout.strip().splitlines()[-1])
+    assert (summary["format"], summary["samples"], summary["bad"]) == \
+        ("webdataset", 11, {"failed_download": 1})
+    docs, books = write_second_datasets(tmp_path, Tokenizer.load(demo_data / "tokenizer.model"))
+    blend = write_blend(tmp_path / "blend.yaml", demo_data, tmp_path / "cc", docs, books,
+                        weights=(0.5, 1, 1))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mm1_megatron.cli", "--preset", "demo", f"data.blend={blend}",
+           f"data.tokenizer_model={demo_data}/tokenizer.model", f"run_dir={run_dir}",
+           "train.warmup_steps=1", "logging.log_interval=1", "train.train_steps=3",
+           "data.weight_interleaved=1", "data.weight_caption=1", "data.weight_text=1"]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("interleaved", "caption", "text"):
+        assert [step for step, _ in scalars(run_dir, f"loss/{kind}")], kind
+    common = dist_checkpointing.load_common_state_dict(str(latest_checkpoint(run_dir)))
+    streams = common["extra"]["loader"]["sources"]  # one position per dataset, in blend order
+    assert len(streams) == 6 and all(s["rows"] > 0 for s in streams), streams
+    assert set(common["extra"]["dataset"]) == {f"{k}[{n}]" for k in
+                                               ("interleaved", "caption", "text")
+                                               for n in (0, 1)}

@@ -1,0 +1,361 @@
+"""`mm1-prepare-data`: a dataset folder (shards or an in-place index, manifest.json, index/)
+from data as users hold it.
+
+    mm1-prepare-data SOURCE [SOURCE ...] --kind {caption,interleaved,text,sft} --output OUT
+        [--format auto|jsonl|webdataset] [--images-root DIR] [--tokenizer tok.model]
+        [--caption-field F] [--text-field F] [--shard-size-mb N] [--no-progress]
+
+SOURCE: files, folders or globs (expanded here, so a quoted glob works too). --format auto
+detects it: .jsonl / .json files -> jsonl, converted into our shards (`sources/jsonl.py`
+documents the records); .tar files or a folder of them -> webdataset, indexed in place and
+never copied (`sources/webdataset.py`). This module holds what does not depend on the format.
+
+The dataset is written to OUT.incomplete/ (next to OUT) and swapped in only at the end (OUT
+renamed to OUT.prepare_data-old, the new one renamed to OUT, the old one deleted): until then
+an existing OUT is untouched and usable, whatever happens (bad input, an error, Ctrl-C, a
+killed process; the next run removes a stale OUT.incomplete/ and finishes an interrupted
+swap). If no record is usable, nothing is written: exit status 2 and one line saying why.
+--output must be a new folder or one this tool wrote (no other files in it), never inside a
+SOURCE folder (nor a SOURCE inside it); SOURCE is only read, so it may be read-only.
+
+Records that cannot be used are skipped and counted per reason, the first ten listed as
+FILE:LINE on stderr, with progress and a readable summary. The last line on stdout is one JSON
+object: {"samples": usable samples, "bad": {reason: n}, "images", "text_tokens" (null without
+--tokenizer), "seconds", "output", "format", "kind", "shards", "bytes"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+from mm1_megatron.data.shard_index import write_manifest
+from mm1_megatron.data.shard_schema import KINDS, SOURCE_GAPS, BadSample, DatasetError
+from mm1_megatron.data.shard_writer import RawSample, write_dataset
+from mm1_megatron.data.sources import FORMATS, PrepareError, Source, detect_format
+
+__all__ = ["PrepareError", "expand_sources", "main", "prepare", "resolve_format", "summary",
+           "usable"]
+
+TOOL = "mm1-prepare-data"
+MAX_PRINTED = 10
+# What a dataset folder written by this tool holds; anything else in OUT is not ours to delete.
+_DATASET_ENTRIES = ("manifest.json", "manifest.json.tmp", "index")
+# Where OUT waits during the swap. The name tools/prepare_data.py used: a run repairs a swap
+# that an older version left half done.
+_ASIDE = ".prepare_data-old"
+PathLike = Union[str, Path]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- SOURCE arguments ------------------------------------------------------------------------
+
+def expand_sources(patterns: Sequence[PathLike]) -> list[Path]:
+    """SOURCE arguments -> paths: an existing path as it is, else a glob (sorted matches;
+    `**` crosses folders). Raises PrepareError for one that names nothing."""
+    found: list[Path] = []
+    for pattern in map(str, patterns):
+        if os.path.exists(pattern):  # a file whose name holds "[" or "*" is still that file
+            hits = [pattern]
+        elif any(c in pattern for c in "*?["):
+            hits = sorted(glob.glob(pattern, recursive=True))
+            if not hits:
+                raise PrepareError(f"SOURCE {pattern}: no file or folder matches")
+        else:
+            raise PrepareError(f"SOURCE {pattern}: no such file or folder")
+        found += [Path(h) for h in hits if Path(h) not in found]
+    return found
+
+
+def resolve_format(sources: Sequence[Path], fmt: str = "auto") -> str:
+    """--format as given, or the one detected ("auto"); a PrepareError names what is wrong."""
+    if fmt == "auto":
+        return detect_format(sources)
+    if fmt not in FORMATS:
+        raise PrepareError(f"--format {fmt}: not one of auto, {', '.join(FORMATS)}")
+    return fmt
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_apart(sources: Sequence[Path], output: PathLike, outs: Sequence[Path]) -> None:
+    """OUT (and its .incomplete / aside siblings) never inside a SOURCE folder: a later run
+    over that folder would read our output as input; no SOURCE inside them: the swap would
+    delete it."""
+    for src in sources:
+        real = Path(os.path.realpath(src))
+        if real.is_dir() and any(_inside(o, real) for o in outs):
+            raise PrepareError(f"--output {output} is inside SOURCE {src}; choose an --output "
+                               "outside the source folders")
+        if any(_inside(real, o) for o in outs):
+            raise PrepareError(f"SOURCE {src} is inside --output {output}, which this run "
+                               "replaces; choose another --output")
+
+
+# ---- output folder: written as OUT.incomplete/, swapped in at the end -----------------------
+
+def _foreign(folder: Path) -> list[str]:
+    """Entries of `folder` that a dataset written by this tool does not hold."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in _DATASET_ENTRIES and
+                  not (p.name.startswith("shard-") and p.name.endswith(".tar")))
+
+
+def _check_replaceable(folder: Path, shown: str) -> None:
+    if not folder.is_dir():
+        raise PrepareError(f"{shown} exists and is not a folder")
+    extra = _foreign(folder)
+    if extra:
+        raise PrepareError(f"{shown} holds files {TOOL} did not write "
+                           f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); "
+                           "refusing to replace it: choose another --output or remove them")
+
+
+def _output_paths(output: PathLike) -> tuple[Path, Path, Path]:
+    """(OUT, OUT.incomplete, OUT.prepare_data-old), absolute; nothing touched yet."""
+    out = Path(os.path.realpath(output))
+    if not out.name or out == out.parent:
+        raise PrepareError(f"--output {output}: not a usable dataset folder name")
+    return out, out.with_name(out.name + ".incomplete"), out.with_name(out.name + _ASIDE)
+
+
+def _repair(output: PathLike, out: Path, tmp: Path, old: Path) -> None:
+    """Undo what a killed run left behind; refuse an OUT this tool did not write."""
+    if old.exists() or old.is_symlink():
+        _check_replaceable(old, str(old))
+        if out.exists():
+            shutil.rmtree(old)  # killed after the swap, before deleting the old dataset
+        else:
+            os.replace(old, out)  # killed between the two renames: put the old dataset back
+    if out.exists():
+        _check_replaceable(out, f"--output {output}")
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)  # a stale partial dataset from a crashed run
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+
+
+def _swap_in(tmp: Path, out: Path, old: Path) -> None:
+    had_old = out.exists()
+    if had_old:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if had_old:
+            os.replace(old, out)
+        raise
+    if had_old:
+        shutil.rmtree(old)
+
+
+def _no_samples(sources: Sequence[PathLike], source: Source, root: Path, kind: str,
+                counts: Mapping[str, int], had_old: bool) -> str:
+    where = ", ".join(str(p) for p in sources)
+    total, unit = sum(counts.values()), source.record
+    if total:
+        parts = ", ".join(
+            f"{n} {source.reason_text.get(r, r).format(kind=kind, root=root)}"
+            for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        why = f"{total} {unit}{'s' * (total != 1)}: {parts}"
+    else:
+        why = f"no non-blank {unit}s" if unit == "line" else f"no {unit}s"
+    kept = "; nothing written, the existing dataset is unchanged" if had_old else \
+        "; nothing written"
+    return f"no usable samples in {where} ({why}){kept}"
+
+
+# ---- the formats' two ways in ----------------------------------------------------------------
+
+def _converted(source: Source, sources: Sequence[Path], kind: str, root: Path,
+               fields: dict, skips: collections.Counter, log: Callable[[str], None]
+               ) -> Iterator[RawSample]:
+    """The format's usable samples; skips counted, the first MAX_PRINTED listed. Those met
+    before the first usable sample are held back: if none comes, the one-line error says it."""
+    held: Optional[list[str]] = []
+    for item in source.samples(sources, kind, images_root=root, **fields):
+        if isinstance(item, BadSample):
+            skips[item.reason] += 1
+            if sum(skips.values()) <= MAX_PRINTED:
+                line = f"{item.shard}:{item.member.split()[-1]}: skipped: {item.reason}: " \
+                       f"{item.detail}"
+                if held is not None:
+                    held.append(line)
+                else:
+                    log(line)
+            continue
+        for line in held or ():
+            log(line)
+        held = None
+        yield item
+
+
+def _index_in_place(name: str, sources: list[Path], kind: str, output_tmp: Path, tokenizer,
+                    caption_field: Optional[str], text_field: Optional[str], progress: bool
+                    ) -> tuple[dict, collections.Counter]:
+    """Formats indexed where they lie. Each one's module is imported only when it is used.
+
+    Contract: `index_in_place(sources, kind, output_tmp, tokenizer=, caption_field=,
+    text_field=, progress=) -> (manifest, skipped)` writes index/ (and may write
+    manifest.json) into the empty folder `output_tmp`, never writes beside the sources, and
+    returns the manifest (shard_index's layout) and `skipped`: every source sample that is
+    not usable, per reason, as manifest["bad"] records it (samples the index flags bad, and
+    gaps without an index row: shard_schema.SOURCE_GAPS). A field None: the format's own
+    default. Raises PrepareError / ValueError / DatasetError for a one-line refusal.
+    """
+    # ---- webdataset: img2dataset tars, indexed in place (sources/webdataset.py) ----
+    if name == "webdataset":
+        try:
+            import mm1_megatron.data.sources.webdataset as webdataset
+        except ModuleNotFoundError as e:
+            if e.name != "mm1_megatron.data.sources.webdataset":
+                raise
+            raise PrepareError("--format webdataset is not available in this version "
+                               "(mm1_megatron/data/sources/webdataset.py is missing)") from None
+        return webdataset.index_in_place(sources, kind, output_tmp, tokenizer=tokenizer,
+                                         caption_field=caption_field, text_field=text_field,
+                                         progress=progress)
+    raise PrepareError(f"--format {name}: no in-place indexer for this format")
+
+
+def prepare(kind: str, sources: Sequence[PathLike], images_root: PathLike, output: PathLike,
+            shard_size_mb: float = 64.0, tokenizer=None, progress: bool = True,
+            log: Callable[[str], None] = _stderr, *, format: str = "auto",
+            caption_field: Optional[str] = None, text_field: Optional[str] = None
+            ) -> tuple[dict, collections.Counter]:
+    """Returns (manifest, skipped): every input record that is not a usable sample, per
+    reason (records never written, samples the index flags bad, gaps in a source indexed in
+    place). Raises PrepareError when no record is usable; on any error an existing dataset at
+    `output` is left as it was."""
+    if kind not in KINDS:
+        raise ValueError(f"--kind {kind!r} is not one of {KINDS}")
+    paths = [Path(p) for p in sources]
+    source = FORMATS[resolve_format(paths, format)]
+    root = Path(images_root)
+    out, tmp, old = _output_paths(output)
+    _check_apart(paths, output, (out, tmp, old))
+    _repair(output, out, tmp, old)
+    skips: collections.Counter = collections.Counter()
+    listed = 0  # skips the converter listed (in place, the format lists its own)
+    try:
+        if source.in_place:
+            tmp.mkdir()
+            manifest, skipped = _index_in_place(source.name, paths, kind, tmp, tokenizer,
+                                                caption_field, text_field, progress)
+            skips = collections.Counter(skipped)
+            write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        else:
+            # Field defaults are the jsonl schema's: {"image", "text"} and {"text"}.
+            fields = dict(caption_field=caption_field or "text", text_field=text_field or "text")
+            total = source.count(paths)
+            stream = _converted(source, paths, kind, root, fields, skips, log)
+            first = next(stream, None)  # all records bad: stop before anything is created
+            if first is None:
+                raise PrepareError(_no_samples(sources, source, root, kind, skips,
+                                               out.exists()))
+            manifest = write_dataset(itertools.chain([first], stream), tmp, kind,
+                                     shard_size_mb=shard_size_mb, tokenizer=tokenizer,
+                                     progress=progress, total=total)
+            listed = sum(skips.values())
+            skips.update(manifest.get("bad", {}))  # written, then flagged by the indexer
+        if usable(manifest) <= 0:
+            raise PrepareError(_no_samples(sources, source, root, kind, skips, out.exists()))
+        _swap_in(tmp, out, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    hidden = listed - MAX_PRINTED
+    if hidden > 0:
+        log(f"... and {hidden} more skipped {source.record}{'s' * (hidden != 1)} "
+            "(not listed)")
+    return manifest, skips
+
+
+def usable(manifest: dict) -> int:
+    """Samples in the index not flagged bad (a source gap has no index row to subtract)."""
+    return manifest["samples"] - sum(n for reason, n in manifest.get("bad", {}).items()
+                                     if reason not in SOURCE_GAPS)
+
+
+def summary(manifest: dict, skipped: Mapping[str, int], fmt: str, output: PathLike,
+            seconds: float) -> dict:
+    """The JSON line `main` ends with: usable samples, and every skip per reason."""
+    return {"samples": usable(manifest), "bad": dict(sorted(skipped.items())),
+            "images": manifest["images"],
+            "text_tokens": manifest.get("text_tokens"), "seconds": round(seconds, 3),
+            "output": os.path.realpath(output), "format": fmt, "kind": manifest["kind"],
+            "shards": len(manifest["shards"]), "bytes": manifest["bytes"]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=TOOL, description="Prepare a dataset folder from "
+                                "JSONL + images (converted) or webdataset tars (indexed "
+                                "in place).")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="files, folders or globs (quoted globs are expanded here)")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--output", required=True, help="dataset folder to (re)write")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    p.add_argument("--images-root", default=".", help="jsonl: image paths are relative to this")
+    p.add_argument("--tokenizer", help="sentencepiece model: store text token counts")
+    p.add_argument("--caption-field", help="--kind caption: the field holding the caption "
+                   "(jsonl: 'text')")
+    p.add_argument("--text-field", help="--kind text: the field holding the text "
+                   "(jsonl: 'text')")
+    p.add_argument("--shard-size-mb", type=float, default=64.0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from mm1_megatron.data.tokenizer import load_tokenizer
+
+    start = time.monotonic()
+    try:
+        for flag, value, wanted in (("--caption-field", args.caption_field, "caption"),
+                                    ("--text-field", args.text_field, "text")):
+            if value is not None and args.kind != wanted:
+                raise PrepareError(f"{flag} is for --kind {wanted}, not --kind {args.kind}")
+        sources = expand_sources(args.sources)
+        fmt = resolve_format(sources, args.format)
+        tok = load_tokenizer(args.tokenizer)
+        manifest, skipped = prepare(args.kind, sources, args.images_root, args.output,
+                                    args.shard_size_mb, tok, progress=not args.no_progress,
+                                    format=fmt, caption_field=args.caption_field,
+                                    text_field=args.text_field)
+    except PrepareError as e:
+        _stderr(f"{TOOL}: {e}")
+        return 2
+    except (ValueError, OSError, DatasetError) as e:
+        _stderr(f"{TOOL}: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _stderr(f"\n{TOOL}: interrupted; the existing dataset is unchanged")
+        return 130
+    result = summary(manifest, skipped, fmt, args.output, time.monotonic() - start)
+    source = FORMATS[fmt]
+    where = "source shards indexed in place" if source.in_place else "shards"
+    _stderr(f"{args.output}: {result['samples']} samples in {result['shards']} {where} "
+            f"({fmt}), {result['images']} images, {result['bytes'] / 2**20:.1f} MiB; "
+            f"skipped input {source.record}s: {dict(skipped) or 0}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""JSONL (or a JSON array) + image files: records converted into our shards.
+
+Input: one JSON object per line (UTF-8; blank lines ignored); image paths are relative to
+--images-root (or absolute); image type from the file extension (jpg/jpeg, png, webp, bmp,
+gif, tif/tiff). An optional "id" (string or number) is kept in the shard's json.
+
+    caption      {"image": "cats/001.jpg", "text": "A cat asleep on a sofa."}
+    interleaved  {"segments": [{"text": "Intro ..."}, {"image": "a.jpg"}, {"text": "..."}]}
+    text         {"text": "A whole document ..."}
+    sft          LLaVA's conversation format: {"id": ..., "image": "a.jpg" | ["a.jpg", ...]
+                 (optional), "conversations": [{"from": "human", "value": "<image>\\nWhat is
+                 this?"}, {"from": "gpt", "value": "A cat."}, ...]}; one "<image>" per image,
+                 in order, in human turns only; an optional "system" turn first, then human /
+                 gpt alternating, ending with gpt. A SOURCE may also be a JSON array of such
+                 records (LLaVA ships llava_v1_5_mix665k.json that way). Text-only
+                 conversations are fine.
+
+--caption-field / --text-field name the field holding a caption / a text document ("text").
+A bad record (not UTF-8, invalid JSON, missing/empty field, missing or zero-byte image file,
+unsupported image type, a document with only images) is skipped as a BadSample(FILE, "line N",
+reason, detail). Image bytes are copied as they are (no re-encoding); undecodable images are
+caught later by the image decoder.
+
+Matches `sources.Source` by shape (this module does not import the registry that lists it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+from mm1_megatron.data.prompt_format import llava_turns
+from mm1_megatron.data.shard_schema import IMAGE_EXTS, BadSample, normalize_ext
+from mm1_megatron.data.shard_writer import RawSample
+
+SUFFIXES = (".jsonl", ".json")
+# How the one-line "no usable samples" error names each skip reason ({kind}, {root}: --kind,
+# --images-root): in terms of the options that most often cause it.
+REASON_TEXT = {
+    "not_utf8": "not UTF-8",
+    "bad_json": "bad JSON or fields not those of --kind {kind}",
+    "missing_image": "missing image under --images-root {root}",
+    "zero_byte_image": "zero-byte image",
+    "unsupported_image": "unsupported image type",
+    "empty_text": "empty text",
+    "images_only": "images but no text",
+    "bad_conversation": "conversations not [system], human / gpt alternating, ending with gpt",
+    "image_mismatch": "<image> markers not matching the images",
+}
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def _utf8(value: str, where: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a JSON "\ud800" escape
+        raise _Bad("not_utf8", f"{where}: \\u{ord(value[e.start]):04x} is not a character "
+                               "(lone surrogate escape)") from None
+    return value
+
+
+def _image(root: Path, ref: object, where: str) -> tuple[str, bytes]:
+    if not isinstance(ref, str) or not ref:
+        raise _Bad("bad_json", f"{where} must be a non-empty path string")
+    ext = normalize_ext(ref)
+    if ext not in IMAGE_EXTS:
+        raise _Bad("unsupported_image", f"{where}={ref!r}: extension not in {IMAGE_EXTS}")
+    path = root / ref
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _Bad("missing_image", f"{where}={ref!r}: {e.strerror}") from None
+    except ValueError as e:  # embedded NUL, unencodable name
+        raise _Bad("missing_image", f"{where}={ref!r}: {e}") from None
+    if not data:
+        raise _Bad("zero_byte_image", f"{where}={ref!r}")
+    return ext, data
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad("bad_json", f"{where} missing or not a string")
+    if not value.strip():
+        raise _Bad("empty_text", where)
+    return _utf8(value, where)
+
+
+def parse_conversation(obj: dict, images_root: Path, sid: Optional[str]) -> RawSample:
+    """A LLaVA-format record -> an sft RawSample (turns; images in marker order)."""
+    refs = obj.get("image")
+    refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
+    try:
+        turns = llava_turns(obj.get("conversations"), len(refs))
+    except ValueError as err:
+        raise _Bad(*err.args) from None
+    for n, turn in enumerate(obj["conversations"]):
+        _utf8(turn["value"], f"conversations[{n}].value")
+    images = [_image(images_root, ref, f"image[{j}]") for j, ref in enumerate(refs)]
+    return RawSample([], images, sid, turns=turns)
+
+
+def parse_line(kind: str, line: str, images_root: Path, caption_field: str = "text",
+               text_field: str = "text") -> RawSample:
+    """One JSONL line -> RawSample; raises _Bad(reason, detail)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Bad("bad_json", str(e)) from None
+    return parse_record(kind, obj, images_root, caption_field, text_field)
+
+
+def parse_record(kind: str, obj: object, images_root: Path, caption_field: str = "text",
+                 text_field: str = "text") -> RawSample:
+    """One decoded record -> RawSample; raises _Bad(reason, detail)."""
+    if not isinstance(obj, dict):
+        raise _Bad("bad_json", "line is not a JSON object")
+    sid = obj.get("id")
+    sid = None if sid is None else _utf8(str(sid), "id")
+    if kind == "sft":
+        return parse_conversation(obj, images_root, sid)
+    if kind == "caption":
+        img = _image(images_root, obj.get("image"), "image")
+        return RawSample([0, _text(obj.get(caption_field), caption_field)], [img], sid)
+    if kind == "text":
+        return RawSample([_text(obj.get(text_field), text_field)], [], sid)
+    segs = obj.get("segments")
+    if not isinstance(segs, list) or not segs:
+        raise _Bad("bad_json", "segments missing or not a non-empty list")
+    out: list[Union[str, int]] = []
+    images: list[tuple[str, bytes]] = []
+    for n, seg in enumerate(segs):
+        if isinstance(seg, dict) and set(seg) == {"text"}:
+            out.append(_text(seg["text"], f"segments[{n}].text"))
+        elif isinstance(seg, dict) and set(seg) == {"image"}:
+            images.append(_image(images_root, seg["image"], f"segments[{n}].image"))
+            out.append(len(images) - 1)
+        else:
+            raise _Bad("bad_json", f"segments[{n}] is not {{'text': ...}} or {{'image': ...}}")
+    if not any(isinstance(s, str) for s in out):
+        raise _Bad("images_only", "no text segment")
+    return RawSample(out, images, sid)
+
+
+def _decode(raw: bytes, lineno: int) -> str:
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Bad("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
+                               "valid UTF-8") from None
+
+
+def _is_json_array(path: Union[str, Path]) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _records(path: Union[str, Path], parse: Callable[[object], RawSample],
+             parse_text: Callable[[str], RawSample]
+             ) -> Iterator[tuple[str, Callable[[], RawSample]]]:
+    """(where, parse()) per input record: JSONL lines, or the items of a JSON array."""
+    if _is_json_array(path):
+        try:
+            items = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON array of records ({e})") from None
+        for n, obj in enumerate(items, 1):
+            yield f"record {n}", (lambda obj=obj: parse(obj))
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield f"line {lineno}", (lambda raw=raw, lineno=lineno:
+                                         parse_text(_decode(raw, lineno)))
+
+
+def _count_records(path: Union[str, Path]) -> Optional[int]:
+    if _is_json_array(path):
+        return None  # unknown until parsed; the progress bar runs without a total
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def files(paths: Sequence[Path]) -> list[Path]:
+    """The record files: each file as named, each folder's .jsonl / .json files (sorted,
+    subfolders included)."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+class JsonlSource:
+    """The `jsonl` format (see the module docstring)."""
+
+    name = "jsonl"
+    in_place = False
+    record = "line"
+    reason_text = REASON_TEXT
+
+    def detect(self, path: Path) -> bool:
+        if path.is_dir():  # a folder of tars holding stray .json (img2dataset's stats) is not
+            return next(path.glob("*.tar"), None) is None and \
+                any(p.suffix in SUFFIXES for p in path.rglob("*"))
+        return path.suffix in SUFFIXES
+
+    def count(self, paths: Sequence[Path]) -> Optional[int]:
+        counts = [_count_records(p) for p in files(paths)]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
+    def samples(self, paths: Sequence[Path], kind: str, *, images_root: Path,
+                caption_field: str = "text", text_field: str = "text"
+                ) -> Iterator[Union[RawSample, BadSample]]:
+        def parse(obj: object) -> RawSample:
+            return parse_record(kind, obj, images_root, caption_field, text_field)
+
+        def parse_text(line: str) -> RawSample:
+            return parse_line(kind, line, images_root, caption_field, text_field)
+
+        for path in files(paths):
+            for where, make in _records(path, parse, parse_text):
+                try:
+                    yield make()
+                except _Bad as e:
+                    yield BadSample(str(path), where, e.reason, e.detail)
