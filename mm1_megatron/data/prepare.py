@@ -217,15 +217,9 @@ def _index_in_place(name: str, sources: list[Path], kind: str, output_tmp: Path,
     gaps without an index row: shard_schema.SOURCE_GAPS). A field None: the format's own
     default. Raises PrepareError / ValueError / DatasetError for a one-line refusal.
     """
-    # ---- webdataset: img2dataset tars, indexed in place (sources/webdataset.py) ----
-    if name == "webdataset":
-        try:
-            import mm1_megatron.data.sources.webdataset as webdataset
-        except ModuleNotFoundError as e:
-            if e.name != "mm1_megatron.data.sources.webdataset":
-                raise
-            raise PrepareError("--format webdataset is not available in this version "
-                               "(mm1_megatron/data/sources/webdataset.py is missing)") from None
+    if name == "webdataset":  # img2dataset tars (sources/webdataset.py)
+        from mm1_megatron.data.sources import webdataset
+
         return webdataset.index_in_place(sources, kind, output_tmp, tokenizer=tokenizer,
                                          caption_field=caption_field, text_field=text_field,
                                          progress=progress)

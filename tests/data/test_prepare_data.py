@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -247,19 +246,6 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, images, capsys, case)
     assert code == 2 and stdout == [] and len(err) == 1, err
     assert err[0].startswith(f"mm1-prepare-data: {want}"), err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
-
-
-def test_webdataset_dispatch_without_its_module_is_one_line(tmp_path, capsys, monkeypatch):
-    # An installation without sources/webdataset.py: a None entry makes the import fail as a
-    # missing module does.
-    monkeypatch.setitem(sys.modules, "mm1_megatron.data.sources.webdataset", None)
-    (tmp_path / "00000.tar").write_bytes(b"")
-    code, stdout, err = _main(capsys, tmp_path / "00000.tar", "--kind", "caption",
-                              "--output", tmp_path / "out")
-    assert code == 2 and stdout == [] and err == [
-        "mm1-prepare-data: --format webdataset is not available in this version "
-        "(mm1_megatron/data/sources/webdataset.py is missing)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]
 
 
 def test_img2dataset_folder_is_indexed_in_place_from_the_command_line(tmp_path, capsys):
