@@ -116,11 +116,23 @@ def commit() -> Optional[str]:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): two 2-core machines of one architecture can differ
+    twofold, so a figure names the model, not just x86_64."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """Date, commit, host and load: what a figure needs to be compared run to run."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit(), "cpus": os.cpu_count(), "cpu": platform.processor() or
-            platform.machine(), "python": platform.python_version()}
+            "commit": commit(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+            "python": platform.python_version()}
 
 
 def load_average() -> list[float]:
