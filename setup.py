@@ -42,7 +42,10 @@ setup(
         # Exported models with `device_map="auto"` (transformers needs accelerate for it).
         "hf": ["accelerate>=1.0"],
         # pycocoevalcap: the reference CIDEr-D our metric is checked against (no Java needed).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2", "accelerate>=1.0"],
+        # Sources mm1-prepare-data reads beyond JSONL and tars: .jsonl.zst (DCLM).
+        "data": ["zstandard>=0.22"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2", "accelerate>=1.0",
+                 "zstandard>=0.22"],
     },
     entry_points={
         "console_scripts": [

@@ -271,3 +271,42 @@ def test_img2dataset_folder_is_indexed_in_place_from_the_command_line(tmp_path, 
     assert err[0].startswith("mm1-prepare-data: no usable samples in "), err
     assert "missing_text" in err[0] and err[0].endswith("the existing dataset is unchanged")
     assert (out / "manifest.json").read_bytes() == manifest and _leftovers(out) == []
+
+
+def test_dclm_jsonl_zst_and_gzip_text_stream_with_a_cut_file_counted(tmp_path, capsys):
+    """DCLM's shards are .jsonl.zst of {"text", "url", ...}; other corpora ship .jsonl.gz /
+    .json.gz. Read as streams; a file cut short gives its complete lines, then one skip."""
+    import gzip
+
+    import zstandard
+
+    def dclm(n: int) -> dict:
+        return {"bff_contained_ngram_count_before_dedup": 0,
+                "language_id_whole_page_fasttext": {"en": 0.93}, "metadata": {"Content-Length":
+                                                                               "4096"},
+                "previous_word_count": 120, "text": f"{TEXT[n % len(TEXT)]} (document {n})",
+                "url": f"https://example.org/{n}", "warcinfo": "isPartOf: CC-MAIN-2022-49",
+                "fasttext_openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train_prob": 0.2}
+
+    def lines(ns) -> bytes:
+        return "".join(json.dumps(dclm(n)) + "\n" for n in ns).encode()
+
+    src = tmp_path / "dclm"
+    src.mkdir()
+    (src / "shard_00000000_processed.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(lines(range(5))))
+    (src / "part-1.jsonl.gz").write_bytes(gzip.compress(lines(range(5, 9))))
+    whole = gzip.compress(lines(range(9, 40)))
+    (src / "part-2.json.gz").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    out = tmp_path / "text"
+    code, stdout, err = _main(capsys, src, "--kind", "text", "--output", out)
+    assert code == 0, err
+    result = json.loads(stdout[-1])
+    assert result["format"] == "jsonl" and result["bad"] == {"truncated": 1}
+    texts = [s.segments[0] for s in open_dataset(out).iter_good()]
+    # Files in name order: part-1 (gzip), part-2 (cut), the zstd shard.
+    assert texts[:4] == [dclm(n)["text"] for n in range(5, 9)]
+    assert texts[-5:] == [dclm(n)["text"] for n in range(5)]
+    cut = texts[4:-5]  # part-2's complete lines, in order, none invented
+    assert 0 < len(cut) < 31 and cut == [dclm(n)["text"] for n in range(9, 9 + len(cut))]
+    assert any("part-2.json.gz" in line and "truncated" in line for line in err), err

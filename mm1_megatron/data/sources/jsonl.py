@@ -16,6 +16,11 @@ gif, tif/tiff). An optional "id" (string or number) is kept in the shard's json.
                  conversations are fine.
 
 --caption-field / --text-field name the field holding a caption / a text document ("text").
+
+Compressed files are read as streams, line by line (memory bounded whatever their size):
+`.jsonl.gz` / `.json.gz` (gzip) and `.jsonl.zst` / `.jsonl.zstd` (zstandard: DCLM's shards,
+`{"text": ..., "url": ...}` per line). A compressed file cut short yields its complete lines,
+then one `truncated` skip.
 A bad record (not UTF-8, invalid JSON, missing/empty field, missing or zero-byte image file,
 unsupported image type, a document with only images) is skipped as a BadSample(FILE, "line N",
 reason, detail). Image bytes are copied as they are (no re-encoding); undecodable images are
@@ -26,6 +31,8 @@ Matches `sources.Source` by shape (this module does not import the registry that
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -35,6 +42,36 @@ from mm1_megatron.data.shard_schema import IMAGE_EXTS, BadSample, normalize_ext
 from mm1_megatron.data.shard_writer import RawSample
 
 SUFFIXES = (".jsonl", ".json")
+COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def is_record_file(path: Path) -> bool:
+    """A .jsonl / .json file, plain or compressed (.jsonl.gz, .json.gz, .jsonl.zst)."""
+    suffixes = path.suffixes[-2:]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        return len(suffixes) == 2 and suffixes[0] in SUFFIXES
+    return path.suffix in SUFFIXES
+
+
+def _open(path: Union[str, Path]):
+    """The file's bytes, decompressed as a stream where its name says so."""
+    kind = COMPRESSED.get(Path(path).suffix)
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "zstd":
+        try:
+            import zstandard  # only for .zst sources (the `data` extra)
+        except ImportError:
+            raise ValueError(f"{path}: reading .zst needs zstandard: pip install "
+                             "'mm1_megatron[data]'") from None
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw,
+                                                                           closefd=True))
+    return open(path, "rb")
+
+
+# What a cut-short compressed stream raises while being read.
+_CUT = (EOFError, gzip.BadGzipFile, OSError)
 # How the one-line "no usable samples" error names each skip reason ({kind}, {root}: --kind,
 # --images-root): in terms of the options that most often cause it.
 REASON_TEXT = {
@@ -47,6 +84,7 @@ REASON_TEXT = {
     "images_only": "images but no text",
     "bad_conversation": "conversations not [system], human / gpt alternating, ending with gpt",
     "image_mismatch": "<image> markers not matching the images",
+    "truncated": "compressed file cut short",
 }
 
 
@@ -158,9 +196,17 @@ def _decode(raw: bytes, lineno: int) -> str:
 
 
 def _is_json_array(path: Union[str, Path]) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"[")
+    """Whether the first significant byte is `[` (read in small pieces: a compressed file cut
+    short still shows its beginning)."""
+    try:
+        with _open(path) as f:
+            while piece := f.read(64):
+                head = piece.lstrip(b"\xef\xbb\xbf \t\r\n")
+                if head:
+                    return head.startswith(b"[")
+    except _CUT as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    return False
 
 
 def _records(path: Union[str, Path], parse: Callable[[object], RawSample],
@@ -169,22 +215,40 @@ def _records(path: Union[str, Path], parse: Callable[[object], RawSample],
     """(where, parse()) per input record: JSONL lines, or the items of a JSON array."""
     if _is_json_array(path):
         try:
-            items = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+            with _open(path) as f:
+                items = json.loads(f.read().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a JSON array of records ({e})") from None
         for n, obj in enumerate(items, 1):
             yield f"record {n}", (lambda obj=obj: parse(obj))
         return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    lineno = 0
+    with _open(path) as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except _CUT as e:  # a compressed file cut short: its complete lines were read
+                yield f"line {lineno + 1}", (lambda e=e: _raise(_Bad(
+                    "truncated", f"the compressed stream ends early ({e})")))
+                return
+            lineno += 1
             if raw.strip():
                 yield f"line {lineno}", (lambda raw=raw, lineno=lineno:
                                          parse_text(_decode(raw, lineno)))
 
 
+def _raise(err: Exception):
+    raise err
+
+
 def _count_records(path: Union[str, Path]) -> Optional[int]:
     if _is_json_array(path):
         return None  # unknown until parsed; the progress bar runs without a total
+    if Path(path).suffix in COMPRESSED:
+        return None  # counting would decompress the whole file once more
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
 
@@ -195,7 +259,7 @@ def files(paths: Sequence[Path]) -> list[Path]:
     found = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            found += sorted(p for p in path.rglob("*") if is_record_file(p) and p.is_file())
         else:
             found.append(path)
     return found
@@ -212,8 +276,8 @@ class JsonlSource:
     def detect(self, path: Path) -> bool:
         if path.is_dir():  # a folder of tars holding stray .json (img2dataset's stats) is not
             return next(path.glob("*.tar"), None) is None and \
-                any(p.suffix in SUFFIXES for p in path.rglob("*"))
-        return path.suffix in SUFFIXES
+                any(is_record_file(p) for p in path.rglob("*"))
+        return is_record_file(path)
 
     def count(self, paths: Sequence[Path]) -> Optional[int]:
         counts = [_count_records(p) for p in files(paths)]
