@@ -42,10 +42,11 @@ setup(
         # Exported models with `device_map="auto"` (transformers needs accelerate for it).
         "hf": ["accelerate>=1.0"],
         # pycocoevalcap: the reference CIDEr-D our metric is checked against (no Java needed).
-        # Sources mm1-prepare-data reads beyond JSONL and tars: .jsonl.zst (DCLM).
-        "data": ["zstandard>=0.22"],
+        # Sources mm1-prepare-data reads beyond JSONL and tars: .jsonl.zst (DCLM), parquet
+        # (OBELICS, FineWeb).
+        "data": ["zstandard>=0.22", "pyarrow>=14"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2", "accelerate>=1.0",
-                 "zstandard>=0.22"],
+                 "zstandard>=0.22", "pyarrow>=14"],
     },
     entry_points={
         "console_scripts": [

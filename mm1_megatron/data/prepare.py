@@ -2,13 +2,15 @@
 from data as users hold it.
 
     mm1-prepare-data SOURCE [SOURCE ...] --kind {caption,interleaved,text,sft} --output OUT
-        [--format auto|jsonl|webdataset] [--images-root DIR] [--tokenizer tok.model]
+        [--format auto|jsonl|webdataset|parquet] [--images-root DIR] [--tokenizer tok.model]
         [--caption-field F] [--text-field F] [--shard-size-mb N] [--no-progress]
 
 SOURCE: files, folders or globs (expanded here, so a quoted glob works too). --format auto
-detects it: .jsonl / .json files -> jsonl, converted into our shards (`sources/jsonl.py`
-documents the records); .tar files or a folder of them -> webdataset, indexed in place and
-never copied (`sources/webdataset.py`). This module holds what does not depend on the format.
+detects it: .jsonl / .json files (also .gz, .zst) -> jsonl, converted into our shards
+(`sources/jsonl.py` documents the records); .tar files or a folder of them -> webdataset,
+indexed in place and never copied (`sources/webdataset.py`); .parquet files -> parquet,
+OBELICS interleaved documents or FineWeb-style text, converted (`sources/parquet.py`). This
+module holds what does not depend on the format.
 
 The dataset is written to OUT.incomplete/ (next to OUT) and swapped in only at the end (OUT
 renamed to OUT.prepare_data-old, the new one renamed to OUT, the old one deleted): until then

@@ -310,3 +310,87 @@ def test_dclm_jsonl_zst_and_gzip_text_stream_with_a_cut_file_counted(tmp_path, c
     cut = texts[4:-5]  # part-2's complete lines, in order, none invented
     assert 0 < len(cut) < 31 and cut == [dclm(n)["text"] for n in range(9, 9 + len(cut))]
     assert any("part-2.json.gz" in line and "truncated" in line for line in err), err
+
+
+def _obelics(path: Path, rows: list[tuple[list, list]], image_type) -> Path:
+    """OBELICS's columns (images, metadata, general_metadata, texts), `images` as given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = json.dumps([{"document_url": "https://example.org/doc", "unformatted_src": None}])
+    table = pa.table({
+        "images": pa.array([r[1] for r in rows], pa.list_(image_type)),
+        "metadata": [meta] * len(rows),
+        "general_metadata": [json.dumps({"url": "https://example.org/doc",
+                                         "warc_filename": "crawl.warc.gz"})] * len(rows),
+        "texts": pa.array([r[0] for r in rows], pa.list_(pa.string())),
+    })
+    pq.write_table(table, path, row_group_size=2)
+    return path
+
+
+def test_obelics_parquet_with_downloaded_images_and_its_bad_rows(tmp_path, images, capsys):
+    import pyarrow as pa
+
+    src = tmp_path / "obelics"
+    src.mkdir()
+    good = [([TEXT[0], None, TEXT[1]], [None, jpeg(0), None]),
+            ([None, TEXT[2], None, TEXT[3]], [jpeg(1), None, jpeg(2), None]),
+            ([TEXT[4]], [None])]
+    bad = [([TEXT[0], TEXT[1]], [None, jpeg(3)]),  # both at position 1: misaligned
+           ([None], [jpeg(4)]),  # images only
+           ([TEXT[5], None], [None, b""])]  # a zero-byte image
+    _obelics(src / "train-00000-of-00002.parquet", good[:2] + bad, pa.binary())
+    # The second file holds local paths (under --images-root) instead of bytes.
+    _obelics(src / "train-00001-of-00002.parquet",
+             [([TEXT[5], None], [None, "3.jpg"]), ([None, TEXT[1]], ["9.jpg", None])],
+             pa.string())
+    out = tmp_path / "interleaved"
+    code, stdout, err = _main(capsys, src, "--kind", "interleaved", "--images-root", images,
+                              "--output", out)
+    assert code == 0, err
+    result = json.loads(stdout[-1])
+    assert result["format"] == "parquet" and result["samples"] == 3
+    assert result["bad"] == {"images_only": 1, "misaligned": 1, "missing_image": 1,
+                             "zero_byte_image": 1}
+    got = [(s.segments, s.images) for s in open_dataset(out).iter_good()]
+    assert got == [([TEXT[0], 0, TEXT[1]], [jpeg(0)]),
+                   ([0, TEXT[2], 1, TEXT[3]], [jpeg(1), jpeg(2)]),
+                   ([TEXT[5], 0], [(images / "3.jpg").read_bytes()])]
+    assert any("train-00000-of-00002.parquet:3: skipped: misaligned" in line for line in err)
+
+
+def test_obelics_as_published_with_image_urls_is_refused_in_one_line(tmp_path, capsys):
+    import pyarrow as pa
+
+    src = _obelics(tmp_path / "obelics.parquet",
+                   [([TEXT[0], None], [None, "https://example.org/cat.jpg"])], pa.string())
+    out = tmp_path / "interleaved"
+    code, stdout, err = _main(capsys, src, "--kind", "interleaved", "--output", out)
+    assert code == 2 and stdout == [] and len(err) == 1, err
+    assert "images are URLs" in err[0] and "never downloads" in err[0], err
+    assert not out.exists() and _leftovers(out) == []
+
+
+def test_fineweb_parquet_text(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 7
+    texts = [f"{TEXT[i % len(TEXT)]} ({i})" for i in range(n)]
+    texts[3] = "   "  # a blank document
+    pq.write_table(pa.table({
+        "text": texts, "id": [f"<urn:uuid:{i}>" for i in range(n)],
+        "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{i}" for i in range(n)],
+        "date": ["2024-02-21T12:00:00Z"] * n,
+        "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n, "language": ["en"] * n,
+        "language_score": [0.95] * n, "token_count": [12] * n}), tmp_path / "000_00000.parquet")
+    out = tmp_path / "text"
+    code, stdout, err = _main(capsys, tmp_path / "000_00000.parquet", "--kind", "text",
+                              "--output", out)
+    assert code == 0, err
+    result = json.loads(stdout[-1])
+    assert (result["format"], result["samples"], result["bad"]) == ("parquet", 6,
+                                                                    {"empty_text": 1})
+    assert [s.segments[0] for s in open_dataset(out).iter_good()] == \
+        [t for i, t in enumerate(texts) if i != 3]

@@ -25,6 +25,7 @@ from typing import Iterator, Mapping, Optional, Protocol, Sequence, Union
 from mm1_megatron.data.shard_schema import BadSample
 from mm1_megatron.data.shard_writer import RawSample
 from mm1_megatron.data.sources.jsonl import JsonlSource
+from mm1_megatron.data.sources.parquet import ParquetSource
 
 
 class PrepareError(ValueError):
@@ -84,7 +85,8 @@ class TarFolders:
 
 
 # Detection tries the formats in this order; the first that claims a path names it.
-FORMATS: dict[str, Source] = {"jsonl": JsonlSource(), "webdataset": TarFolders()}
+FORMATS: dict[str, Source] = {"jsonl": JsonlSource(), "webdataset": TarFolders(),
+                              "parquet": ParquetSource()}
 
 
 def detect_format(source_paths: Sequence[Path]) -> str:
@@ -95,8 +97,8 @@ def detect_format(source_paths: Sequence[Path]) -> str:
         name = next((n for n, fmt in FORMATS.items() if fmt.detect(path)), None)
         if name is None:
             raise PrepareError(f"SOURCE {path}: format not recognised (jsonl: .jsonl / .json "
-                               "files; webdataset: .tar files or a folder of them); "
-                               "pass --format")
+                               "files, also .gz / .zst; webdataset: .tar files or a folder of "
+                               "them; parquet: .parquet files); pass --format")
         found.setdefault(name, path)
     if len(found) > 1:
         shown = ", ".join(f"{p} is {n}" for n, p in found.items())
