@@ -2,8 +2,8 @@
 with webdataset's own TarWriter: NNNNN.tar holding KEY.jpg / KEY.txt / KEY.json per
 downloaded sample and NNNNN_stats.json beside it, with img2dataset's failure cases (a failed
 download: a stats count and no members; a whole shard missing; a caption without its image; a
-tar cut short). The NNNNN.parquet img2dataset also writes is left out: nothing here reads it
-and pyarrow is not a test dependency yet."""
+tar cut short), and NNNNN.parquet beside each tar with one row per URL of the shard, failed
+downloads included (status, error_message)."""
 
 from __future__ import annotations
 
@@ -56,22 +56,31 @@ def write_img2dataset(folder: Path, captions: list[str], shards: int = 3,
         name = str(shard).zfill(oom_shards)
         successes = failures = 0
         last_image = None
+        rows: list[dict] = []  # the shard's parquet: every URL it was given
         if shard not in missing_shards:
             with open(folder / f"{name}.tar", "wb") as f:
                 sink = wds.TarWriter(f)
                 for i in range(samples_per_shard):
                     n = shard * samples_per_shard + i
                     key = str(shard * 10 ** oom_samples + i).zfill(oom_shards + oom_samples)
+                    url = f"https://example.com/images/{n}.jpg"
                     if n in failed:
                         failures += 1
+                        rows.append({"url": url, "caption": captions[n % len(captions)],
+                                     "key": key, "status": "failed_to_download",
+                                     "error_message": "<urlopen error [Errno -2] Name or "
+                                                      "service not known>",
+                                     "width": None, "height": None, "original_width": None,
+                                     "original_height": None, "exif": None, "sha256": None})
                         continue
                     caption, image = captions[n % len(captions)], jpeg(n, image_size)
-                    meta = {"url": f"https://example.com/images/{n}.jpg", "caption": caption,
+                    meta = {"url": url, "caption": caption,
                             "key": key, "status": "success", "error_message": None,
                             "width": image_size[0], "height": image_size[1],
                             "original_width": 2 * image_size[0],
                             "original_height": 2 * image_size[1], "exif": "{}",
                             "sha256": hashlib.sha256(image).hexdigest()}
+                    rows.append(meta)
                     sample = {"__key__": key, "txt": caption, "json": json.dumps(meta).encode()}
                     if n not in no_image:
                         sample["jpg"] = image
@@ -93,8 +102,21 @@ def write_img2dataset(folder: Path, captions: list[str], shards: int = 3,
                                      **({"<urlopen error [Errno -2] Name or service not known>":
                                          failures} if failures else {})}}
             (folder / f"{name}_stats.json").write_text(json.dumps(stats))
+            _write_parquet(folder / f"{name}.parquet", rows)
             out.failed_downloads += failures
     return out
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
+                        ("status", pa.string()), ("error_message", pa.string()),
+                        ("width", pa.int64()), ("height", pa.int64()),
+                        ("original_width", pa.int64()), ("original_height", pa.int64()),
+                        ("exif", pa.string()), ("sha256", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
