@@ -45,8 +45,10 @@ setup(
         # Sources mm1-prepare-data reads beyond JSONL and tars: .jsonl.zst (DCLM), parquet
         # (OBELICS, FineWeb).
         "data": ["zstandard>=0.22", "pyarrow>=14"],
+        # megatron-energon: the Energon fixture is made by its own `energon prepare` (its
+        # `torch` requirement is met by the CPU build already installed).
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pycocoevalcap>=1.2", "accelerate>=1.0",
-                 "zstandard>=0.22", "pyarrow>=14"],
+                 "zstandard>=0.22", "pyarrow>=14", "megatron-energon>=7"],
     },
     entry_points={
         "console_scripts": [

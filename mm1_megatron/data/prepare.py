@@ -2,13 +2,16 @@
 from data as users hold it.
 
     mm1-prepare-data SOURCE [SOURCE ...] --kind {caption,interleaved,text,sft} --output OUT
-        [--format auto|jsonl|webdataset|parquet] [--images-root DIR] [--tokenizer tok.model]
+        [--format auto|jsonl|webdataset|energon|parquet] [--images-root DIR]
+        [--tokenizer tok.model]
         [--caption-field F] [--text-field F] [--shard-size-mb N] [--no-progress]
 
 SOURCE: files, folders or globs (expanded here, so a quoted glob works too). --format auto
 detects it: .jsonl / .json files (also .gz, .zst) -> jsonl, converted into our shards
 (`sources/jsonl.py` documents the records); .tar files or a folder of them -> webdataset,
-indexed in place and never copied (`sources/webdataset.py`); .parquet files -> parquet,
+indexed in place and never copied (`sources/webdataset.py`); a folder `energon prepare`
+indexed -> energon, indexed in place from its .nv-meta (`sources/energon.py`); .parquet
+files -> parquet,
 OBELICS interleaved documents or FineWeb-style text, converted (`sources/parquet.py`). This
 module holds what does not depend on the format.
 
@@ -219,12 +222,15 @@ def _index_in_place(name: str, sources: list[Path], kind: str, output_tmp: Path,
     gaps without an index row: shard_schema.SOURCE_GAPS). A field None: the format's own
     default. Raises PrepareError / ValueError / DatasetError for a one-line refusal.
     """
-    if name == "webdataset":  # img2dataset tars (sources/webdataset.py)
-        from mm1_megatron.data.sources import webdataset
+    if name in ("webdataset", "energon"):  # sources/webdataset.py, sources/energon.py
+        if name == "webdataset":
+            from mm1_megatron.data.sources import webdataset as module
+        else:
+            from mm1_megatron.data.sources import energon as module
 
-        return webdataset.index_in_place(sources, kind, output_tmp, tokenizer=tokenizer,
-                                         caption_field=caption_field, text_field=text_field,
-                                         progress=progress)
+        return module.index_in_place(sources, kind, output_tmp, tokenizer=tokenizer,
+                                     caption_field=caption_field, text_field=text_field,
+                                     progress=progress)
     raise PrepareError(f"--format {name}: no in-place indexer for this format")
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -98,18 +98,22 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
 
 
 def index_shards(shards: list[Path], kind: str, out: Path, *, root: Optional[Path] = None,
-                 text: Optional[dict] = None, tokenizer=None, progress: bool = False) -> dict:
+                 text: Optional[dict] = None, tokenizer=None, progress: bool = False,
+                 list_members: Optional[Callable[[Path], tuple[list, Optional[str]]]] = None
+                 ) -> dict:
     """Scan `shards` in the given order into out/index/ and return the manifest (not yet
     written). `root` None: the shards are out's own (named by file name, with sha256); else
     a source indexed in place, the shards named relative to `root` with size and mtime (a
     change is caught at start-up without hashing the source). `text`: how a sample's text
-    member reads (`parse_text_member`); None for our schema's json."""
+    member reads (`parse_text_member`); None for our schema's json. `list_members(path)`: a
+    shard's samples as `scan_tar` gives them ((key, {suffix: (offset, size)}) in order, and
+    the key a truncation cut), from an index the source already has; default: `scan_tar`."""
     rows, images, runs = [], [], []
     shard_entries, bad = [], collections.Counter()
     text_chars = text_tokens = 0
     bar = progress_bar(progress, None, f"indexing {out.name}")
     for shard_no, path in enumerate(shards):
-        groups, cut = scan_tar(path)
+        groups, cut = (list_members or scan_tar)(path)
         with open(path, "rb") as f:
             for key, members in groups:
                 if len(key.encode()) > KEY_BYTES:

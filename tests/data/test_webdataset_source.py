@@ -1,5 +1,6 @@
-"""img2dataset / DataComp webdataset shards indexed in place: nothing copied, the source
-untouched, every failure case counted, and a source shard changed afterwards refused."""
+"""Webdataset shards indexed in place (img2dataset / DataComp tars, Energon-prepared folders):
+nothing copied, the source untouched, every failure case counted, and a source shard changed
+afterwards refused."""
 
 import os
 import stat
@@ -77,3 +78,51 @@ def test_a_source_shard_changed_or_gone_after_indexing_is_refused(tmp_path):
     first.unlink()
     with pytest.raises(DatasetError, match=r"00000\.tar: cannot open shard"):
         open_dataset(out)
+
+
+@pytest.mark.slow  # energon prepare and two mm1-prepare-data runs: ~14 s
+def test_an_energon_prepared_folder_is_indexed_in_place_from_its_sqlite(tmp_path):
+    """The fixture is made by megatron-energon's own `energon prepare`; the index read from
+    its index.sqlite equals the one from scanning the same tars, byte range for byte range."""
+    import json
+
+    import numpy as np
+
+    from tests import _procs
+
+    shards = write_img2dataset(tmp_path / "energon", TEXT, shards=3, failed=(2,),
+                               no_image=(5,))
+    made = _procs.run(["energon", "prepare", "--non-interactive", "--no-progress",
+                       "--split-ratio", "1,0,0", "--sample-type", "CaptioningSample",
+                       "--field-map", '{"image": "jpg", "caption": "txt"}', str(shards.folder)],
+                      capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    assert (shards.folder / ".nv-meta" / "index.sqlite").is_file()
+    read_only(shards.folder)
+    before = tree_digest(shards.folder)
+    out = tmp_path / "caption"
+    result = _procs.run(["mm1-prepare-data", "--no-progress", str(shards.folder), "--kind",
+                         "caption", "--output", str(out)], capture_output=True, text=True,
+                        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["format"], summary["samples"], summary["bad"]) == \
+        ("energon", len(source_good := shards.good), {"missing_image": 1})
+    assert tree_digest(shards.folder) == before and not list(out.rglob("*.tar"))
+    assert {s.key: (s.segments[1], s.images[0]) for s in open_dataset(out).iter_good()} == \
+        source_good
+    scanned = tmp_path / "scanned"
+    scanned.mkdir()
+    index_in_place([shards.folder], "caption", scanned)
+    for name in ("samples.npy", "images.npy"):
+        assert np.array_equal(np.load(out / "index" / name), np.load(scanned / "index" / name))
+    # A sample type energon has and we do not read yet: one line, exit 2, nothing written.
+    meta = shards.folder / ".nv-meta" / "dataset.yaml"
+    meta.chmod(0o644)
+    meta.write_text(meta.read_text().replace("CaptioningSample", "VQASample"))
+    refused = _procs.run(["mm1-prepare-data", "--no-progress", str(shards.folder), "--kind",
+                          "caption", "--output", str(tmp_path / "vqa")], capture_output=True,
+                         text=True, timeout=300)
+    assert refused.returncode == 2 and not (tmp_path / "vqa").exists()
+    assert refused.stderr.strip().count("\n") == 0 and "'VQASample' is not read" in \
+        refused.stderr, refused.stderr

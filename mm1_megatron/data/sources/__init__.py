@@ -84,9 +84,21 @@ class TarFolders:
         raise NotImplementedError("webdataset sources are indexed in place, not converted")
 
 
-# Detection tries the formats in this order; the first that claims a path names it.
-FORMATS: dict[str, Source] = {"jsonl": JsonlSource(), "webdataset": TarFolders(),
-                              "parquet": ParquetSource()}
+class EnergonFolder(TarFolders):
+    """A webdataset folder `energon prepare` indexed (.nv-meta/): indexed in place from its
+    index.sqlite by `sources/energon.py`, no tar rescanned."""
+
+    name = "energon"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / ".nv-meta" / "dataset.yaml").is_file() and \
+            (path / ".nv-meta" / "index.sqlite").is_file()
+
+
+# Detection tries the formats in this order; the first that claims a path names it (an
+# energon folder holds tars too: it comes before webdataset).
+FORMATS: dict[str, Source] = {"jsonl": JsonlSource(), "energon": EnergonFolder(),
+                              "webdataset": TarFolders(), "parquet": ParquetSource()}
 
 
 def detect_format(source_paths: Sequence[Path]) -> str:
@@ -98,7 +110,8 @@ def detect_format(source_paths: Sequence[Path]) -> str:
         if name is None:
             raise PrepareError(f"SOURCE {path}: format not recognised (jsonl: .jsonl / .json "
                                "files, also .gz / .zst; webdataset: .tar files or a folder of "
-                               "them; parquet: .parquet files); pass --format")
+                               "them; energon: a folder `energon prepare` indexed; parquet: "
+                               ".parquet files); pass --format")
         found.setdefault(name, path)
     if len(found) > 1:
         shown = ", ".join(f"{p} is {n}" for n, p in found.items())

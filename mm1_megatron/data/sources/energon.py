@@ -1,0 +1,118 @@
+"""Energon-prepared webdatasets (Megatron-LM / NeMo users' data) indexed in place, from the
+metadata `energon prepare` wrote, without rescanning a tar.
+
+What `energon prepare` leaves in the dataset folder (megatron-energon 7.x):
+  .nv-meta/dataset.yaml   sample_type {__module__, __class__} and field_map {field: part},
+                          e.g. CaptioningSample with {image: jpg, caption: txt}
+  .nv-meta/split.yaml     split_parts (train / val / test tar patterns), exclude
+  .nv-meta/.info.json     energon_version, shard_counts {tar path relative to the folder: n};
+                          a tar's position in it is its `tar_file_id`
+  .nv-meta/index.sqlite   samples(tar_file_id, sample_key, sample_index, byte_offset,
+                          byte_size) and sample_parts(tar_file_id, sample_index, part_name,
+                          content_byte_offset, content_byte_size): every member's bytes
+  NNNNN.tar.idx           per tar, the sample offsets (not needed here)
+
+The index here names each tar of shard_counts (all splits: the split is energon's concern,
+the mixture ours) and each sample's caption and image member by the byte ranges of
+index.sqlite; the reader seeks into the tars as for any source indexed in place. Read for
+CaptioningSample (kind caption) whose field_map names plain parts; other sample types are
+refused in one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sqlite3
+from pathlib import Path
+from typing import Optional
+
+from mm1_megatron.config.yaml_file import read_yaml_file
+from mm1_megatron.data.shard_index import index_shards, write_manifest
+from mm1_megatron.data.shard_schema import DatasetError
+
+NAME = "energon"
+META = ".nv-meta"
+# Energon sample type -> (our kind, its field_map's text field, its image field or None).
+SAMPLE_TYPES = {"CaptioningSample": ("caption", "caption", "image")}
+
+
+def detect(path: Path) -> bool:
+    return (path / META / "dataset.yaml").is_file() and (path / META / "index.sqlite").is_file()
+
+
+def _dataset_type(folder: Path) -> tuple[str, str, Optional[str]]:
+    """(kind, text part, image part) from .nv-meta/dataset.yaml."""
+    where = folder / META / "dataset.yaml"
+    spec = read_yaml_file(where) or {}
+    name = (spec.get("sample_type") or {}).get("__class__")
+    if name not in SAMPLE_TYPES:
+        raise DatasetError(f"{where}: sample type {name!r} is not read (only "
+                           f"{', '.join(SAMPLE_TYPES)}); convert it with mm1-prepare-data's "
+                           "other formats")
+    kind, text_field, image_field = SAMPLE_TYPES[name]
+    fields = spec.get("field_map") or {}
+    parts = [fields.get(text_field), fields.get(image_field) if image_field else "-"]
+    if not all(isinstance(p, str) and p.isalnum() for p in parts):
+        raise DatasetError(f"{where}: field_map {fields} must name plain parts for "
+                           f"{text_field!r}{f' and {image_field!r}' if image_field else ''}"
+                           " (e.g. {image: jpg, caption: txt})")
+    return kind, fields[text_field], fields.get(image_field) if image_field else None
+
+
+def _shards(folder: Path) -> list[str]:
+    where = folder / META / ".info.json"
+    try:
+        counts = json.loads(where.read_text())["shard_counts"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{where}: cannot read shard_counts ({e})") from None
+    return list(counts)  # tar_file_id order
+
+
+def _members_from_sqlite(db: sqlite3.Connection, ids: dict[Path, int], wanted: set[str]):
+    """`index_shards`' list_members(path): one tar's samples from index.sqlite, in sample order,
+    with the parts field_map names (a sample's other parts, e.g. img2dataset's json, left
+    out so that the field_map's image is the one read)."""
+    def members(path: Path) -> tuple[list, Optional[str]]:
+        tar_id = ids[path]
+        keys = db.execute("SELECT sample_index, sample_key FROM samples WHERE tar_file_id = ? "
+                          "ORDER BY sample_index", (tar_id,)).fetchall()
+        parts: dict[int, dict[str, tuple[int, int]]] = collections.defaultdict(dict)
+        for index, name, offset, size in db.execute(
+                "SELECT sample_index, part_name, content_byte_offset, content_byte_size FROM "
+                "sample_parts WHERE tar_file_id = ?", (tar_id,)):
+            if name in wanted:
+                parts[index][name] = (offset, size)
+        return [(key, parts[index]) for index, key in keys], None
+    return members
+
+
+def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=None,
+                   caption_field: Optional[str] = None, text_field: Optional[str] = None,
+                   progress: bool = False) -> tuple[dict, collections.Counter]:
+    """Index one energon dataset folder into `output_tmp` (manifest written); returns the
+    manifest and the skipped samples per reason."""
+    if len(sources) != 1 or not detect(Path(sources[0])):
+        raise DatasetError("an energon source is one folder holding .nv-meta/dataset.yaml "
+                           "and .nv-meta/index.sqlite (from `energon prepare`)")
+    folder = Path(sources[0]).resolve()
+    their_kind, text_part, image_part = _dataset_type(folder)
+    if kind != their_kind:
+        raise DatasetError(f"{folder}: an energon {their_kind} dataset, not --kind {kind}")
+    if caption_field or text_field:
+        raise DatasetError("--caption-field / --text-field: an energon dataset names its parts "
+                           f"in {META}/dataset.yaml's field_map")
+    shards = [folder / name for name in _shards(folder)]
+    text = {"member": text_part}
+    db = sqlite3.connect(f"file:{folder / META / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        manifest = index_shards(shards, kind, output_tmp, root=folder, text=text,
+                                tokenizer=tokenizer, progress=progress,
+                                list_members=_members_from_sqlite(
+                                    db, {s: i for i, s in enumerate(shards)},
+                                    {text_part, image_part} - {None}))
+    finally:
+        db.close()
+    manifest["source"] = {"format": NAME, "root": str(folder), "text": text}
+    write_manifest(output_tmp, manifest)
+    return manifest, collections.Counter(manifest["bad"])
