@@ -2,18 +2,18 @@
 from data as users hold it.
 
     mm1-prepare-data SOURCE [SOURCE ...] --kind {caption,interleaved,text,sft} --output OUT
-        [--format auto|jsonl|webdataset|energon|parquet] [--images-root DIR]
+        [--format auto|jsonl|mmc4|webdataset|energon|parquet] [--images-root DIR]
         [--tokenizer tok.model]
         [--caption-field F] [--text-field F] [--shard-size-mb N] [--no-progress]
 
 SOURCE: files, folders or globs (expanded here, so a quoted glob works too). --format auto
-detects it: .jsonl / .json files (also .gz, .zst) -> jsonl, converted into our shards
-(`sources/jsonl.py` documents the records); .tar files or a folder of them -> webdataset,
-indexed in place and never copied (`sources/webdataset.py`); a folder `energon prepare`
-indexed -> energon, indexed in place from its .nv-meta (`sources/energon.py`); .parquet
-files -> parquet,
-OBELICS interleaved documents or FineWeb-style text, converted (`sources/parquet.py`). This
-module holds what does not depend on the format.
+detects it (`sources/__init__.py`), each format documented in its module under sources/:
+  jsonl       .jsonl / .json files (also .gz, .zst): records converted into our shards
+  mmc4        MMC4's docs_shard_N_v2.jsonl + its image folder: converted
+  webdataset  .tar files or a folder of them (img2dataset): indexed in place, never copied
+  energon     a folder `energon prepare` indexed: indexed in place from its .nv-meta
+  parquet     OBELICS interleaved documents or FineWeb-style text: converted
+This module holds what does not depend on the format.
 
 The dataset is written to OUT.incomplete/ (next to OUT) and swapped in only at the end (OUT
 renamed to OUT.prepare_data-old, the new one renamed to OUT, the old one deleted): until then

@@ -394,3 +394,33 @@ def test_fineweb_parquet_text(tmp_path, capsys):
                                                                     {"empty_text": 1})
     assert [s.segments[0] for s in open_dataset(out).iter_good()] == \
         [t for i, t in enumerate(texts) if i != 3]
+
+
+def test_mmc4_documents_with_their_image_folder(tmp_path, images, capsys):
+    """MMC4's docs_shard_N_v2.jsonl: each image goes before the sentence it was matched to."""
+    def doc(texts: list, infos: list) -> dict:
+        return {"url": "https://example.org/post", "text_list": texts,
+                "image_info": [{"image_name": name, "raw_url": f"https://cdn.example/{name}",
+                                "matched_text_index": at, "matched_sim": 0.27,
+                                "face_detections": None} for name, at in infos],
+                "similarity_matrix": [[0.2] * len(texts)] * len(infos),
+                "could_have_url_duplicate": 0}
+
+    src = tmp_path / "mmc4"
+    src.mkdir()
+    write_jsonl(src / "docs_shard_0_v2.jsonl", [
+        doc([TEXT[0], TEXT[1], TEXT[2]], [("2.jpg", 1), ("0.jpg", 0), ("1.jpg", 1)]),
+        doc([TEXT[3]], [("9.jpg", 0)]),  # its image was never downloaded
+        doc([TEXT[4]], [("3.jpg", 5)]),  # matched to a sentence it does not have
+        doc([TEXT[5], TEXT[0]], [])])
+    out = tmp_path / "interleaved"
+    code, stdout, err = _main(capsys, src, "--kind", "interleaved", "--images-root", images,
+                              "--output", out)
+    assert code == 0, err
+    result = json.loads(stdout[-1])
+    assert (result["format"], result["samples"], result["bad"]) == \
+        ("mmc4", 2, {"bad_json": 1, "missing_image": 1})
+    got = [(s.segments, s.images) for s in open_dataset(out).iter_good()]
+    jpg = {n: (images / f"{n}.jpg").read_bytes() for n in range(3)}
+    assert got == [([0, TEXT[0], 1, 2, TEXT[1], TEXT[2]], [jpg[0], jpg[2], jpg[1]]),
+                   ([TEXT[5], TEXT[0]], [])]

@@ -25,6 +25,7 @@ from typing import Iterator, Mapping, Optional, Protocol, Sequence, Union
 from mm1_megatron.data.shard_schema import BadSample
 from mm1_megatron.data.shard_writer import RawSample
 from mm1_megatron.data.sources.jsonl import JsonlSource
+from mm1_megatron.data.sources.mmc4 import Mmc4Source
 from mm1_megatron.data.sources.parquet import ParquetSource
 
 
@@ -95,10 +96,11 @@ class EnergonFolder(TarFolders):
             (path / ".nv-meta" / "index.sqlite").is_file()
 
 
-# Detection tries the formats in this order; the first that claims a path names it (an
-# energon folder holds tars too: it comes before webdataset).
-FORMATS: dict[str, Source] = {"jsonl": JsonlSource(), "energon": EnergonFolder(),
-                              "webdataset": TarFolders(), "parquet": ParquetSource()}
+# Detection tries the formats in this order; the first that claims a path names it (MMC4's
+# documents are JSON lines too, and an energon folder holds tars: each before the general one).
+FORMATS: dict[str, Source] = {"mmc4": Mmc4Source(), "jsonl": JsonlSource(),
+                              "energon": EnergonFolder(), "webdataset": TarFolders(),
+                              "parquet": ParquetSource()}
 
 
 def detect_format(source_paths: Sequence[Path]) -> str:
@@ -111,7 +113,8 @@ def detect_format(source_paths: Sequence[Path]) -> str:
             raise PrepareError(f"SOURCE {path}: format not recognised (jsonl: .jsonl / .json "
                                "files, also .gz / .zst; webdataset: .tar files or a folder of "
                                "them; energon: a folder `energon prepare` indexed; parquet: "
-                               ".parquet files); pass --format")
+                               ".parquet files; mmc4: MMC4's docs_shard_N_v2.jsonl); pass "
+                               "--format")
         found.setdefault(name, path)
     if len(found) > 1:
         shown = ", ".join(f"{p} is {n}" for n, p in found.items())

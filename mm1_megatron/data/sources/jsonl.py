@@ -53,7 +53,7 @@ def is_record_file(path: Path) -> bool:
     return path.suffix in SUFFIXES
 
 
-def _open(path: Union[str, Path]):
+def open_stream(path: Union[str, Path]):
     """The file's bytes, decompressed as a stream where its name says so."""
     kind = COMPRESSED.get(Path(path).suffix)
     if kind == "gzip":
@@ -88,45 +88,45 @@ REASON_TEXT = {
 }
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
 
-def _utf8(value: str, where: str) -> str:
+def checked_utf8(value: str, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate from a JSON "\ud800" escape
-        raise _Bad("not_utf8", f"{where}: \\u{ord(value[e.start]):04x} is not a character "
+        raise BadRecord("not_utf8", f"{where}: \\u{ord(value[e.start]):04x} is not a character "
                                "(lone surrogate escape)") from None
     return value
 
 
-def _image(root: Path, ref: object, where: str) -> tuple[str, bytes]:
+def read_image(root: Path, ref: object, where: str) -> tuple[str, bytes]:
     if not isinstance(ref, str) or not ref:
-        raise _Bad("bad_json", f"{where} must be a non-empty path string")
+        raise BadRecord("bad_json", f"{where} must be a non-empty path string")
     ext = normalize_ext(ref)
     if ext not in IMAGE_EXTS:
-        raise _Bad("unsupported_image", f"{where}={ref!r}: extension not in {IMAGE_EXTS}")
+        raise BadRecord("unsupported_image", f"{where}={ref!r}: extension not in {IMAGE_EXTS}")
     path = root / ref
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise _Bad("missing_image", f"{where}={ref!r}: {e.strerror}") from None
+        raise BadRecord("missing_image", f"{where}={ref!r}: {e.strerror}") from None
     except ValueError as e:  # embedded NUL, unencodable name
-        raise _Bad("missing_image", f"{where}={ref!r}: {e}") from None
+        raise BadRecord("missing_image", f"{where}={ref!r}: {e}") from None
     if not data:
-        raise _Bad("zero_byte_image", f"{where}={ref!r}")
+        raise BadRecord("zero_byte_image", f"{where}={ref!r}")
     return ext, data
 
 
 def _text(value: object, where: str) -> str:
     if not isinstance(value, str):
-        raise _Bad("bad_json", f"{where} missing or not a string")
+        raise BadRecord("bad_json", f"{where} missing or not a string")
     if not value.strip():
-        raise _Bad("empty_text", where)
-    return _utf8(value, where)
+        raise BadRecord("empty_text", where)
+    return checked_utf8(value, where)
 
 
 def parse_conversation(obj: dict, images_root: Path, sid: Optional[str]) -> RawSample:
@@ -136,52 +136,52 @@ def parse_conversation(obj: dict, images_root: Path, sid: Optional[str]) -> RawS
     try:
         turns = llava_turns(obj.get("conversations"), len(refs))
     except ValueError as err:
-        raise _Bad(*err.args) from None
+        raise BadRecord(*err.args) from None
     for n, turn in enumerate(obj["conversations"]):
-        _utf8(turn["value"], f"conversations[{n}].value")
-    images = [_image(images_root, ref, f"image[{j}]") for j, ref in enumerate(refs)]
+        checked_utf8(turn["value"], f"conversations[{n}].value")
+    images = [read_image(images_root, ref, f"image[{j}]") for j, ref in enumerate(refs)]
     return RawSample([], images, sid, turns=turns)
 
 
 def parse_line(kind: str, line: str, images_root: Path, caption_field: str = "text",
                text_field: str = "text") -> RawSample:
-    """One JSONL line -> RawSample; raises _Bad(reason, detail)."""
+    """One JSONL line -> RawSample; raises BadRecord(reason, detail)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Bad("bad_json", str(e)) from None
+        raise BadRecord("bad_json", str(e)) from None
     return parse_record(kind, obj, images_root, caption_field, text_field)
 
 
 def parse_record(kind: str, obj: object, images_root: Path, caption_field: str = "text",
                  text_field: str = "text") -> RawSample:
-    """One decoded record -> RawSample; raises _Bad(reason, detail)."""
+    """One decoded record -> RawSample; raises BadRecord(reason, detail)."""
     if not isinstance(obj, dict):
-        raise _Bad("bad_json", "line is not a JSON object")
+        raise BadRecord("bad_json", "line is not a JSON object")
     sid = obj.get("id")
-    sid = None if sid is None else _utf8(str(sid), "id")
+    sid = None if sid is None else checked_utf8(str(sid), "id")
     if kind == "sft":
         return parse_conversation(obj, images_root, sid)
     if kind == "caption":
-        img = _image(images_root, obj.get("image"), "image")
+        img = read_image(images_root, obj.get("image"), "image")
         return RawSample([0, _text(obj.get(caption_field), caption_field)], [img], sid)
     if kind == "text":
         return RawSample([_text(obj.get(text_field), text_field)], [], sid)
     segs = obj.get("segments")
     if not isinstance(segs, list) or not segs:
-        raise _Bad("bad_json", "segments missing or not a non-empty list")
+        raise BadRecord("bad_json", "segments missing or not a non-empty list")
     out: list[Union[str, int]] = []
     images: list[tuple[str, bytes]] = []
     for n, seg in enumerate(segs):
         if isinstance(seg, dict) and set(seg) == {"text"}:
             out.append(_text(seg["text"], f"segments[{n}].text"))
         elif isinstance(seg, dict) and set(seg) == {"image"}:
-            images.append(_image(images_root, seg["image"], f"segments[{n}].image"))
+            images.append(read_image(images_root, seg["image"], f"segments[{n}].image"))
             out.append(len(images) - 1)
         else:
-            raise _Bad("bad_json", f"segments[{n}] is not {{'text': ...}} or {{'image': ...}}")
+            raise BadRecord("bad_json", f"segments[{n}] is not {{'text': ...}} or {{'image': ...}}")
     if not any(isinstance(s, str) for s in out):
-        raise _Bad("images_only", "no text segment")
+        raise BadRecord("images_only", "no text segment")
     return RawSample(out, images, sid)
 
 
@@ -191,7 +191,7 @@ def _decode(raw: bytes, lineno: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _Bad("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
+        raise BadRecord("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
                                "valid UTF-8") from None
 
 
@@ -199,7 +199,7 @@ def _is_json_array(path: Union[str, Path]) -> bool:
     """Whether the first significant byte is `[` (read in small pieces: a compressed file cut
     short still shows its beginning)."""
     try:
-        with _open(path) as f:
+        with open_stream(path) as f:
             while piece := f.read(64):
                 head = piece.lstrip(b"\xef\xbb\xbf \t\r\n")
                 if head:
@@ -209,13 +209,13 @@ def _is_json_array(path: Union[str, Path]) -> bool:
     return False
 
 
-def _records(path: Union[str, Path], parse: Callable[[object], RawSample],
+def records(path: Union[str, Path], parse: Callable[[object], RawSample],
              parse_text: Callable[[str], RawSample]
              ) -> Iterator[tuple[str, Callable[[], RawSample]]]:
     """(where, parse()) per input record: JSONL lines, or the items of a JSON array."""
     if _is_json_array(path):
         try:
-            with _open(path) as f:
+            with open_stream(path) as f:
                 items = json.loads(f.read().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a JSON array of records ({e})") from None
@@ -223,7 +223,7 @@ def _records(path: Union[str, Path], parse: Callable[[object], RawSample],
             yield f"record {n}", (lambda obj=obj: parse(obj))
         return
     lineno = 0
-    with _open(path) as f:
+    with open_stream(path) as f:
         lines = iter(f)
         while True:
             try:
@@ -231,7 +231,7 @@ def _records(path: Union[str, Path], parse: Callable[[object], RawSample],
             except StopIteration:
                 return
             except _CUT as e:  # a compressed file cut short: its complete lines were read
-                yield f"line {lineno + 1}", (lambda e=e: _raise(_Bad(
+                yield f"line {lineno + 1}", (lambda e=e: _raise(BadRecord(
                     "truncated", f"the compressed stream ends early ({e})")))
                 return
             lineno += 1
@@ -293,8 +293,8 @@ class JsonlSource:
             return parse_line(kind, line, images_root, caption_field, text_field)
 
         for path in files(paths):
-            for where, make in _records(path, parse, parse_text):
+            for where, make in records(path, parse, parse_text):
                 try:
                     yield make()
-                except _Bad as e:
+                except BadRecord as e:
                     yield BadSample(str(path), where, e.reason, e.detail)
