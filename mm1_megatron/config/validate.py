@@ -322,6 +322,7 @@ def _validate_data_files(cfg: Config) -> None:
         _require(indexed.get("sha256") == sha, "data.tokenizer_model",
                  f"{path} (sha256 {sha[:12]}) is not the tokenizer {folder} was indexed "
                  f"with ({indexed.get('path')}, sha256 {str(indexed.get('sha256'))[:12]}); {fix}")
+        _check_source_shards(field, folder, manifest)
     # The model reads every id equal to llm.image_token_id as an image slot: it must be the
     # tokenizer's <image> or an id the tokenizer never produces.
     image = TOKENIZER_SPECIALS["<image>"]
@@ -329,6 +330,27 @@ def _validate_data_files(cfg: Config) -> None:
         raise ConfigError("llm.image_token_id", f"{llm.image_token_id} is the tokenizer's "
                           f"piece {sp.id_to_piece(llm.image_token_id)!r}, so text would be "
                           f"read as image slots; use the tokenizer's <image> id {image}")
+
+
+def _check_source_shards(field: str, folder: Path, manifest: dict) -> None:
+    """A dataset indexed in place (manifest "source") reads the source's own tars: each must
+    still have the size and mtime it was indexed with (a stat per tar, no hashing), or the
+    run is refused here, before any process group starts, naming the first that changed."""
+    source = manifest.get("source")
+    if not source:
+        return
+    root = Path(source["root"])
+    for shard in manifest.get("shards", []):
+        tar = root / shard["name"]
+        try:
+            st = tar.stat()
+        except OSError as e:
+            raise ConfigError(field, f"{tar}: {e.strerror} (indexed in place into {folder}; "
+                              "restore it or re-run mm1-prepare-data)") from None
+        _require(st.st_size == shard["bytes"] and st.st_mtime_ns == shard.get(
+            "mtime_ns", st.st_mtime_ns), field, f"{tar}: changed since it was indexed into "
+                 f"{folder} ({st.st_size} bytes now, {shard['bytes']} then; or its mtime); "
+                 "re-run mm1-prepare-data")
 
 
 def fp8_available() -> bool:

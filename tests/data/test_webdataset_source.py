@@ -126,3 +126,29 @@ def test_an_energon_prepared_folder_is_indexed_in_place_from_its_sqlite(tmp_path
     assert refused.returncode == 2 and not (tmp_path / "vqa").exists()
     assert refused.stderr.strip().count("\n") == 0 and "'VQASample' is not read" in \
         refused.stderr, refused.stderr
+
+
+def test_mm1_train_refuses_a_changed_or_missing_source_tar_before_starting(demo_data,
+                                                                           tmp_path):
+    from mm1_megatron.data.tokenizer import Tokenizer
+    from tests import _procs
+
+    shards = write_img2dataset(tmp_path / "src", TEXT, shards=2)
+    root = tmp_path / "data"
+    (root / "caption").mkdir(parents=True)
+    index_in_place([shards.folder], "caption", root / "caption",
+                   tokenizer=Tokenizer.load(demo_data / "tokenizer.model"))
+    run_dir = tmp_path / "run"
+    cmd = ["mm1-train", "--preset", "demo", f"data.path={root}",
+           f"data.tokenizer_model={demo_data}/tokenizer.model", f"run_dir={run_dir}",
+           "data.weight_interleaved=0", "data.weight_text=0"]
+    tar = shards.folder / "00001.tar"
+    mtime = tar.stat().st_mtime_ns
+    os.utime(tar, ns=(mtime + 10**9, mtime + 10**9))
+    for problem in ("changed since it was indexed", "No such file"):
+        out = _procs.run(cmd, capture_output=True, text=True, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert lines[0].startswith(f"mm1-train: config error: data.path: {tar}: {problem}")
+        assert not run_dir.exists()  # nothing started, nothing written
+        tar.unlink(missing_ok=True)  # next: the tar gone
