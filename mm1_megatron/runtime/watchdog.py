@@ -45,6 +45,11 @@ _DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 FLIGHT_RECORDER_ENTRIES = 2000
 _FLIGHT_RECORDER_VARS = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")  # new, old name
 _DUMP_WAIT_S = 5.0  # a flight-recorder dump that blocks must not stop the exit for a requeue
+# After its report, a rank waits this long (at most half its step allowance) before exiting:
+# its peers armed the same deadline at the same step end and fire within a poll or two, and
+# each should write its own stacks. Exiting at once lets gloo tell a peer still waiting in
+# a collective "connection closed" and crash it with a traceback instead of a report.
+_EXIT_GRACE_S = 5.0
 
 
 def enable_flight_recorder(entries: int = FLIGHT_RECORDER_ENTRIES) -> None:
@@ -232,4 +237,5 @@ class HangWatchdog:
             line += f" (could not write the stacks: {err})"
         print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        time.sleep(min(_EXIT_GRACE_S, self.timeout_s / 2))
         os._exit(self.exit_code)
