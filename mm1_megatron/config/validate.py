@@ -260,12 +260,13 @@ def _validate_data_files(cfg: Config) -> None:
     field = "data.blend" if d.blend else "data.path"
     if d.blend:
         _require(Path(d.blend).is_file(), field, f"{d.blend}: no such file")
-        folders = [s.folder for s in data_sources(d)]
+        sources = data_sources(d)  # reads the blend file
+        folders = [s.folder for s in sources]
         for folder in folders:
             _require((folder / "manifest.json").is_file(), field,
                      f"{d.blend} names {folder}, which holds no manifest.json (prepare it "
                      "with mm1-prepare-data)")
-        found = sorted({s.kind for s in data_sources(d)}, key=SOURCES.index)
+        found = sorted({s.kind for s in sources}, key=SOURCES.index)
     else:
         _require(bool(d.path), field, "not set; give the folder holding the dataset folders "
                  f"({', '.join(SOURCES)}), e.g. data.path=demo_data, or data.blend=FILE")

@@ -22,6 +22,7 @@ from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_EXTS, KIN
                                             SkipCounter, parse_text_member)
 
 _BAD_OFFSET = SAMPLE_DTYPE.fields["bad"][1]
+_REDO = "re-run mm1-prepare-data"  # what a changed or unreadable dataset needs
 _NATIVE_INT32 = array.array("i").itemsize == 4 and sys.byteorder == "little"  # = "<i4"
 
 
@@ -114,15 +115,15 @@ class ShardDataset:
                     f.read(512)
             except OSError as e:
                 raise DatasetError(f"{path}: cannot open shard ({e.strerror}); "
-                                   f"{self._redo}") from None
+                                   f"{_REDO}") from None
             if stat.st_size != size:
                 raise DatasetError(f"{path}: {stat.st_size} bytes but manifest.json says {size} "
-                                   f"(truncated or rewritten shard; {self._redo})")
+                                   f"(truncated or rewritten shard; {_REDO})")
             # In place, the source's own files: size and mtime, never a hash of terabytes.
             if "mtime_ns" in entry and stat.st_mtime_ns != int(entry["mtime_ns"]):
                 raise DatasetError(f"{path}: modified since it was indexed (mtime_ns "
                                    f"{stat.st_mtime_ns}, manifest.json says {entry['mtime_ns']}:"
-                                   f" rewritten shard; {self._redo})")
+                                   f" rewritten shard; {_REDO})")
             if verify and sha is not None and file_sha256(path) != sha:
                 raise DatasetError(f"{path}: sha256 differs from manifest.json")
         try:
@@ -141,7 +142,7 @@ class ShardDataset:
                     int(self._rows.get(end - 1)[0]["shard"])
         if not consistent:
             raise DatasetError(f"{self.folder}: index does not match manifest.json sample "
-                               f"counts ({self._redo})")
+                               f"counts ({_REDO})")
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
 
@@ -151,7 +152,6 @@ class ShardDataset:
         source = manifest.get("source")
         self.root = Path(source["root"]) if source else self.folder
         self.text_member: Optional[dict] = source.get("text") if source else None
-        self._redo = "re-run mm1-prepare-data"
 
     def _open_index(self) -> None:
         """Per-sample lookups go through `IndexFile` (point reads; nothing per sample stays in

@@ -114,8 +114,6 @@ def decoder_transformer_config(cfg: Config) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-
-
 def vision_transformer_config(cfg: Config) -> TransformerConfig:
     v = cfg.vision
     return TransformerConfig(

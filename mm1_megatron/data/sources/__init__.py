@@ -24,6 +24,7 @@ from typing import Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 from mm1_megatron.data.shard_schema import BadSample
 from mm1_megatron.data.shard_writer import RawSample
+from mm1_megatron.data.sources import energon
 from mm1_megatron.data.sources.jsonl import JsonlSource
 from mm1_megatron.data.sources.mmc4 import Mmc4Source
 from mm1_megatron.data.sources.parquet import ParquetSource
@@ -92,8 +93,7 @@ class EnergonFolder(TarFolders):
     name = "energon"
 
     def detect(self, path: Path) -> bool:
-        return path.is_dir() and (path / ".nv-meta" / "dataset.yaml").is_file() and \
-            (path / ".nv-meta" / "index.sqlite").is_file()
+        return energon.detect(path)
 
 
 # Detection tries the formats in this order; the first that claims a path names it (MMC4's

@@ -38,7 +38,9 @@ SAMPLE_TYPES = {"CaptioningSample": ("caption", "caption", "image")}
 
 
 def detect(path: Path) -> bool:
-    return (path / META / "dataset.yaml").is_file() and (path / META / "index.sqlite").is_file()
+    """A folder `energon prepare` indexed (its tars make it look like webdataset too)."""
+    return path.is_dir() and (path / META / "dataset.yaml").is_file() and \
+        (path / META / "index.sqlite").is_file()
 
 
 def _dataset_type(folder: Path) -> tuple[str, str, Optional[str]]:

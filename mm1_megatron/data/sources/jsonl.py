@@ -143,16 +143,6 @@ def parse_conversation(obj: dict, images_root: Path, sid: Optional[str]) -> RawS
     return RawSample([], images, sid, turns=turns)
 
 
-def parse_line(kind: str, line: str, images_root: Path, caption_field: str = "text",
-               text_field: str = "text") -> RawSample:
-    """One JSONL line -> RawSample; raises BadRecord(reason, detail)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadRecord("bad_json", str(e)) from None
-    return parse_record(kind, obj, images_root, caption_field, text_field)
-
-
 def parse_record(kind: str, obj: object, images_root: Path, caption_field: str = "text",
                  text_field: str = "text") -> RawSample:
     """One decoded record -> RawSample; raises BadRecord(reason, detail)."""
@@ -209,18 +199,16 @@ def _is_json_array(path: Union[str, Path]) -> bool:
     return False
 
 
-def records(path: Union[str, Path], parse: Callable[[object], RawSample],
-             parse_text: Callable[[str], RawSample]
-             ) -> Iterator[tuple[str, Callable[[], RawSample]]]:
-    """(where, parse()) per input record: JSONL lines, or the items of a JSON array."""
+def _records(path: Union[str, Path]) -> Iterator[tuple[str, object]]:
+    """(where, the decoded record, or the BadRecord it is) per input record: JSONL lines, or
+    the items of a JSON array."""
     if _is_json_array(path):
         try:
             with open_stream(path) as f:
                 items = json.loads(f.read().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a JSON array of records ({e})") from None
-        for n, obj in enumerate(items, 1):
-            yield f"record {n}", (lambda obj=obj: parse(obj))
+        yield from ((f"record {n}", obj) for n, obj in enumerate(items, 1))
         return
     lineno = 0
     with open_stream(path) as f:
@@ -231,17 +219,36 @@ def records(path: Union[str, Path], parse: Callable[[object], RawSample],
             except StopIteration:
                 return
             except _CUT as e:  # a compressed file cut short: its complete lines were read
-                yield f"line {lineno + 1}", (lambda e=e: _raise(BadRecord(
-                    "truncated", f"the compressed stream ends early ({e})")))
+                yield f"line {lineno + 1}", BadRecord(
+                    "truncated", f"the compressed stream ends early ({e})")
                 return
             lineno += 1
             if raw.strip():
-                yield f"line {lineno}", (lambda raw=raw, lineno=lineno:
-                                         parse_text(_decode(raw, lineno)))
+                yield f"line {lineno}", _decoded(raw, lineno)
 
 
-def _raise(err: Exception):
-    raise err
+def _decoded(raw: bytes, lineno: int) -> object:
+    try:
+        return json.loads(_decode(raw, lineno))
+    except BadRecord as e:
+        return e
+    except json.JSONDecodeError as e:
+        return BadRecord("bad_json", str(e))
+
+
+def record_samples(paths: Sequence[Path], parse: Callable[[object], RawSample]
+                   ) -> Iterator[Union[RawSample, BadSample]]:
+    """Each record of the files of `paths`, turned into a sample by `parse` (which raises
+    BadRecord for one it cannot use), or the BadSample(FILE, "line N", reason, detail) a
+    record is. What the formats built on JSON records (jsonl, mmc4) read with."""
+    for path in files(paths):
+        for where, record in _records(path):
+            try:
+                if isinstance(record, BadRecord):
+                    raise record
+                yield parse(record)
+            except BadRecord as e:
+                yield BadSample(str(path), where, e.reason, e.detail)
 
 
 def _count_records(path: Union[str, Path]) -> Optional[int]:
@@ -286,15 +293,5 @@ class JsonlSource:
     def samples(self, paths: Sequence[Path], kind: str, *, images_root: Path,
                 caption_field: str = "text", text_field: str = "text"
                 ) -> Iterator[Union[RawSample, BadSample]]:
-        def parse(obj: object) -> RawSample:
-            return parse_record(kind, obj, images_root, caption_field, text_field)
-
-        def parse_text(line: str) -> RawSample:
-            return parse_line(kind, line, images_root, caption_field, text_field)
-
-        for path in files(paths):
-            for where, make in records(path, parse, parse_text):
-                try:
-                    yield make()
-                except BadRecord as e:
-                    yield BadSample(str(path), where, e.reason, e.detail)
+        return record_samples(paths, lambda obj: parse_record(
+            kind, obj, images_root, caption_field, text_field))

@@ -92,20 +92,4 @@ class Mmc4Source:
                 ) -> Iterator[Union[RawSample, BadSample]]:
         if kind != "interleaved":
             raise ValueError(f"--kind {kind}: MMC4 documents are interleaved")
-
-        def parse(obj: object) -> RawSample:
-            return document(obj, images_root)
-
-        def parse_text(line: str) -> RawSample:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise jsonl.BadRecord("bad_json", str(e)) from None
-            return document(obj, images_root)
-
-        for path in jsonl.files(paths):
-            for where, make in jsonl.records(path, parse, parse_text):
-                try:
-                    yield make()
-                except jsonl.BadRecord as e:
-                    yield BadSample(str(path), where, e.reason, e.detail)
+        return jsonl.record_samples(paths, lambda obj: document(obj, images_root))

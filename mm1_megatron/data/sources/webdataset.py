@@ -31,13 +31,6 @@ NAME = "webdataset"
 KINDS = ("caption", "text")  # one text member per sample; interleaved tars are MINT's layout
 
 
-def detect(paths: list[Path]) -> bool:
-    """Tar files, or folders holding them."""
-    return bool(paths) and all(
-        p.suffix == ".tar" if p.is_file() else p.is_dir() and any(p.glob("*.tar"))
-        for p in paths)
-
-
 def list_shards(paths: list[Path]) -> list[Path]:
     """The tars of `paths` (a folder: its *.tar), sorted, each once."""
     shards: set[Path] = set()
@@ -54,7 +47,7 @@ def source_root(shards: list[Path]) -> Path:
     return Path(os.path.commonpath([str(s.parent) for s in shards]))
 
 
-def text_spec(kind: str, field: Optional[str]) -> dict:
+def text_spec(field: Optional[str]) -> dict:
     """How a sample's text reads: KEY.txt itself (img2dataset's caption), or a field of
     KEY.json when one is named."""
     return {"member": "txt"} if field is None else {"member": "json", "field": field}
@@ -95,7 +88,7 @@ def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=N
     shards = list_shards([Path(s) for s in sources])
     root = source_root(shards)
     field = caption_field if kind == "caption" else text_field
-    text = text_spec(kind, field)
+    text = text_spec(field)
     manifest = index_shards(shards, kind, output_tmp, root=root, text=text,
                             tokenizer=tokenizer, progress=progress)
     skipped = collections.Counter(manifest["bad"]) + source_gaps(shards)
