@@ -179,19 +179,17 @@ def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: d
     if truncated and row["json_offset"] + row["json_size"] > _file_size(f):
         return "truncated", -1, []
     try:
-        raw = read_at(f, *members[suffix])
-        segments, names = parse_sample_json(kind, raw) if text is None else \
-            (parse_text_member(kind, raw, text), [])
+        segments, names = parse_text_member(kind, read_at(f, *members[suffix]), text)
     except ValueError as e:
         return e.args[0], -1, []
     if kind == "caption":
         found = [s for s in members if s in IMAGE_EXTS or normalize_ext(s) in IMAGE_EXTS
                  and "." not in s]
-        names = found[:1] if found else ["jpg"]
         if not found:
-            images.append((-1, 0, 0))
+            images.append((-1, 0, 0, 0))
             row["num_images"] = 1
             return "missing_image", 0, []
+        names = found[:1]
     texts = [s for s in segments if isinstance(s, str)]
     row["text_chars"] = sum(len(t) for t in texts)
     layout = []
@@ -200,9 +198,10 @@ def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: d
         row["text_tokens"] = sum(n for n in layout if n >= 0)
     row["num_images"] = len(names)
     problem: tuple[Optional[str], int] = (None, -1)
-    for j, name in enumerate(names):
+    for j, (name, frame) in enumerate(_image_members(names, members)):
         offset, size = members.get(name, (-1, 0))
-        images.append((offset, size, IMAGE_EXTS.index(normalize_ext(name))))
+        ext = normalize_ext(name) if name else "jpg"
+        images.append((offset, size, IMAGE_EXTS.index(ext) if ext in IMAGE_EXTS else 0, frame))
         if problem[0]:
             continue
         if offset < 0:
@@ -216,8 +215,32 @@ def _index_sample(kind: str, key: str, members: dict, f, truncated: bool, row: d
     return problem[0], problem[1], layout
 
 
+def _image_members(names: list[str], members: dict) -> list[tuple[str, int]]:
+    """Each image name of a sample -> (the member holding it, its frame there); "" where none.
+
+    A name with an image extension is a member's suffix (KEY.<name>: our img<j>.<ext>,
+    Energon's interleaved layout's "2345ew.jpg"). A name without one (MINT-1T's
+    "page_0_image_85") is the next frame of
+    the sample's one multi-page TIFF: MINT-1T's PDF documents hold their images, in document
+    order, as the pages of KEY.tiff (NeMo Curator's interleaved reader resolves them the same
+    way)."""
+    stacks = [s for s in members if normalize_ext(s) == "tiff"]
+    stack = stacks[0] if len(stacks) == 1 else ""
+    pages = 0
+    out = []
+    for name in names:
+        if normalize_ext(name) in IMAGE_EXTS:
+            out.append((name if name in members else "", 0))
+        else:
+            out.append((stack, pages))
+            pages += bool(stack)
+    return out
+
+
 def _file_size(f) -> int:
     return os.fstat(f.fileno()).st_size
+
+
 def _shard_runs(args: tuple) -> tuple[list[list[int]], list[int]]:
     """One shard's samples: (layout per sample, text tokens per sample); -1 tokens if bad."""
     folder, shard, tokenizer = args

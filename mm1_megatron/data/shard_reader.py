@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import io
 import json
 import os
 import struct
@@ -218,13 +219,20 @@ class ShardDataset:
                 index.close()
 
     def member_name(self, i: int, member: int) -> str:
-        """Tar member name of sample i's json (member=-1) or image `member`."""
+        """Tar member name of sample i's json (member=-1) or image `member` (in place, an
+        interleaved document's image as its number, type and frame: the index keeps no name)."""
         row = self._rows.get(i)[0]
         key = row["key"].decode()
         if member < 0:
             return f"{key}.{(self.text_member or {}).get('member', 'json')}"
-        ext = IMAGE_EXTS[int(self._images.get(int(row["image_start"]) + member)[0]["ext"])]
-        return f"{key}.{ext}" if self.kind == "caption" else f"{key}.img{member}.{ext}"
+        image = self._images.get(int(row["image_start"]) + member)[0]
+        ext = IMAGE_EXTS[int(image["ext"])]
+        if self.kind == "caption":
+            return f"{key}.{ext}"
+        if self.text_member is None:
+            return f"{key}.img{member}.{ext}"
+        frame = int(image["frame"]) if "frame" in image.dtype.names else 0
+        return f"{key} image {member} ({ext}{f' frame {frame}' if frame else ''})"
 
     def bad_reason(self, i: int) -> Optional[str]:
         code = int(self._rows.get(i)[0]["bad"])
@@ -245,23 +253,28 @@ class ShardDataset:
         if len(raw) != row["json_size"]:
             raise BadSample(shard, self.member_name(i, -1), "truncated")
         try:
-            segments = parse_text_member(self.kind, raw, self.text_member)
+            segments = parse_text_member(self.kind, raw, self.text_member)[0]
         except ValueError as e:
             raise BadSample(shard, self.member_name(i, -1), e.args[0], e.args[1]) from None
         start, count = int(row["image_start"]), int(row["num_images"])
         table = self._images.get(start, count)
         exts = [IMAGE_EXTS[int(e)] for e in table["ext"]]
+        frames = table["frame"].tolist() if "frame" in table.dtype.names else [0] * count
         data: list[bytes] = []
-        for j, (offset, size) in enumerate(zip(table["offset"], table["size"])):
+        members: dict[int, bytes] = {}  # offset -> bytes: the pages of one member read once
+        for j, (offset, size) in enumerate(zip(table["offset"].tolist(),
+                                               table["size"].tolist())):
             if offset < 0:
                 raise BadSample(shard, self.member_name(i, j), "missing_image")
             if size == 0:
                 raise BadSample(shard, self.member_name(i, j), "zero_byte_image")
             if images:
-                blob = read_at(f, int(offset), int(size))
+                blob = members.get(offset) or read_at(f, offset, size)
                 if len(blob) != size:
                     raise BadSample(shard, self.member_name(i, j), "truncated")
-                data.append(blob)
+                members[offset] = blob
+                data.append(tiff_page(blob, frames[j], shard, self.member_name(i, j))
+                            if frames[j] else blob)
         return Sample(key=row["key"].decode(), kind=self.kind, segments=segments, images=data,
                       image_exts=exts, index=i)
 
@@ -274,6 +287,25 @@ class ShardDataset:
                 yield self.read(i, images=images)
             except BadSample as e:
                 skips.add(e)
+
+
+def tiff_page(data: bytes, page: int, shard: str, member: str) -> bytes:
+    """Page `page` of a multi-page TIFF as a TIFF of its own (uncompressed: no encode cost
+    worth the name), for the decoder, which reads a file's first page; page 0 needs no copy.
+    A page the file lacks raises BadSample(undecodable_image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(page)
+            im.load()
+            page_image = im if im.mode in ("RGB", "L") else im.convert("RGB")
+            out = io.BytesIO()
+            page_image.save(out, format="TIFF")
+    except (EOFError, OSError, ValueError) as e:
+        raise BadSample(shard, member, "undecodable_image",
+                        f"page {page}: {type(e).__name__}") from None
+    return out.getvalue()
 
 
 def reopen_dataset(folder: Path) -> ShardDataset:

@@ -69,8 +69,11 @@ IMAGE_EXTS = ("jpg", "png", "webp", "bmp", "gif", "tiff")
 _EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}
 # Reason codes; 0 is "good". "undecodable_image" is raised by the image decoder (images.py),
 # listed here so every skip is counted under one vocabulary.
+# "misaligned": an interleaved document's `texts` / `images` lists are not aligned (OBELICS,
+# MINT-1T and Energon's interleaved layout: exactly one non-null per position). Appended only:
+# a code's number is stored in every index.
 BAD_REASONS = ("truncated", "bad_json", "missing_image", "zero_byte_image", "empty_text",
-               "images_only", "undecodable_image", "missing_text")
+               "images_only", "undecodable_image", "missing_text", "misaligned")
 # Counted in a manifest's "bad" when a source indexed in place has gaps, with no index row
 # (there is no sample to number): a download img2dataset recorded as failed (its parquet /
 # stats hold it, the tar has no members) and a shard number missing from a numbered series.
@@ -83,8 +86,10 @@ SAMPLE_DTYPE = np.dtype([
     ("image_start", "<i8"), ("num_images", "<i4"), ("text_chars", "<i8"),
     ("text_tokens", "<i8"), ("bad", "u1"), ("bad_member", "<i4"),
 ])
-# offset -1: the json names the image but the tar lacks the member.
-IMAGE_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("ext", "u1")])
+# offset -1: the json names the image but the tar lacks the member. `frame`: the image is that
+# frame of a multi-page member (MINT-1T's PDF documents hold all their images as the pages of one
+# KEY.tiff); 0 for a plain image. Indexes written before `frame` existed read as frame 0.
+IMAGE_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("ext", "u1"), ("frame", "<i4")])
 
 
 class BadSample(Exception):
@@ -196,18 +201,29 @@ def parse_sample_json(kind: str, raw: bytes) -> tuple[list[Union[str, int]], lis
     return out, names
 
 
-def parse_text_member(kind: str, raw: bytes, text: Optional[dict]) -> list[Union[str, int]]:
-    """A sample's segments from its text member. `text` None: our schema's json
+def parse_text_member(kind: str, raw: bytes, text: Optional[dict]
+                      ) -> tuple[list[Union[str, int]], list]:
+    """A sample's (segments, image names) from its text member. `text` None: our schema's json
     (`parse_sample_json`). A source indexed in place (manifest "source.text"):
-    {"member": "txt"} the member is the text itself (img2dataset's KEY.txt), or
-    {"member": "json", "field": F} a JSON object whose field F holds it. Caption and text
-    kinds only. Raises ValueError(reason, detail)."""
+    {"member": "txt"} the member is the text itself (img2dataset's KEY.txt);
+    {"member": "json", "field": F} a JSON object whose field F holds it (caption, text);
+    {"member": "json", "texts": T, "images": I} an interleaved document as aligned lists
+    (`aligned_segments`; MINT-1T, Energon's interleaved layout), its image names the list's
+    non-null entries. Raises ValueError(reason, detail)."""
     if text is None:
-        return parse_sample_json(kind, raw)[0]
+        return parse_sample_json(kind, raw)
     try:
         value = raw.decode("utf-8")
         if text["member"] == "json":
             obj = json.loads(value)
+            if "texts" in text:
+                if not isinstance(obj, dict):
+                    raise ValueError("bad_json", "not an object")
+                segments, names = aligned_segments(obj.get(text["texts"]),
+                                                   obj.get(text["images"]))
+                if not all(isinstance(n, str) and n for n in names):
+                    raise ValueError("bad_json", f"an entry of {text['images']!r} is not a name")
+                return segments, names
             value = obj.get(text["field"]) if isinstance(obj, dict) else None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError("bad_json", str(e).split(":")[0]) from None
@@ -215,7 +231,34 @@ def parse_text_member(kind: str, raw: bytes, text: Optional[dict]) -> list[Union
         raise ValueError("missing_text", f"field {text.get('field')!r} missing or not a string")
     if not value.strip():
         raise ValueError("empty_text", text["member"])
-    return [0, value] if kind == "caption" else [value]
+    return ([0, value] if kind == "caption" else [value]), []
+
+
+def aligned_segments(texts: object, images: object) -> tuple[list[Union[str, int]], list]:
+    """An interleaved document as OBELICS / OmniCorpus, MINT-1T and Energon's interleaved layout
+    write it: `texts` and `images` aligned lists, exactly one non-null per position, in document
+    order -> (segments, the non-null `images` entries in order). Blank texts are dropped.
+    Raises ValueError(reason, detail): bad_json, misaligned, images_only, empty_text."""
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise ValueError("bad_json", "texts / images are not lists")
+    if len(texts) != len(images):
+        raise ValueError("misaligned", f"{len(texts)} texts, {len(images)} images")
+    segments: list[Union[str, int]] = []
+    found: list = []
+    for n, (text, image) in enumerate(zip(texts, images)):
+        if (text is None) == (image is None):
+            raise ValueError("misaligned", f"position {n}: "
+                             f"{'both' if text is not None else 'neither'} of text and image")
+        if text is None:
+            found.append(image)
+            segments.append(len(found) - 1)
+        elif not isinstance(text, str):
+            raise ValueError("bad_json", f"texts[{n}] is not a string")
+        elif text.strip():
+            segments.append(text)
+    if not any(isinstance(s, str) for s in segments):
+        raise ValueError("images_only" if found else "empty_text", "no text segment")
+    return segments, found
 
 
 def _is_image_segment(seg: object) -> bool:

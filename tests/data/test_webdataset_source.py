@@ -152,3 +152,48 @@ def test_mm1_train_refuses_a_changed_or_missing_source_tar_before_starting(demo_
         assert lines[0].startswith(f"mm1-train: config error: data.path: {tar}: {problem}")
         assert not run_dir.exists()  # nothing started, nothing written
         tar.unlink(missing_ok=True)  # next: the tar gone
+
+
+def test_mint_pdf_tars_are_indexed_in_place_page_by_page(tmp_path):
+    """MINT-1T's PDF documents: KEY.json's aligned texts / images, the images the pages of one
+    KEY.tiff. Each image read is its own page (the decoder sees it alone, as DALI decodes it);
+    every failure case counted where it is met."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import torch
+
+    from mm1_megatron.data.images import CLIP_MEAN, CLIP_STD, ImageDecoder
+    from tests._helpers.mint import write_mint
+
+    mint = write_mint(tmp_path / "MINT-1T-PDF-CC-2023-23", TEXT, docs=6, shards=2,
+                      misaligned=(1,), images_only=(3,), short_tiff=(5,), no_tiff=(7,),
+                      truncated_shard=1)
+    read_only(mint.folder)
+    before = tree_digest(mint.folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest, skipped = index_in_place([mint.folder], "interleaved", out)
+    assert tree_digest(mint.folder) == before and not list(out.rglob("*.tar"))
+    assert skipped == {"misaligned": 1, "images_only": 1, "missing_image": 1, "truncated": 1}
+    assert manifest["source"]["text"] == {"member": "json", "texts": "texts",
+                                          "images": "images"}
+    ds = open_dataset(out)
+    skips = SkipCounter(log=None)
+    docs = {s.key: s for s in ds.iter_good(skips=skips)}
+    assert skips.snapshot() == {"undecodable_image": 1, "missing_image": 1, "truncated": 1,
+                                "misaligned": 1, "images_only": 1}
+    assert set(docs) == set(mint.good)
+    decoder = ImageDecoder(16, batch_size=8, device="cpu")
+    for key, (segments, colours) in mint.good.items():
+        doc = docs[key]
+        assert doc.segments == segments and doc.image_exts == ["tiff"] * len(colours)
+        pages = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in doc.images]
+        assert [tuple(int(v) for v in p[0, 0]) for p in pages] == colours
+        assert [p.shape[1] for p in pages] == [20 + 2 * j for j in range(len(colours))]
+        decoded, bad = decoder.decode(doc.images)  # DALI, as the loader decodes them
+        assert bad == [] and decoded.shape[0] == len(colours)
+        rgb = decoded.mean(dim=(2, 3)) * torch.tensor(CLIP_STD) + torch.tensor(CLIP_MEAN)
+        assert torch.allclose(rgb * 255, torch.tensor(colours, dtype=torch.float32), atol=2)

@@ -62,8 +62,8 @@ class Source(Protocol):
 
 
 class TarFolders:
-    """webdataset tars (img2dataset output: KEY.jpg, KEY.txt, KEY.json), a folder of them or
-    the files: indexed in place by `sources/webdataset.py`, never copied. Its registry entry
+    """webdataset tars (img2dataset output: KEY.jpg, KEY.txt, KEY.json; MINT-1T's interleaved
+    KEY.json + KEY.tiff), a folder of them or the files: indexed in place by `sources/webdataset.py`, never copied. Its registry entry
     lives here so that detecting a format never imports an indexer (prepare imports that
     module only for a webdataset run)."""
 
@@ -73,8 +73,8 @@ class TarFolders:
     reason_text: Mapping[str, str] = {}
 
     def detect(self, path: Path) -> bool:
-        if path.is_dir():  # its own tars, as sources/webdataset.py lists them
-            return next(path.glob("*.tar"), None) is not None
+        if path.is_dir():  # tars under it, as sources/webdataset.py lists them
+            return next(path.rglob("*.tar"), None) is not None
         return path.suffix == ".tar"
 
     def count(self, paths: Sequence[Path]) -> Optional[int]:

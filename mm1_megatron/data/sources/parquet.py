@@ -23,7 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-from mm1_megatron.data.shard_schema import IMAGE_EXTS, BadSample, normalize_ext
+from mm1_megatron.data.shard_schema import (IMAGE_EXTS, BadSample, aligned_segments,
+                                            normalize_ext)
 from mm1_megatron.data.shard_writer import RawSample
 
 BATCH_ROWS = 256  # rows decoded at a time: OBELICS rows with image bytes run to megabytes
@@ -94,27 +95,12 @@ def _image(value: object, root: Path, where: str) -> tuple[str, bytes]:
 
 def interleaved_sample(texts: object, images: object, root: Path) -> RawSample:
     """One OBELICS row -> RawSample; raises _Bad(reason, detail)."""
-    if not isinstance(texts, list) or not isinstance(images, list):
-        raise _Bad("bad_json", "texts / images are not lists")
-    if len(texts) != len(images):
-        raise _Bad("misaligned", f"{len(texts)} texts, {len(images)} images")
-    segments: list[Union[str, int]] = []
-    data: list[tuple[str, bytes]] = []
-    for n, (text, image) in enumerate(zip(texts, images)):
-        if (text is None) == (image is None):
-            raise _Bad("misaligned", f"position {n}: {'both' if text is not None else 'neither'}"
-                                     " of text and image")
-        if text is not None:
-            if not isinstance(text, str):
-                raise _Bad("bad_json", f"texts[{n}] is not a string")
-            if text.strip():
-                segments.append(text)
-        else:
-            data.append(_image(image, root, f"images[{n}]"))
-            segments.append(len(data) - 1)
-    if not any(isinstance(s, str) for s in segments):
-        raise _Bad("images_only" if data else "empty_text", "no text segment")
-    return RawSample(segments, data)
+    try:
+        segments, found = aligned_segments(texts, images)
+    except ValueError as e:
+        raise _Bad(*e.args) from None
+    return RawSample(segments, [_image(value, root, f"image {j}") for j, value in
+                                enumerate(found)])
 
 
 def files(paths: Sequence[Path]) -> list[Path]:

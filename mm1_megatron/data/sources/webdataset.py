@@ -1,11 +1,22 @@
 """Webdataset shards indexed in place: img2dataset's output (DataComp, DFN, LAION, CC12M)
-and any tars of KEY.<image ext> + KEY.txt / KEY.json samples.
+and any tars of KEY.<image ext> + KEY.txt / KEY.json samples (caption, text), and MINT-1T's
+interleaved documents (interleaved).
 
 Nothing is copied: OUT gets manifest.json and index/ (`shard_index.index_shards`) naming
 each source tar relative to the source's root with its size and mtime, and the byte offset
 and size of every sample's text and image member; the reader seeks into the source tars
 (`shard_reader`, manifest "source"). A source tar that changes or vanishes afterwards is
 refused when the dataset is opened.
+
+MINT-1T's PDF and ArXiv subsets (and Energon's interleaved layout): a document is KEY.json
+with `texts` and `images` aligned lists (exactly one non-null per position, in document order;
+`image_metadata`, `url`, `pdf_name`... not read) and its images as tar members. An `images`
+entry with an image extension names the member KEY.<entry> (Energon's "2345ew.jpg"); one
+without (MINT's "page_0_image_85") is the next page of the document's one multi-page KEY.tiff,
+which is how MINT-1T stores a PDF's images. The index records each image's member and page;
+the reader hands the decoder that page alone (`shard_reader.tiff_page`). A page the TIFF lacks
+is counted as undecodable when read; misaligned lists, a document with no text and an image
+with no member are counted at indexing.
 
 img2dataset's layout (`output_format="webdataset"`): `00000.tar`, `00001.tar`, ... each with
 `00000_stats.json` and `00000.parquet` beside it; a sample is KEY.jpg, KEY.txt (the caption)
@@ -28,14 +39,17 @@ from mm1_megatron.data.shard_index import index_shards, write_manifest
 from mm1_megatron.data.shard_schema import DatasetError
 
 NAME = "webdataset"
-KINDS = ("caption", "text")  # one text member per sample; interleaved tars are MINT's layout
+KINDS = ("caption", "interleaved", "text")
+# MINT-1T's and Energon's interleaved documents: KEY.json's aligned lists.
+INTERLEAVED = {"member": "json", "texts": "texts", "images": "images"}
 
 
 def list_shards(paths: list[Path]) -> list[Path]:
-    """The tars of `paths` (a folder: its *.tar), sorted, each once."""
+    """The tars of `paths` (a folder: every *.tar under it, as MINT-1T's subsets hold theirs in
+    shard folders), sorted, each once."""
     shards: set[Path] = set()
     for p in paths:
-        found = sorted(p.glob("*.tar")) if p.is_dir() else [p] if p.suffix == ".tar" else []
+        found = sorted(p.rglob("*.tar")) if p.is_dir() else [p] if p.suffix == ".tar" else []
         if not found:
             raise DatasetError(f"{p}: no .tar shards")
         shards.update(f.resolve() for f in found)
@@ -47,9 +61,14 @@ def source_root(shards: list[Path]) -> Path:
     return Path(os.path.commonpath([str(s.parent) for s in shards]))
 
 
-def text_spec(field: Optional[str]) -> dict:
-    """How a sample's text reads: KEY.txt itself (img2dataset's caption), or a field of
-    KEY.json when one is named."""
+def text_spec(kind: str, field: Optional[str]) -> dict:
+    """How a sample's text reads: an interleaved document from KEY.json's aligned lists;
+    else KEY.txt itself (img2dataset's caption), or a field of KEY.json when one is named."""
+    if kind == "interleaved":
+        if field is not None:
+            raise DatasetError("--text-field: an interleaved tar's KEY.json holds `texts` / "
+                               "`images` lists, no text field")
+        return INTERLEAVED
     return {"member": "txt"} if field is None else {"member": "json", "field": field}
 
 
@@ -84,11 +103,11 @@ def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=N
     returns the manifest and the skipped samples per reason (bad samples and gaps)."""
     if kind not in KINDS:
         raise DatasetError(f"--kind {kind}: webdataset sources are indexed in place for "
-                           f"{' and '.join(KINDS)}; interleaved tars need their own format")
+                           f"{', '.join(KINDS)}")
     shards = list_shards([Path(s) for s in sources])
     root = source_root(shards)
     field = caption_field if kind == "caption" else text_field
-    text = text_spec(field)
+    text = text_spec(kind, field)
     manifest = index_shards(shards, kind, output_tmp, root=root, text=text,
                             tokenizer=tokenizer, progress=progress)
     skipped = collections.Counter(manifest["bad"]) + source_gaps(shards)
