@@ -80,6 +80,9 @@ BAD_REASONS = ("truncated", "bad_json", "missing_image", "zero_byte_image", "emp
 SOURCE_GAPS = ("failed_download", "missing_shard")
 FORMAT = 1
 KEY_BYTES = 48
+# How an interleaved document indexed in place reads (manifest "source.text"): KEY.json's
+# aligned `texts` / `images` lists, as MINT-1T and Energon's interleaved layout write them.
+ALIGNED_LISTS = {"member": "json", "texts": "texts", "images": "images"}
 
 SAMPLE_DTYPE = np.dtype([
     ("shard", "<i4"), ("key", f"S{KEY_BYTES}"), ("json_offset", "<i8"), ("json_size", "<i8"),

@@ -118,3 +118,61 @@ def write_mint(folder: Path, texts: list[str], docs: int = 6, shards: int = 2,
             tar.write_bytes(data[:data.index(last[1]) + len(last[1]) // 2])
             out.good.pop(last[0], None)
     return out
+
+
+# What `energon prepare --sample-type InterleavedSample` leaves to the user to write, filled in
+# as energon's documentation does for this layout ("Interleaved Data and Arbitrary Image
+# Count"): each json's images / texts zipped into the sample's sequence.
+ENERGON_SAMPLE_LOADER = '''\
+def sample_loader(raw: dict) -> dict:
+    return dict(__key__=raw["__key__"],
+                sequence=[raw[image] if text is None else text
+                          for image, text in zip(raw["json"]["images"], raw["json"]["texts"])])
+
+
+def part_filter(part: str) -> bool:
+    return True
+'''
+
+
+def write_energon_interleaved(folder: Path, texts: list[str], docs: int = 4,
+                              bad_shard: bool = True) -> MintShards:
+    """Energon's interleaved layout: shard_N.tar with sample_NNNNNN.json ({"images": [null,
+    "2345ew.jpg", ...], "texts": [...]}) and each image as its own part
+    sample_NNNNNN.2345ew.jpg. `bad_shard`: shard_1.tar holds a document naming a part it
+    lacks and one whose lists are not aligned (energon's own loader would stop at them)."""
+    import webdataset as wds
+
+    from PIL import Image
+
+    out = MintShards(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "shard_0.tar", "wb") as f:
+        sink = wds.TarWriter(f)
+        for n in range(docs):
+            key = f"sample_{n + 1:06d}"
+            sample: dict = {"__key__": key}
+            doc_texts, doc_images, segs, colours = [], [], [], []
+            for j in range(1 + n % 2):
+                doc_texts += [texts[(n + j) % len(texts)], None]
+                part = f"{hashlib.sha1(f'{n}.{j}'.encode()).hexdigest()[:6]}.png"
+                doc_images += [None, part]
+                segs += [texts[(n + j) % len(texts)], j]
+                colours.append(colour(2 * n + j))
+                buf = io.BytesIO()
+                Image.new("RGB", (16, 12), colours[-1]).save(buf, format="PNG")
+                sample[part] = buf.getvalue()
+            sample["json"] = json.dumps({"images": doc_images, "texts": doc_texts}).encode()
+            sink.write(sample)
+            out.keys.append(key)
+            out.good[key] = (segs, colours)
+        sink.close()
+    if bad_shard:
+        with open(folder / "shard_1.tar", "wb") as f:
+            sink = wds.TarWriter(f)
+            sink.write({"__key__": "sample_900001", "json": json.dumps(
+                {"images": [None, "gone00.jpg"], "texts": ["a lost picture", None]}).encode()})
+            sink.write({"__key__": "sample_900002", "json": json.dumps(
+                {"images": [None, "x"], "texts": ["two", "at once"]}).encode()})
+            sink.close()
+    return out

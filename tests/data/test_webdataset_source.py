@@ -197,3 +197,49 @@ def test_mint_pdf_tars_are_indexed_in_place_page_by_page(tmp_path):
         assert bad == [] and decoded.shape[0] == len(colours)
         rgb = decoded.mean(dim=(2, 3)) * torch.tensor(CLIP_STD) + torch.tensor(CLIP_MEAN)
         assert torch.allclose(rgb * 255, torch.tensor(colours, dtype=torch.float32), atol=2)
+
+
+@pytest.mark.slow  # energon prepare, then energon's own loader: ~8 s
+def test_an_energon_interleaved_dataset_reads_as_energon_reads_it(tmp_path):
+    """`energon prepare --sample-type InterleavedSample` over energon's documented interleaved
+    layout, its sample_loader.py filled in as the documentation does: indexed in place from
+    index.sqlite, each document equals what energon's own loader yields for it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset
+    from mm1_megatron.data.prepare import prepare
+    from tests import _procs
+    from tests._helpers.mint import ENERGON_SAMPLE_LOADER, write_energon_interleaved
+
+    docs = write_energon_interleaved(tmp_path / "interleaved", TEXT)
+    made = _procs.run(["energon", "prepare", "--non-interactive", "--no-progress",
+                       "--split-parts", "train:shard_0.tar", "--split-parts",
+                       "val:shard_1.tar", "--sample-type", "InterleavedSample",
+                       str(docs.folder)], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    (docs.folder / ".nv-meta" / "sample_loader.py").write_text(ENERGON_SAMPLE_LOADER)
+    read_only(docs.folder)
+    before = tree_digest(docs.folder)
+    out = tmp_path / "out"
+    manifest, skipped = prepare("interleaved", [docs.folder], ".", out)
+    assert manifest["source"]["format"] == "energon" and not list(out.rglob("*.tar"))
+    assert skipped == {"missing_image": 1, "misaligned": 1} and tree_digest(docs.folder) == before
+    ours = {s.key: s for s in open_dataset(out).iter_good()}
+    assert {k: s.segments for k, s in ours.items()} == {k: v[0] for k, v in docs.good.items()}
+    theirs = get_loader(get_val_dataset(str(docs.folder), split_part="train", batch_size=None,
+                                        worker_config=WorkerConfig(rank=0, world_size=1,
+                                                                   num_workers=0)))
+    seen = 0
+    for sample in theirs:
+        mine = ours[sample.__key__]
+        texts = [x for x in sample.sequence if isinstance(x, str)]
+        pictures = [x.numpy() for x in sample.sequence if not isinstance(x, str)]
+        assert texts == mine.texts and len(pictures) == mine.num_images
+        for data, picture in zip(mine.images, pictures):
+            pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32) / 255
+            assert np.allclose(pixels.transpose(2, 0, 1), picture, atol=1e-6)
+        seen += 1
+    assert seen == len(docs.good)

@@ -15,8 +15,12 @@ What `energon prepare` leaves in the dataset folder (megatron-energon 7.x):
 The index here names each tar of shard_counts (all splits: the split is energon's concern,
 the mixture ours) and each sample's caption and image member by the byte ranges of
 index.sqlite; the reader seeks into the tars as for any source indexed in place. Read for
-CaptioningSample (kind caption) whose field_map names plain parts; other sample types are
-refused in one line.
+CaptioningSample (kind caption) whose field_map names plain parts, and InterleavedSample (kind
+interleaved) in the layout energon's documentation gives for interleaved data ("Custom Sample
+Loader: Interleaved Data and Arbitrary Image Count"): KEY.json with aligned `images` / `texts`
+lists, each image entry naming its part (KEY.2345ew.jpg: "2345ew.jpg"), as MINT-1T's tars
+(`sources/webdataset.py`). Its .nv-meta/sample_loader.py is not run (it is code; the json is
+read as that layout says); other sample types are refused in one line.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from typing import Optional
 
 from mm1_megatron.config.yaml_file import read_yaml_file
 from mm1_megatron.data.shard_index import index_shards, write_manifest
-from mm1_megatron.data.shard_schema import DatasetError
+from mm1_megatron.data.shard_schema import ALIGNED_LISTS, DatasetError
 
 NAME = "energon"
 META = ".nv-meta"
-# Energon sample type -> (our kind, its field_map's text field, its image field or None).
-SAMPLE_TYPES = {"CaptioningSample": ("caption", "caption", "image")}
+# Energon sample type -> (our kind, its field_map's text field, its image field); None: no
+# field_map (the interleaved layout names its parts in each sample's json).
+SAMPLE_TYPES = {"CaptioningSample": ("caption", "caption", "image"),
+                "InterleavedSample": ("interleaved", None, None)}
 
 
 def detect(path: Path) -> bool:
@@ -43,8 +49,9 @@ def detect(path: Path) -> bool:
         (path / META / "index.sqlite").is_file()
 
 
-def _dataset_type(folder: Path) -> tuple[str, str, Optional[str]]:
-    """(kind, text part, image part) from .nv-meta/dataset.yaml."""
+def _dataset_type(folder: Path) -> tuple[str, dict, Optional[set[str]]]:
+    """(kind, how the text member reads, the parts to index; None: all) from
+    .nv-meta/dataset.yaml."""
     where = folder / META / "dataset.yaml"
     spec = read_yaml_file(where) or {}
     name = (spec.get("sample_type") or {}).get("__class__")
@@ -53,13 +60,15 @@ def _dataset_type(folder: Path) -> tuple[str, str, Optional[str]]:
                            f"{', '.join(SAMPLE_TYPES)}); convert it with mm1-prepare-data's "
                            "other formats")
     kind, text_field, image_field = SAMPLE_TYPES[name]
+    if text_field is None:
+        return kind, ALIGNED_LISTS, None
     fields = spec.get("field_map") or {}
-    parts = [fields.get(text_field), fields.get(image_field) if image_field else "-"]
-    if not all(isinstance(p, str) and p.isalnum() for p in parts):
+    if not all(isinstance(fields.get(f), str) and fields[f].isalnum()
+               for f in (text_field, image_field)):
         raise DatasetError(f"{where}: field_map {fields} must name plain parts for "
-                           f"{text_field!r}{f' and {image_field!r}' if image_field else ''}"
-                           " (e.g. {image: jpg, caption: txt})")
-    return kind, fields[text_field], fields.get(image_field) if image_field else None
+                           f"{text_field!r} and {image_field!r} (e.g. {{image: jpg, caption: "
+                           "txt}})")
+    return kind, {"member": fields[text_field]}, {fields[text_field], fields[image_field]}
 
 
 def _shards(folder: Path) -> list[str]:
@@ -71,10 +80,11 @@ def _shards(folder: Path) -> list[str]:
     return list(counts)  # tar_file_id order
 
 
-def _members_from_sqlite(db: sqlite3.Connection, ids: dict[Path, int], wanted: set[str]):
+def _members_from_sqlite(db: sqlite3.Connection, ids: dict[Path, int],
+                         wanted: Optional[set[str]]):
     """`index_shards`' list_members(path): one tar's samples from index.sqlite, in sample order,
     with the parts field_map names (a sample's other parts, e.g. img2dataset's json, left
-    out so that the field_map's image is the one read)."""
+    out so that the field_map's image is the one read); `wanted` None: every part."""
     def members(path: Path) -> tuple[list, Optional[str]]:
         tar_id = ids[path]
         keys = db.execute("SELECT sample_index, sample_key FROM samples WHERE tar_file_id = ? "
@@ -83,7 +93,7 @@ def _members_from_sqlite(db: sqlite3.Connection, ids: dict[Path, int], wanted: s
         for index, name, offset, size in db.execute(
                 "SELECT sample_index, part_name, content_byte_offset, content_byte_size FROM "
                 "sample_parts WHERE tar_file_id = ?", (tar_id,)):
-            if name in wanted:
+            if wanted is None or name in wanted:
                 parts[index][name] = (offset, size)
         return [(key, parts[index]) for index, key in keys], None
     return members
@@ -98,21 +108,19 @@ def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=N
         raise DatasetError("an energon source is one folder holding .nv-meta/dataset.yaml "
                            "and .nv-meta/index.sqlite (from `energon prepare`)")
     folder = Path(sources[0]).resolve()
-    their_kind, text_part, image_part = _dataset_type(folder)
+    their_kind, text, parts = _dataset_type(folder)
     if kind != their_kind:
         raise DatasetError(f"{folder}: an energon {their_kind} dataset, not --kind {kind}")
     if caption_field or text_field:
         raise DatasetError("--caption-field / --text-field: an energon dataset names its parts "
                            f"in {META}/dataset.yaml's field_map")
     shards = [folder / name for name in _shards(folder)]
-    text = {"member": text_part}
     db = sqlite3.connect(f"file:{folder / META / 'index.sqlite'}?mode=ro", uri=True)
     try:
         manifest = index_shards(shards, kind, output_tmp, root=folder, text=text,
                                 tokenizer=tokenizer, progress=progress,
                                 list_members=_members_from_sqlite(
-                                    db, {s: i for i, s in enumerate(shards)},
-                                    {text_part, image_part} - {None}))
+                                    db, {s: i for i, s in enumerate(shards)}, parts))
     finally:
         db.close()
     manifest["source"] = {"format": NAME, "root": str(folder), "text": text}

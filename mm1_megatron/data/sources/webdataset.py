@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Optional
 
 from mm1_megatron.data.shard_index import index_shards, write_manifest
-from mm1_megatron.data.shard_schema import DatasetError
+from mm1_megatron.data.shard_schema import ALIGNED_LISTS, DatasetError
 
 NAME = "webdataset"
 KINDS = ("caption", "interleaved", "text")
-# MINT-1T's and Energon's interleaved documents: KEY.json's aligned lists.
-INTERLEAVED = {"member": "json", "texts": "texts", "images": "images"}
 
 
 def list_shards(paths: list[Path]) -> list[Path]:
@@ -68,7 +66,7 @@ def text_spec(kind: str, field: Optional[str]) -> dict:
         if field is not None:
             raise DatasetError("--text-field: an interleaved tar's KEY.json holds `texts` / "
                                "`images` lists, no text field")
-        return INTERLEAVED
+        return ALIGNED_LISTS
     return {"member": "txt"} if field is None else {"member": "json", "field": field}
 
 
