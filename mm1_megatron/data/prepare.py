@@ -255,7 +255,7 @@ def prepare(kind: str, sources: Sequence[PathLike], images_root: PathLike, outpu
     listed = 0  # skips the converter listed (in place, the format lists its own)
     try:
         if source.in_place:
-            tmp.mkdir()
+            tmp.mkdir(parents=True)
             manifest, skipped = _index_in_place(source.name, paths, kind, tmp, tokenizer,
                                                 caption_field, text_field, progress)
             skips = collections.Counter(skipped)

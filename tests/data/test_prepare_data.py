@@ -15,6 +15,8 @@ import pytest
 
 from mm1_megatron.data.shard_reader import open_dataset
 from tests._helpers.data import TEXT, jpeg, write_jsonl
+from tests._helpers.sources import (dclm_lines, dclm_record, mmc4_doc, write_fineweb,
+                                    write_obelics)
 from tests import _procs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -280,23 +282,12 @@ def test_dclm_jsonl_zst_and_gzip_text_stream_with_a_cut_file_counted(tmp_path, c
 
     import zstandard
 
-    def dclm(n: int) -> dict:
-        return {"bff_contained_ngram_count_before_dedup": 0,
-                "language_id_whole_page_fasttext": {"en": 0.93}, "metadata": {"Content-Length":
-                                                                               "4096"},
-                "previous_word_count": 120, "text": f"{TEXT[n % len(TEXT)]} (document {n})",
-                "url": f"https://example.org/{n}", "warcinfo": "isPartOf: CC-MAIN-2022-49",
-                "fasttext_openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train_prob": 0.2}
-
-    def lines(ns) -> bytes:
-        return "".join(json.dumps(dclm(n)) + "\n" for n in ns).encode()
-
     src = tmp_path / "dclm"
     src.mkdir()
     (src / "shard_00000000_processed.jsonl.zst").write_bytes(
-        zstandard.ZstdCompressor().compress(lines(range(5))))
-    (src / "part-1.jsonl.gz").write_bytes(gzip.compress(lines(range(5, 9))))
-    whole = gzip.compress(lines(range(9, 40)))
+        zstandard.ZstdCompressor().compress(dclm_lines(range(5))))
+    (src / "part-1.jsonl.gz").write_bytes(gzip.compress(dclm_lines(range(5, 9))))
+    whole = gzip.compress(dclm_lines(range(9, 40)))
     (src / "part-2.json.gz").write_bytes(whole[:len(whole) // 2])  # a download cut short
     out = tmp_path / "text"
     code, stdout, err = _main(capsys, src, "--kind", "text", "--output", out)
@@ -305,28 +296,11 @@ def test_dclm_jsonl_zst_and_gzip_text_stream_with_a_cut_file_counted(tmp_path, c
     assert result["format"] == "jsonl" and result["bad"] == {"truncated": 1}
     texts = [s.segments[0] for s in open_dataset(out).iter_good()]
     # Files in name order: part-1 (gzip), part-2 (cut), the zstd shard.
-    assert texts[:4] == [dclm(n)["text"] for n in range(5, 9)]
-    assert texts[-5:] == [dclm(n)["text"] for n in range(5)]
+    assert texts[:4] == [dclm_record(n)["text"] for n in range(5, 9)]
+    assert texts[-5:] == [dclm_record(n)["text"] for n in range(5)]
     cut = texts[4:-5]  # part-2's complete lines, in order, none invented
-    assert 0 < len(cut) < 31 and cut == [dclm(n)["text"] for n in range(9, 9 + len(cut))]
+    assert 0 < len(cut) < 31 and cut == [dclm_record(n)["text"] for n in range(9, 9 + len(cut))]
     assert any("part-2.json.gz" in line and "truncated" in line for line in err), err
-
-
-def _obelics(path: Path, rows: list[tuple[list, list]], image_type) -> Path:
-    """OBELICS's columns (images, metadata, general_metadata, texts), `images` as given."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    meta = json.dumps([{"document_url": "https://example.org/doc", "unformatted_src": None}])
-    table = pa.table({
-        "images": pa.array([r[1] for r in rows], pa.list_(image_type)),
-        "metadata": [meta] * len(rows),
-        "general_metadata": [json.dumps({"url": "https://example.org/doc",
-                                         "warc_filename": "crawl.warc.gz"})] * len(rows),
-        "texts": pa.array([r[0] for r in rows], pa.list_(pa.string())),
-    })
-    pq.write_table(table, path, row_group_size=2)
-    return path
 
 
 def test_obelics_parquet_with_downloaded_images_and_its_bad_rows(tmp_path, images, capsys):
@@ -340,9 +314,9 @@ def test_obelics_parquet_with_downloaded_images_and_its_bad_rows(tmp_path, image
     bad = [([TEXT[0], TEXT[1]], [None, jpeg(3)]),  # both at position 1: misaligned
            ([None], [jpeg(4)]),  # images only
            ([TEXT[5], None], [None, b""])]  # a zero-byte image
-    _obelics(src / "train-00000-of-00002.parquet", good[:2] + bad, pa.binary())
+    write_obelics(src / "train-00000-of-00002.parquet", good[:2] + bad, pa.binary())
     # The second file holds local paths (under --images-root) instead of bytes.
-    _obelics(src / "train-00001-of-00002.parquet",
+    write_obelics(src / "train-00001-of-00002.parquet",
              [([TEXT[5], None], [None, "3.jpg"]), ([None, TEXT[1]], ["9.jpg", None])],
              pa.string())
     out = tmp_path / "interleaved"
@@ -363,7 +337,7 @@ def test_obelics_parquet_with_downloaded_images_and_its_bad_rows(tmp_path, image
 def test_obelics_as_published_with_image_urls_is_refused_in_one_line(tmp_path, capsys):
     import pyarrow as pa
 
-    src = _obelics(tmp_path / "obelics.parquet",
+    src = write_obelics(tmp_path / "obelics.parquet",
                    [([TEXT[0], None], [None, "https://example.org/cat.jpg"])], pa.string())
     out = tmp_path / "interleaved"
     code, stdout, err = _main(capsys, src, "--kind", "interleaved", "--output", out)
@@ -373,18 +347,10 @@ def test_obelics_as_published_with_image_urls_is_refused_in_one_line(tmp_path, c
 
 
 def test_fineweb_parquet_text(tmp_path, capsys):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     n = 7
     texts = [f"{TEXT[i % len(TEXT)]} ({i})" for i in range(n)]
     texts[3] = "   "  # a blank document
-    pq.write_table(pa.table({
-        "text": texts, "id": [f"<urn:uuid:{i}>" for i in range(n)],
-        "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{i}" for i in range(n)],
-        "date": ["2024-02-21T12:00:00Z"] * n,
-        "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n, "language": ["en"] * n,
-        "language_score": [0.95] * n, "token_count": [12] * n}), tmp_path / "000_00000.parquet")
+    write_fineweb(tmp_path / "000_00000.parquet", texts)
     out = tmp_path / "text"
     code, stdout, err = _main(capsys, tmp_path / "000_00000.parquet", "--kind", "text",
                               "--output", out)
@@ -398,21 +364,13 @@ def test_fineweb_parquet_text(tmp_path, capsys):
 
 def test_mmc4_documents_with_their_image_folder(tmp_path, images, capsys):
     """MMC4's docs_shard_N_v2.jsonl: each image goes before the sentence it was matched to."""
-    def doc(texts: list, infos: list) -> dict:
-        return {"url": "https://example.org/post", "text_list": texts,
-                "image_info": [{"image_name": name, "raw_url": f"https://cdn.example/{name}",
-                                "matched_text_index": at, "matched_sim": 0.27,
-                                "face_detections": None} for name, at in infos],
-                "similarity_matrix": [[0.2] * len(texts)] * len(infos),
-                "could_have_url_duplicate": 0}
-
     src = tmp_path / "mmc4"
     src.mkdir()
     write_jsonl(src / "docs_shard_0_v2.jsonl", [
-        doc([TEXT[0], TEXT[1], TEXT[2]], [("2.jpg", 1), ("0.jpg", 0), ("1.jpg", 1)]),
-        doc([TEXT[3]], [("9.jpg", 0)]),  # its image was never downloaded
-        doc([TEXT[4]], [("3.jpg", 5)]),  # matched to a sentence it does not have
-        doc([TEXT[5], TEXT[0]], [])])
+        mmc4_doc([TEXT[0], TEXT[1], TEXT[2]], [("2.jpg", 1), ("0.jpg", 0), ("1.jpg", 1)]),
+        mmc4_doc([TEXT[3]], [("9.jpg", 0)]),  # its image was never downloaded
+        mmc4_doc([TEXT[4]], [("3.jpg", 5)]),  # matched to a sentence it does not have
+        mmc4_doc([TEXT[5], TEXT[0]], [])])
     out = tmp_path / "interleaved"
     code, stdout, err = _main(capsys, src, "--kind", "interleaved", "--images-root", images,
                               "--output", out)

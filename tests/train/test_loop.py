@@ -186,10 +186,10 @@ def newest_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def sample_log(run_dir: Path) -> dict[int, list]:
-    """step -> rows' sample ids (the last line per step wins: a killed run may have logged
-    a step that its restart repeats)."""
-    lines = (run_dir / "samples" / "dp_rank_0.jsonl").read_text().splitlines()
+def sample_log(run_dir: Path, rank: int = 0) -> dict[int, list]:
+    """step -> the sample ids of the rows data-parallel rank `rank` trained on (the last line
+    per step wins: a killed run may have logged a step that its restart repeats)."""
+    lines = (run_dir / "samples" / f"dp_rank_{rank}.jsonl").read_text().splitlines()
     return {entry["step"]: entry["rows"] for entry in map(json.loads, lines)}
 
 
@@ -340,41 +340,53 @@ def test_one_run_per_run_dir_and_a_killed_holder_does_not_block(demo_data, tmp_p
     assert "saved checkpoint at step 2" in third.stdout
 
 
-def test_mm1_train_draws_every_kind_from_a_blend_of_prepared_sources(demo_data, tmp_path):
-    """img2dataset shards prepared in place by mm1-prepare-data, then `mm1-train --preset
-    demo data.blend=...` with two datasets per kind: every dataset drawn, every kind's loss."""
+def test_mm1_train_on_a_blend_of_every_source_format_resumes_dp2_on_dp1(demo_data, tmp_path):
+    """One dataset of every format mm1-prepare-data reads (img2dataset and energon captions,
+    MINT-1T / OBELICS / MMC4 documents, FineWeb / DCLM text), prepared and blended: DP=2
+    trains 2 steps and checkpoints, DP=1 resumes for 2 more. Every dataset is drawn, every
+    kind's loss logged, and each rank of each step trained the rows one uninterrupted
+    single-process loader gives."""
+    import itertools
+
     from megatron.core import dist_checkpointing
 
     from mm1_megatron.checkpoint import latest_checkpoint
+    from mm1_megatron.config import load_config
+    from mm1_megatron.data.loader import MultimodalLoader
     from mm1_megatron.data.tokenizer import Tokenizer
-    from tests._helpers.blend import write_blend, write_second_datasets
-    from tests._helpers.data import TEXT
-    from tests._helpers.img2dataset import write_img2dataset
+    from tests._helpers.sources import prepared_blend
 
-    shards = write_img2dataset(tmp_path / "src", TEXT, shards=2, samples_per_shard=6,
-                               failed=(3,))
-    prepared = run(["mm1-prepare-data", str(shards.folder), "--kind", "caption", "--output",
-                    str(tmp_path / "cc"), "--tokenizer", str(demo_data / "tokenizer.model"),
-                    "--no-progress"])
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
-    summary = json.loads(prepared.stdout.strip().splitlines()[-1])
-    assert (summary["format"], summary["samples"], summary["bad"]) == \
-        ("webdataset", 11, {"failed_download": 1})
-    docs, books = write_second_datasets(tmp_path, Tokenizer.load(demo_data / "tokenizer.model"))
-    blend = write_blend(tmp_path / "blend.yaml", demo_data, tmp_path / "cc", docs, books,
-                        weights=(0.5, 1, 1))
+    blend = prepared_blend(tmp_path, Tokenizer.load(demo_data / "tokenizer.model"))
+    overrides = [f"data.blend={blend}", f"data.tokenizer_model={demo_data}/tokenizer.model",
+                 "data.weight_interleaved=1", "data.weight_caption=1", "data.weight_text=1"]
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mm1_megatron.cli", "--preset", "demo", f"data.blend={blend}",
-           f"data.tokenizer_model={demo_data}/tokenizer.model", f"run_dir={run_dir}",
-           "train.warmup_steps=1", "logging.log_interval=1", "train.train_steps=3",
-           "data.weight_interleaved=1", "data.weight_caption=1", "data.weight_text=1"]
-    result = run(cmd)
-    assert result.returncode == 0, result.stderr[-3000:]
+    cmd = [sys.executable, "-m", "mm1_megatron.cli", "--preset", "demo", *overrides,
+           f"run_dir={run_dir}", "train.warmup_steps=1", "logging.log_interval=1",
+           "logging.sample_ids=true"]
+    first = ranks(2, cmd + ["train.train_steps=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = run(cmd + ["train.train_steps=4"])
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "at step 2" in rest.stdout and "resumed from" in rest.stdout
     for kind in ("interleaved", "caption", "text"):
         assert [step for step, _ in scalars(run_dir, f"loss/{kind}")], kind
     common = dist_checkpointing.load_common_state_dict(str(latest_checkpoint(run_dir)))
     streams = common["extra"]["loader"]["sources"]  # one position per dataset, in blend order
-    assert len(streams) == 6 and all(s["rows"] > 0 for s in streams), streams
-    assert set(common["extra"]["dataset"]) == {f"{k}[{n}]" for k in
-                                               ("interleaved", "caption", "text")
-                                               for n in (0, 1)}
+    assert len(streams) == 7 and all(s["rows"] > 0 for s in streams), streams
+    assert set(common["extra"]["dataset"]) == {"caption[0]", "caption[1]", "interleaved[0]",
+                                               "interleaved[1]", "interleaved[2]", "text[0]",
+                                               "text[1]"}
+    # The rows each rank trained, against one loader run through: at DP=2 rank r took rows
+    # r, r + 2, ... of each step's eight; at DP=1 all eight.
+    cfg = load_config("demo", overrides, this_machine=True)
+    loader = MultimodalLoader(cfg, 0, 1, log=None)
+    micro = [b["sample_ids"] for b, _ in itertools.islice(iter(loader), 16)]
+    per_step = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    logged = {rank: sample_log(run_dir, rank) for rank in (0, 1)}
+    assert sorted(logged[0]) == [1, 2, 3, 4] and sorted(logged[1]) == [1, 2]
+    for step in (1, 2, 3, 4):
+        rows = [r for mb in micro[(step - 1) * per_step:step * per_step] for r in mb]
+        if step <= 2:
+            assert [logged[0][step], logged[1][step]] == [rows[0::2], rows[1::2]], step
+        else:
+            assert logged[0][step] == rows, step
