@@ -245,6 +245,20 @@ def prepared(tmp_path, images):
     return tmp_path / "c"
 
 
+def test_an_index_written_before_image_pages_existed_reads_the_same(prepared):
+    """images.npy without the `frame` field (datasets prepared before MINT-1T support): every
+    image reads as a plain one, the same bytes as with the field."""
+    import numpy as np
+
+    before = [(s.segments, s.images) for s in open_dataset(prepared).iter_good()]
+    path = prepared / "index" / "images.npy"
+    table = np.load(path)
+    assert set(table["frame"].tolist()) == {0}
+    old = np.dtype([("offset", "<i8"), ("size", "<i8"), ("ext", "u1")])
+    np.save(path, np.array([tuple(r)[:3] for r in table.tolist()], dtype=old))
+    assert [(s.segments, s.images) for s in open_dataset(prepared).iter_good()] == before
+
+
 def test_truncated_shard_fails_open(prepared):
     shard = prepared / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:-700])
