@@ -31,6 +31,9 @@ setup(
         "numpy>=1.24",
         "pillow>=10",  # image header checks before DALI
         "webdataset>=1.0",
+        # mm1-prepare-data's tasks (local or Slurm array jobs, completion markers, per-task
+        # logs); read against 0.10's executors (data/prepare_tasks.py).
+        "datatrove>=0.10,<0.11",
         "scikit-image>=0.22",  # ships the real photos of the demo dataset
     ],
     extras_require={

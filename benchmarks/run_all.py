@@ -38,6 +38,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
                             "2 steps (higher is better)"),
     "prepare_in_place": ([], "img2dataset shards indexed in place / rewritten into our shards "
                              "(samples per CPU-s; higher is better)"),
+    "prepare_at_scale": ([], "mm1-prepare-data tasks on 2 workers / 1 worker (samples/s; 2.0 "
+                             "is linear on 2 cores)"),
     "data_at_scale": (["--quick"], "loader CPU-s per step / modelled H100 step (quick mode)"),
 }
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"

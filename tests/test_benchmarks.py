@@ -18,7 +18,8 @@ from tests import _procs
 
 REPO = Path(__file__).resolve().parents[1]
 # data_at_scale: tests/data/
-AB = ("trainer_overhead", "convert", "data_pipeline", "checkpoint_save", "prepare_in_place")
+AB = ("trainer_overhead", "convert", "data_pipeline", "checkpoint_save", "prepare_in_place",
+      "prepare_at_scale")
 
 
 def test_interleave_runs_the_sides_in_turn_and_drops_warmup():
@@ -112,6 +113,11 @@ def test_quick_mode_json_line(quick_run, name):
     if name == "prepare_in_place":  # not one image byte copied: a small fraction written
         assert r["valid"] and r["bytes"]["in_place_fraction"] < 0.05
         assert r["bytes"]["rewrite"] > r["bytes"]["source"] / 2
+    if name == "prepare_at_scale":  # every stage measured, and the cost model from them
+        assert set(r["stages"]) == {"index", "tokenize", "interleaved", "convert"}
+        assert r["stages"]["interleaved"]["tokens_per_sample"] > 100
+        assert r["cost"]["total_core_hours"] == pytest.approx(
+            sum(r["cost"]["core_hours"].values()), abs=2)
     if name == "trainer_overhead":  # the no-op self-check decides validity
         assert r["valid"] == all(r["checks"].values())
         assert r["self_check"]["repeats"] == r["repeats"]

@@ -5,6 +5,8 @@ from data as users hold it.
         [--format auto|jsonl|mmc4|webdataset|energon|parquet] [--images-root DIR]
         [--tokenizer tok.model]
         [--caption-field F] [--text-field F] [--shard-size-mb N] [--no-progress]
+        [--tasks N] [--workers W] [--slurm --partition P [--time T] [--cpus-per-task C]
+         [--mem-per-cpu-gb G] [--tasks-per-job K]]
 
 SOURCE: files, folders or globs (expanded here, so a quoted glob works too). --format auto
 detects it (`sources/__init__.py`), each format documented in its module under sources/:
@@ -13,7 +15,10 @@ detects it (`sources/__init__.py`), each format documented in its module under s
   webdataset  .tar files or a folder of them (img2dataset): indexed in place, never copied
   energon     a folder `energon prepare` indexed: indexed in place from its .nv-meta
   parquet     OBELICS interleaved documents or FineWeb-style text: converted
-This module holds what does not depend on the format.
+This module holds what does not depend on the format. Sources indexed in place run as N
+DataTrove tasks and a merge (`prepare_tasks`): on this machine, W at a time, or with --slurm
+as an array job and a dependent merge job; a rerun of the same command runs only the tasks
+that did not finish (exit 1 names them), and the index does not depend on N or W.
 
 The dataset is written to OUT.incomplete/ (next to OUT) and swapped in only at the end (OUT
 renamed to OUT.prepare_data-old, the new one renamed to OUT, the old one deleted): until then
@@ -43,7 +48,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from mm1_megatron.data.shard_index import write_manifest
+from mm1_megatron.data.prepare_tasks import (LOGS, PLAN, SUMMARY, Plan, SlurmOptions,
+                                             TaskFailure, format_module, merge_parts,
+                                             read_plan, run_local, submit_slurm, write_plan)
 from mm1_megatron.data.shard_schema import KINDS, SOURCE_GAPS, BadSample, DatasetError
 from mm1_megatron.data.shard_writer import RawSample, write_dataset
 from mm1_megatron.data.sources import FORMATS, PrepareError, Source, detect_format
@@ -53,8 +60,9 @@ __all__ = ["PrepareError", "expand_sources", "main", "prepare", "resolve_format"
 
 TOOL = "mm1-prepare-data"
 MAX_PRINTED = 10
+MERGE_JOB = "--merge-job"  # main's first argument in the Slurm merge job (`submit`)
 # What a dataset folder written by this tool holds; anything else in OUT is not ours to delete.
-_DATASET_ENTRIES = ("manifest.json", "manifest.json.tmp", "index")
+_DATASET_ENTRIES = ("manifest.json", "manifest.json.tmp", "index", PLAN, LOGS)
 # Where OUT waits during the swap. The name tools/prepare_data.py used: a run repairs a swap
 # that an older version left half done.
 _ASIDE = ".prepare_data-old"
@@ -138,8 +146,10 @@ def _output_paths(output: PathLike) -> tuple[Path, Path, Path]:
     return out, out.with_name(out.name + ".incomplete"), out.with_name(out.name + _ASIDE)
 
 
-def _repair(output: PathLike, out: Path, tmp: Path, old: Path) -> None:
-    """Undo what a killed run left behind; refuse an OUT this tool did not write."""
+def _repair(output: PathLike, out: Path, tmp: Path, old: Path, keep_plan: bool = False
+            ) -> None:
+    """Undo what a killed run left behind; refuse an OUT this tool did not write. With
+    `keep_plan`, an OUT.incomplete/ holding a task plan is left for the tasks to finish."""
     if old.exists() or old.is_symlink():
         _check_replaceable(old, str(old))
         if out.exists():
@@ -149,6 +159,8 @@ def _repair(output: PathLike, out: Path, tmp: Path, old: Path) -> None:
     if out.exists():
         _check_replaceable(out, f"--output {output}")
     if tmp.is_dir() and not tmp.is_symlink():
+        if keep_plan and (tmp / PLAN).is_file():
+            return  # a preparation in tasks, half done: `_resume_or_plan` decides
         shutil.rmtree(tmp)  # a stale partial dataset from a crashed run
     elif tmp.exists() or tmp.is_symlink():
         tmp.unlink()
@@ -209,71 +221,51 @@ def _converted(source: Source, sources: Sequence[Path], kind: str, root: Path,
         yield item
 
 
-def _index_in_place(name: str, sources: list[Path], kind: str, output_tmp: Path, tokenizer,
-                    caption_field: Optional[str], text_field: Optional[str], progress: bool
-                    ) -> tuple[dict, collections.Counter]:
-    """Formats indexed where they lie. Each one's module is imported only when it is used.
-
-    Contract: `index_in_place(sources, kind, output_tmp, tokenizer=, caption_field=,
-    text_field=, progress=) -> (manifest, skipped)` writes index/ (and may write
-    manifest.json) into the empty folder `output_tmp`, never writes beside the sources, and
-    returns the manifest (shard_index's layout) and `skipped`: every source sample that is
-    not usable, per reason, as manifest["bad"] records it (samples the index flags bad, and
-    gaps without an index row: shard_schema.SOURCE_GAPS). A field None: the format's own
-    default. Raises PrepareError / ValueError / DatasetError for a one-line refusal.
-    """
-    if name in ("webdataset", "energon"):  # sources/webdataset.py, sources/energon.py
-        if name == "webdataset":
-            from mm1_megatron.data.sources import webdataset as module
-        else:
-            from mm1_megatron.data.sources import energon as module
-
-        return module.index_in_place(sources, kind, output_tmp, tokenizer=tokenizer,
-                                     caption_field=caption_field, text_field=text_field,
-                                     progress=progress)
-    raise PrepareError(f"--format {name}: no in-place indexer for this format")
-
-
 def prepare(kind: str, sources: Sequence[PathLike], images_root: PathLike, output: PathLike,
             shard_size_mb: float = 64.0, tokenizer=None, progress: bool = True,
             log: Callable[[str], None] = _stderr, *, format: str = "auto",
-            caption_field: Optional[str] = None, text_field: Optional[str] = None
-            ) -> tuple[dict, collections.Counter]:
+            caption_field: Optional[str] = None, text_field: Optional[str] = None,
+            tasks: int = 1, workers: int = 1) -> tuple[dict, collections.Counter]:
     """Returns (manifest, skipped): every input record that is not a usable sample, per
     reason (records never written, samples the index flags bad, gaps in a source indexed in
     place). Raises PrepareError when no record is usable; on any error an existing dataset at
-    `output` is left as it was."""
+    `output` is left as it was. Sources indexed in place run as `tasks` DataTrove tasks,
+    `workers` at a time (`prepare_tasks`); a TaskFailure leaves them resumable."""
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not one of {KINDS}")
     paths = [Path(p) for p in sources]
     source = FORMATS[resolve_format(paths, format)]
+    if source.in_place:
+        started = time.time()
+        tmp, out, old, plan = _resume_or_plan(source, paths, kind, output, tokenizer,
+                                              caption_field, text_field, tasks)
+        run_local(tmp, plan, workers, progress)
+        finish(tmp, out, old, started)
+        manifest = json.loads((out / "manifest.json").read_text())
+        return manifest, collections.Counter(manifest["bad"])
+    if tasks != 1:
+        raise PrepareError(f"--tasks {tasks}: {source.name} sources are converted in one "
+                           "process for now; tasks run for sources indexed in place "
+                           "(webdataset, energon)")
     root = Path(images_root)
     out, tmp, old = _output_paths(output)
     _check_apart(paths, output, (out, tmp, old))
     _repair(output, out, tmp, old)
     skips: collections.Counter = collections.Counter()
-    listed = 0  # skips the converter listed (in place, the format lists its own)
+    listed = 0  # skips the converter listed
     try:
-        if source.in_place:
-            tmp.mkdir(parents=True)
-            manifest, skipped = _index_in_place(source.name, paths, kind, tmp, tokenizer,
-                                                caption_field, text_field, progress)
-            skips = collections.Counter(skipped)
-            write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
-        else:
-            # Field defaults are the jsonl schema's: {"image", "text"} and {"text"}.
-            fields = dict(caption_field=caption_field or "text", text_field=text_field or "text")
-            total = source.count(paths)
-            stream = _converted(source, paths, kind, root, fields, skips, log)
-            first = next(stream, None)  # all records bad: stop before anything is created
-            if first is None:
-                raise PrepareError(_no_samples(sources, source, root, kind, skips,
-                                               out.exists()))
-            manifest = write_dataset(itertools.chain([first], stream), tmp, kind,
-                                     shard_size_mb=shard_size_mb, tokenizer=tokenizer,
-                                     progress=progress, total=total)
-            listed = sum(skips.values())
-            skips.update(manifest.get("bad", {}))  # written, then flagged by the indexer
+        # Field defaults are the jsonl schema's: {"image", "text"} and {"text"}.
+        fields = dict(caption_field=caption_field or "text", text_field=text_field or "text")
+        total = source.count(paths)
+        stream = _converted(source, paths, kind, root, fields, skips, log)
+        first = next(stream, None)  # all records bad: stop before anything is created
+        if first is None:
+            raise PrepareError(_no_samples(sources, source, root, kind, skips, out.exists()))
+        manifest = write_dataset(itertools.chain([first], stream), tmp, kind,
+                                 shard_size_mb=shard_size_mb, tokenizer=tokenizer,
+                                 progress=progress, total=total)
+        listed = sum(skips.values())
+        skips.update(manifest.get("bad", {}))  # written, then flagged by the indexer
         if usable(manifest) <= 0:
             raise PrepareError(_no_samples(sources, source, root, kind, skips, out.exists()))
         _swap_in(tmp, out, old)
@@ -285,6 +277,76 @@ def prepare(kind: str, sources: Sequence[PathLike], images_root: PathLike, outpu
         log(f"... and {hidden} more skipped {source.record}{'s' * (hidden != 1)} "
             "(not listed)")
     return manifest, skips
+
+
+def submit(kind: str, sources: Sequence[PathLike], output: PathLike, slurm: SlurmOptions,
+           tokenizer=None, *, format: str = "auto", caption_field: Optional[str] = None,
+           text_field: Optional[str] = None, tasks: int = 1) -> dict:
+    """`prepare` as Slurm jobs (sources indexed in place): the tasks without a completion
+    marker as an array job, the merge as a job depending on it. Returns the job ids."""
+    paths = [Path(p) for p in sources]
+    source = FORMATS[resolve_format(paths, format)]
+    if not source.in_place:
+        raise PrepareError(f"--slurm: {source.name} sources are converted in one process for "
+                           "now; --slurm runs sources indexed in place (webdataset, energon)")
+    started = time.time()
+    tmp, out, old, plan = _resume_or_plan(source, paths, kind, output, tokenizer,
+                                          caption_field, text_field, tasks)
+    return submit_slurm(tmp, plan, slurm, [sys.executable, "-m", "mm1_megatron.data.prepare",
+                                           MERGE_JOB, str(tmp), str(out), str(old),
+                                           str(started)])
+
+
+def finish(tmp: Path, out: Path, old: Path, started: float) -> dict:
+    """After the tasks: merge their parts (`prepare_tasks.merge_parts`), check something is
+    usable, swap OUT in; returns the summary (also in OUT/logs/summary.json). Raises
+    PrepareError (OUT.incomplete removed: nothing written) when no sample is usable. A merge
+    killed before the swap is simply run again."""
+    plan = read_plan(tmp)
+    manifest = merge_parts(tmp, plan)
+    if usable(manifest) <= 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reasons = ", ".join(f"{n} {r}" for r, n in manifest["bad"].items()) or "none"
+        raise PrepareError(f"no usable samples in {plan.root} ({reasons}); the existing "
+                           "dataset is unchanged")
+    result = summary(manifest, manifest["bad"], plan.format, out, time.time() - started)
+    result["tasks"] = plan.tasks
+    (tmp / LOGS / SUMMARY).write_text(json.dumps(result) + "\n")
+    _swap_in(tmp, out, old)
+    return result
+
+
+def _resume_or_plan(source: Source, paths: list[Path], kind: str, output: PathLike, tokenizer,
+                    caption_field: Optional[str], text_field: Optional[str], tasks: int
+                    ) -> tuple[Path, Path, Path, Plan]:
+    """OUT.incomplete/ with its task plan: the one a previous run of the same command left
+    (its finished tasks are kept), or a new one. Refuses, in one line and changing nothing, a
+    half-done preparation planned with another --tasks or of other sources."""
+    if tasks < 1:
+        raise PrepareError(f"--tasks {tasks}: must be at least 1")
+    out, tmp, old = _output_paths(output)
+    _check_apart(paths, output, (out, tmp, old))
+    _repair(output, out, tmp, old, keep_plan=True)
+    try:
+        planned = format_module(source.name).plan(paths, kind, caption_field, text_field)
+    except DatasetError as e:
+        raise PrepareError(str(e)) from None
+    plan = Plan.make(planned, kind, tasks, None if tokenizer is None else
+                     str(tokenizer.path), paths)
+    found = read_plan(tmp) if tmp.is_dir() else None
+    if found is not None:
+        if not found.same_work(plan):
+            raise PrepareError(f"{tmp} holds a half-done preparation of other sources or "
+                               f"options ({', '.join(found.sources)} --kind {found.kind}); "
+                               "run that command again to finish it, or remove the folder")
+        if found.tasks != plan.tasks:
+            raise PrepareError(f"--tasks {tasks}: {tmp} holds a half-done preparation in "
+                               f"{found.tasks} tasks; rerun with --tasks {found.tasks} (its "
+                               "finished tasks are kept), or remove the folder to start over")
+        return tmp, out, old, found
+    tmp.mkdir(parents=True)
+    write_plan(tmp, plan)
+    return tmp, out, old, plan
 
 
 def usable(manifest: dict) -> int:
@@ -300,7 +362,8 @@ def summary(manifest: dict, skipped: Mapping[str, int], fmt: str, output: PathLi
             "images": manifest["images"],
             "text_tokens": manifest.get("text_tokens"), "seconds": round(seconds, 3),
             "output": os.path.realpath(output), "format": fmt, "kind": manifest["kind"],
-            "shards": len(manifest["shards"]), "bytes": manifest["bytes"]}
+            "shards": len(manifest["shards"]), "bytes": manifest["bytes"],
+            "samples_per_s": round(manifest["samples"] / max(seconds, 1e-9), 1)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -320,10 +383,26 @@ def _parser() -> argparse.ArgumentParser:
                    "(jsonl: 'text')")
     p.add_argument("--shard-size-mb", type=float, default=64.0)
     p.add_argument("--no-progress", action="store_true")
+    run = p.add_argument_group("tasks (sources indexed in place: webdataset, energon)")
+    run.add_argument("--tasks", type=int, default=1, help="split the source's tars into this "
+                     "many DataTrove tasks (fixed for a preparation: a rerun runs the "
+                     "unfinished ones)")
+    run.add_argument("--workers", type=int, default=1, help="tasks at a time on this machine")
+    run.add_argument("--slurm", action="store_true", help="submit the tasks as a Slurm array "
+                     "job and the merge as a job depending on it, then return")
+    run.add_argument("--partition", help="--slurm: the partition (required)")
+    run.add_argument("--time", default="04:00:00", help="--slurm: a task's time limit")
+    run.add_argument("--cpus-per-task", type=int, default=1, help="--slurm")
+    run.add_argument("--mem-per-cpu-gb", type=int, default=2, help="--slurm")
+    run.add_argument("--tasks-per-job", type=int, default=1, help="--slurm: tasks run one "
+                     "after another in each array element")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [MERGE_JOB]:
+        return _merge_job(argv[1:])
     args = _parser().parse_args(argv)
     from mm1_megatron.data.tokenizer import load_tokenizer
 
@@ -333,16 +412,32 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     ("--text-field", args.text_field, "text")):
             if value is not None and args.kind != wanted:
                 raise PrepareError(f"{flag} is for --kind {wanted}, not --kind {args.kind}")
+        if args.slurm and not args.partition:
+            raise PrepareError("--slurm needs --partition")
         sources = expand_sources(args.sources)
         fmt = resolve_format(sources, args.format)
         tok = load_tokenizer(args.tokenizer)
+        fields = dict(format=fmt, caption_field=args.caption_field, text_field=args.text_field,
+                      tasks=args.tasks)
+        if args.slurm:
+            jobs = submit(args.kind, sources, args.output, SlurmOptions(
+                args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb,
+                args.tasks_per_job), tok, **fields)
+            _stderr(f"{args.output}: submitted {args.tasks} task(s) as job "
+                    f"{jobs['index_job'] or '(none left)'} and the merge as job "
+                    f"{jobs['merge_job']}; its log ends with the summary line")
+            print(json.dumps({"submitted": jobs, "tasks": args.tasks,
+                              "output": os.path.realpath(args.output)}), flush=True)
+            return 0
         manifest, skipped = prepare(args.kind, sources, args.images_root, args.output,
                                     args.shard_size_mb, tok, progress=not args.no_progress,
-                                    format=fmt, caption_field=args.caption_field,
-                                    text_field=args.text_field)
+                                    workers=args.workers, **fields)
     except PrepareError as e:
         _stderr(f"{TOOL}: {e}")
         return 2
+    except TaskFailure as e:
+        _stderr(f"{TOOL}: {e}")
+        return 1
     except (ValueError, OSError, DatasetError) as e:
         _stderr(f"{TOOL}: error: {e}")
         return 2
@@ -351,10 +446,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     result = summary(manifest, skipped, fmt, args.output, time.monotonic() - start)
     source = FORMATS[fmt]
+    if source.in_place:
+        result["tasks"] = args.tasks
     where = "source shards indexed in place" if source.in_place else "shards"
     _stderr(f"{args.output}: {result['samples']} samples in {result['shards']} {where} "
             f"({fmt}), {result['images']} images, {result['bytes'] / 2**20:.1f} MiB; "
             f"skipped input {source.record}s: {dict(skipped) or 0}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _merge_job(argv: list[str]) -> int:
+    """The Slurm merge job (`submit`): `python -m mm1_megatron.data.prepare --merge-job TMP
+    OUT OLD STARTED`. Its last stdout line is the summary; exit 2 and one line when nothing is
+    usable."""
+    tmp, out, old, started = argv
+    try:
+        result = finish(Path(tmp), Path(out), Path(old), float(started))
+    except PrepareError as e:
+        _stderr(f"{TOOL}: {e}")
+        return 2
     print(json.dumps(result), flush=True)
     return 0
 

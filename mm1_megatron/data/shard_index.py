@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -23,6 +24,19 @@ from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IM
                                             KEY_BYTES, SAMPLE_DTYPE, BadSample, DatasetError,
                                             normalize_ext, parse_sample_json,
                                             parse_text_member)
+
+
+@dataclass
+class InPlaceSource:
+    """A source indexed in place as its format module plans it (`plan`): its tars in dataset
+    order, the folder their manifest names are relative to, how a sample's text member reads
+    (`parse_text_member`), and the members to index (None: all; energon: its field_map's)."""
+
+    format: str
+    root: Path
+    shards: list[Path]
+    text: dict
+    parts: Optional[list[str]] = None
 
 
 def progress_bar(enabled: bool, total: Optional[int], desc: str):
@@ -99,15 +113,17 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
 
 def index_shards(shards: list[Path], kind: str, out: Path, *, root: Optional[Path] = None,
                  text: Optional[dict] = None, tokenizer=None, progress: bool = False,
-                 list_members: Optional[Callable[[Path], tuple[list, Optional[str]]]] = None
-                 ) -> dict:
+                 list_members: Optional[Callable[[Path], tuple[list, Optional[str]]]] = None,
+                 first_shard: int = 0) -> dict:
     """Scan `shards` in the given order into out/index/ and return the manifest (not yet
     written). `root` None: the shards are out's own (named by file name, with sha256); else
     a source indexed in place, the shards named relative to `root` with size and mtime (a
     change is caught at start-up without hashing the source). `text`: how a sample's text
     member reads (`parse_text_member`); None for our schema's json. `list_members(path)`: a
     shard's samples as `scan_tar` gives them ((key, {suffix: (offset, size)}) in order, and
-    the key a truncation cut), from an index the source already has; default: `scan_tar`."""
+    the key a truncation cut), from an index the source already has; default: `scan_tar`.
+    `first_shard`: the number of shards[0] in the whole dataset (a task indexing a slice of
+    it, `prepare_tasks`)."""
     rows, images, runs = [], [], []
     shard_entries, bad = [], collections.Counter()
     text_chars = text_tokens = 0
@@ -118,8 +134,8 @@ def index_shards(shards: list[Path], kind: str, out: Path, *, root: Optional[Pat
             for key, members in groups:
                 if len(key.encode()) > KEY_BYTES:
                     raise DatasetError(f"{path}: key {key!r} is longer than {KEY_BYTES} bytes")
-                row = dict(shard=shard_no, key=key.encode(), json_offset=-1, json_size=0,
-                           image_start=len(images), num_images=0, text_chars=0,
+                row = dict(shard=first_shard + shard_no, key=key.encode(), json_offset=-1,
+                           json_size=0, image_start=len(images), num_images=0, text_chars=0,
                            text_tokens=-1 if tokenizer is None else 0, bad=0, bad_member=-1)
                 reason, member, layout = _index_sample(kind, key, members, f, cut == key, row,
                                                        images, tokenizer, text)

@@ -394,3 +394,63 @@ def test_failed_node_check_stops_the_job(slurm: Cluster, demo_data: Path,
     assert "node_check" in err and "FAILED" in err and "want at least 100000000" in err
     assert "node health check failed; not training" in err
     assert "step " not in log and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _wait_gone(slurm: Cluster, job_ids: list[str], timeout: float = JOB_TIMEOUT) -> None:
+    """Until none of `job_ids` (array jobs included) is queued or running."""
+    deadline = time.monotonic() + timeout
+    ids = ",".join(j for j in job_ids if j)
+    while slurm.run("squeue", "-h", "-j", ids, check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"jobs {ids} still queued\n{slurm.logs()}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_prepare_data_on_slurm_reruns_only_a_failed_array_task(slurm: Cluster,
+                                                               tmp_path: Path) -> None:
+    """slurm/prepare_data.sh (mm1-prepare-data --slurm): the tasks as an array job, the merge
+    as a job depending on it. Task 2 fails: the merge is cancelled, nothing is published; the same command again
+    submits task 2 alone and the merge, and the index equals one process's."""
+    import json
+
+    from mm1_megatron.data.prepare_tasks import FAULT
+    from mm1_megatron.data.sources.webdataset import index_in_place
+    from tests._helpers.data import TEXT
+    from tests._helpers.img2dataset import write_img2dataset
+
+    source = write_img2dataset(tmp_path / "src", TEXT, shards=8, samples_per_shard=4,
+                               failed=(5,))
+    out = tmp_path / "out"
+    cmd = ["bash", str(SLURM / "prepare_data.sh"), str(source.folder), str(out)]
+    env = {**slurm.env, "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable,
+           "PARTITION": "debug", "TASKS": "4", "TIME": "00:10:00", "MEM_PER_CPU_GB": "1"}
+
+    def submit(**extra: str) -> dict:
+        done = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        jobs = json.loads(done.stdout.strip().splitlines()[-1])["submitted"]
+        _wait_gone(slurm, list(jobs.values()))
+        return jobs
+
+    jobs = submit(**{FAULT: "2"})
+    pending = out.with_name("out.incomplete")
+    assert not out.exists()
+    assert sorted(p.name for p in (pending / "logs" / "index" / "completions").iterdir()) == \
+        ["00000", "00001", "00003"]
+    assert "fault injection" in (pending / "logs" / "index" / "logs" /
+                                 "task_00002.log").read_text()
+    assert slurm.job(jobs["merge_job"])["JobState"] == "CANCELLED"  # its dependency failed
+
+    again = submit()
+    log = (out / "logs" / f"merge-{again['merge_job']}.out").read_text()
+    summary = json.loads(log.strip().splitlines()[-1])
+    assert (summary["tasks"], summary["samples"], summary["bad"]) == \
+        (4, 31, {"failed_download": 1})
+    assert json.loads((out / "logs" / "index" / "ranks_to_run.json").read_text()) == [2]
+    assert slurm.job(again["merge_job"])["JobState"] == "COMPLETED"
+    serial = tmp_path / "serial"
+    serial.mkdir()
+    index_in_place([source.folder], "caption", serial)
+    for name in ("samples.npy", "images.npy"):
+        assert (out / "index" / name).read_bytes() == (serial / "index" / name).read_bytes()

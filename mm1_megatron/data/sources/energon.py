@@ -26,13 +26,14 @@ read as that layout says); other sample types are refused in one line.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from mm1_megatron.config.yaml_file import read_yaml_file
-from mm1_megatron.data.shard_index import index_shards, write_manifest
+from mm1_megatron.data.shard_index import InPlaceSource, index_shards, write_manifest
 from mm1_megatron.data.shard_schema import ALIGNED_LISTS, DatasetError
 
 NAME = "energon"
@@ -99,11 +100,9 @@ def _members_from_sqlite(db: sqlite3.Connection, ids: dict[Path, int],
     return members
 
 
-def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=None,
-                   caption_field: Optional[str] = None, text_field: Optional[str] = None,
-                   progress: bool = False) -> tuple[dict, collections.Counter]:
-    """Index one energon dataset folder into `output_tmp` (manifest written); returns the
-    manifest and the skipped samples per reason."""
+def plan(sources: list[Path], kind: str, caption_field: Optional[str] = None,
+         text_field: Optional[str] = None) -> InPlaceSource:
+    """What indexing one energon dataset folder reads; raises DatasetError."""
     if len(sources) != 1 or not detect(Path(sources[0])):
         raise DatasetError("an energon source is one folder holding .nv-meta/dataset.yaml "
                            "and .nv-meta/index.sqlite (from `energon prepare`)")
@@ -114,15 +113,39 @@ def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=N
     if caption_field or text_field:
         raise DatasetError("--caption-field / --text-field: an energon dataset names its parts "
                            f"in {META}/dataset.yaml's field_map")
-    shards = [folder / name for name in _shards(folder)]
-    db = sqlite3.connect(f"file:{folder / META / 'index.sqlite'}?mode=ro", uri=True)
+    return InPlaceSource(NAME, folder, [folder / name for name in _shards(folder)], text,
+                         None if parts is None else sorted(parts))
+
+
+@contextlib.contextmanager
+def lister(source: InPlaceSource) -> Iterator[Callable]:
+    """`index_shards`' list_members for any of `source`'s tars, from index.sqlite (opened
+    read-only for the duration)."""
+    db = sqlite3.connect(f"file:{source.root / META / 'index.sqlite'}?mode=ro", uri=True)
     try:
-        manifest = index_shards(shards, kind, output_tmp, root=folder, text=text,
-                                tokenizer=tokenizer, progress=progress,
-                                list_members=_members_from_sqlite(
-                                    db, {s: i for i, s in enumerate(shards)}, parts))
+        yield _members_from_sqlite(db, {s: i for i, s in enumerate(source.shards)},
+                                   None if source.parts is None else set(source.parts))
     finally:
         db.close()
-    manifest["source"] = {"format": NAME, "root": str(folder), "text": text}
+
+
+def shard_gaps(shards: list[Path]) -> collections.Counter:
+    return collections.Counter()  # energon keeps no record of samples that never arrived
+
+
+series_gaps = shard_gaps
+
+
+def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=None,
+                   caption_field: Optional[str] = None, text_field: Optional[str] = None,
+                   progress: bool = False) -> tuple[dict, collections.Counter]:
+    """Index one energon dataset folder into `output_tmp` (manifest written) in this process;
+    returns the manifest and the skipped samples per reason."""
+    source = plan(sources, kind, caption_field, text_field)
+    with lister(source) as list_members:
+        manifest = index_shards(source.shards, kind, output_tmp, root=source.root,
+                                text=source.text, tokenizer=tokenizer, progress=progress,
+                                list_members=list_members)
+    manifest["source"] = {"format": NAME, "root": str(source.root), "text": source.text}
     write_manifest(output_tmp, manifest)
     return manifest, collections.Counter(manifest["bad"])

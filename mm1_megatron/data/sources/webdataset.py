@@ -30,12 +30,13 @@ failed whole is missing from the numbered series: each gap counts as `missing_sh
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from mm1_megatron.data.shard_index import index_shards, write_manifest
+from mm1_megatron.data.shard_index import InPlaceSource, index_shards, write_manifest
 from mm1_megatron.data.shard_schema import ALIGNED_LISTS, DatasetError
 
 NAME = "webdataset"
@@ -70,14 +71,11 @@ def text_spec(kind: str, field: Optional[str]) -> dict:
     return {"member": "txt"} if field is None else {"member": "json", "field": field}
 
 
-def source_gaps(shards: list[Path]) -> collections.Counter:
-    """Downloads img2dataset recorded as failed (its _stats.json beside each tar) and
-    numbered shards missing from their folder's series 0..max."""
+def shard_gaps(shards: list[Path]) -> collections.Counter:
+    """Downloads img2dataset recorded as failed in these shards (its _stats.json beside each
+    tar: `failed_to_download`, `failed_to_resize`); counted by the task indexing them."""
     gaps: collections.Counter = collections.Counter()
-    numbered: dict[Path, set[int]] = collections.defaultdict(set)
     for shard in shards:
-        if shard.stem.isdigit():
-            numbered[shard.parent].add(int(shard.stem))
         stats = shard.with_name(f"{shard.stem}_stats.json")
         try:
             counts = json.loads(stats.read_text())
@@ -87,29 +85,48 @@ def source_gaps(shards: list[Path]) -> collections.Counter:
             continue  # no stats (not img2dataset's output) or unreadable: nothing known
         if failed:
             gaps["failed_download"] += failed
-    for numbers in numbered.values():
-        missing = max(numbers) + 1 - len(numbers)
-        if missing:
-            gaps["missing_shard"] += missing
     return gaps
+
+
+def series_gaps(shards: list[Path]) -> collections.Counter:
+    """Numbered shards missing from their folder's series 0..max (a shard img2dataset failed
+    whole); counted over the whole dataset."""
+    numbered: dict[Path, set[int]] = collections.defaultdict(set)
+    for shard in shards:
+        if shard.stem.isdigit():
+            numbered[shard.parent].add(int(shard.stem))
+    missing = sum(max(numbers) + 1 - len(numbers) for numbers in numbered.values())
+    return collections.Counter({"missing_shard": missing} if missing else {})
+
+
+def plan(sources: list[Path], kind: str, caption_field: Optional[str] = None,
+         text_field: Optional[str] = None) -> InPlaceSource:
+    """What indexing `sources` (tars or folders of tars) reads; raises DatasetError."""
+    if kind not in KINDS:
+        raise DatasetError(f"--kind {kind}: webdataset sources are indexed in place for "
+                           f"{', '.join(KINDS)}")
+    shards = list_shards([Path(s) for s in sources])
+    return InPlaceSource(NAME, source_root(shards), shards,
+                         text_spec(kind, caption_field if kind == "caption" else text_field))
+
+
+@contextlib.contextmanager
+def lister(source: InPlaceSource) -> Iterator[None]:
+    """`index_shards`' list_members: None, each tar is scanned."""
+    yield None
 
 
 def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=None,
                    caption_field: Optional[str] = None, text_field: Optional[str] = None,
                    progress: bool = False) -> tuple[dict, collections.Counter]:
-    """Index `sources` (tars or folders of tars) into `output_tmp` (manifest written);
-    returns the manifest and the skipped samples per reason (bad samples and gaps)."""
-    if kind not in KINDS:
-        raise DatasetError(f"--kind {kind}: webdataset sources are indexed in place for "
-                           f"{', '.join(KINDS)}")
-    shards = list_shards([Path(s) for s in sources])
-    root = source_root(shards)
-    field = caption_field if kind == "caption" else text_field
-    text = text_spec(kind, field)
-    manifest = index_shards(shards, kind, output_tmp, root=root, text=text,
-                            tokenizer=tokenizer, progress=progress)
-    skipped = collections.Counter(manifest["bad"]) + source_gaps(shards)
+    """Index `sources` (tars or folders of tars) into `output_tmp` (manifest written) in this
+    process; returns the manifest and the skipped samples per reason (bad samples and gaps)."""
+    source = plan(sources, kind, caption_field, text_field)
+    manifest = index_shards(source.shards, kind, output_tmp, root=source.root,
+                            text=source.text, tokenizer=tokenizer, progress=progress)
+    skipped = collections.Counter(manifest["bad"]) + shard_gaps(source.shards) + \
+        series_gaps(source.shards)
     manifest["bad"] = dict(sorted(skipped.items()))
-    manifest["source"] = {"format": NAME, "root": str(root), "text": text}
+    manifest["source"] = {"format": NAME, "root": str(source.root), "text": source.text}
     write_manifest(output_tmp, manifest)
     return manifest, skipped

@@ -1,0 +1,95 @@
+"""mm1-prepare-data as DataTrove tasks on one machine: a failed task is named, the rerun runs
+only it and the merge, and the index is byte-identical whatever the task count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mm1_megatron.data.prepare import main
+from mm1_megatron.data.prepare_tasks import FAULT
+from tests._helpers.data import TEXT
+from tests._helpers.img2dataset import tree_digest, write_img2dataset
+
+
+def _run(capsys, *argv) -> tuple[int, list[str], list[str]]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err.splitlines()
+
+
+def _task_logs(out: Path) -> dict[str, str]:
+    logs = out.with_name(out.name + ".incomplete") / "logs" / "index" / "logs"
+    return {p.name: p.read_text() for p in sorted(logs.glob("task_*.log"))}
+
+
+def test_a_failed_task_is_rerun_alone_and_the_index_matches_one_task(tmp_path, capsys,
+                                                                      monkeypatch):
+    from mm1_megatron.data.sources.webdataset import index_in_place
+
+    source = write_img2dataset(tmp_path / "src", TEXT, shards=20, samples_per_shard=5,
+                               failed=(7, 52), missing_shards=(11,), no_image=(30,))
+    args = [source.folder, "--kind", "caption", "--no-progress"]
+    out = tmp_path / "out"
+    monkeypatch.setenv(FAULT, "2")
+    code, stdout, err = _run(capsys, *args, "--output", out, "--tasks", 4, "--workers", 2)
+    assert code == 1 and stdout == [] and not out.exists()
+    assert err[-1].startswith("mm1-prepare-data: task 2 of 4 failed (logs: ") and \
+        "run the same command again" in err[-1], err[-3:]
+    first = _task_logs(out)
+    assert sorted(first) == [f"task_{r:05d}.log" for r in range(4)]
+    assert "fault injection" in first["task_00002.log"]
+
+    # Another task count on the half-done preparation: refused, nothing changed.
+    code, stdout, err = _run(capsys, *args, "--output", out, "--tasks", 3)
+    assert code == 2 and len(err) == 1 and "holds a half-done preparation in 4 tasks; rerun " \
+        "with --tasks 4" in err[0], err
+    monkeypatch.delenv(FAULT)
+    before = _task_logs(out)
+    code, stdout, err = _run(capsys, *args, "--output", out, "--tasks", 4, "--workers", 2)
+    assert code == 0, err[-5:]
+    summary = json.loads(stdout[-1])
+    assert (summary["tasks"], summary["samples"], summary["bad"]) == \
+        (4, 19 * 5 - 3, {"failed_download": 2, "missing_image": 1, "missing_shard": 1})
+    after = {p.name: p.read_text() for p in sorted((out / "logs" / "index" / "logs").glob(
+        "task_*.log"))}
+    assert {k: after[k] == before[k] for k in after} == {  # only task 2 ran again
+        "task_00000.log": True, "task_00001.log": True, "task_00002.log": False,
+        "task_00003.log": True}
+    assert not out.with_name("out.incomplete").exists()
+
+    one = tmp_path / "one"
+    assert _run(capsys, *args, "--output", one)[0] == 0
+    serial = tmp_path / "serial"
+    serial.mkdir()
+    index_in_place([source.folder], "caption", serial)  # one process, np.save
+    for name in ("samples.npy", "images.npy"):
+        data = (out / "index" / name).read_bytes()
+        assert data == (one / "index" / name).read_bytes() == \
+            (serial / "index" / name).read_bytes(), name
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (out, one, serial)]
+    assert manifests[0] == manifests[1] == manifests[2]
+    assert tree_digest(out / "index") == tree_digest(one / "index")
+
+
+def test_interleaved_tokens_merge_the_same_in_any_task_count(tmp_path, capsys, demo_data):
+    """MINT-1T documents with the token index: parts' image and segment offsets rebased, so
+    three tasks (one of them over no shard) give one task's index byte for byte."""
+    from tests._helpers.mint import write_mint
+
+    mint = write_mint(tmp_path / "mint", TEXT, docs=5, shards=2, misaligned=(3,))
+    args = [mint.folder, "--kind", "interleaved", "--no-progress", "--tokenizer",
+            demo_data / "tokenizer.model"]
+    results = {}
+    for tasks in (1, 3):
+        out = tmp_path / f"tasks{tasks}"
+        code, stdout, err = _run(capsys, *args, "--output", out, "--tasks", tasks)
+        assert code == 0, err[-5:]
+        results[tasks] = json.loads(stdout[-1])
+        assert tree_digest(out / "index") == tree_digest(tmp_path / "tasks1" / "index")
+    assert results[3]["samples"] == results[1]["samples"] == 9
+    assert results[3]["text_tokens"] == results[1]["text_tokens"] > 0
+    assert sorted(p.name for p in (tmp_path / "tasks3" / "index").iterdir()) == [
+        "images.npy", "samples.npy", "segment_offsets.npy", "segments.npy"]
