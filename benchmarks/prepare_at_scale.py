@@ -252,8 +252,9 @@ def cost_table(cost: dict, stages: dict, scale_out: float) -> list[str]:
     info = machine()
     rows = [
         f"Measured {info['date'][:10]} on {info['cpus']} x {info['cpu']} (commit "
-        f"{info['commit']}), `python benchmarks/prepare_at_scale.py --page docs/data.md`; "
-        "CPU only, page cache warm (a cluster's file system adds its read time).",
+        f"{info['commit']}) by `python -m benchmarks --page docs/performance.md` (or `python "
+        "benchmarks/prepare_at_scale.py --page docs/data.md` alone); CPU only, page cache "
+        "warm: a cluster's file system adds its read time, which this does not model.",
         "",
         "| part of MM1's data | stage measured | rate per core | core-hours |",
         "|---|---|---|---|",

@@ -5,7 +5,8 @@
 Each benchmark runs in a fresh process, one after the other (they share the cores), and its
 last line (JSON, benchmarks/measure.py) is collected. `--markdown FILE` writes the results
 section (table, date, commit, machine); `--page docs/performance.md` puts that section between
-the markers `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` of the page.
+the markers `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` of the page, and
+prepare_at_scale's cost table into docs/data.md beside it (its own markers).
 data_at_scale always runs in its quick mode here (its full sweep over a 50M-sample index takes
 far longer than the others; run it alone), and it is no A/B: its row is the loader's CPU
 seconds per step at the largest DP size against the planner's modelled step of the fastest
@@ -154,6 +155,17 @@ def replace_between_markers(path: Path, section: str) -> None:
     path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section}{END}", text, count=1))
 
 
+def cost_page(results: list[dict[str, Any]], page: Path) -> None:
+    """With --page, prepare_at_scale's cost table goes into the data docs beside it (the same
+    run's figures as the performance table)."""
+    from benchmarks.prepare_at_scale import cost_table, write_page
+
+    for result in results:
+        if result["benchmark"] == "prepare_at_scale" and not result.get("quick"):
+            write_page(page.parent / "data.md",
+                       cost_table(result["cost"], result["stages"], result["ratio"]))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="every benchmark's quick mode")
@@ -181,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.markdown.write_text(section)
         if args.page:
             replace_between_markers(args.page, section)
+            cost_page(results, args.page)
     return 0 if all(r["valid"] for r in rows) else 1
 
 
