@@ -15,16 +15,17 @@ detects it (`sources/__init__.py`), each format documented in its module under s
   webdataset  .tar files or a folder of them (img2dataset): indexed in place, never copied
   energon     a folder `energon prepare` indexed: indexed in place from its .nv-meta
   parquet     OBELICS interleaved documents or FineWeb-style text: converted
-This module holds what does not depend on the format. Sources indexed in place run as N
-DataTrove tasks and a merge (`prepare_tasks`): on this machine, W at a time, or with --slurm
-as an array job and a dependent merge job; a rerun of the same command runs only the tasks
-that did not finish (exit 1 names them), and the index does not depend on N or W.
+This module holds what does not depend on the format. Every preparation runs as N DataTrove
+tasks and a merge (`prepare_tasks`): on this machine, W at a time, or with --slurm as an
+array job and a dependent merge job; the output does not depend on N or W.
 
 The dataset is written to OUT.incomplete/ (next to OUT) and swapped in only at the end (OUT
 renamed to OUT.prepare_data-old, the new one renamed to OUT, the old one deleted): until then
 an existing OUT is untouched and usable, whatever happens (bad input, an error, Ctrl-C, a
-killed process; the next run removes a stale OUT.incomplete/ and finishes an interrupted
-swap). If no record is usable, nothing is written: exit status 2 and one line saying why.
+killed process). A failed task (exit 1 names it), Ctrl-C or a kill leave OUT.incomplete/ with
+the finished tasks' work: the same command again runs only the rest, then the merge (another
+command on it is refused in one line); the next run also finishes an interrupted swap. If no
+record is usable, nothing is written: exit status 2 and one line saying why.
 --output must be a new folder or one this tool wrote (no other files in it), never inside a
 SOURCE folder (nor a SOURCE inside it); SOURCE is only read, so it may be read-only.
 
@@ -39,27 +40,25 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import itertools
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
-from mm1_megatron.data.prepare_tasks import (LOGS, PLAN, SUMMARY, Plan, SlurmOptions,
-                                             TaskFailure, format_module, merge_parts,
-                                             read_plan, run_local, submit_slurm, write_plan)
-from mm1_megatron.data.shard_schema import KINDS, SOURCE_GAPS, BadSample, DatasetError
-from mm1_megatron.data.shard_writer import RawSample, write_dataset
+from mm1_megatron.data.prepare_tasks import (LOGS, PLAN, SKIPPED, SUMMARY, Plan,
+                                             SlurmOptions, TaskFailure, format_module,
+                                             merge_parts, read_plan, run_local, submit_slurm,
+                                             write_plan)
+from mm1_megatron.data.shard_schema import KINDS, SOURCE_GAPS, DatasetError
 from mm1_megatron.data.sources import FORMATS, PrepareError, Source, detect_format
 
 __all__ = ["PrepareError", "expand_sources", "main", "prepare", "resolve_format", "summary",
            "usable"]
 
 TOOL = "mm1-prepare-data"
-MAX_PRINTED = 10
 MERGE_JOB = "--merge-job"  # main's first argument in the Slurm merge job (`submit`)
 # What a dataset folder written by this tool holds; anything else in OUT is not ours to delete.
 _DATASET_ENTRIES = ("manifest.json", "manifest.json.tmp", "index", PLAN, LOGS)
@@ -198,29 +197,6 @@ def _no_samples(sources: Sequence[PathLike], source: Source, root: Path, kind: s
 
 # ---- the formats' two ways in ----------------------------------------------------------------
 
-def _converted(source: Source, sources: Sequence[Path], kind: str, root: Path,
-               fields: dict, skips: collections.Counter, log: Callable[[str], None]
-               ) -> Iterator[RawSample]:
-    """The format's usable samples; skips counted, the first MAX_PRINTED listed. Those met
-    before the first usable sample are held back: if none comes, the one-line error says it."""
-    held: Optional[list[str]] = []
-    for item in source.samples(sources, kind, images_root=root, **fields):
-        if isinstance(item, BadSample):
-            skips[item.reason] += 1
-            if sum(skips.values()) <= MAX_PRINTED:
-                line = f"{item.shard}:{item.member.split()[-1]}: skipped: {item.reason}: " \
-                       f"{item.detail}"
-                if held is not None:
-                    held.append(line)
-                else:
-                    log(line)
-            continue
-        for line in held or ():
-            log(line)
-        held = None
-        yield item
-
-
 def prepare(kind: str, sources: Sequence[PathLike], images_root: PathLike, output: PathLike,
             shard_size_mb: float = 64.0, tokenizer=None, progress: bool = True,
             log: Callable[[str], None] = _stderr, *, format: str = "auto",
@@ -228,111 +204,96 @@ def prepare(kind: str, sources: Sequence[PathLike], images_root: PathLike, outpu
             tasks: int = 1, workers: int = 1) -> tuple[dict, collections.Counter]:
     """Returns (manifest, skipped): every input record that is not a usable sample, per
     reason (records never written, samples the index flags bad, gaps in a source indexed in
-    place). Raises PrepareError when no record is usable; on any error an existing dataset at
-    `output` is left as it was. Sources indexed in place run as `tasks` DataTrove tasks,
-    `workers` at a time (`prepare_tasks`); a TaskFailure leaves them resumable."""
-    if kind not in KINDS:
-        raise ValueError(f"--kind {kind!r} is not one of {KINDS}")
-    paths = [Path(p) for p in sources]
-    source = FORMATS[resolve_format(paths, format)]
-    if source.in_place:
-        started = time.time()
-        tmp, out, old, plan = _resume_or_plan(source, paths, kind, output, tokenizer,
-                                              caption_field, text_field, tasks)
-        run_local(tmp, plan, workers, progress)
-        finish(tmp, out, old, started)
-        manifest = json.loads((out / "manifest.json").read_text())
-        return manifest, collections.Counter(manifest["bad"])
-    if tasks != 1:
-        raise PrepareError(f"--tasks {tasks}: {source.name} sources are converted in one "
-                           "process for now; tasks run for sources indexed in place "
-                           "(webdataset, energon)")
-    root = Path(images_root)
-    out, tmp, old = _output_paths(output)
-    _check_apart(paths, output, (out, tmp, old))
-    _repair(output, out, tmp, old)
-    skips: collections.Counter = collections.Counter()
-    listed = 0  # skips the converter listed
-    try:
-        # Field defaults are the jsonl schema's: {"image", "text"} and {"text"}.
-        fields = dict(caption_field=caption_field or "text", text_field=text_field or "text")
-        total = source.count(paths)
-        stream = _converted(source, paths, kind, root, fields, skips, log)
-        first = next(stream, None)  # all records bad: stop before anything is created
-        if first is None:
-            raise PrepareError(_no_samples(sources, source, root, kind, skips, out.exists()))
-        manifest = write_dataset(itertools.chain([first], stream), tmp, kind,
-                                 shard_size_mb=shard_size_mb, tokenizer=tokenizer,
-                                 progress=progress, total=total)
-        listed = sum(skips.values())
-        skips.update(manifest.get("bad", {}))  # written, then flagged by the indexer
-        if usable(manifest) <= 0:
-            raise PrepareError(_no_samples(sources, source, root, kind, skips, out.exists()))
-        _swap_in(tmp, out, old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    hidden = listed - MAX_PRINTED
-    if hidden > 0:
-        log(f"... and {hidden} more skipped {source.record}{'s' * (hidden != 1)} "
-            "(not listed)")
-    return manifest, skips
+    place). Runs as `tasks` DataTrove tasks, `workers` at a time, then the merge
+    (`prepare_tasks`). Raises PrepareError when no record is usable (nothing written),
+    TaskFailure when a task failed (the rerun of the same call runs only the unfinished
+    ones); whatever happens, an existing dataset at `output` is left as it was until the
+    new one is complete."""
+    started = time.time()
+    tmp, out, old, plan = _resume_or_plan(kind, sources, images_root, output, tokenizer,
+                                          format, caption_field, text_field, tasks,
+                                          shard_size_mb)
+    run_local(tmp, plan, workers, progress)
+    finish(tmp, out, old, started, log)
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = json.loads((out / LOGS / SKIPPED).read_text())["skipped"]
+    return manifest, collections.Counter(skipped) + collections.Counter(manifest["bad"])
 
 
 def submit(kind: str, sources: Sequence[PathLike], output: PathLike, slurm: SlurmOptions,
-           tokenizer=None, *, format: str = "auto", caption_field: Optional[str] = None,
-           text_field: Optional[str] = None, tasks: int = 1) -> dict:
-    """`prepare` as Slurm jobs (sources indexed in place): the tasks without a completion
-    marker as an array job, the merge as a job depending on it. Returns the job ids."""
-    paths = [Path(p) for p in sources]
-    source = FORMATS[resolve_format(paths, format)]
-    if not source.in_place:
-        raise PrepareError(f"--slurm: {source.name} sources are converted in one process for "
-                           "now; --slurm runs sources indexed in place (webdataset, energon)")
+           tokenizer=None, *, images_root: PathLike = ".", format: str = "auto",
+           caption_field: Optional[str] = None, text_field: Optional[str] = None,
+           tasks: int = 1, shard_size_mb: float = 64.0) -> dict:
+    """`prepare` as Slurm jobs: the tasks without a completion marker as an array job, the
+    merge as a job depending on it. Returns the job ids."""
     started = time.time()
-    tmp, out, old, plan = _resume_or_plan(source, paths, kind, output, tokenizer,
-                                          caption_field, text_field, tasks)
+    tmp, out, old, plan = _resume_or_plan(kind, sources, images_root, output, tokenizer,
+                                          format, caption_field, text_field, tasks,
+                                          shard_size_mb)
     return submit_slurm(tmp, plan, slurm, [sys.executable, "-m", "mm1_megatron.data.prepare",
                                            MERGE_JOB, str(tmp), str(out), str(old),
                                            str(started)])
 
 
-def finish(tmp: Path, out: Path, old: Path, started: float) -> dict:
+def finish(tmp: Path, out: Path, old: Path, started: float,
+           log: Callable[[str], None] = _stderr) -> dict:
     """After the tasks: merge their parts (`prepare_tasks.merge_parts`), check something is
-    usable, swap OUT in; returns the summary (also in OUT/logs/summary.json). Raises
-    PrepareError (OUT.incomplete removed: nothing written) when no sample is usable. A merge
-    killed before the swap is simply run again."""
+    usable, list the first skipped records, swap OUT in; returns the summary (also in
+    OUT/logs/summary.json). Raises PrepareError (OUT.incomplete removed: nothing written) when
+    no sample is usable. A merge killed before the swap is simply run again."""
     plan = read_plan(tmp)
-    manifest = merge_parts(tmp, plan)
+    manifest, skipped, listed = merge_parts(tmp, plan)
+    source = FORMATS[plan.format]
     if usable(manifest) <= 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        reasons = ", ".join(f"{n} {r}" for r, n in manifest["bad"].items()) or "none"
-        raise PrepareError(f"no usable samples in {plan.root} ({reasons}); the existing "
-                           "dataset is unchanged")
-    result = summary(manifest, manifest["bad"], plan.format, out, time.time() - started)
+        raise PrepareError(_no_samples(
+            plan.sources, source, Path(plan.images_root), plan.kind,
+            skipped + collections.Counter(manifest["bad"]), out.exists()))
+    for line in listed:
+        log(line)
+    hidden = sum(skipped.values()) - len(listed)
+    if hidden > 0:
+        log(f"... and {hidden} more skipped {source.record}{'s' * (hidden != 1)} "
+            "(not listed)")
+    result = summary(manifest, skipped + collections.Counter(manifest["bad"]), plan.format,
+                     out, time.time() - started)
     result["tasks"] = plan.tasks
     (tmp / LOGS / SUMMARY).write_text(json.dumps(result) + "\n")
     _swap_in(tmp, out, old)
     return result
 
 
-def _resume_or_plan(source: Source, paths: list[Path], kind: str, output: PathLike, tokenizer,
-                    caption_field: Optional[str], text_field: Optional[str], tasks: int
+def _resume_or_plan(kind: str, sources: Sequence[PathLike], images_root: PathLike,
+                    output: PathLike, tokenizer, format: str, caption_field: Optional[str],
+                    text_field: Optional[str], tasks: int, shard_size_mb: float
                     ) -> tuple[Path, Path, Path, Plan]:
-    """OUT.incomplete/ with its task plan: the one a previous run of the same command left
-    (its finished tasks are kept), or a new one. Refuses, in one line and changing nothing, a
-    half-done preparation planned with another --tasks or of other sources."""
+    """OUT.incomplete/ with its task plan: the one a previous run of the same call left (its
+    finished tasks are kept), or a new one. Refuses, in one line and changing nothing, a
+    half-done preparation planned with another --tasks or of other sources or options."""
+    if kind not in KINDS:
+        raise PrepareError(f"--kind {kind!r} is not one of {KINDS}")
     if tasks < 1:
         raise PrepareError(f"--tasks {tasks}: must be at least 1")
+    paths = [Path(p) for p in sources]
+    name = resolve_format(paths, format)
+    source = FORMATS[name]
     out, tmp, old = _output_paths(output)
     _check_apart(paths, output, (out, tmp, old))
     _repair(output, out, tmp, old, keep_plan=True)
-    try:
-        planned = format_module(source.name).plan(paths, kind, caption_field, text_field)
-    except DatasetError as e:
-        raise PrepareError(str(e)) from None
-    plan = Plan.make(planned, kind, tasks, None if tokenizer is None else
-                     str(tokenizer.path), paths)
+    tokenizer_path = None if tokenizer is None else str(tokenizer.path)
+    if source.in_place:
+        try:
+            planned = format_module(name).plan(paths, kind, caption_field, text_field)
+        except DatasetError as e:
+            raise PrepareError(str(e)) from None
+        plan = Plan.in_place(planned, kind, tasks, tokenizer_path, paths)
+    else:
+        # Field defaults are the jsonl schema's: {"image", "text"} and {"text"}.
+        fields = dict(caption_field=caption_field or "text", text_field=text_field or "text")
+        files = source.files(paths)
+        source.check(files, kind)  # what would fail every task, refused before any starts
+        plan = Plan.converted(name, kind, tasks, files, tokenizer_path, paths,
+                              Path(images_root), fields, shard_size_mb)
     found = read_plan(tmp) if tmp.is_dir() else None
     if found is not None:
         if not found.same_work(plan):
@@ -383,10 +344,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(jsonl: 'text')")
     p.add_argument("--shard-size-mb", type=float, default=64.0)
     p.add_argument("--no-progress", action="store_true")
-    run = p.add_argument_group("tasks (sources indexed in place: webdataset, energon)")
-    run.add_argument("--tasks", type=int, default=1, help="split the source's tars into this "
-                     "many DataTrove tasks (fixed for a preparation: a rerun runs the "
-                     "unfinished ones)")
+    run = p.add_argument_group("tasks (DataTrove): on this machine, or Slurm jobs")
+    run.add_argument("--tasks", type=int, default=1, help="split the work (the source's tars, "
+                     "or its files in units of --shard-size-mb) into this many tasks (fixed "
+                     "for a preparation: a rerun runs the unfinished ones)")
     run.add_argument("--workers", type=int, default=1, help="tasks at a time on this machine")
     run.add_argument("--slurm", action="store_true", help="submit the tasks as a Slurm array "
                      "job and the merge as a job depending on it, then return")
@@ -422,7 +383,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.slurm:
             jobs = submit(args.kind, sources, args.output, SlurmOptions(
                 args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb,
-                args.tasks_per_job), tok, **fields)
+                args.tasks_per_job), tok, images_root=args.images_root,
+                shard_size_mb=args.shard_size_mb, **fields)
             _stderr(f"{args.output}: submitted {args.tasks} task(s) as job "
                     f"{jobs['index_job'] or '(none left)'} and the merge as job "
                     f"{jobs['merge_job']}; its log ends with the summary line")
@@ -442,12 +404,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         _stderr(f"{TOOL}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        _stderr(f"\n{TOOL}: interrupted; the existing dataset is unchanged")
+        _stderr(f"\n{TOOL}: interrupted; the existing dataset is unchanged (run the same "
+                "command again to go on from the finished tasks)")
         return 130
     result = summary(manifest, skipped, fmt, args.output, time.monotonic() - start)
+    result["tasks"] = args.tasks
     source = FORMATS[fmt]
-    if source.in_place:
-        result["tasks"] = args.tasks
     where = "source shards indexed in place" if source.in_place else "shards"
     _stderr(f"{args.output}: {result['samples']} samples in {result['shards']} {where} "
             f"({fmt}), {result['images']} images, {result['bytes'] / 2**20:.1f} MiB; "

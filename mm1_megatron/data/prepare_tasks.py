@@ -1,23 +1,29 @@
-"""`mm1-prepare-data` on sources indexed in place, as a DataTrove pipeline: on one machine
-(`--tasks N --workers W`, DataTrove's local executor) or as Slurm jobs (`--slurm`: stage 1 an
-array job, stage 2 a job depending on it).
+"""`mm1-prepare-data` as a DataTrove pipeline: on one machine (`--tasks N --workers W`,
+DataTrove's local executor) or as Slurm jobs (`--slurm`: stage 1 an array job, stage 2 a job
+depending on it).
 
-    stage 1  N tasks. Task r indexes a fixed, contiguous slice of the source's tars (the plan
-             lists them once, in dataset order) into OUT.incomplete/parts/NNNNN/ (its own
-             index/ and part.json): written as parts/NNNNN.tmp-PID, renamed when whole, so a
-             killed task leaves nothing a merge could take for finished.
-    stage 2  one task merges the parts, in task order, into index/ and manifest.json
-             (`merge_parts`), then OUT.incomplete/ is swapped in as OUT (`prepare.finish`):
-             in this process, or under Slurm a plain job depending on the array (not a
-             DataTrove stage: its completion marker would be written into the folder the swap
-             has just moved).
+    stage 1  N tasks, task r over a fixed, contiguous slice of the plan's work items, into
+             OUT.incomplete/parts/NNNNN/ (written as parts/NNNNN.tmp-PID, renamed when whole,
+             so a killed task leaves nothing a merge could take for finished):
+               in place (webdataset, MINT, energon): the items are the source's tars; the part
+                 is their index (`IndexSlice`);
+               converted (jsonl, mmc4, parquet): the items are units, runs of consecutive
+                 source files of about --shard-size-mb of source bytes; each unit is written
+                 into its own shards (keys prefixed with the unit's number) with its index
+                 (`ConvertSlice`). Units, not tasks, cut the shards: the output does not
+                 depend on N.
+    stage 2  one merge of the parts, in order, into index/ and manifest.json (a converted
+             unit's shards renamed into the folder's one series; `merge_parts`), then
+             OUT.incomplete/ is swapped in as OUT (`prepare.finish`): in this process, or
+             under Slurm a plain job depending on the array (not a DataTrove stage: its
+             completion marker would be written into the folder the swap has just moved).
 
 The merge writes one global index rather than leaving an index of parts for the reader: a
 sample is then one point read at a fixed offset (`shard_reader.IndexFile`), as in every other
 dataset, and the index is byte-identical whatever N and W (parts are contiguous slices, merged
-in order; the numbers that depend on position, a row's shard and first image and its token
-segments, are rebased). The copy costs one sequential pass over the index (~100 bytes a
-sample), small beside the scan of the tars it summarises; it streams through memory maps.
+in order; what depends on position, a row's shard and first image and its token segments, is
+rebased). The copy costs one sequential pass over the index (~100 bytes a sample), small
+beside reading the data it summarises; it streams through memory maps.
 
 Restartable: DataTrove marks each finished task in OUT.incomplete/logs/index/completions/;
 running the same command again runs only the tasks without a marker, then the merge. The plan
@@ -32,15 +38,16 @@ failure, so a rerun would redo tasks that were fine) and then stop naming the fa
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
+import itertools
 import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
@@ -49,13 +56,17 @@ from datatrove.utils.stats import PipelineStats
 from mm1_megatron.data.shard_index import (InPlaceSource, index_shards, tokenizer_record,
                                            write_manifest)
 from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IMAGE_EXTS,
-                                            SAMPLE_DTYPE, SOURCE_GAPS, DatasetError)
+                                            SAMPLE_DTYPE, BadSample, DatasetError)
+from mm1_megatron.data.shard_writer import write_dataset
+from mm1_megatron.data.sources import FORMATS
 
 PLAN = "plan.json"
 PARTS = "parts"
 LOGS = "logs"
-FAULT = "MM1_FAULT_PREPARE_TASK"  # "K": task K raises before indexing anything
-SUMMARY = "summary.json"  # in OUT/logs/: the JSON line of the merge
+FAULT = "MM1_FAULT_PREPARE_TASK"  # "K": task K raises before doing anything
+SUMMARY = "summary.json"  # in OUT/logs/: the summary line of the merge
+SKIPPED = "skipped.json"  # in OUT/logs/: converted records skipped, and the first listed
+MAX_LISTED = 10  # skipped records listed (FILE:LINE) per preparation; the rest only counted
 _CHUNK = 1 << 20  # rows copied at a time by the merge: memory stays flat at any size
 
 
@@ -70,19 +81,36 @@ class Plan:
     format: str
     kind: str
     tasks: int
-    root: str
-    shards: list[str]  # relative to root, in dataset order
-    text: dict
-    parts: Optional[list[str]] = None
+    root: str  # in place: the folder `shards` are relative to; converted: ""
+    shards: list[str]  # in place: the tars; converted: the source files (absolute); in order
+    text: Optional[dict] = None  # in place: how a sample's text member reads
+    parts: Optional[list[str]] = None  # in place: the members to index (None: all)
     tokenizer: Optional[str] = None  # sentencepiece model path
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # SOURCE as given, resolved
+    # Converted: [start, end) of `shards` per unit, and what the format's reader needs.
+    units: Optional[list[list[int]]] = None
+    images_root: str = "."
+    fields: dict = field(default_factory=dict)
+    shard_size_mb: float = 64.0
 
     @classmethod
-    def make(cls, source: InPlaceSource, kind: str, tasks: int, tokenizer: Optional[str],
-             sources: list[Path]) -> "Plan":
+    def in_place(cls, source: InPlaceSource, kind: str, tasks: int, tokenizer: Optional[str],
+                 sources: list[Path]) -> "Plan":
         return cls(source.format, kind, tasks, str(source.root),
                    [str(s.relative_to(source.root)) for s in source.shards], source.text,
-                   source.parts, tokenizer, [os.path.realpath(s) for s in sources])
+                   source.parts, tokenizer and os.path.realpath(tokenizer),
+                   [os.path.realpath(s) for s in sources])
+
+    @classmethod
+    def converted(cls, fmt: str, kind: str, tasks: int, files: list[Path],
+                  tokenizer: Optional[str], sources: list[Path], images_root: Path,
+                  fields: dict, shard_size_mb: float) -> "Plan":
+        return cls(fmt, kind, tasks, "", [os.path.realpath(f) for f in files],
+                   tokenizer=tokenizer and os.path.realpath(tokenizer),
+                   sources=[os.path.realpath(s) for s in sources],
+                   units=units_of(files, int(shard_size_mb * 2**20)),
+                   images_root=os.path.realpath(images_root), fields=fields,
+                   shard_size_mb=shard_size_mb)
 
     def source(self) -> InPlaceSource:
         root = Path(self.root)
@@ -90,13 +118,31 @@ class Plan:
                              self.parts)
 
     def slice(self, rank: int) -> tuple[int, int]:
-        """Task `rank`'s shards: [start, end) of the plan's list (contiguous, so parts merge in
-        order into the one-task index)."""
-        n = len(self.shards)
+        """Task `rank`'s work items: [start, end) of the tars or units (contiguous, so the
+        parts merge in order into the one-task result)."""
+        n = len(self.shards) if self.units is None else len(self.units)
         return rank * n // self.tasks, (rank + 1) * n // self.tasks
 
     def same_work(self, other: "Plan") -> bool:
         return {**asdict(self), "tasks": 0} == {**asdict(other), "tasks": 0}
+
+
+def units_of(files: list[Path], target_bytes: int) -> list[list[int]]:
+    """Consecutive files grouped until each group holds `target_bytes` of source (a file
+    larger than that is a unit of its own): fixed by the files alone, whatever the tasks."""
+    units: list[list[int]] = []
+    start, size = 0, 0
+    for n, f in enumerate(files):
+        try:
+            size += f.stat().st_size
+        except OSError:
+            pass  # read (and reported) by the task
+        if size >= target_bytes:
+            units.append([start, n + 1])
+            start, size = n + 1, 0
+    if start < len(files):
+        units.append([start, len(files)])
+    return units
 
 
 def format_module(name: str):
@@ -120,11 +166,16 @@ def write_plan(tmp: Path, plan: Plan) -> None:
     scratch.replace(tmp / PLAN)
 
 
-# ---- stage 1: one slice of the tars -> parts/NNNNN/ -------------------------------------------
+def skip_line(item: BadSample) -> str:
+    """How a skipped record is listed: FILE:LINE: skipped: reason: detail."""
+    return f"{item.shard}:{item.member.split()[-1]}: skipped: {item.reason}: {item.detail}"
+
+
+# ---- stage 1: one slice of the work -> parts/NNNNN/ -------------------------------------------
 
 @dataclass
-class IndexSlice:
-    """DataTrove pipeline step (called as step(data, rank, world_size)): index task `rank`'s
+class _Task:
+    """A DataTrove pipeline step (called as step(data, rank, world_size)) doing task `rank`'s
     slice of the plan into parts/NNNNN/. Holds only paths: it is pickled to the workers and,
     under Slurm, to the array job."""
 
@@ -138,7 +189,6 @@ class IndexSlice:
             raise DatasetError(f"{tmp / PLAN}: missing or planned for another task count")
         if os.environ.get(FAULT, "") == str(rank):
             raise RuntimeError(f"{FAULT}={rank}: task {rank} fails (fault injection)")
-        start, end = plan.slice(rank)
         part = tmp / PARTS / f"{rank:05d}"
         scratch = part.with_name(f"{part.name}.tmp-{os.getpid()}")
         for stale in part.parent.glob(f"{part.name}.tmp-*"):  # a killed attempt's leftovers
@@ -150,22 +200,69 @@ class IndexSlice:
             from mm1_megatron.data.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.load(plan.tokenizer)
+        record = self.run(plan, *plan.slice(rank), scratch, tokenizer)
+        (scratch / "part.json").write_text(json.dumps(record) + "\n")
+        os.replace(scratch, part)
+        return data
+
+    def run(self, plan: Plan, start: int, end: int, scratch: Path, tokenizer) -> dict:
+        raise NotImplementedError
+
+
+class IndexSlice(_Task):
+    """In place: tars [start, end) indexed into the part (its shard numbers from 0)."""
+
+    def run(self, plan: Plan, start: int, end: int, scratch: Path, tokenizer) -> dict:
         source = plan.source()
         module = format_module(plan.format)
         shards = source.shards[start:end]
         with module.lister(source) as list_members:
             manifest = index_shards(shards, plan.kind, scratch, root=source.root,
                                     text=source.text, tokenizer=tokenizer,
-                                    progress=self.progress, list_members=list_members,
-                                    first_shard=start)
+                                    progress=self.progress, list_members=list_members)
         manifest["bad"] = dict(collections.Counter(manifest["bad"]) +
                                module.shard_gaps(shards))
-        (scratch / "part.json").write_text(json.dumps(manifest) + "\n")
-        os.replace(scratch, part)
-        return data
+        return {"pieces": [{"dir": ".", "manifest": manifest}], "skipped": {}, "listed": []}
 
 
-# ---- stage 2: parts -> index/ + manifest.json, then the swap ----------------------------------
+class ConvertSlice(_Task):
+    """Converted: units [start, end) each written into units/UUUUUU/ (its shards, index,
+    manifest); skipped records counted, the first MAX_LISTED kept for the merge to list."""
+
+    def run(self, plan: Plan, start: int, end: int, scratch: Path, tokenizer) -> dict:
+        source = FORMATS[plan.format]
+        skipped: collections.Counter = collections.Counter()
+        listed: list[str] = []
+
+        def usable(items) -> Iterator:
+            for item in items:
+                if isinstance(item, BadSample):
+                    skipped[item.reason] += 1
+                    if len(listed) < MAX_LISTED:
+                        listed.append(skip_line(item))
+                else:
+                    yield item
+
+        pieces = []
+        for unit in range(start, end):
+            a, b = plan.units[unit]
+            files = [Path(f) for f in plan.shards[a:b]]
+            stream = usable(source.samples(files, plan.kind, images_root=Path(plan.images_root),
+                                           **plan.fields))
+            first = next(stream, None)
+            if first is None:
+                continue  # no usable record in the unit: no shard
+            folder = f"units/{unit:06d}"
+            manifest = write_dataset(itertools.chain([first], stream), scratch / folder,
+                                     plan.kind, shard_size_mb=plan.shard_size_mb,
+                                     tokenizer=tokenizer, progress=self.progress,
+                                     total=source.count(files) if self.progress else None,
+                                     key_prefix=f"{unit:06d}")
+            pieces.append({"dir": folder, "manifest": manifest})
+        return {"pieces": pieces, "skipped": dict(skipped), "listed": listed}
+
+
+# ---- stage 2: parts -> index/ + manifest.json ---------------------------------------------------
 
 def _copy_rows(target: np.ndarray, offset: int, rows: np.ndarray,
                rebase: Optional[Callable[[np.ndarray], None]] = None) -> int:
@@ -185,43 +282,59 @@ def _new_array(path: Path, dtype: np.dtype, length: int) -> np.ndarray:
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(length,))
 
 
-def merge_parts(tmp: Path, plan: Plan) -> dict:
-    """parts/ -> tmp/index/ and the manifest (written); the parts are then removed. Run again
-    after a kill: from the parts, or once they are gone, the manifest written before."""
-    if not (tmp / PARTS).exists() and (tmp / "manifest.json").is_file():
-        return json.loads((tmp / "manifest.json").read_text())
-    parts = [json.loads((tmp / PARTS / f"{r:05d}" / "part.json").read_text())
-             for r in range(plan.tasks)]
+def merge_parts(tmp: Path, plan: Plan) -> tuple[dict, collections.Counter, list[str]]:
+    """parts/ -> tmp/index/, the converted shards renamed into tmp/, and the manifest
+    (written); the parts are then removed. Returns (manifest, records skipped before any
+    index: converted records never written, counted per reason; the first of them listed).
+    Run again after a kill: from the parts, or once they are gone, from what it wrote."""
+    done = tmp / LOGS / SKIPPED
+    if not (tmp / PARTS).exists() and (tmp / "manifest.json").is_file() and done.is_file():
+        record = json.loads(done.read_text())
+        return (json.loads((tmp / "manifest.json").read_text()),
+                collections.Counter(record["skipped"]), record["listed"])
+    records = [json.loads((tmp / PARTS / f"{r:05d}" / "part.json").read_text())
+               for r in range(plan.tasks)]
+    pieces = [(tmp / PARTS / f"{r:05d}" / piece["dir"], piece["manifest"])
+              for r, record in enumerate(records) for piece in record["pieces"]]
     tokens = plan.tokenizer is not None
     index = tmp / "index"
     index.mkdir(exist_ok=True)
     arrays = {"samples": SAMPLE_DTYPE, "images": IMAGE_DTYPE}
     if tokens:
         arrays.update(segments=np.dtype("<i4"), segment_offsets=np.dtype("<i8"))
-    loaded = [{name: np.load(tmp / PARTS / f"{r:05d}" / "index" / f"{name}.npy",
-                             mmap_mode="r") for name in arrays} for r in range(plan.tasks)]
+    loaded = [{name: np.load(folder / "index" / f"{name}.npy", mmap_mode="r")
+               for name in arrays} for folder, _ in pieces]
     totals = {name: sum(len(p[name]) for p in loaded) for name in arrays}
     if tokens:
         totals["segment_offsets"] = totals["samples"] + 1
     out = {name: _new_array(index / f"{name}.npy", dtype, totals[name])
            for name, dtype in arrays.items()}
     at = dict.fromkeys(arrays, 0)
-    for part in loaded:
-        images_before, segments_before = at["images"], at.get("segments", 0)
+    shards: list[dict] = []
+    for (folder, manifest), piece in zip(pieces, loaded):
+        shard_base, image_base, segment_base = len(shards), at["images"], at.get("segments", 0)
 
-        def shift_images(rows: np.ndarray, by: int = images_before) -> None:
-            rows["image_start"] += by
+        def rebase_rows(rows: np.ndarray, shard: int = shard_base,
+                        image: int = image_base) -> None:
+            rows["shard"] += shard
+            rows["image_start"] += image
 
-        def shift_segments(rows: np.ndarray, by: int = segments_before) -> None:
+        def rebase_segments(rows: np.ndarray, by: int = segment_base) -> None:
             rows += by
 
-        at["samples"] = _copy_rows(out["samples"], at["samples"], part["samples"],
-                                   shift_images)
-        at["images"] = _copy_rows(out["images"], at["images"], part["images"])
+        at["samples"] = _copy_rows(out["samples"], at["samples"], piece["samples"],
+                                   rebase_rows)
+        at["images"] = _copy_rows(out["images"], at["images"], piece["images"])
         if tokens:
-            at["segments"] = _copy_rows(out["segments"], at["segments"], part["segments"])
+            at["segments"] = _copy_rows(out["segments"], at["segments"], piece["segments"])
             at["segment_offsets"] = _copy_rows(out["segment_offsets"], at["segment_offsets"],
-                                               part["segment_offsets"][:-1], shift_segments)
+                                               piece["segment_offsets"][:-1], rebase_segments)
+        for entry in manifest["shards"]:
+            if plan.units is not None:  # a converted unit's shard joins the one series
+                name = f"shard-{len(shards):06d}.tar"
+                os.replace(folder / entry["name"], tmp / name)
+                entry = {**entry, "name": name}
+            shards.append(entry)
     if tokens:
         out["segment_offsets"][-1] = at["segments"]
     for array in out.values():
@@ -229,64 +342,102 @@ def merge_parts(tmp: Path, plan: Plan) -> dict:
             array.flush()
     del out, loaded
     bad: collections.Counter = collections.Counter()
-    for part in parts:
-        bad.update(part["bad"])
-    source = plan.source()
-    bad.update(format_module(plan.format).series_gaps(source.shards))
-    text_tokens = sum(p["text_tokens"] or 0 for p in parts) if tokens else None
-    tokenizer = None
-    if tokens:
-        from mm1_megatron.data.tokenizer import Tokenizer
-
-        tokenizer = tokenizer_record(Tokenizer.load(plan.tokenizer))
-    shards = [entry for p in parts for entry in p["shards"]]
+    skipped: collections.Counter = collections.Counter()
+    for _, manifest in pieces:
+        bad.update(manifest["bad"])
+    for record in records:
+        skipped.update(record["skipped"])
+    listed = [line for record in records for line in record["listed"]][:MAX_LISTED]
     manifest = {
         "format": FORMAT, "kind": plan.kind, "shards": shards,
         "samples": totals["samples"], "bytes": sum(s["bytes"] for s in shards),
-        "images": totals["images"], "bad": dict(sorted(bad.items())),
-        "text_chars": sum(p["text_chars"] for p in parts), "text_tokens": text_tokens,
-        "tokenizer": tokenizer,
+        "images": totals["images"], "bad": {},
+        "text_chars": sum(m["text_chars"] for _, m in pieces),
+        "text_tokens": sum(m["text_tokens"] or 0 for _, m in pieces) if tokens else None,
+        "tokenizer": None,
         "index": {"samples": "index/samples.npy", "images": "index/images.npy",
                   **({"segments": "index/segments.npy",
                       "segment_offsets": "index/segment_offsets.npy"} if tokens else {})},
         "image_exts": list(IMAGE_EXTS), "bad_reasons": list(BAD_REASONS),
-        "source": {"format": plan.format, "root": plan.root, "text": plan.text},
     }
+    if tokens:
+        from mm1_megatron.data.tokenizer import Tokenizer
+
+        manifest["tokenizer"] = tokenizer_record(Tokenizer.load(plan.tokenizer))
+    if plan.units is None:
+        bad.update(format_module(plan.format).series_gaps(plan.source().shards))
+        manifest["source"] = {"format": plan.format, "root": plan.root, "text": plan.text}
+    manifest["bad"] = dict(sorted(bad.items()))
+    (tmp / LOGS).mkdir(exist_ok=True)
+    done.write_text(json.dumps({"skipped": skipped, "listed": listed}) + "\n")
     write_manifest(tmp, manifest)
     shutil.rmtree(tmp / PARTS)
-    return manifest
+    return manifest, skipped, listed
 
 
 # ---- running the stages -----------------------------------------------------------------------
 
+def task_step(plan: Plan, tmp: Path, progress: bool = False) -> _Task:
+    return (IndexSlice if plan.units is None else ConvertSlice)(str(tmp), progress)
+
+
 class KeepGoingExecutor(LocalPipelineExecutor):
-    """DataTrove's local executor, except that a failed task does not stop the others (its
-    failure is in its task log, and it gets no completion marker)."""
+    """DataTrove's local executor, except that a failed task does not stop the others (it
+    gets no completion marker; its error goes to logs/index/errors/NNNNN for the summary) and
+    that, with `quiet`, its log lines reach the terminal only as errors (they stay in the
+    task logs)."""
+
+    def __init__(self, *args, quiet: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
 
     def _launch_run_for_rank(self, rank, ranks_q, completed=None, completed_lock=None):
         try:
             return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
-        except Exception:  # noqa: BLE001 - reported by its missing completion marker
+        except Exception as e:  # noqa: BLE001 - reported by its missing completion marker
+            with self.logging_dir.open(f"errors/{rank:05d}", "w") as f:
+                f.write(f"{type(e).__name__}: {e}" if not str(e).startswith(FAULT)
+                        else str(e))
             return PipelineStats()
 
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        # DataTrove sends a task's INFO lines to stderr only for local rank 0.
+        return super()._run_for_rank(rank, 1 if self.quiet else local_rank, node_rank)
 
-class ArrayExecutor(SlurmPipelineExecutor):
-    """DataTrove's Slurm executor without its stats-merging job: our merge job follows the
-    array instead (a second job waiting on a failed array would stay queued for ever; the
-    per-task stats stay in logs/index/stats/)."""
 
-    def launch_merge_stats(self) -> None:
-        pass
+@contextlib.contextmanager
+def _executor_log(path: Path, quiet: bool) -> Iterator[None]:
+    """With `quiet`, what DataTrove logs in this process (its executor's lines, and the
+    stderr sink it re-adds after each task) goes to `path` instead of the terminal: the
+    command's stderr keeps to its own lines (one line for an error)."""
+    if not quiet:
+        yield
+        return
+    from loguru import logger
+
+    saved = sys.stderr
+    with open(path, "a") as log:
+        sys.stderr = log
+        logger.remove()
+        logger.add(log)
+        try:
+            yield
+        finally:
+            logger.remove()
+            sys.stderr = saved
+            logger.add(sys.stderr)  # loguru's default sink, as DataTrove leaves it
 
 
 def run_local(tmp: Path, plan: Plan, workers: int, progress: bool) -> None:
     """Stage 1 on this machine. Raises TaskFailure naming the tasks that did not finish (the
     rerun runs only those)."""
     executor = KeepGoingExecutor(
-        pipeline=[IndexSlice(str(tmp), progress=progress and plan.tasks == 1)],
+        pipeline=[task_step(plan, tmp, progress=progress and plan.tasks == 1)],
         tasks=plan.tasks, workers=max(1, min(workers, plan.tasks)),
-        logging_dir=str(tmp / LOGS / "index"), start_method="spawn")
-    executor.run()
+        logging_dir=str(tmp / LOGS / "index"), start_method="spawn", quiet=not progress)
+    (tmp / LOGS).mkdir(exist_ok=True)
+    with _executor_log(tmp / LOGS / "executor.log", quiet=not progress):
+        executor.run()
     failed = executor.get_incomplete_ranks()
     if failed:
         raise TaskFailure(_failure_line(tmp, failed, plan.tasks))
@@ -294,9 +445,13 @@ def run_local(tmp: Path, plan: Plan, workers: int, progress: bool) -> None:
 
 def _failure_line(tmp: Path, failed: list[int], tasks: int) -> str:
     shown = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
-    logs = tmp / LOGS / "index" / "logs"
-    return (f"task{'s' * (len(failed) > 1)} {shown} of {tasks} failed (logs: "
-            f"{logs}/task_{failed[0]:05d}.log); run the same command again to run "
+    logs = tmp / LOGS / "index"
+    try:
+        why = ": " + (logs / "errors" / f"{failed[0]:05d}").read_text().strip().splitlines()[0]
+    except (OSError, IndexError):
+        why = ""
+    return (f"task{'s' * (len(failed) > 1)} {shown} of {tasks} failed{why} (log: "
+            f"{logs}/logs/task_{failed[0]:05d}.log); run the same command again to run "
             f"{'them' if len(failed) > 1 else 'it'} and the merge")
 
 
@@ -310,6 +465,15 @@ class SlurmOptions:
     job_name: str = "mm1-prepare-data"
 
 
+class ArrayExecutor(SlurmPipelineExecutor):
+    """DataTrove's Slurm executor without its stats-merging job: our merge job follows the
+    array instead (a second job waiting on a failed array would stay queued for ever; the
+    per-task stats stay in logs/index/stats/)."""
+
+    def launch_merge_stats(self) -> None:
+        pass
+
+
 def submit_slurm(tmp: Path, plan: Plan, options: SlurmOptions, merge_command: list[str]
                  ) -> dict:
     """Stage 1 as a DataTrove array job of the tasks without a completion marker; the merge
@@ -319,7 +483,7 @@ def submit_slurm(tmp: Path, plan: Plan, options: SlurmOptions, merge_command: li
     import subprocess
 
     stage1 = ArrayExecutor(
-        pipeline=[IndexSlice(str(tmp))], tasks=plan.tasks, job_name=options.job_name,
+        pipeline=[task_step(plan, tmp)], tasks=plan.tasks, job_name=options.job_name,
         logging_dir=str(tmp / LOGS / "index"), tasks_per_job=options.tasks_per_job,
         partition=options.partition, time=options.time, cpus_per_task=options.cpus_per_task,
         mem_per_cpu_gb=options.mem_per_cpu_gb, qos="", mail_type="NONE", requeue=False,

@@ -22,8 +22,7 @@ from mm1_megatron.data.prompt_format import Answer
 from mm1_megatron.data.shard_reader import file_sha256, open_dataset, read_at, reopen_dataset
 from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IMAGE_EXTS,
                                             KEY_BYTES, SAMPLE_DTYPE, BadSample, DatasetError,
-                                            normalize_ext, parse_sample_json,
-                                            parse_text_member)
+                                            normalize_ext, parse_text_member)
 
 
 @dataclass
@@ -113,17 +112,15 @@ def index_dataset(folder: Union[str, Path], kind: str, *, tokenizer=None,
 
 def index_shards(shards: list[Path], kind: str, out: Path, *, root: Optional[Path] = None,
                  text: Optional[dict] = None, tokenizer=None, progress: bool = False,
-                 list_members: Optional[Callable[[Path], tuple[list, Optional[str]]]] = None,
-                 first_shard: int = 0) -> dict:
+                 list_members: Optional[Callable[[Path], tuple[list, Optional[str]]]] = None
+                 ) -> dict:
     """Scan `shards` in the given order into out/index/ and return the manifest (not yet
     written). `root` None: the shards are out's own (named by file name, with sha256); else
     a source indexed in place, the shards named relative to `root` with size and mtime (a
     change is caught at start-up without hashing the source). `text`: how a sample's text
     member reads (`parse_text_member`); None for our schema's json. `list_members(path)`: a
     shard's samples as `scan_tar` gives them ((key, {suffix: (offset, size)}) in order, and
-    the key a truncation cut), from an index the source already has; default: `scan_tar`.
-    `first_shard`: the number of shards[0] in the whole dataset (a task indexing a slice of
-    it, `prepare_tasks`)."""
+    the key a truncation cut), from an index the source already has; default: `scan_tar`."""
     rows, images, runs = [], [], []
     shard_entries, bad = [], collections.Counter()
     text_chars = text_tokens = 0
@@ -134,7 +131,7 @@ def index_shards(shards: list[Path], kind: str, out: Path, *, root: Optional[Pat
             for key, members in groups:
                 if len(key.encode()) > KEY_BYTES:
                     raise DatasetError(f"{path}: key {key!r} is longer than {KEY_BYTES} bytes")
-                row = dict(shard=first_shard + shard_no, key=key.encode(), json_offset=-1,
+                row = dict(shard=shard_no, key=key.encode(), json_offset=-1,
                            json_size=0, image_start=len(images), num_images=0, text_chars=0,
                            text_tokens=-1 if tokenizer is None else 0, bad=0, bad_member=-1)
                 reason, member, layout = _index_sample(kind, key, members, f, cut == key, row,

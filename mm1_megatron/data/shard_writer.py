@@ -67,11 +67,13 @@ def _members(kind: str, key: str, s: RawSample) -> dict[str, bytes]:
 
 def write_dataset(samples: Iterable[RawSample], output: Union[str, Path], kind: str, *,
                   shard_size_mb: float = 64.0, tokenizer=None, progress: bool = False,
-                  total: Optional[int] = None) -> dict:
+                  total: Optional[int] = None, key_prefix: str = "") -> dict:
     """Write samples into size-targeted shards, then manifest and index. Returns the manifest.
 
     A shard is closed before the sample that would take it past the target (a sample larger
     than the target gets a shard of its own). Deterministic: fixed mtime/owner in the tar.
+    KEY = `key_prefix` + the sample's 9-digit number here (a prefix keeps the keys of
+    several writers, one per unit of a preparation, apart).
     """
     import webdataset as wds
 
@@ -86,7 +88,7 @@ def write_dataset(samples: Iterable[RawSample], output: Union[str, Path], kind: 
     bar = progress_bar(progress, total, f"writing {kind}")
     try:
         for s in samples:
-            key = f"{n:09d}"
+            key = f"{key_prefix}{n:09d}"
             members = _members(kind, key, s)
             size = sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
             if writer is None or (written and written + size > target):

@@ -144,13 +144,15 @@ def test_crash_mid_write_keeps_old_dataset(tmp_path, images, old, sig):
         if fd is not None:
             os.close(fd)
     _assert_old_intact(old)
-    if sig == signal.SIGKILL:  # no chance to clean up: the partial dataset stays behind
-        assert _leftovers(old) == ["caption.incomplete"]
-        assert (old.parent / "caption.incomplete" / "shard-000001.tar").exists()
-    else:
-        assert proc.returncode == 130 and stderr.strip().splitlines() == \
-            ["mm1-prepare-data: interrupted; the existing dataset is unchanged"], stderr
-        assert _leftovers(old) == []
+    # Either way the unfinished task's work stays behind, under a name no merge takes for
+    # finished; the same command again goes on from there.
+    assert _leftovers(old) == ["caption.incomplete"]
+    assert list((old.parent / "caption.incomplete" / "parts").glob(
+        "00000.tmp-*/units/000000/shard-000001.tar"))
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and stderr.strip().splitlines() == [
+            "mm1-prepare-data: interrupted; the existing dataset is unchanged (run the same "
+            "command again to go on from the finished tasks)"], stderr
     (images / "slow.jpg").unlink()
     (images / "slow.jpg").write_bytes(jpeg(9))
     done = _run("caption", jsonl, images, old)

@@ -78,7 +78,7 @@ def test_round_trip(kind, tmp_path, images, tok):
     for i, rec in enumerate(recs):
         s = ds.read(i)
         segs, imgs = _expected(kind, rec, images)
-        assert (s.segments, s.images, s.key) == (segs, imgs, f"{i:09d}")
+        assert (s.segments, s.images, s.key) == (segs, imgs, f"000000{i:09d}")  # unit 0
         row = ds.samples[i]
         assert row["num_images"] == len(imgs)
         assert row["text_chars"] == sum(len(t) for t in s.texts)
@@ -104,7 +104,7 @@ def test_round_trip(kind, tmp_path, images, tok):
     # Plain webdataset sees the same samples (the schema is ordinary webdataset).
     urls = [str(tmp_path / kind / e["name"]) for e in manifest["shards"]]
     keys = [x["__key__"] for x in wds.WebDataset(urls, shardshuffle=False)]
-    assert keys == [f"{i:09d}" for i in range(len(recs))]
+    assert keys == [f"000000{i:09d}" for i in range(len(recs))]
 
 
 def test_dataset_pickles_and_reads_in_another_process_state(tmp_path, images):

@@ -4,11 +4,11 @@ the registry (`FORMATS`) and `detect_format`.
 A format either converts or indexes in place:
 
 * converting (`in_place = False`, e.g. `jsonl`): `samples()` yields a `RawSample` per usable
-  record and a `BadSample` per record it skips; `data.prepare` writes the samples into our own
-  shards (`shard_writer.write_dataset`);
+  record and a `BadSample` per record it skips; the tasks of `data.prepare_tasks` write the
+  samples of their units of `files()` into our own shards (`shard_writer.write_dataset`);
 * in place (`in_place = True`, e.g. `webdataset`: img2dataset tars, never copied): the
-  format's module builds the index itself; `data.prepare` dispatches to it (see
-  `prepare._index_in_place`) and `samples()` is never called.
+  format's module plans the tars to index (`plan`, `lister`, `shard_gaps`, `series_gaps`) and
+  the tasks of `data.prepare_tasks` index slices of them; `samples()` is never called.
 
 Either way `data.prepare` owns what does not depend on the format: the output folder
 (OUT.incomplete/ + swap), the "no usable samples" error, progress and the summary.
@@ -50,6 +50,16 @@ class Source(Protocol):
 
     def count(self, paths: Sequence[Path]) -> Optional[int]:
         """Records in `paths`, for the progress bar; None if unknown without parsing."""
+        ...
+
+    def files(self, paths: Sequence[Path]) -> list[Path]:
+        """Converting formats: the files `samples` reads for SOURCE `paths`, in reading
+        order (`prepare_tasks` groups them into units of work)."""
+        ...
+
+    def check(self, paths: Sequence[Path], kind: str) -> None:
+        """Converting formats: refuse (ValueError, one line) what would fail every task,
+        before any starts (a kind the format does not hold, OBELICS's image URLs)."""
         ...
 
     def samples(self, paths: Sequence[Path], kind: str, *, images_root: Path,

@@ -290,6 +290,12 @@ class JsonlSource:
         counts = [_count_records(p) for p in files(paths)]
         return None if None in counts else sum(counts)  # type: ignore[arg-type]
 
+    def files(self, paths: Sequence[Path]) -> list[Path]:
+        return files(paths)
+
+    def check(self, paths: Sequence[Path], kind: str) -> None:
+        """Every kind reads from JSON lines: nothing to refuse before reading them."""
+
     def samples(self, paths: Sequence[Path], kind: str, *, images_root: Path,
                 caption_field: str = "text", text_field: str = "text"
                 ) -> Iterator[Union[RawSample, BadSample]]:

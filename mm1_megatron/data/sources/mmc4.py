@@ -87,6 +87,13 @@ class Mmc4Source:
     def count(self, paths: Sequence[Path]) -> Optional[int]:
         return jsonl.JsonlSource().count(paths)
 
+    def files(self, paths: Sequence[Path]) -> list[Path]:
+        return jsonl.files(paths)
+
+    def check(self, paths: Sequence[Path], kind: str) -> None:
+        if kind != "interleaved":
+            raise ValueError(f"--kind {kind}: MMC4 documents are interleaved")
+
     def samples(self, paths: Sequence[Path], kind: str, *, images_root: Path,
                 caption_field: str = "text", text_field: str = "text"
                 ) -> Iterator[Union[RawSample, BadSample]]:

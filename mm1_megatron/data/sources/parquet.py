@@ -142,6 +142,32 @@ class ParquetSource:
         pq = _pyarrow()
         return sum(pq.ParquetFile(p).metadata.num_rows for p in files(paths))
 
+    def files(self, paths: Sequence[Path]) -> list[Path]:
+        return files(paths)
+
+    def check(self, paths: Sequence[Path], kind: str) -> None:
+        """Before any task: the kind, each file's columns (its footer only), and the first
+        file's images not URLs (OBELICS as published). Raises ValueError."""
+        if kind not in KINDS:
+            raise ValueError(f"--kind {kind}: parquet sources are read for "
+                             f"{' and '.join(KINDS)}")
+        pq = _pyarrow()
+        for n, path in enumerate(paths):
+            try:
+                names = pq.ParquetFile(path).schema_arrow.names
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+            if kind == "interleaved":
+                missing = [c for c in ("texts", "images") if c not in names]
+                if missing:
+                    raise ValueError(f"{path}: no column {missing[0]!r} (columns: "
+                                     f"{', '.join(names)})")
+                if n == 0:
+                    batch = next(pq.ParquetFile(path).iter_batches(
+                        batch_size=BATCH_ROWS, columns=["images"]), None)
+                    if batch is not None:
+                        _refuse_urls(path, batch)
+
     def samples(self, paths: Sequence[Path], kind: str, *, images_root: Path,
                 caption_field: str = "text", text_field: str = "text"
                 ) -> Iterator[Union[RawSample, BadSample]]:
