@@ -51,7 +51,6 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
-from datatrove.utils.stats import PipelineStats
 
 from mm1_megatron.data.shard_index import (InPlaceSource, index_shards, tokenizer_record,
                                            write_manifest)
@@ -66,6 +65,7 @@ LOGS = "logs"
 FAULT = "MM1_FAULT_PREPARE_TASK"  # "K": task K raises before doing anything
 SUMMARY = "summary.json"  # in OUT/logs/: the summary line of the merge
 SKIPPED = "skipped.json"  # in OUT/logs/: converted records skipped, and the first listed
+UNREADABLE = "unreadable_file"  # a source file the format cannot read at all: skipped whole
 MAX_LISTED = 10  # skipped records listed (FILE:LINE) per preparation; the rest only counted
 _CHUNK = 1 << 20  # rows copied at a time by the merge: memory stays flat at any size
 
@@ -227,28 +227,37 @@ class IndexSlice(_Task):
 
 class ConvertSlice(_Task):
     """Converted: units [start, end) each written into units/UUUUUU/ (its shards, index,
-    manifest); skipped records counted, the first MAX_LISTED kept for the merge to list."""
+    manifest); skipped records counted, the first MAX_LISTED kept for the merge to list. A
+    file the format cannot read at all (a broken JSON array, a corrupt parquet footer) is
+    skipped whole and counted as `unreadable_file`, as a corrupt shard would be."""
 
     def run(self, plan: Plan, start: int, end: int, scratch: Path, tokenizer) -> dict:
         source = FORMATS[plan.format]
         skipped: collections.Counter = collections.Counter()
         listed: list[str] = []
 
-        def usable(items) -> Iterator:
-            for item in items:
-                if isinstance(item, BadSample):
-                    skipped[item.reason] += 1
+        def usable(files: list[Path]) -> Iterator:
+            for path in files:  # one at a time: a file that cannot be read is skipped whole
+                try:
+                    for item in source.samples([path], plan.kind,
+                                               images_root=Path(plan.images_root),
+                                               **plan.fields):
+                        if isinstance(item, BadSample):
+                            skipped[item.reason] += 1
+                            if len(listed) < MAX_LISTED:
+                                listed.append(skip_line(item))
+                        else:
+                            yield item
+                except (ValueError, OSError) as e:
+                    skipped[UNREADABLE] += 1
                     if len(listed) < MAX_LISTED:
-                        listed.append(skip_line(item))
-                else:
-                    yield item
+                        listed.append(f"{path}: skipped: {UNREADABLE}: {e}")
 
         pieces = []
         for unit in range(start, end):
             a, b = plan.units[unit]
             files = [Path(f) for f in plan.shards[a:b]]
-            stream = usable(source.samples(files, plan.kind, images_root=Path(plan.images_root),
-                                           **plan.fields))
+            stream = usable(files)
             first = next(stream, None)
             if first is None:
                 continue  # no usable record in the unit: no shard
@@ -382,27 +391,39 @@ def task_step(plan: Plan, tmp: Path, progress: bool = False) -> _Task:
 
 
 class KeepGoingExecutor(LocalPipelineExecutor):
-    """DataTrove's local executor, except that a failed task does not stop the others (it
-    gets no completion marker; its error goes to logs/index/errors/NNNNN for the summary) and
-    that, with `quiet`, its log lines reach the terminal only as errors (they stay in the
-    task logs)."""
+    """DataTrove's local executor, run our way: a failed task does not stop the others (it
+    gets no completion marker; its error goes to logs/index/errors/NNNNN for the summary),
+    one worker runs the tasks in this process, several run in a plain process pool (no
+    multiprocessing manager: a killed command would leave its server process behind), and
+    with `quiet` a task's log lines reach the terminal only as errors (DataTrove sends them
+    to stderr for local rank 0; they all stay in the task logs)."""
 
     def __init__(self, *args, quiet: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.quiet = quiet
 
-    def _launch_run_for_rank(self, rank, ranks_q, completed=None, completed_lock=None):
+    def run(self) -> None:
+        ranks = self.get_incomplete_ranks(range(self.tasks))
+        if not ranks:
+            return
+        self._launched = True
+        self.save_executor_as_json()
+        if self.workers == 1:
+            for rank in ranks:
+                self._run_one(rank)
+            return
+        import multiprocess
+
+        with multiprocess.get_context(self.start_method).Pool(self.workers) as pool:
+            for _ in pool.imap_unordered(self._run_one, ranks):
+                pass
+
+    def _run_one(self, rank: int) -> None:
         try:
-            return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
+            self._run_for_rank(rank, 1 if self.quiet else 0)
         except Exception as e:  # noqa: BLE001 - reported by its missing completion marker
             with self.logging_dir.open(f"errors/{rank:05d}", "w") as f:
-                f.write(f"{type(e).__name__}: {e}" if not str(e).startswith(FAULT)
-                        else str(e))
-            return PipelineStats()
-
-    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-        # DataTrove sends a task's INFO lines to stderr only for local rank 0.
-        return super()._run_for_rank(rank, 1 if self.quiet else local_rank, node_rank)
+                f.write(str(e) if str(e).startswith(FAULT) else f"{type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager

@@ -155,7 +155,7 @@ def test_crash_mid_write_keeps_old_dataset(tmp_path, images, old, sig):
             "command again to go on from the finished tasks)"], stderr
     (images / "slow.jpg").unlink()
     (images / "slow.jpg").write_bytes(jpeg(9))
-    done = _run("caption", jsonl, images, old)
+    done = _run("caption", jsonl, images, old, shard_mb="0.001")  # the same command
     assert done.returncode == 0, done.stderr
     ds = open_dataset(old, verify=True)
     assert [ds.read(i).texts for i in range(len(ds))] == [[t] for t in TEXT[:3]] + \

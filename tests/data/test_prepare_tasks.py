@@ -33,9 +33,10 @@ def test_a_failed_task_is_rerun_alone_and_the_index_matches_one_task(tmp_path, c
     out = tmp_path / "out"
     monkeypatch.setenv(FAULT, "2")
     code, stdout, err = _run(capsys, *args, "--output", out, "--tasks", 4, "--workers", 2)
-    assert code == 1 and stdout == [] and not out.exists()
-    assert err[-1].startswith("mm1-prepare-data: task 2 of 4 failed (logs: ") and \
-        "run the same command again" in err[-1], err[-3:]
+    assert code == 1 and stdout == [] and not out.exists() and len(err) == 1, err
+    assert err[0].startswith("mm1-prepare-data: task 2 of 4 failed: MM1_FAULT_PREPARE_TASK=2: "
+                             "task 2 fails (fault injection) (log: ") and \
+        err[0].endswith("run the same command again to run it and the merge"), err
     first = _task_logs(out)
     assert sorted(first) == [f"task_{r:05d}.log" for r in range(4)]
     assert "fault injection" in first["task_00002.log"]
@@ -116,7 +117,7 @@ def test_converted_files_give_one_dataset_whatever_the_task_count(tmp_path, caps
         assert code == 0, err[-5:]
         summary = json.loads(stdout[-1])
         assert (summary["samples"], summary["bad"]) == (240, {"bad_json": 1})
-        listed = [line for line in err if "skipped" in line]
+        listed = [line for line in err if ": skipped: " in line]
         assert len(listed) == 1 and listed[0].startswith(
             f"{src / 'part-3.jsonl'}:41: skipped: bad_json"), err
         dumps[tasks] = {name: digest for name, digest in tree_digest(out).items()
