@@ -23,7 +23,7 @@ through `data.prepare.prepare` (one DataTrove task), figure = samples per CPU-se
 Scale-out (the A/B row of the benchmark table): 96k pairs (small images: indexing reads
 headers and captions) with the tokenizer in 4 tasks through DataTrove's local executor, 1
 worker (baseline, in this process) against 2 workers (candidate: each a fresh interpreter),
-samples per wall-second; 2.0 is linear on 2 cores. --quick's 2k pairs are too few for the
+samples per wall-second; 2.0 is linear on 2 cores. --quick's 1k pairs are too few for the
 workers' start-up (~1-2 s) to vanish: its ratio says nothing of scaling. `--page docs/data.md` writes the cost table between
 `<!-- prepare-cost:begin -->` and `<!-- prepare-cost:end -->`. The last line is JSON.
 """
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                 scale=96000)
     if args.quick:
         size = dict(shards=4, per_shard=30, docs=12, text_files=2, per_file=15, vocab=1000,
-                    scale=2000)
+                    scale=1000)
         args.repeats, args.warmup = 5, 0
     import logging
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
                 ("interleaved", "interleaved", "interleaved", tok, docs),
                 ("convert", "text", "text", tok, texts)):
             seconds, manifest = [], {}
-            for _ in range(args.repeats):
+            for _ in range(2 if args.quick else args.repeats):
                 seconds.append(cpu_run(lambda: manifest.update(
                     prep(kind, source, f"out-{name}", tokenizer))))
             best = min(seconds)

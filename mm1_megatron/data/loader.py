@@ -17,7 +17,6 @@ import hashlib
 import queue
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch

@@ -51,7 +51,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 from mm1_megatron.data.prepare_tasks import (LOGS, PLAN, SKIPPED, SUMMARY, Plan,
                                              SlurmOptions, TaskFailure, format_module,
                                              merge_parts, read_plan, run_local, submit_slurm,
-                                             write_plan)
+                                             task_step, write_plan)
 from mm1_megatron.data.shard_schema import KINDS, SOURCE_GAPS, DatasetError
 from mm1_megatron.data.sources import FORMATS, PrepareError, Source, detect_format
 
@@ -230,9 +230,9 @@ def submit(kind: str, sources: Sequence[PathLike], output: PathLike, slurm: Slur
     tmp, out, old, plan = _resume_or_plan(kind, sources, images_root, output, tokenizer,
                                           format, caption_field, text_field, tasks,
                                           shard_size_mb)
-    return submit_slurm(tmp, plan, slurm, [sys.executable, "-m", "mm1_megatron.data.prepare",
-                                           MERGE_JOB, str(tmp), str(out), str(old),
-                                           str(started)])
+    return submit_slurm(tmp, plan.tasks, task_step(plan, tmp), slurm,
+                        [sys.executable, "-m", "mm1_megatron.data.prepare", MERGE_JOB,
+                         str(tmp), str(out), str(old), str(started)])
 
 
 def finish(tmp: Path, out: Path, old: Path, started: float,

@@ -384,6 +384,153 @@ def merge_parts(tmp: Path, plan: Plan) -> tuple[dict, collections.Counter, list[
     return manifest, skipped, listed
 
 
+# ---- the token index of a prepared dataset (tools/index_tokens.py) --------------------------------
+
+TOKENS = "token-index"  # DIR/logs/token-index/: that job's plan, parts and task logs
+
+
+@dataclass
+class TokenSlice:
+    """DataTrove pipeline step: task `rank`'s slice of the dataset's shards tokenized into
+    DIR/logs/token-index/parts/NNNNN/ (each sample's segment runs, `shard_index.segment_runs`,
+    and its text tokens; -1 for a bad sample)."""
+
+    folder: str
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        from mm1_megatron.data.shard_index import segment_runs
+        from mm1_megatron.data.shard_reader import reopen_dataset
+        from mm1_megatron.data.tokenizer import Tokenizer
+
+        state = Path(self.folder) / LOGS / TOKENS
+        plan = json.loads((state / PLAN).read_text())
+        if plan["tasks"] != world_size:
+            raise DatasetError(f"{state / PLAN}: planned for another task count")
+        if os.environ.get(FAULT, "") == str(rank):
+            raise RuntimeError(f"{FAULT}={rank}: task {rank} fails (fault injection)")
+        tokenizer = Tokenizer.load(plan["tokenizer"])
+        ds = reopen_dataset(Path(self.folder))
+        counts = [s["samples"] for s in ds.manifest["shards"]]
+        first, last = (r * len(counts) // world_size for r in (rank, rank + 1))
+        start = sum(counts[:first])
+        runs, tokens = [], []
+        for i in range(start, start + sum(counts[first:last])):
+            try:
+                layout = segment_runs(ds.read(i, images=False).segments, tokenizer)
+            except BadSample:
+                layout = []
+                tokens.append(-1)
+            else:
+                tokens.append(sum(n for n in layout if n >= 0))
+            runs.append(layout)
+        ds.close()
+        part = state / PARTS / f"{rank:05d}"
+        scratch = part.with_name(f"{part.name}.tmp-{os.getpid()}")
+        shutil.rmtree(part, ignore_errors=True)
+        (scratch / "index").mkdir(parents=True)
+        from mm1_megatron.data.shard_index import save_token_index
+
+        save_token_index(scratch, runs)
+        np.save(scratch / "tokens.npy", np.array(tokens, dtype=np.int64))
+        os.replace(scratch, part)
+        return data
+
+
+def _token_plan(folder: Path, tokenizer_path: str, tasks: int) -> dict:
+    """DIR/logs/token-index/plan.json: the one a previous run of the same call left (its
+    finished tasks kept), or a new one; another task count or tokenizer is refused."""
+    state = folder / LOGS / TOKENS
+    plan = {"tasks": tasks, "tokenizer": os.path.realpath(tokenizer_path)}
+    if (state / PLAN).is_file():
+        found = json.loads((state / PLAN).read_text())
+        if found != plan:
+            raise DatasetError(f"{state} holds a half-done token index ({found['tasks']} "
+                               f"tasks, tokenizer {found['tokenizer']}); rerun with those or "
+                               "remove the folder")
+        return found
+    state.mkdir(parents=True, exist_ok=True)
+    (state / PLAN).write_text(json.dumps(plan) + "\n")
+    return plan
+
+
+def merge_token_parts(folder: Path) -> dict:
+    """The parts -> index/segments.npy, segment_offsets.npy, samples.npy's text_tokens and
+    the manifest (each file replaced whole, the manifest last). Returns the manifest."""
+    from mm1_megatron.data.shard_reader import open_dataset
+    from mm1_megatron.data.tokenizer import Tokenizer
+
+    state = folder / LOGS / TOKENS
+    plan = json.loads((state / PLAN).read_text())
+    parts = [state / PARTS / f"{r:05d}" for r in range(plan["tasks"])]
+    loaded = [{"segments": np.load(p / "index" / "segments.npy", mmap_mode="r"),
+               "segment_offsets": np.load(p / "index" / "segment_offsets.npy", mmap_mode="r"),
+               "tokens": np.load(p / "tokens.npy", mmap_mode="r")} for p in parts]
+    ds = open_dataset(folder)
+    samples_in = np.load(folder / "index" / "samples.npy", mmap_mode="r")
+    n = len(samples_in)
+    if sum(len(p["tokens"]) for p in loaded) != n:
+        raise DatasetError(f"{state}: parts do not cover the dataset's {n} samples; remove "
+                           "the folder and run again")
+    index = folder / "index"
+    total = sum(len(p["segments"]) for p in loaded)
+    segments = _new_array(index / "segments.npy.tmp", np.dtype("<i4"), total)
+    offsets = _new_array(index / "segment_offsets.npy.tmp", np.dtype("<i8"), n + 1)
+    samples = _new_array(index / "samples.npy.tmp", SAMPLE_DTYPE, n)
+    seg_at = row = 0
+    text_tokens = 0
+    for p in loaded:
+        base = seg_at
+
+        def shift(rows: np.ndarray, by: int = base) -> None:
+            rows += by
+
+        seg_at = _copy_rows(segments, seg_at, p["segments"])
+        _copy_rows(offsets, row, p["segment_offsets"][:-1], shift)
+        for at in range(0, len(p["tokens"]), _CHUNK):
+            counts = np.array(p["tokens"][at:at + _CHUNK])
+            chunk = np.array(samples_in[row + at:row + at + len(counts)])
+            chunk["text_tokens"] = np.where(chunk["bad"] == 0, counts, -1)
+            text_tokens += int(chunk["text_tokens"][chunk["bad"] == 0].sum())
+            samples[row + at:row + at + len(chunk)] = chunk
+        row += len(p["tokens"])
+    offsets[-1] = seg_at
+    for array in (segments, offsets, samples):
+        if isinstance(array, np.memmap):
+            array.flush()
+    del segments, offsets, samples, samples_in, loaded
+    for name in ("segments", "segment_offsets", "samples"):
+        os.replace(index / f"{name}.npy.tmp", index / f"{name}.npy")
+    manifest = dict(ds.manifest)
+    ds.close()
+    manifest["text_tokens"] = text_tokens
+    manifest["tokenizer"] = tokenizer_record(Tokenizer.load(plan["tokenizer"]))
+    manifest["index"] = {**manifest.get("index", {}), "segments": "index/segments.npy",
+                         "segment_offsets": "index/segment_offsets.npy"}
+    write_manifest(folder, manifest)
+    # The job is done: its plan, parts and completion markers go (a later job for another
+    # tokenizer starts afresh); its logs stay.
+    shutil.rmtree(state / PARTS)
+    shutil.rmtree(state / LOGS / "index" / "completions", ignore_errors=True)
+    (state / PLAN).unlink()
+    return manifest
+
+
+def add_token_index(folder: Path, tokenizer_path: str, *, tasks: int = 1, workers: int = 1,
+                    progress: bool = False, slurm: Optional["SlurmOptions"] = None):
+    """Write the packer's token index for `tokenizer_path` into a prepared dataset as
+    DataTrove tasks over its shards, then merge: on this machine (returns the manifest;
+    TaskFailure leaves it resumable) or with `slurm` (returns the job ids)."""
+    folder = Path(folder)
+    _token_plan(folder, tokenizer_path, tasks)
+    state = folder / LOGS / TOKENS
+    step = TokenSlice(str(folder))
+    if slurm is not None:
+        return submit_slurm(state, tasks, step, slurm, [sys.executable, "-m",
+                            "mm1_megatron.data.prepare_tasks", "token-merge", str(folder)])
+    _run_tasks(state, tasks, step, workers, progress)
+    return merge_token_parts(folder)
+
+
 # ---- running the stages -----------------------------------------------------------------------
 
 def task_step(plan: Plan, tmp: Path, progress: bool = False) -> _Task:
@@ -450,18 +597,22 @@ def _executor_log(path: Path, quiet: bool) -> Iterator[None]:
 
 
 def run_local(tmp: Path, plan: Plan, workers: int, progress: bool) -> None:
-    """Stage 1 on this machine. Raises TaskFailure naming the tasks that did not finish (the
-    rerun runs only those)."""
+    """Stage 1 of a preparation on this machine. Raises TaskFailure naming the tasks that did
+    not finish (the rerun runs only those)."""
+    _run_tasks(tmp, plan.tasks, task_step(plan, tmp, progress=progress and plan.tasks == 1),
+               workers, progress)
+
+
+def _run_tasks(state: Path, tasks: int, step, workers: int, progress: bool) -> None:
     executor = KeepGoingExecutor(
-        pipeline=[task_step(plan, tmp, progress=progress and plan.tasks == 1)],
-        tasks=plan.tasks, workers=max(1, min(workers, plan.tasks)),
-        logging_dir=str(tmp / LOGS / "index"), start_method="spawn", quiet=not progress)
-    (tmp / LOGS).mkdir(exist_ok=True)
-    with _executor_log(tmp / LOGS / "executor.log", quiet=not progress):
+        pipeline=[step], tasks=tasks, workers=max(1, min(workers, tasks)),
+        logging_dir=str(state / LOGS / "index"), start_method="spawn", quiet=not progress)
+    (state / LOGS).mkdir(parents=True, exist_ok=True)
+    with _executor_log(state / LOGS / "executor.log", quiet=not progress):
         executor.run()
     failed = executor.get_incomplete_ranks()
     if failed:
-        raise TaskFailure(_failure_line(tmp, failed, plan.tasks))
+        raise TaskFailure(_failure_line(state, failed, tasks))
 
 
 def _failure_line(tmp: Path, failed: list[int], tasks: int) -> str:
@@ -495,7 +646,7 @@ class ArrayExecutor(SlurmPipelineExecutor):
         pass
 
 
-def submit_slurm(tmp: Path, plan: Plan, options: SlurmOptions, merge_command: list[str]
+def submit_slurm(tmp: Path, tasks: int, step, options: SlurmOptions, merge_command: list[str]
                  ) -> dict:
     """Stage 1 as a DataTrove array job of the tasks without a completion marker; the merge
     (`merge_command`) as a plain job depending on it (afterok; Slurm cancels it if a task
@@ -504,7 +655,7 @@ def submit_slurm(tmp: Path, plan: Plan, options: SlurmOptions, merge_command: li
     import subprocess
 
     stage1 = ArrayExecutor(
-        pipeline=[task_step(plan, tmp)], tasks=plan.tasks, job_name=options.job_name,
+        pipeline=[step], tasks=tasks, job_name=options.job_name,
         logging_dir=str(tmp / LOGS / "index"), tasks_per_job=options.tasks_per_job,
         partition=options.partition, time=options.time, cpus_per_task=options.cpus_per_task,
         mem_per_cpu_gb=options.mem_per_cpu_gb, qos="", mail_type="NONE", requeue=False,
@@ -521,3 +672,11 @@ def submit_slurm(tmp: Path, plan: Plan, options: SlurmOptions, merge_command: li
         text=True, check=True)
     return {"index_job": None if stage1.job_id == -1 else str(stage1.job_id),
             "merge_job": merge.stdout.strip().split(";")[0]}
+
+
+if __name__ == "__main__":  # the Slurm merge job of tools/index_tokens.py --slurm
+    if sys.argv[1:2] != ["token-merge"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m mm1_megatron.data.prepare_tasks token-merge DIR")
+    merged = merge_token_parts(Path(sys.argv[2]))
+    print(json.dumps({"folder": sys.argv[2], "samples": merged["samples"],
+                      "text_tokens": merged["text_tokens"]}), flush=True)

@@ -1,8 +1,9 @@
 """Indexing a dataset folder: scanning its tars (ours, or webdataset shards written by other
 tools that follow `shard_schema`) into index/samples.npy + images.npy and manifest.json
 (`index_dataset`), with each sample's validation and bad reason; the token index for the
-packer (`segment_runs`, index/segments.npy + segment_offsets.npy), written while indexing or
-added later to a prepared dataset (`add_token_index`); and the progress bar the writer shares.
+packer (`segment_runs`, index/segments.npy + segment_offsets.npy), written while indexing (or
+added later to a prepared dataset: `prepare_tasks.add_token_index`); and the progress bar the
+writer shares.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from mm1_megatron.data.prompt_format import Answer
-from mm1_megatron.data.shard_reader import file_sha256, open_dataset, read_at, reopen_dataset
+from mm1_megatron.data.shard_reader import file_sha256, read_at
 from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IMAGE_EXTS,
-                                            KEY_BYTES, SAMPLE_DTYPE, BadSample, DatasetError,
+                                            KEY_BYTES, SAMPLE_DTYPE, DatasetError,
                                             normalize_ext, parse_text_member)
 
 
@@ -252,60 +253,3 @@ def _image_members(names: list[str], members: dict) -> list[tuple[str, int]]:
 
 def _file_size(f) -> int:
     return os.fstat(f.fileno()).st_size
-
-
-def _shard_runs(args: tuple) -> tuple[list[list[int]], list[int]]:
-    """One shard's samples: (layout per sample, text tokens per sample); -1 tokens if bad."""
-    folder, shard, tokenizer = args
-    ds = reopen_dataset(Path(folder))
-    runs, tokens = [], []
-    for i in np.flatnonzero(ds.samples["shard"] == shard).tolist():
-        try:
-            layout = segment_runs(ds.read(i, images=False).segments, tokenizer)
-        except BadSample:
-            layout, count = [], -1
-        else:
-            count = sum(n for n in layout if n >= 0)
-        runs.append(layout)
-        tokens.append(count)
-    ds.close()
-    return runs, tokens
-
-
-def add_token_index(folder: Union[str, Path], tokenizer, *, workers: int = 1,
-                    progress: bool = False) -> dict:
-    """Write index/segments.npy + segment_offsets.npy (and the text token counts) for
-    `tokenizer` into a prepared dataset, reading each sample's json once, shards in parallel.
-    Returns the updated manifest."""
-    import multiprocessing
-
-    folder = Path(folder)
-    ds = open_dataset(folder)
-    jobs = [(str(folder), shard, tokenizer) for shard in range(len(ds.shards))]
-    bar = progress_bar(progress, len(jobs), f"token index {folder.name}")
-    results: list = []
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for result in pool.imap(_shard_runs, jobs):  # in shard order
-                results.append(result)
-                bar.update(1)
-    else:
-        for job in jobs:
-            results.append(_shard_runs(job))
-            bar.update(1)
-    bar.close()
-    runs = [r for shard_runs, _ in results for r in shard_runs]
-    tokens = np.array([t for _, shard_tokens in results for t in shard_tokens], dtype=np.int64)
-    samples = np.array(ds.samples)  # samples are in shard order, so this lines up
-    good = samples["bad"] == 0
-    samples["text_tokens"] = np.where(good, tokens, -1)
-    ds.close()
-    np.save(folder / "index" / "samples.npy", samples)
-    save_token_index(folder, runs)
-    manifest = dict(ds.manifest)
-    manifest["text_tokens"] = int(samples["text_tokens"][good].sum())
-    manifest["tokenizer"] = tokenizer_record(tokenizer)
-    manifest["index"] = {**manifest.get("index", {}), "segments": "index/segments.npy",
-                         "segment_offsets": "index/segment_offsets.npy"}
-    write_manifest(folder, manifest)
-    return manifest

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from mm1_megatron.data.prepare import main
 from mm1_megatron.data.prepare_tasks import FAULT
 from tests._helpers.data import TEXT
@@ -124,3 +126,34 @@ def test_converted_files_give_one_dataset_whatever_the_task_count(tmp_path, caps
                         if not name.startswith(("logs/", "plan.json"))}
         assert summary["shards"] > 3  # the units cut the shards, several per preparation
     assert dumps[1] == dumps[4]
+
+
+def test_a_token_index_added_in_tasks_equals_one_made_while_preparing(tmp_path, capsys,
+                                                                      demo_data, monkeypatch):
+    """tools/index_tokens.py's path (`add_token_index`): tasks over slices of the shards, one
+    failing and rerun alone, give the token index preparing with --tokenizer gives."""
+    import numpy as np
+
+    from mm1_megatron.data.prepare_tasks import TaskFailure, add_token_index
+    from tests._helpers.mint import write_mint
+
+    mint = write_mint(tmp_path / "mint", TEXT, docs=4, shards=3, images_only=(2,))
+    tokenizer = demo_data / "tokenizer.model"
+    args = [mint.folder, "--kind", "interleaved", "--no-progress"]
+    assert _run(capsys, *args, "--output", tmp_path / "with", "--tokenizer", tokenizer)[0] == 0
+    later = tmp_path / "later"
+    assert _run(capsys, *args, "--output", later)[0] == 0
+    monkeypatch.setenv(FAULT, "1")
+    with pytest.raises(TaskFailure, match="task 1 of 3 failed"):
+        add_token_index(later, str(tokenizer), tasks=3)
+    monkeypatch.delenv(FAULT)
+    manifest = add_token_index(later, str(tokenizer), tasks=3)
+    for name in ("segments.npy", "segment_offsets.npy"):
+        assert (later / "index" / name).read_bytes() == \
+            (tmp_path / "with" / "index" / name).read_bytes(), name
+    good = [np.load(d / "index" / "samples.npy") for d in (later, tmp_path / "with")]
+    assert np.array_equal(good[0]["text_tokens"][good[0]["bad"] == 0],
+                          good[1]["text_tokens"][good[1]["bad"] == 0])
+    assert manifest["text_tokens"] == json.loads(
+        (tmp_path / "with" / "manifest.json").read_text())["text_tokens"] > 0
+    assert not (later / "logs" / "token-index" / "plan.json").exists()
