@@ -145,10 +145,9 @@ def _output_paths(output: PathLike) -> tuple[Path, Path, Path]:
     return out, out.with_name(out.name + ".incomplete"), out.with_name(out.name + _ASIDE)
 
 
-def _repair(output: PathLike, out: Path, tmp: Path, old: Path, keep_plan: bool = False
-            ) -> None:
-    """Undo what a killed run left behind; refuse an OUT this tool did not write. With
-    `keep_plan`, an OUT.incomplete/ holding a task plan is left for the tasks to finish."""
+def _repair(output: PathLike, out: Path, tmp: Path, old: Path) -> None:
+    """Undo what a killed run left behind; refuse an OUT this tool did not write. An
+    OUT.incomplete/ holding a task plan is left for the tasks to finish."""
     if old.exists() or old.is_symlink():
         _check_replaceable(old, str(old))
         if out.exists():
@@ -158,7 +157,7 @@ def _repair(output: PathLike, out: Path, tmp: Path, old: Path, keep_plan: bool =
     if out.exists():
         _check_replaceable(out, f"--output {output}")
     if tmp.is_dir() and not tmp.is_symlink():
-        if keep_plan and (tmp / PLAN).is_file():
+        if (tmp / PLAN).is_file():
             return  # a preparation in tasks, half done: `_resume_or_plan` decides
         shutil.rmtree(tmp)  # a stale partial dataset from a crashed run
     elif tmp.exists() or tmp.is_symlink():
@@ -279,7 +278,7 @@ def _resume_or_plan(kind: str, sources: Sequence[PathLike], images_root: PathLik
     source = FORMATS[name]
     out, tmp, old = _output_paths(output)
     _check_apart(paths, output, (out, tmp, old))
-    _repair(output, out, tmp, old, keep_plan=True)
+    _repair(output, out, tmp, old)
     tokenizer_path = None if tokenizer is None else str(tokenizer.path)
     if source.in_place:
         try:

@@ -173,6 +173,23 @@ def skip_line(item: BadSample) -> str:
 
 # ---- stage 1: one slice of the work -> parts/NNNNN/ -------------------------------------------
 
+def _fail_if_injected(rank: int) -> None:
+    if os.environ.get(FAULT, "") == str(rank):
+        raise RuntimeError(f"{FAULT}={rank}: task {rank} fails (fault injection)")
+
+
+def _scratch_part(parts: Path, rank: int) -> tuple[Path, Path]:
+    """(parts/NNNNN, an empty parts/NNNNN.tmp-PID to write it in, then rename): a killed
+    attempt's leftovers and a finished part of an earlier attempt removed."""
+    part = parts / f"{rank:05d}"
+    for stale in parts.glob(f"{part.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(part, ignore_errors=True)
+    scratch = part.with_name(f"{part.name}.tmp-{os.getpid()}")
+    scratch.mkdir(parents=True)
+    return part, scratch
+
+
 @dataclass
 class _Task:
     """A DataTrove pipeline step (called as step(data, rank, world_size)) doing task `rank`'s
@@ -187,14 +204,8 @@ class _Task:
         plan = read_plan(tmp)
         if plan is None or plan.tasks != world_size:
             raise DatasetError(f"{tmp / PLAN}: missing or planned for another task count")
-        if os.environ.get(FAULT, "") == str(rank):
-            raise RuntimeError(f"{FAULT}={rank}: task {rank} fails (fault injection)")
-        part = tmp / PARTS / f"{rank:05d}"
-        scratch = part.with_name(f"{part.name}.tmp-{os.getpid()}")
-        for stale in part.parent.glob(f"{part.name}.tmp-*"):  # a killed attempt's leftovers
-            shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(part, ignore_errors=True)
-        scratch.mkdir(parents=True)
+        _fail_if_injected(rank)
+        part, scratch = _scratch_part(tmp / PARTS, rank)
         tokenizer = None
         if plan.tokenizer:
             from mm1_megatron.data.tokenizer import Tokenizer
@@ -283,6 +294,18 @@ def _copy_rows(target: np.ndarray, offset: int, rows: np.ndarray,
     return offset + len(rows)
 
 
+def _copy_segments(segments: np.ndarray, offsets: np.ndarray, at: int, row: int,
+                   part_segments: np.ndarray, part_offsets: np.ndarray) -> int:
+    """A part's token index appended: its segments at `at`, its offsets (but the last) at
+    sample `row`, rebased by `at`. Returns the segments written so far; the caller writes
+    the final offset."""
+    def rebase(rows: np.ndarray) -> None:
+        rows += at
+
+    _copy_rows(offsets, row, part_offsets[:-1], rebase)
+    return _copy_rows(segments, at, part_segments)
+
+
 def _new_array(path: Path, dtype: np.dtype, length: int) -> np.ndarray:
     """A .npy file of `length` records to fill in place (the header np.save writes)."""
     if length == 0:  # nothing to map (a text dataset's images)
@@ -318,26 +341,22 @@ def merge_parts(tmp: Path, plan: Plan) -> tuple[dict, collections.Counter, list[
         totals["segment_offsets"] = totals["samples"] + 1
     out = {name: _new_array(index / f"{name}.npy", dtype, totals[name])
            for name, dtype in arrays.items()}
-    at = dict.fromkeys(arrays, 0)
+    at = dict.fromkeys(("samples", "images", "segments"), 0)
     shards: list[dict] = []
     for (folder, manifest), piece in zip(pieces, loaded):
-        shard_base, image_base, segment_base = len(shards), at["images"], at.get("segments", 0)
+        shard_base, image_base, row = len(shards), at["images"], at["samples"]
 
         def rebase_rows(rows: np.ndarray, shard: int = shard_base,
                         image: int = image_base) -> None:
             rows["shard"] += shard
             rows["image_start"] += image
 
-        def rebase_segments(rows: np.ndarray, by: int = segment_base) -> None:
-            rows += by
-
-        at["samples"] = _copy_rows(out["samples"], at["samples"], piece["samples"],
-                                   rebase_rows)
+        at["samples"] = _copy_rows(out["samples"], row, piece["samples"], rebase_rows)
         at["images"] = _copy_rows(out["images"], at["images"], piece["images"])
         if tokens:
-            at["segments"] = _copy_rows(out["segments"], at["segments"], piece["segments"])
-            at["segment_offsets"] = _copy_rows(out["segment_offsets"], at["segment_offsets"],
-                                               piece["segment_offsets"][:-1], rebase_segments)
+            at["segments"] = _copy_segments(out["segments"], out["segment_offsets"],
+                                            at["segments"], row, piece["segments"],
+                                            piece["segment_offsets"])
         for entry in manifest["shards"]:
             if plan.units is not None:  # a converted unit's shard joins the one series
                 name = f"shard-{len(shards):06d}.tar"
@@ -398,7 +417,7 @@ class TokenSlice:
     folder: str
 
     def __call__(self, data, rank: int = 0, world_size: int = 1):
-        from mm1_megatron.data.shard_index import segment_runs
+        from mm1_megatron.data.shard_index import save_token_index, segment_runs
         from mm1_megatron.data.shard_reader import reopen_dataset
         from mm1_megatron.data.tokenizer import Tokenizer
 
@@ -406,8 +425,7 @@ class TokenSlice:
         plan = json.loads((state / PLAN).read_text())
         if plan["tasks"] != world_size:
             raise DatasetError(f"{state / PLAN}: planned for another task count")
-        if os.environ.get(FAULT, "") == str(rank):
-            raise RuntimeError(f"{FAULT}={rank}: task {rank} fails (fault injection)")
+        _fail_if_injected(rank)
         tokenizer = Tokenizer.load(plan["tokenizer"])
         ds = reopen_dataset(Path(self.folder))
         counts = [s["samples"] for s in ds.manifest["shards"]]
@@ -424,12 +442,8 @@ class TokenSlice:
                 tokens.append(sum(n for n in layout if n >= 0))
             runs.append(layout)
         ds.close()
-        part = state / PARTS / f"{rank:05d}"
-        scratch = part.with_name(f"{part.name}.tmp-{os.getpid()}")
-        shutil.rmtree(part, ignore_errors=True)
-        (scratch / "index").mkdir(parents=True)
-        from mm1_megatron.data.shard_index import save_token_index
-
+        part, scratch = _scratch_part(state / PARTS, rank)
+        (scratch / "index").mkdir()
         save_token_index(scratch, runs)
         np.save(scratch / "tokens.npy", np.array(tokens, dtype=np.int64))
         os.replace(scratch, part)
@@ -479,13 +493,8 @@ def merge_token_parts(folder: Path) -> dict:
     seg_at = row = 0
     text_tokens = 0
     for p in loaded:
-        base = seg_at
-
-        def shift(rows: np.ndarray, by: int = base) -> None:
-            rows += by
-
-        seg_at = _copy_rows(segments, seg_at, p["segments"])
-        _copy_rows(offsets, row, p["segment_offsets"][:-1], shift)
+        seg_at = _copy_segments(segments, offsets, seg_at, row, p["segments"],
+                                p["segment_offsets"])
         for at in range(0, len(p["tokens"]), _CHUNK):
             counts = np.array(p["tokens"][at:at + _CHUNK])
             chunk = np.array(samples_in[row + at:row + at + len(counts)])

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from mm1_megatron.config.yaml_file import read_yaml_file
-from mm1_megatron.data.shard_index import InPlaceSource, index_shards, write_manifest
+from mm1_megatron.data.shard_index import InPlaceSource
 from mm1_megatron.data.shard_schema import ALIGNED_LISTS, DatasetError
 
 NAME = "energon"
@@ -134,18 +134,3 @@ def shard_gaps(shards: list[Path]) -> collections.Counter:
 
 
 series_gaps = shard_gaps
-
-
-def index_in_place(sources: list[Path], kind: str, output_tmp: Path, tokenizer=None,
-                   caption_field: Optional[str] = None, text_field: Optional[str] = None,
-                   progress: bool = False) -> tuple[dict, collections.Counter]:
-    """Index one energon dataset folder into `output_tmp` (manifest written) in this process;
-    returns the manifest and the skipped samples per reason."""
-    source = plan(sources, kind, caption_field, text_field)
-    with lister(source) as list_members:
-        manifest = index_shards(source.shards, kind, output_tmp, root=source.root,
-                                text=source.text, tokenizer=tokenizer, progress=progress,
-                                list_members=list_members)
-    manifest["source"] = {"format": NAME, "root": str(source.root), "text": source.text}
-    write_manifest(output_tmp, manifest)
-    return manifest, collections.Counter(manifest["bad"])
