@@ -54,6 +54,7 @@ from mm1_megatron.data.prepare_tasks import (LOGS, PLAN, SKIPPED, SUMMARY, Plan,
                                              task_step, write_plan)
 from mm1_megatron.data.shard_schema import KINDS, SOURCE_GAPS, DatasetError
 from mm1_megatron.data.sources import FORMATS, PrepareError, Source, detect_format
+from mm1_megatron.data.sources.urls import SourcePath, UrlPath, expand_url, is_url, source_path
 
 __all__ = ["PrepareError", "expand_sources", "main", "prepare", "resolve_format", "summary",
            "usable"]
@@ -74,11 +75,22 @@ def _stderr(message: str) -> None:
 
 # ---- SOURCE arguments ------------------------------------------------------------------------
 
-def expand_sources(patterns: Sequence[PathLike]) -> list[Path]:
+def expand_sources(patterns: Sequence[PathLike]) -> list[SourcePath]:
     """SOURCE arguments -> paths: an existing path as it is, else a glob (sorted matches;
-    `**` crosses folders). Raises PrepareError for one that names nothing."""
-    found: list[Path] = []
+    `**` crosses folders); an fsspec URL likewise (`sources/urls.py`). Raises PrepareError
+    for one that names nothing."""
+    found: list[SourcePath] = []
     for pattern in map(str, patterns):
+        if is_url(pattern):
+            try:
+                urls = expand_url(pattern)
+            except (ImportError, ValueError, OSError) as e:  # no such protocol / its package
+                raise PrepareError(f"SOURCE {pattern}: cannot be read through fsspec "
+                                   f"({type(e).__name__}: {e})") from None
+            if not urls:
+                raise PrepareError(f"SOURCE {pattern}: no file or folder matches")
+            found += [u for u in urls if u not in found]
+            continue
         if os.path.exists(pattern):  # a file whose name holds "[" or "*" is still that file
             hits = [pattern]
         elif any(c in pattern for c in "*?["):
@@ -109,6 +121,8 @@ def _check_apart(sources: Sequence[Path], output: PathLike, outs: Sequence[Path]
     over that folder would read our output as input; no SOURCE inside them: the swap would
     delete it."""
     for src in sources:
+        if isinstance(src, UrlPath):
+            continue  # --output is local, never under a URL
         real = Path(os.path.realpath(src))
         if real.is_dir() and any(_inside(o, real) for o in outs):
             raise PrepareError(f"--output {output} is inside SOURCE {src}; choose an --output "
@@ -178,7 +192,7 @@ def _swap_in(tmp: Path, out: Path, old: Path) -> None:
         shutil.rmtree(old)
 
 
-def _no_samples(sources: Sequence[PathLike], source: Source, root: Path, kind: str,
+def _no_samples(sources: Sequence[PathLike], source: Source, root: str, kind: str,
                 counts: Mapping[str, int], had_old: bool) -> str:
     where = ", ".join(str(p) for p in sources)
     total, unit = sum(counts.values()), source.record
@@ -246,7 +260,7 @@ def finish(tmp: Path, out: Path, old: Path, started: float,
     if usable(manifest) <= 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PrepareError(_no_samples(
-            plan.sources, source, Path(plan.images_root), plan.kind,
+            plan.sources, source, plan.images_root, plan.kind,
             skipped + collections.Counter(manifest["bad"]), out.exists()))
     for line in listed:
         log(line)
@@ -273,9 +287,14 @@ def _resume_or_plan(kind: str, sources: Sequence[PathLike], images_root: PathLik
         raise PrepareError(f"--kind {kind!r} is not one of {KINDS}")
     if tasks < 1:
         raise PrepareError(f"--tasks {tasks}: must be at least 1")
-    paths = [Path(p) for p in sources]
+    paths = [p if isinstance(p, UrlPath) else source_path(p) for p in sources]
     name = resolve_format(paths, format)
     source = FORMATS[name]
+    url = next((p for p in paths if isinstance(p, UrlPath)), None)
+    if url is not None and source.in_place:
+        raise PrepareError(f"SOURCE {url}: {name} data is indexed in place and the training "
+                           "loader reads it where it lies, from local files: mount the "
+                           "bucket (s3fs, rclone, a Lustre path) and give the mount's path")
     out, tmp, old = _output_paths(output)
     _check_apart(paths, output, (out, tmp, old))
     _repair(output, out, tmp, old)
@@ -291,8 +310,13 @@ def _resume_or_plan(kind: str, sources: Sequence[PathLike], images_root: PathLik
         fields = dict(caption_field=caption_field or "text", text_field=text_field or "text")
         files = source.files(paths)
         source.check(files, kind)  # what would fail every task, refused before any starts
-        plan = Plan.converted(name, kind, tasks, files, tokenizer_path, paths,
-                              Path(images_root), fields, shard_size_mb)
+        try:
+            root = source_path(images_root)
+        except (ImportError, ValueError) as e:
+            raise PrepareError(f"--images-root {images_root}: cannot be read through fsspec "
+                               f"({type(e).__name__}: {e})") from None
+        plan = Plan.converted(name, kind, tasks, files, tokenizer_path, paths, root, fields,
+                              shard_size_mb)
     found = read_plan(tmp) if tmp.is_dir() else None
     if found is not None:
         if not found.same_work(plan):

@@ -58,6 +58,7 @@ from mm1_megatron.data.shard_schema import (BAD_REASONS, FORMAT, IMAGE_DTYPE, IM
                                             SAMPLE_DTYPE, BadSample, DatasetError)
 from mm1_megatron.data.shard_writer import write_dataset
 from mm1_megatron.data.sources import FORMATS
+from mm1_megatron.data.sources.urls import SourcePath, resolved, source_path
 
 PLAN = "plan.json"
 PARTS = "parts"
@@ -99,17 +100,17 @@ class Plan:
         return cls(source.format, kind, tasks, str(source.root),
                    [str(s.relative_to(source.root)) for s in source.shards], source.text,
                    source.parts, tokenizer and os.path.realpath(tokenizer),
-                   [os.path.realpath(s) for s in sources])
+                   [resolved(s) for s in sources])
 
     @classmethod
-    def converted(cls, fmt: str, kind: str, tasks: int, files: list[Path],
-                  tokenizer: Optional[str], sources: list[Path], images_root: Path,
-                  fields: dict, shard_size_mb: float) -> "Plan":
-        return cls(fmt, kind, tasks, "", [os.path.realpath(f) for f in files],
+    def converted(cls, fmt: str, kind: str, tasks: int, files: list[SourcePath],
+                  tokenizer: Optional[str], sources: list[SourcePath],
+                  images_root: SourcePath, fields: dict, shard_size_mb: float) -> "Plan":
+        return cls(fmt, kind, tasks, "", [resolved(f) for f in files],
                    tokenizer=tokenizer and os.path.realpath(tokenizer),
-                   sources=[os.path.realpath(s) for s in sources],
+                   sources=[resolved(s) for s in sources],
                    units=units_of(files, int(shard_size_mb * 2**20)),
-                   images_root=os.path.realpath(images_root), fields=fields,
+                   images_root=resolved(images_root), fields=fields,
                    shard_size_mb=shard_size_mb)
 
     def source(self) -> InPlaceSource:
@@ -127,7 +128,7 @@ class Plan:
         return {**asdict(self), "tasks": 0} == {**asdict(other), "tasks": 0}
 
 
-def units_of(files: list[Path], target_bytes: int) -> list[list[int]]:
+def units_of(files: list[SourcePath], target_bytes: int) -> list[list[int]]:
     """Consecutive files grouped until each group holds `target_bytes` of source (a file
     larger than that is a unit of its own): fixed by the files alone, whatever the tasks."""
     units: list[list[int]] = []
@@ -247,11 +248,11 @@ class ConvertSlice(_Task):
         skipped: collections.Counter = collections.Counter()
         listed: list[str] = []
 
-        def usable(files: list[Path]) -> Iterator:
+        def usable(files: list[SourcePath]) -> Iterator:
             for path in files:  # one at a time: a file that cannot be read is skipped whole
                 try:
                     for item in source.samples([path], plan.kind,
-                                               images_root=Path(plan.images_root),
+                                               images_root=source_path(plan.images_root),
                                                **plan.fields):
                         if isinstance(item, BadSample):
                             skipped[item.reason] += 1
@@ -267,7 +268,7 @@ class ConvertSlice(_Task):
         pieces = []
         for unit in range(start, end):
             a, b = plan.units[unit]
-            files = [Path(f) for f in plan.shards[a:b]]
+            files = [source_path(f) for f in plan.shards[a:b]]
             stream = usable(files)
             first = next(stream, None)
             if first is None:

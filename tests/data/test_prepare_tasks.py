@@ -157,3 +157,64 @@ def test_a_token_index_added_in_tasks_equals_one_made_while_preparing(tmp_path, 
     assert manifest["text_tokens"] == json.loads(
         (tmp_path / "with" / "manifest.json").read_text())["text_tokens"] > 0
     assert not (later / "logs" / "token-index" / "plan.json").exists()
+
+
+def test_sources_given_as_fsspec_urls_prepare_as_the_local_files_do(tmp_path, capsys):
+    """SOURCE and --images-root as fsspec URLs: MMC4 documents (gzip) with their images in
+    fsspec's memory filesystem (one worker: in this process) and FineWeb parquet through a
+    file:// URL in 2 tasks on 2 workers give the local files' shards and index byte for byte;
+    tars, which are indexed in place, are refused in one line (mount them)."""
+    import gzip
+
+    import fsspec
+
+    from tests._helpers.data import jpeg
+    from tests._helpers.sources import mmc4_doc, write_fineweb
+
+    src, images = tmp_path / "mmc4", tmp_path / "images"
+    src.mkdir()
+    images.mkdir()
+    for n in range(4):
+        (images / f"img{n}.jpg").write_bytes(jpeg(n))
+    docs = [mmc4_doc([TEXT[i % len(TEXT)], TEXT[(i + 1) % len(TEXT)]],
+                     [(f"img{i % 4}.jpg", i % 2)]) for i in range(12)]
+    docs.append(mmc4_doc([TEXT[0]], [("absent.jpg", 0)]))  # skipped: missing_image
+    for shard in range(2):
+        lines = "".join(json.dumps(d) + "\n" for d in docs[shard::2])
+        (src / f"docs_shard_{shard}_v2.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    fineweb = write_fineweb(tmp_path / "fineweb.parquet", [t * 3 for t in TEXT])
+
+    memory = fsspec.filesystem("memory")
+    memory.put(str(src), "/bucket/mmc4", recursive=True)
+    memory.put(str(images), "/bucket/images", recursive=True)
+    try:
+        runs = {"mmc4": (src, images, 1, 1, "interleaved"),
+                "mmc4-url": ("memory://bucket/mmc4", "memory://bucket/images", 1, 1,
+                             "interleaved"),
+                "fineweb": (fineweb, ".", 1, 1, "text"),
+                "fineweb-url": (f"file://{fineweb}", ".", 2, 2, "text")}
+        dumps = {}
+        for name, (source, root, tasks, workers, kind) in runs.items():
+            out = tmp_path / "out" / name
+            code, stdout, err = _run(capsys, source, "--kind", kind, "--images-root", root,
+                                     "--output", out, "--no-progress", "--tasks", tasks,
+                                     "--workers", workers)
+            assert code == 0, (name, err[-5:])
+            summary = json.loads(stdout[-1])
+            assert summary["samples"] == (12 if kind == "interleaved" else len(TEXT)), name
+            assert summary["bad"] == ({"missing_image": 1} if kind == "interleaved" else {})
+            dumps[name] = {n: d for n, d in tree_digest(out).items()
+                           if n.startswith(("index/", "shards/"))}
+            assert dumps[name], name
+        assert dumps["mmc4-url"] == dumps["mmc4"]
+        assert dumps["fineweb-url"] == dumps["fineweb"]
+
+        write_img2dataset(tmp_path / "tars", ["a cat", "a dog"], shards=1)
+        memory.put(str(tmp_path / "tars"), "/bucket/tars", recursive=True)
+        code, stdout, err = _run(capsys, "memory://bucket/tars", "--kind", "caption",
+                                 "--output", tmp_path / "refused", "--no-progress")
+        assert code == 2 and len(err) == 1 and "memory:///bucket/tars" in err[0] \
+            and "mount" in err[0], err
+        assert not (tmp_path / "refused").exists()
+    finally:
+        memory.rm("/bucket", recursive=True)

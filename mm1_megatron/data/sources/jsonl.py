@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from mm1_megatron.data.prompt_format import llava_turns
 from mm1_megatron.data.shard_schema import IMAGE_EXTS, BadSample, normalize_ext
 from mm1_megatron.data.shard_writer import RawSample
+from mm1_megatron.data.sources.urls import UrlPath
 
 SUFFIXES = (".jsonl", ".json")
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -53,21 +54,26 @@ def is_record_file(path: Path) -> bool:
     return path.suffix in SUFFIXES
 
 
-def open_stream(path: Union[str, Path]):
-    """The file's bytes, decompressed as a stream where its name says so."""
-    kind = COMPRESSED.get(Path(path).suffix)
+def open_stream(path: Union[str, Path, UrlPath]):
+    """The file's bytes, decompressed as a stream where its name says so (a local path or an
+    fsspec URL's `UrlPath`: both open with `.open("rb")`)."""
+    path = Path(path) if isinstance(path, str) else path
+    kind = COMPRESSED.get(path.suffix)
     if kind == "gzip":
-        return gzip.open(path, "rb")
+        raw = path.open("rb")
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stream.myfileobj = raw  # closed with the stream, as gzip.open(filename) does
+        return stream
     if kind == "zstd":
         try:
             import zstandard  # only for .zst sources (the `data` extra)
         except ImportError:
             raise ValueError(f"{path}: reading .zst needs zstandard: pip install "
                              "'mm1_megatron[data]'") from None
-        raw = open(path, "rb")
+        raw = path.open("rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw,
                                                                            closefd=True))
-    return open(path, "rb")
+    return path.open("rb")
 
 
 # What a cut-short compressed stream raises while being read.
@@ -256,7 +262,7 @@ def _count_records(path: Union[str, Path]) -> Optional[int]:
         return None  # unknown until parsed; the progress bar runs without a total
     if Path(path).suffix in COMPRESSED:
         return None  # counting would decompress the whole file once more
-    with open(path, "rb") as f:
+    with open_stream(path) as f:
         return sum(1 for line in f if line.strip())
 
 

@@ -103,6 +103,11 @@ def interleaved_sample(texts: object, images: object, root: Path) -> RawSample:
                                 enumerate(found)])
 
 
+def _parquet_file(pq, path):
+    """A local file by its name (pyarrow maps it), a `UrlPath` through its fsspec file."""
+    return pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))
+
+
 def files(paths: Sequence[Path]) -> list[Path]:
     """Each file as named, each folder's *.parquet (sorted, subfolders included)."""
     found: list[Path] = []
@@ -140,7 +145,7 @@ class ParquetSource:
 
     def count(self, paths: Sequence[Path]) -> Optional[int]:
         pq = _pyarrow()
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in files(paths))
+        return sum(_parquet_file(pq, p).metadata.num_rows for p in files(paths))
 
     def files(self, paths: Sequence[Path]) -> list[Path]:
         return files(paths)
@@ -154,7 +159,7 @@ class ParquetSource:
         pq = _pyarrow()
         for n, path in enumerate(paths):
             try:
-                names = pq.ParquetFile(path).schema_arrow.names
+                names = _parquet_file(pq, path).schema_arrow.names
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: not a readable parquet file ({e})") from None
             if kind == "interleaved":
@@ -163,7 +168,7 @@ class ParquetSource:
                     raise ValueError(f"{path}: no column {missing[0]!r} (columns: "
                                      f"{', '.join(names)})")
                 if n == 0:
-                    batch = next(pq.ParquetFile(path).iter_batches(
+                    batch = next(_parquet_file(pq, path).iter_batches(
                         batch_size=BATCH_ROWS, columns=["images"]), None)
                     if batch is not None:
                         _refuse_urls(path, batch)
@@ -177,7 +182,7 @@ class ParquetSource:
         pq = _pyarrow()
         columns = ["texts", "images"] if kind == "interleaved" else [text_field]
         for path in files(paths):
-            parquet = pq.ParquetFile(path)
+            parquet = _parquet_file(pq, path)
             missing = [c for c in columns if c not in parquet.schema_arrow.names]
             if missing:
                 raise ValueError(f"{path}: no column {missing[0]!r} (columns: "
