@@ -16,7 +16,13 @@ from mm1_megatron.data.tokenizer import (BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, SP
                                          UNK_ID)
 
 HF_MODELING_DIR = Path(__file__).parent / "hf_modeling"
-MODELING_FILES = ("configuration_mm1.py", "modeling_mm1.py", "processing_mm1.py")
+# The transformers releases the export's remote code runs on, and those CI runs it under besides
+# the installed one (tests/convert/test_hf_usage.py overlays each; hf_modeling/compat_mm1.py
+# holds what differs between them). Stated in the exported config.json and model card.
+TRANSFORMERS_RANGE = ">=4.57,<6"
+TRANSFORMERS_TESTED = ("4.57.6", "5.0.0", "5.19.0")
+MODELING_FILES = ("compat_mm1.py", "configuration_mm1.py", "modeling_mm1.py",
+                  "processing_mm1.py")
 
 
 def vision_config_dict(cfg: Config) -> dict[str, Any]:
@@ -64,8 +70,18 @@ def mm1_config(cfg: Config):
                        "AutoModelForCausalLM": "modeling_mm1.MM1ForConditionalGeneration",
                        "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration",
                        "AutoProcessor": "processing_mm1.MM1Processor"}
-    config.mm1_megatron = {"preset": cfg.preset, "config": cfg.to_dict()}
+    config.mm1_megatron = {"preset": cfg.preset, "config": cfg.to_dict(),
+                           "transformers": {"range": TRANSFORMERS_RANGE,
+                                            "tested": transformers_tested()}}
     return config
+
+
+def transformers_tested() -> list[str]:
+    """TRANSFORMERS_TESTED and the installed release (which exports and checks parity)."""
+    import transformers
+    from packaging.version import Version
+
+    return sorted({*TRANSFORMERS_TESTED, transformers.__version__}, key=Version)
 
 
 def llama_config(cfg: Config):
@@ -224,6 +240,8 @@ def model_card(cfg: Config, report: dict) -> str:
         "trust_remote_code=True)` works too. The prompt format (`chat_template.jinja`): "
         "`<image> A photo of` for captions, `<image> Question: ... Short answer:` for VQA, "
         "in-context examples separated by a newline.", "",
+        f"Runs on transformers {TRANSFORMERS_RANGE.replace(',', ', ')} (tested: "
+        f"{', '.join(transformers_tested())}).", "",
     ]
     return "\n".join(lines)
 

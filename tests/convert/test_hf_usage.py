@@ -23,8 +23,9 @@ from tests._procs import run_ranks
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
-# tiny, with the demo tokenizer's vocabulary; 9 tokens per image
-OVERRIDES = ["llm.vocab_size=2048", "llm.num_query_groups=2"]
+# tiny, with the demo tokenizer's vocabulary; 9 tokens per image; a RoPE base other than
+# transformers' default (a release reading another config field would run at the default)
+OVERRIDES = ["llm.vocab_size=2048", "llm.num_query_groups=2", "llm.rope_theta=50000"]
 MAX_NEW = 8
 
 
@@ -434,3 +435,57 @@ def test_a_tiled_export_tiles_like_training_and_generates(exported, photos):
     assert bad == [] and diff.mean() < 0.01 and diff.max() < 0.3, float(diff.mean())
     out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
     assert new_tokens(out, inputs) == own_greedy(model, want, inputs["pixel_values"][0])
+
+
+@pytest.fixture(scope="module")
+def overlays():
+    """The transformers releases CI runs the export under, each in a folder for PYTHONPATH
+    (built once per machine, in parallel: ~40 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mm1_megatron.convert.hf_config import TRANSFORMERS_TESTED
+    from tests._helpers.transformers_overlay import overlay
+
+    with ThreadPoolExecutor(len(TRANSFORMERS_TESTED)) as pool:
+        return dict(zip(TRANSFORMERS_TESTED, pool.map(overlay, TRANSFORMERS_TESTED)))
+
+
+def test_the_export_gives_the_same_tokens_under_each_tested_transformers(exported, overlays):
+    """4.57.6, 5.0.0, 5.19.0 overlaid on PYTHONPATH: loading, the processor's prompts, greedy
+    captions with 0-2 images, a batch of mixed image counts, beam search, the pipeline, the
+    SFT chat template and a tiled export give the installed release's tokens, and the export
+    says which releases it was tested on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import transformers
+
+    from tests._helpers import hf_probe
+
+    root = exported[0].parent
+    config = json.loads((exported[0] / "config.json").read_text())
+    assert config["mm1_megatron"]["transformers"]["tested"] == sorted(
+        {*overlays, transformers.__version__}, key=lambda v: tuple(map(int, v.split("."))))
+    assert "Runs on transformers >=4.57, <6 (tested: 4.57.6, 5.0.0, 5.19.0" in \
+        (exported[0] / "README.md").read_text()
+
+    def probe(folder: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(folder), "HF_HUB_OFFLINE": "1"}
+        return subprocess.run([sys.executable, "-m", "tests._helpers.hf_probe", str(root)],
+                              env=env, capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parents[2])
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = dict(zip(overlays, pool.map(probe, overlays.values())))
+        want = hf_probe.main(root)  # the installed release, in this process meanwhile
+    assert want["greedy_1"] and want["tiled_counts"] == [5]
+    for version, done in runs.items():
+        assert done.returncode == 0, (version, done.stderr[-3000:])
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        assert got.pop("transformers") == version
+        assert got.pop("load_warnings") == [], version
+        for n in range(3):  # every position's logits (64 of the vocabulary), fp32 noise apart
+            logits = torch.tensor(got.pop(f"logits_{n}"))
+            assert torch.allclose(logits, torch.tensor(want[f"logits_{n}"]), atol=1e-4), \
+                (version, n, float((logits - torch.tensor(want[f"logits_{n}"])).abs().max()))
+        assert got == {k: v for k, v in want.items() if k not in (
+            "transformers", "load_warnings", "logits_0", "logits_1", "logits_2")}, version

@@ -7,6 +7,11 @@ a plain dict) and a Llama-style decoder (`text_config`: a `LlamaConfig`) whose e
 
 from transformers import CLIPVisionConfig, LlamaConfig, PretrainedConfig
 
+try:  # loaded as a remote-code module (package-relative) or straight from the folder
+    from .compat_mm1 import llama_kwargs
+except ImportError:  # pragma: no cover
+    from compat_mm1 import llama_kwargs
+
 
 class MM1Config(PretrainedConfig):
     model_type = "mm1"
@@ -18,7 +23,7 @@ class MM1Config(PretrainedConfig):
         if isinstance(vision_config, dict) or vision_config is None:
             vision_config = CLIPVisionConfig(**(vision_config or {}))
         if isinstance(text_config, dict) or text_config is None:
-            text_config = LlamaConfig(**(text_config or {}))
+            text_config = LlamaConfig(**llama_kwargs(text_config or {}))
         self.vision_config = vision_config
         self.text_config = text_config
         self.connector = dict(connector or {"type": "avg_pool", "num_tokens": 1})

@@ -25,9 +25,11 @@ from transformers.models.clip.modeling_clip import CLIPEncoder
 from transformers.models.llama.modeling_llama import LlamaModel
 
 try:  # loaded as a remote-code module (package-relative) or straight from the folder
+    from .compat_mm1 import CACHE_FIELD
     from .configuration_mm1 import MM1Config
     from .processing_mm1 import images_per_row
 except ImportError:  # pragma: no cover
+    from compat_mm1 import CACHE_FIELD
     from configuration_mm1 import MM1Config
     from processing_mm1 import images_per_row
 
@@ -321,13 +323,14 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         return embeds.masked_scatter(slots.unsqueeze(-1), image_tokens)
 
     def forward(self, input_ids=None, pixel_values=None, image_counts=None, attention_mask=None,
-                position_ids=None, cache=None, inputs_embeds=None, labels=None, use_cache=None,
+                position_ids=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_counts)
+        # the cache (under the release's name, CACHE_FIELD) and what else the release's
+        # generate passes (cache_position before 5.x's removal) go on to the decoder
         outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, cache=cache,
-                                      use_cache=use_cache, **kwargs)
+                                      position_ids=position_ids, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -336,7 +339,20 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """The release's own, with the images kept to the step that reads the prompt: newer
+        releases drop `pixel_values` once the cache holds it, older ones (5.0, 4.57) pass them
+        to every step, whose input ids hold no placeholder."""
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds,
+                                                       **kwargs)
+        cache = inputs.get(CACHE_FIELD)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            inputs.pop("pixel_values", None)
+            inputs.pop("image_counts", None)
+        return inputs
 
     def generate(self, inputs=None, *args, pixel_values=None, image_counts=None, **kwargs):
         """`GenerationMixin.generate`, with images regrouped per row first: beam search and

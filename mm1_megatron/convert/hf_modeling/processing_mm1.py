@@ -22,10 +22,30 @@ from __future__ import annotations
 
 from transformers.processing_utils import ProcessorMixin
 
+try:  # loaded as a remote-code module (package-relative) or straight from the folder
+    from .compat_mm1 import PROCESSOR_INFERS_PARTS
+except ImportError:  # pragma: no cover
+    from compat_mm1 import PROCESSOR_INFERS_PARTS
+
+
+# Keyword arguments the processor call takes that are neither the tokenizer's nor the image
+# processor's (sent by some releases' pipelines and chat templates): dropped.
+PROCESSOR_ONLY = ("return_mm_token_type_ids", "return_text_replacement_offsets",
+                  "sanitize_control_tokens", "videos", "audio", "videos_kwargs",
+                  "audio_kwargs", "common_kwargs")
+
 
 class MM1Processor(ProcessorMixin):
-    # Defaults of the text side (lowest priority: call kwargs win): batches pad to the longest
-    # prompt, on the left.
+    # What this processor needs from transformers is in the call below, written against the
+    # tokenizer's and image processor's own calls (stable from 4.57 to the newest 5.x), not
+    # ProcessorMixin's multimodal machinery (its placeholder expansion and kwargs merging
+    # appeared in 5.x and changed between 5.0, 5.19 and 5.24).
+    if not PROCESSOR_INFERS_PARTS:  # transformers 4.x reads the parts from these names
+        attributes = ["image_processor", "tokenizer"]
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+    # Defaults of the text side (call kwargs win): batches pad to the longest prompt, on the
+    # left.
     text_kwargs = {"padding": "longest", "padding_side": "left"}
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
@@ -42,18 +62,19 @@ class MM1Processor(ProcessorMixin):
         """Encoder inputs per image: 1, or the overview and the tiles."""
         return 1 + self.tile_grid ** 2 if self.tile_grid else 1
 
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * (self.num_image_tokens * self.sub_images)
-
-    def _process_images(self, images, **kwargs):
-        if not self.tile_grid:
-            return super()._process_images(images, **kwargs)
-        from transformers.image_utils import make_flat_list_of_images
-
-        flat = make_flat_list_of_images(images)
-        parts = [part for image in flat for part in self.tile(image)]
-        processed = self.image_processor(parts, **kwargs)
-        return processed, [self.replace_image_token(processed, i) for i in range(len(flat))]
+    def _flat_images(self, images) -> list:
+        """Images in prompt order, one list (nested lists per prompt flattened); tiled models
+        as each image's overview and tiles."""
+        if images is None:
+            return []
+        stack, flat = [images], []
+        while stack:  # depth-first, in order
+            item = stack.pop()
+            if isinstance(item, (list, tuple)):
+                stack.extend(reversed(item))
+            else:
+                flat.append(item)
+        return [part for image in flat for part in self.tile(image)] if self.tile_grid else flat
 
     def tile(self, image) -> list:
         """One image -> [overview, tiles row-major] as PIL images. The overview is the image
@@ -81,19 +102,37 @@ class MM1Processor(ProcessorMixin):
         if text is None:
             raise ValueError("MM1Processor needs `text`: one `<image>` per image, where the image "
                              "goes (e.g. '<image> A photo of')")
+        from transformers.feature_extraction_utils import BatchFeature
+
         texts = [text] if isinstance(text, str) else list(text)
         counts = [t.count(self.image_token) * self.sub_images for t in texts]  # encoder inputs
-        out = super().__call__(images=images, text=texts, **kwargs)
-        as_tensors = hasattr(out.get("input_ids"), "shape")
-        if "pixel_values" in out:
-            out["pixel_values"] = images_per_row(out["pixel_values"], counts)
-        if as_tensors:
+        parts = self._flat_images(images)
+        if len(parts) != sum(counts):
+            raise ValueError(f"the prompts hold {sum(counts) // self.sub_images} `{self.image_token}` "
+                             f"but {len(parts) // self.sub_images} images were given")
+        return_tensors = kwargs.pop("return_tensors", None)
+        image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        text_kwargs = {**self.text_kwargs, **(kwargs.pop("text_kwargs", None) or {})}
+        for key, value in kwargs.items():
+            if key in PROCESSOR_ONLY:
+                continue
+            if hasattr(self.image_processor, key) and not hasattr(self.tokenizer, key):
+                image_kwargs[key] = value
+            else:
+                text_kwargs[key] = value
+        placeholders = self.image_token * (self.num_image_tokens * self.sub_images)
+        expanded = [t.replace(self.image_token, placeholders) for t in texts]
+        out = dict(self.tokenizer(expanded, return_tensors=return_tensors, **text_kwargs))
+        if parts:
+            pixels = self.image_processor(parts, return_tensors=return_tensors,
+                                          **image_kwargs)["pixel_values"]
+            out["pixel_values"] = images_per_row(pixels, counts)
+        out["image_counts"] = counts
+        if return_tensors == "pt":
             import torch
 
             out["image_counts"] = torch.tensor(counts, dtype=torch.long)
-        else:
-            out["image_counts"] = counts
-        return out
+        return BatchFeature(data=out, tensor_type=None)
 
     @property
     def model_input_names(self) -> list[str]:
