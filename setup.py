@@ -61,6 +61,9 @@ setup(
             "mm1-import-hf=mm1_megatron.convert.from_hf:main",
             "mm1-gpu-check=mm1_megatron.gpu_check:main",
             "mm1-prepare-data=mm1_megatron.data.prepare:main",
+            "mm1-lmms-tasks=mm1_megatron.evaluation.lmms_tasks:main",
         ],
+        # lmms-eval's model registry loads `--model mm1` from here (evaluation/lmms_plugin.py)
+        "lmms_eval.models": ["mm1=mm1_megatron.evaluation.lmms_plugin:manifest"],
     },
 )

@@ -71,6 +71,8 @@ def mm1_config(cfg: Config):
                        "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration",
                        "AutoProcessor": "processing_mm1.MM1Processor"}
     config.mm1_megatron = {"preset": cfg.preset, "config": cfg.to_dict(),
+                           # how to prompt it (harnesses read this: lmms-eval's `mm1` model)
+                           "prompt_format": "chat" if is_chat_model(cfg) else "pretrain",
                            "transformers": {"range": TRANSFORMERS_RANGE,
                                             "tested": transformers_tested()}}
     return config

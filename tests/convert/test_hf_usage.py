@@ -489,3 +489,127 @@ def test_the_export_gives_the_same_tokens_under_each_tested_transformers(exporte
                 (version, n, float((logits - torch.tensor(want[f"logits_{n}"])).abs().max()))
         assert got == {k: v for k, v in want.items() if k not in (
             "transformers", "load_warnings", "logits_0", "logits_1", "logits_2")}, version
+
+
+@pytest.fixture(scope="module")
+def lmms_eval_env(tmp_path_factory):
+    """lmms-eval 0.7.3 (tests/_helpers/lmms_overlay.py), the two 4-row stock-layout datasets
+    saved as `mm1-lmms-tasks save` saves them, and the task pack `mm1-lmms-tasks pack` writes
+    for them."""
+    from tests._helpers.lmms_overlay import overlay
+
+    root = tmp_path_factory.mktemp("lmms")
+    env = {**os.environ, "PYTHONPATH": str(overlay()), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
+    repo = Path(__file__).parents[2]
+    for argv in (["-m", "tests._helpers.lmms_data", str(root / "data")],
+                 ["-m", "mm1_megatron.evaluation.lmms_tasks", "pack", "--data",
+                  str(root / "data"), "--out", str(root / "pack")]):
+        done = subprocess.run([sys.executable, *argv], env=env, cwd=repo, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["tasks"] == ["pope_local",
+                                                                 "seedbench_ppl_local"]
+    return root, env, repo
+
+
+def _lmms_eval(env_root, export: Path, out: Path, tasks: str, *extra: str) -> dict:
+    root, env, repo = env_root
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "mm1", "--model_args",
+         f"pretrained={export},dtype=float32", "--tasks", tasks, "--include_path",
+         str(root / "pack"), "--output_path", str(out), "--batch_size", "2", "--device", "cpu",
+         "--log_samples", *extra], env=env, cwd=repo, capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]
+    samples = {path.stem.split("_samples_")[1]: [json.loads(line) for line in
+                                                 path.read_text().splitlines()]
+               for path in out.rglob("*_samples_*.jsonl")}
+    return {"results": results, "samples": samples}
+
+
+def _user_turn(processor, text: str, n_images: int) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def test_lmms_eval_scores_a_pretraining_export_offline_with_the_mm1_plugin(
+        exported, loaded, lmms_eval_env, tmp_path):
+    """`lmms-eval --model mm1` (the entry point, no fork, no --include_path model code) on
+    the export with stock POPE (generation) and SEED-Bench multiple choice read offline from
+    the task pack: every answer is the export's greedy text for the paper's VQA prompt, cut at
+    the newline; every choice's score is the continuation's summed log-probability; the
+    accuracies lmms-eval writes are those answers' and scores'."""
+    from tests._helpers.lmms_data import rows
+
+    model, processor = loaded
+    run = _lmms_eval(lmms_eval_env, exported[0], tmp_path / "out",
+                     "pope_local,seedbench_ppl_local")
+    data = rows()
+
+    pope = sorted(run["samples"]["pope_local"], key=lambda s: s["doc_id"])
+    assert len(pope) == 4
+    right = 0
+    for doc, sample in enumerate(pope):
+        question = data["pope"]["question"][doc] + \
+            "\nAnswer the question using a single word or phrase."  # POPE's post_prompt
+        prompt = _user_turn(processor, question, 1)
+        assert prompt.startswith("<s><image> Question: " + data["pope"]["question"][doc]) \
+            and prompt.endswith(" Short answer:")  # the template folds whitespace
+        inputs = processor(images=[data["pope"]["image"][doc].convert("RGB")], text=prompt,
+                           return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+        want = processor.decode(new_tokens(out, inputs), skip_special_tokens=True)
+        want = want.split("\n\n")[0].split("\n")[0].strip()
+        assert sample["filtered_resps"] == want, doc
+        right += want.lower() == data["pope"]["answer"][doc]
+    assert run["results"]["pope_local"]["pope_accuracy,none"] == right / 4
+
+    seed = sorted(run["samples"]["seedbench_ppl_local"], key=lambda s: s["doc_id"])
+    letters = "ABCD"
+    correct = 0
+    for doc, sample in enumerate(seed):
+        prompt = _user_turn(processor, f"{data['seedbench_ppl']['question'][doc]} Answer :", 1)
+        inputs = processor(images=[data["seedbench_ppl"]["image"][doc][0].convert("RGB")],
+                           text=prompt, return_tensors="pt", add_special_tokens=False)
+        scores = []
+        for letter in letters:
+            choice = " " + data["seedbench_ppl"][f"choice_{letter.lower()}"][doc]
+            cont = processor.tokenizer(choice, add_special_tokens=False,
+                                       return_tensors="pt").input_ids
+            ids = torch.cat([inputs["input_ids"], cont], dim=1)
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                           image_counts=inputs["image_counts"]).logits[0]
+            logp = torch.log_softmax(logits[-cont.shape[1] - 1:-1], -1)
+            scores.append(float(logp.gather(1, cont[0, :, None]).sum()))
+        got = [float(pair[0]) for pair in sample["filtered_resps"]]
+        assert got == pytest.approx(scores, abs=1e-3), doc
+        correct += letters[int(torch.tensor(scores).argmax())] == \
+            data["seedbench_ppl"]["answer"][doc]
+    assert run["results"]["seedbench_ppl_local"]["acc,none"] == correct / 4
+
+
+def test_lmms_eval_prompts_an_sft_export_in_its_chat_format(exported, lmms_eval_env, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests._helpers.lmms_data import rows
+
+    sft = exported[0].parent / "hf_sft"
+    run = _lmms_eval(lmms_eval_env, sft, tmp_path / "out", "pope_local", "--limit", "2")
+    processor = AutoProcessor.from_pretrained(sft, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(sft, trust_remote_code=True,
+                                                        dtype=torch.float32).eval()
+    data = rows()["pope"]
+    for sample in sorted(run["samples"]["pope_local"], key=lambda s: s["doc_id"]):
+        doc = sample["doc_id"]
+        question = data["question"][doc] + "\nAnswer the question using a single word or phrase."
+        prompt = _user_turn(processor, question, 1)
+        assert prompt.startswith("<s>User: <image>") and prompt.endswith("\nAssistant:")
+        inputs = processor(images=[data["image"][doc].convert("RGB")], text=prompt,
+                           return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+        want = processor.decode(new_tokens(out, inputs), skip_special_tokens=True)
+        assert sample["filtered_resps"] == want.split("\n\n")[0]  # lmms-eval's default stop

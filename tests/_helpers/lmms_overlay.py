@@ -1,0 +1,51 @@
+"""lmms-eval 0.7.3 in a folder, to put on PYTHONPATH beside this environment (as
+transformers_overlay.py does for transformers releases): lmms-eval without its declared
+dependencies, plus what its CLI, its task loading and its result writing import.
+
+Why not `pip install lmms-eval`: it requires torchvision, and PyPI's torchvision is a CUDA
+build whose operators fail to register beside the CPU torch ("operator torchvision::nms does
+not exist"), which then breaks transformers' image processors in the whole environment. Its
+other declared dependencies (wandb, yt-dlp, opencv, av, timm, peft, openai, ...) are for
+models and tasks this plugin does not use. docs/evaluation.md gives the same recipe for users.
+
+filelock < 4: lmms-eval 0.7.3 patches `filelock._api`, which filelock 4 removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+LMMS_EVAL = "lmms-eval==0.7.3"
+RUNTIME = ("filelock<4", "datasets", "evaluate", "sacrebleu", "tabulate", "lxml", "pandas",
+           "pytz", "tenacity", "pytablewriter")
+ROOT = Path(os.environ.get("MM1_LMMS_EVAL_OVERLAY", "/tmp/mm1-lmms-eval"))
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                   check=True, timeout=600)
+
+
+def overlay(folder: Path = ROOT) -> Path:
+    if (folder / ".complete").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    report = folder / "report.json"
+    # what this environment lacks for RUNTIME, resolved against it (pins, deps included)
+    _pip("install", "--dry-run", "--report", str(report), *RUNTIME)
+    pins = [f"{item['metadata']['name']}=={item['metadata']['version']}"
+            for item in json.loads(report.read_text())["install"]]
+    _pip("install", "--no-deps", "--target", str(folder), LMMS_EVAL, *pins)
+    (folder / "pins.txt").write_text("\n".join([LMMS_EVAL, *pins]) + "\n")
+    (folder / ".complete").touch()
+    return folder
+
+
+if __name__ == "__main__":
+    print(overlay())
