@@ -77,6 +77,36 @@ def pytest_sessionstart(session):
                                     f"is installed and {imported} imports")
 
 
+def pytest_collection_finish(session):
+    """The package folders some tests put on PYTHONPATH (transformers releases, lmms-eval) are
+    pip downloads of ~1 minute: start building them now, in the background, when such a test
+    is selected, so the download overlaps the tests before it. The tests' own fixtures call
+    the same builders, which wait for a build under way (a file lock) or redo a failed one."""
+    import threading
+
+    wanted = {item.name.split("[")[0] for item in session.items}
+    builders = []
+    if "test_the_export_gives_the_same_tokens_under_each_tested_transformers" in wanted:
+        from mm1_megatron.convert.hf_config import TRANSFORMERS_TESTED
+        from tests._helpers.transformers_overlay import overlay
+
+        builders += [lambda v=v: overlay(v) for v in TRANSFORMERS_TESTED]
+    if any(name.startswith("test_lmms_eval") for name in wanted):
+        from tests._helpers import lmms_overlay
+
+        builders.append(lmms_overlay.overlay)
+
+    def quietly(build) -> None:
+        try:
+            build()
+        except Exception:  # noqa: BLE001 - the test's fixture builds again and reports
+            pass
+
+    for build in builders:
+        threading.Thread(target=quietly, args=(build,), daemon=True,
+                         name="mm1-overlay-build").start()
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The README's demo dataset (real photos from scikit-image), built once per test run."""

@@ -13,6 +13,8 @@ filelock < 4: lmms-eval 0.7.3 patches `filelock._api`, which filelock 4 removed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -26,14 +28,29 @@ RUNTIME = ("filelock<4", "datasets", "evaluate", "sacrebleu", "tabulate", "lxml"
 ROOT = Path(os.environ.get("MM1_LMMS_EVAL_OVERLAY", "/tmp/mm1-lmms-eval"))
 
 
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One builder per folder across threads and processes (the suite starts the builds in
+    the background: tests/conftest.py); a second caller waits for the first to finish."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
                    check=True, timeout=600)
 
 
 def overlay(folder: Path = ROOT) -> Path:
-    if (folder / ".complete").exists():
-        return folder
+    with _locked(folder):
+        if not (folder / ".complete").exists():
+            _build(folder)
+    return folder
+
+
+def _build(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     report = folder / "report.json"
@@ -44,7 +61,6 @@ def overlay(folder: Path = ROOT) -> Path:
     _pip("install", "--no-deps", "--target", str(folder), LMMS_EVAL, *pins)
     (folder / "pins.txt").write_text("\n".join([LMMS_EVAL, *pins]) + "\n")
     (folder / ".complete").touch()
-    return folder
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ out of that range. Everything else (torch, numpy, PIL) is the environment's.
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -25,6 +27,16 @@ from pathlib import Path
 
 ROOT = Path(os.environ.get("MM1_TRANSFORMERS_OVERLAYS", "/tmp/mm1-transformers"))
 IMPORTED_WHEN_PRESENT = ("kernels",)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One builder per folder across threads and processes (the suite starts the builds in
+    the background: tests/conftest.py); a second caller waits for the first to finish."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _pip(*args: str) -> None:
@@ -56,11 +68,16 @@ def _out_of_range(requirement: str) -> bool:
 
 
 def overlay(version: str, root: Path = ROOT) -> Path:
+    folder = root / version
+    with _locked(folder):
+        if not (folder / ".complete").exists():
+            _build(version, root, folder)
+    return folder
+
+
+def _build(version: str, root: Path, folder: Path) -> None:
     from packaging.utils import canonicalize_name
 
-    folder = root / version
-    if (folder / ".complete").exists():
-        return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     report = root / f"{version}.report.json"
@@ -76,7 +93,6 @@ def overlay(version: str, root: Path = ROOT) -> Path:
         _pip("install", "--no-deps", "--target", str(folder), *extra)
     (folder / "pins.txt").write_text("\n".join(pins + extra) + "\n")
     (folder / ".complete").touch()
-    return folder
 
 
 if __name__ == "__main__":
