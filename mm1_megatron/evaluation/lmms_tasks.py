@@ -94,17 +94,26 @@ def dataset_of(yaml_path: Path) -> tuple[str, Optional[str], list[str], dict]:
         dict(config.get("dataset_kwargs") or {})
 
 
-def save(spec: str, out: Path) -> dict[str, str]:
-    """Each task's splits saved under OUT (one folder per dataset); returns the index."""
-    import datasets
-
+def save(spec: str, out: Path, dry_run: bool = False) -> dict[str, str]:
+    """Each task's splits saved under OUT (one folder per dataset); returns the index. With
+    `dry_run`, only prints what would be downloaded (no network)."""
     tasks, groups = stock_tasks()
     leaves, _ = _expand(_names(spec), tasks, groups)
-    out.mkdir(parents=True, exist_ok=True)
     index = json.loads((out / INDEX).read_text()) if (out / INDEX).exists() else {}
+    plan = {}
     for task in leaves:
         path, name, splits, kwargs = dataset_of(tasks[task])
-        folder = "__".join(p for p in (path.replace("/", "__"), name) if p)
+        plan[task] = {"dataset_path": path, "dataset_name": name, "splits": splits,
+                      "folder": "__".join(p for p in (path.replace("/", "__"), name) if p)}
+    if dry_run:
+        print(json.dumps(plan, indent=1))
+        return {task: p["folder"] for task, p in plan.items()}
+    import datasets
+
+    out.mkdir(parents=True, exist_ok=True)
+    for task in leaves:
+        path, name, splits, kwargs = dataset_of(tasks[task])
+        folder = plan[task]["folder"]
         if not (out / folder / "dataset_dict.json").exists():
             kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "data_files")}
             loaded = datasets.DatasetDict({s: datasets.load_dataset(path, name, split=s, **kwargs)
@@ -154,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("save", help="save stock tasks' datasets (needs the Hub)")
     s.add_argument("--tasks", required=True, help="comma-separated tasks/groups, or sft-suite")
     s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--dry-run", action="store_true",
+                   help="print each task's dataset and splits; download nothing")
     k = sub.add_parser("pack", help="write task YAMLs reading the saved datasets")
     k.add_argument("--data", required=True, type=Path)
     k.add_argument("--out", required=True, type=Path)
@@ -165,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "save":
-            save(args.tasks, args.out)
+            save(args.tasks, args.out, args.dry_run)
         else:
             names = pack(args.data, args.out, args.tasks)
             print(json.dumps({"include_path": str(args.out.resolve()), "tasks": names}))

@@ -39,8 +39,11 @@ def _locked(folder: Path):
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                   check=True, timeout=600)
+    """pip, its output kept out of the test log unless it fails."""
+    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q",
+                           *args], capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"pip {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
 def overlay(folder: Path = ROOT) -> Path:

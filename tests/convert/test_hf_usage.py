@@ -510,6 +510,15 @@ def lmms_eval_env(tmp_path_factory):
         assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["tasks"] == ["pope_local",
                                                                  "seedbench_ppl_local"]
+    # what `save` would download for the whole suite, resolved from the stock YAMLs offline
+    done = subprocess.run([sys.executable, "-m", "mm1_megatron.evaluation.lmms_tasks", "save",
+                           "--tasks", "sft-suite", "--out", str(root / "unused"), "--dry-run"],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout)
+    assert {"mme", "pope", "mmvet", "mathvista_testmini_format"} <= set(plan)  # group expanded
+    assert all(p["dataset_path"] and p["splits"] for p in plan.values())
+    assert plan["pope"]["splits"] == ["test"] and not (root / "unused").exists()
     return root, env, repo
 
 
