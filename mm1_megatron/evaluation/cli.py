@@ -6,6 +6,15 @@
     mm1-eval --run-dir runs/demo-sft --chat --task demo_tasks/chat_vqa.jsonl \\
              --task demo_tasks/chat_choice.jsonl --task demo_tasks/chat_yesno.jsonl
 
+    mm1-eval --run-dir runs/mm1-3b --benchmark vqav2 --data /data/vqav2 --shots 0 4 8
+    mm1-eval --run-dir runs/mm1-3b --suite paper-fewshot --benchmarks-root /data/bench \
+             --table results/table3.md
+
+`--benchmark` reads a benchmark's official files (evaluation/benchmarks.py names each layout);
+`--suite paper-fewshot` runs the eight of the paper's Table 3 from ROOT/coco, ROOT/nocaps,
+ROOT/textcaps, ROOT/vqav2, ROOT/textvqa, ROOT/vizwiz, ROOT/gqa and ROOT/okvqa and, with
+`--table FILE.md`, writes that table (shots x benchmarks) and FILE.json.
+
 `--chat` evaluates a fine-tuned (SFT) model zero-shot in the chat format: short-answer VQA
 (VQA accuracy), multiple choice (accuracy of the letter read from the answer) and yes/no
 (accuracy; F1 and the "yes" share in --output).
@@ -43,6 +52,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file of config sections (as for mm1-train)")
     p.add_argument("--task", action="append", default=[], metavar="FILE.jsonl",
                    help="a task file (repeat for several)")
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME",
+                   help="an official benchmark (evaluation/benchmarks.py), read from --data")
+    p.add_argument("--data", action="append", default=[], metavar="DIR",
+                   help="one per --benchmark: the folder of its published files")
+    p.add_argument("--support-data", metavar="DIR",
+                   help="where the in-context examples come from when not --data itself "
+                        "(nocaps: the COCO Karpathy folder)")
+    p.add_argument("--suite", choices=["paper-fewshot"],
+                   help="the paper's few-shot table: every benchmark under --benchmarks-root")
+    p.add_argument("--benchmarks-root", metavar="ROOT", help="for --suite (see above)")
+    p.add_argument("--table", metavar="FILE.md",
+                   help="write the paper-shaped table (shots x benchmarks) here, and FILE.json")
     p.add_argument("--answer-loss", metavar="FILE.jsonl",
                    help="held-out conversations (LLaVA format): the mean loss on their answers")
     p.add_argument("--support", action="append", default=None, metavar="FILE.jsonl",
@@ -71,8 +92,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     r"Please use DTensor instead"):
         warnings.filterwarnings("ignore", message=pattern)
     args = parse_args(argv)
-    if not args.task and not args.answer_loss:
-        print("mm1-eval: give --task FILE.jsonl and/or --answer-loss FILE.jsonl", file=sys.stderr)
+    if args.suite and not args.benchmarks_root:
+        print("mm1-eval: --suite paper-fewshot needs --benchmarks-root ROOT", file=sys.stderr)
+        return 2
+    if len(args.benchmark) != len(args.data):
+        print("mm1-eval: give one --data DIR per --benchmark", file=sys.stderr)
+        return 2
+    if not (args.task or args.answer_loss or args.benchmark or args.suite):
+        print("mm1-eval: give --task FILE.jsonl, --benchmark NAME --data DIR, --suite "
+              "paper-fewshot and/or --answer-loss FILE.jsonl", file=sys.stderr)
         return 2
     if args.shots is None:
         args.shots = [0] if args.chat else [0, 4, 8]
@@ -101,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         tasks = [load_task(t, support=args.support[i] if args.support else None)
-                 for i, t in enumerate(args.task)]
+                 for i, t in enumerate(args.task)] + benchmark_tasks(args)
         conversations = load_conversations(args.answer_loss) if args.answer_loss else None
         path = resolve_checkpoint(args.run_dir, args.checkpoint)
         tokenizer = Tokenizer.load(args.tokenizer or cfg.data.tokenizer_model)
@@ -146,6 +174,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if results:
         print()
         print(format_table(results))
+    if args.table:
+        from mm1_megatron.evaluation.benchmarks import BENCHMARKS
+        from mm1_megatron.evaluation.evaluator import paper_table
+
+        columns = {name: b.column for name, b in BENCHMARKS.items()}
+        columns.update({t.name: t.name for t in tasks if t.name not in columns})
+        markdown, figures = paper_table(results, columns)
+        table = Path(args.table)
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(f"Checkpoint `{path}` (step {step}), preset `{cfg.preset}`, seed "
+                         f"{args.seed}{f', first {args.limit} queries' if args.limit else ''}."
+                         f"\n\n{markdown}")
+        table.with_suffix(".json").write_text(json.dumps(
+            {"checkpoint": str(path), "step": step, "preset": cfg.preset, "seed": args.seed,
+             "limit": args.limit, **figures}, indent=1) + "\n")
+        print(f"mm1-eval: wrote {table} and {table.with_suffix('.json')}", flush=True)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": str(path), "step": step, "answer_loss": losses,
@@ -156,6 +200,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "chat": r.chat} for r in results]},
                       f, indent=1)
     return 0
+
+
+def benchmark_tasks(args: argparse.Namespace) -> list:
+    """--benchmark/--data pairs and --suite's benchmarks, read from their official files.
+    Raises ValueError (BenchmarkError) in one line for a missing file or folder."""
+    from mm1_megatron.evaluation.benchmarks import SUITE_FOLDERS, load_benchmark
+
+    tasks = [load_benchmark(name, Path(d), args.support_data)
+             for name, d in zip(args.benchmark, args.data)]
+    if args.suite == "paper-fewshot":
+        root = Path(args.benchmarks_root)
+        for name, folder in SUITE_FOLDERS.items():
+            support = root / SUITE_FOLDERS["coco-karpathy"] if name == "nocaps" else None
+            tasks.append(load_benchmark(name, root / folder, support))
+    return tasks
 
 
 if __name__ == "__main__":

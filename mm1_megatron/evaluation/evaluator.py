@@ -12,15 +12,15 @@ import torch
 
 from mm1_megatron.data.tokenizer import Tokenizer
 from mm1_megatron.evaluation.generate import Generator
-from mm1_megatron.evaluation.metrics import (choice_letter, cider_d, vqa_accuracy,
-                                             yes_no_scores)
+from mm1_megatron.evaluation.metrics import (choice_letter, cider_d, normalize_answer,
+                                             vqa_accuracy, yes_no_scores)
 from mm1_megatron.evaluation.prompts import (SEPARATOR, build_chat_prompt, build_prompt,
                                              postprocess)
 from mm1_megatron.evaluation.tasks import CAPTION, CHAT_KINDS, CHOICE, VQA, YESNO, Task
 
 METRIC = {CAPTION: "cider", VQA: "vqa_acc", CHOICE: "choice_acc", YESNO: "yesno_acc"}
 METRIC_NAME = {"cider": "CIDEr", "vqa_acc": "VQA acc", "choice_acc": "choice acc",
-               "yesno_acc": "yes/no acc"}
+               "yesno_acc": "yes/no acc", "exact_match": "exact match"}
 DEFAULT_MAX_NEW_TOKENS = {CAPTION: 20, VQA: 10, CHOICE: 8, YESNO: 4}
 
 
@@ -157,7 +157,13 @@ class FewShotEvaluator:
             for p in predictions:
                 p["cider"] = per[p["id"]]
         details: dict = {}
-        if task.kind == VQA:
+        metric = task.meta.get("metric", METRIC[task.kind])  # a benchmark may name its own
+        if task.kind == VQA and metric == "exact_match":  # one answer per question (GQA)
+            for p, e in zip(predictions, examples):
+                p["exact_match"] = float(normalize_answer(p["prediction"]) ==
+                                         normalize_answer(e.answers[0]))
+            score = 100.0 * sum(p["exact_match"] for p in predictions) / max(1, len(predictions))
+        elif task.kind == VQA:
             for p, e in zip(predictions, examples):
                 p["vqa_acc"] = vqa_accuracy(p["prediction"], e.answers)
             score = 100.0 * sum(p["vqa_acc"] for p in predictions) / max(1, len(predictions))
@@ -170,7 +176,7 @@ class FewShotEvaluator:
             details = yes_no_scores([p["prediction"] for p in predictions],
                                     [e.answer for e in examples])
             score = details["accuracy"]
-        return TaskResult(task.name, task.kind, shots, METRIC[task.kind], float(score),
+        return TaskResult(task.name, task.kind, shots, metric, float(score),
                           len(examples), predictions, skipped, details, self.chat)
 
 
@@ -196,3 +202,28 @@ def format_table(results: Sequence[TaskResult]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def paper_table(results: Sequence[TaskResult], columns: dict[str, str]) -> tuple[str, dict]:
+    """MM1 Table 3's shape: one row per shot count, one column per benchmark (`columns`:
+    task name -> column title, in the table's order), CIDEr x100 / accuracy %. Returns the
+    Markdown and the same figures as a dict ({"columns", "rows": {k: {column: score}}, "n"})."""
+    by = {(r.task, r.shots): r for r in results}
+    shots = sorted({r.shots for r in results})
+    names = [n for n in columns if any(r.task == n for r in results)]
+    head = "| shots | " + " | ".join(columns[n] for n in names) + " |"
+    lines = [head, "|---" * (len(names) + 1) + "|"]
+    rows: dict[int, dict[str, Optional[float]]] = {}
+    for k in shots:
+        rows[k] = {columns[n]: (round(by[n, k].reported, 2) if (n, k) in by else None)
+                   for n in names}
+        lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.1f}"
+                                               for v in rows[k].values()) + " |")
+    counts = {columns[n]: max(by[n, k].examples for k in shots if (n, k) in by) for n in names}
+    metrics = {columns[n]: METRIC_NAME[next(r.metric for r in results if r.task == n)]
+               for n in names}
+    lines += ["", "Queries scored: " + ", ".join(f"{c} {n}" for c, n in counts.items()) +
+              ". Metrics: " + ", ".join(f"{c} {m}" for c, m in metrics.items()) + "."]
+    return "\n".join(lines) + "\n", {"columns": [columns[n] for n in names],
+                                      "rows": {str(k): v for k, v in rows.items()},
+                                      "queries": counts, "metrics": metrics}

@@ -200,3 +200,69 @@ def test_mm1_eval_skips_and_counts_an_example_whose_image_is_missing(ep2_run, de
     assert result["examples"] == 2 and len(result["predictions"]) == 2
     assert result["skipped"][0]["id"] == first["id"] and "not-there.jpg" in \
         result["skipped"][0]["reason"]
+
+
+def _vqa_accuracy_reference(prediction: str, answers: list[str]) -> float:
+    """The official VQA accuracy, written out here: min(1, matches / 3) averaged over the ten
+    leave-one-out subsets of the human answers (answers and prediction normalised alike)."""
+    from mm1_megatron.evaluation.metrics import normalize_answer
+
+    pred, gts = normalize_answer(prediction), [normalize_answer(a) for a in answers]
+    subsets = [gts[:i] + gts[i + 1:] for i in range(len(gts))]
+    return sum(min(1.0, sum(g == pred for g in s) / 3.0) for s in subsets) / len(subsets)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_mm1_eval_writes_the_papers_fewshot_table_from_official_files(ep2_run, demo_data):
+    """`mm1-eval --suite paper-fewshot` on the eight benchmarks' published layouts (3 queries
+    each) at 0/4/8 shots: the Table-3-shaped Markdown and JSON hold the scores this test
+    recomputes from the predictions (pycocoevalcap's CIDEr-D; the VQA accuracy written out
+    above; GQA's exact match)."""
+    from pycocoevalcap.cider import cider
+
+    from mm1_megatron.evaluation.benchmarks import BENCHMARKS, SUITE_FOLDERS, load_benchmark
+    from mm1_megatron.evaluation.metrics import normalize_answer, ptb_tokenize
+    from tests._helpers.benchmarks import write_benchmarks
+    from tests._helpers.evaluation import EVAL_OVERRIDES
+    from tests._helpers.parity import BASE
+
+    root, _, _ = ep2_run
+    bench = write_benchmarks(root / "bench")
+    cmd = ["mm1-eval", "--run-dir", str(root / "run"), "--preset", "tiny", "--suite",
+           "paper-fewshot", "--benchmarks-root", str(bench), "--shots", "0", "4", "8",
+           "--max-new-tokens", "4", "--table", str(root / "table3.md"), "--output",
+           str(root / "fewshot.json"), *BASE, *EVAL_OVERRIDES,
+           f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
+    run = _procs.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO),
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = (root / "table3.md").read_text().splitlines()
+    columns = [b.column for b in BENCHMARKS.values()]
+    assert table[2] == "| shots | " + " | ".join(columns) + " |"
+    assert [line.split(" | ")[0] for line in table[4:7]] == ["| 0", "| 4", "| 8"]
+    figures = json.loads((root / "table3.json").read_text())
+    assert figures["columns"] == columns and figures["queries"]["GQA"] == 3
+    out = json.loads((root / "fewshot.json").read_text())["results"]
+    assert len(out) == 8 * 3
+    for r in out:
+        name = r["task"]
+        support = bench / "coco" if name == "nocaps" else None
+        task = load_benchmark(name, bench / SUITE_FOLDERS[name], support)
+        truth = {e.id: e for e in task.examples}
+        preds = {p["id"]: p["prediction"] for p in r["predictions"]}
+        assert set(preds) == set(truth)
+        if BENCHMARKS[name].metric == "cider":
+            tok = {i: " ".join(ptb_tokenize(p)) for i, p in preds.items()}
+            gts = {i: [" ".join(ptb_tokenize(c)) for c in truth[i].captions] for i in preds}
+            want = 100 * float(cider.Cider().compute_score(gts, {i: [t] for i, t in
+                                                                tok.items()})[0])
+        elif BENCHMARKS[name].metric == "exact_match":
+            want = 100 * sum(normalize_answer(p) == normalize_answer(truth[i].answers[0])
+                             for i, p in preds.items()) / len(preds)
+        else:
+            want = 100 * sum(_vqa_accuracy_reference(p, list(truth[i].answers))
+                             for i, p in preds.items()) / len(preds)
+        assert r["reported"] == pytest.approx(want, abs=1e-6), (name, r["shots"])
+        column = BENCHMARKS[name].column
+        assert figures["rows"][str(r["shots"])][column] == pytest.approx(want, abs=0.006)
