@@ -54,20 +54,20 @@ class Benchmark:
     read: Callable[[Path, Optional[Path]], Task]
 
 
-def _file(folder: Path, name: str, bench: str) -> Path:
+def _required(folder: Path, name: str, bench: str, folder_wanted: bool = False) -> Path:
     path = folder / name
-    if not path.is_file():
-        raise BenchmarkError(f"{bench}: {path} is missing (expected in {folder}: "
-                             f"{BENCHMARKS[bench].layout})")
+    if not (path.is_dir() if folder_wanted else path.is_file()):
+        raise BenchmarkError(f"{bench}: {path}{'/' * folder_wanted} is missing (expected in "
+                             f"{folder}: {BENCHMARKS[bench].layout})")
     return path
+
+
+def _file(folder: Path, name: str, bench: str) -> Path:
+    return _required(folder, name, bench)
 
 
 def _dir(folder: Path, name: str, bench: str) -> Path:
-    path = folder / name
-    if not path.is_dir():
-        raise BenchmarkError(f"{bench}: {path}/ is missing (expected in {folder}: "
-                             f"{BENCHMARKS[bench].layout})")
-    return path
+    return _required(folder, name, bench, folder_wanted=True)
 
 
 def _json(folder: Path, name: str, bench: str):

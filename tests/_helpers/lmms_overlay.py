@@ -13,14 +13,10 @@ filelock < 4: lmms-eval 0.7.3 patches `filelock._api`, which filelock 4 removed.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from tests._helpers.pip_target import built_once, missing_pins, pip
 
 LMMS_EVAL = "lmms-eval==0.7.3"
 RUNTIME = ("filelock<4", "datasets", "evaluate", "sacrebleu", "tabulate", "lxml", "pandas",
@@ -28,42 +24,14 @@ RUNTIME = ("filelock<4", "datasets", "evaluate", "sacrebleu", "tabulate", "lxml"
 ROOT = Path(os.environ.get("MM1_LMMS_EVAL_OVERLAY", "/tmp/mm1-lmms-eval"))
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One builder per folder across threads and processes (the suite starts the builds in
-    the background: tests/conftest.py); a second caller waits for the first to finish."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _pip(*args: str) -> None:
-    """pip, its output kept out of the test log unless it fails."""
-    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q",
-                           *args], capture_output=True, text=True, timeout=600)
-    if done.returncode:
-        raise RuntimeError(f"pip {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-
-
 def overlay(folder: Path = ROOT) -> Path:
-    with _locked(folder):
-        if not (folder / ".complete").exists():
-            _build(folder)
-    return folder
+    return built_once(folder, _build)
 
 
 def _build(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    report = folder / "report.json"
-    # what this environment lacks for RUNTIME, resolved against it (pins, deps included)
-    _pip("install", "--dry-run", "--report", str(report), *RUNTIME)
-    pins = [f"{item['metadata']['name']}=={item['metadata']['version']}"
-            for item in json.loads(report.read_text())["install"]]
-    _pip("install", "--no-deps", "--target", str(folder), LMMS_EVAL, *pins)
+    pins = missing_pins(*RUNTIME)  # what this environment lacks for RUNTIME, deps included
+    pip("install", "--no-deps", "--target", str(folder), LMMS_EVAL, *pins)
     (folder / "pins.txt").write_text("\n".join([LMMS_EVAL, *pins]) + "\n")
-    (folder / ".complete").touch()
 
 
 if __name__ == "__main__":

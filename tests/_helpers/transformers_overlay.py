@@ -15,36 +15,15 @@ out of that range. Everything else (torch, numpy, PIL) is the environment's.
 from __future__ import annotations
 
 import ast
-import contextlib
-import fcntl
-import json
 import os
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
+from tests._helpers.pip_target import built_once, missing_pins, pip
+
 ROOT = Path(os.environ.get("MM1_TRANSFORMERS_OVERLAYS", "/tmp/mm1-transformers"))
 IMPORTED_WHEN_PRESENT = ("kernels",)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One builder per folder across threads and processes (the suite starts the builds in
-    the background: tests/conftest.py); a second caller waits for the first to finish."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _pip(*args: str) -> None:
-    """pip, its output kept out of the test log unless it fails."""
-    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q",
-                           *args], capture_output=True, text=True, timeout=600)
-    if done.returncode:
-        raise RuntimeError(f"pip {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
 def _release_checks(folder: Path) -> dict[str, str]:
@@ -71,31 +50,20 @@ def _out_of_range(requirement: str) -> bool:
 
 
 def overlay(version: str, root: Path = ROOT) -> Path:
-    folder = root / version
-    with _locked(folder):
-        if not (folder / ".complete").exists():
-            _build(version, root, folder)
-    return folder
+    return built_once(root / version, lambda folder: _build(version, folder))
 
 
-def _build(version: str, root: Path, folder: Path) -> None:
+def _build(version: str, folder: Path) -> None:
     from packaging.utils import canonicalize_name
 
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    report = root / f"{version}.report.json"
-    _pip("install", "--dry-run", "--ignore-requires-python", "--report", str(report),
-         f"transformers=={version}")
-    pins = [f"{item['metadata']['name']}=={item['metadata']['version']}"
-            for item in json.loads(report.read_text())["install"]]
-    _pip("install", "--no-deps", "--target", str(folder), *pins)
+    pins = missing_pins(f"transformers=={version}")
+    pip("install", "--no-deps", "--target", str(folder), *pins)
     names = {canonicalize_name(p.split("==")[0]) for p in pins}
     extra = [req for pkg, req in _release_checks(folder).items()
              if canonicalize_name(pkg) not in names and _out_of_range(req)]
     if extra:
-        _pip("install", "--no-deps", "--target", str(folder), *extra)
+        pip("install", "--no-deps", "--target", str(folder), *extra)
     (folder / "pins.txt").write_text("\n".join(pins + extra) + "\n")
-    (folder / ".complete").touch()
 
 
 if __name__ == "__main__":
