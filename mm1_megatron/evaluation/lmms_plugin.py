@@ -148,7 +148,7 @@ class MM1(lmms):
                                for v in visuals]
                 inputs = self._inputs(texts, images)
                 with torch.inference_mode():
-                    ids = self.model.generate(**inputs, **self._generation(gen, stops))
+                    ids = self.model.generate(**inputs, **self._generation(dict(gen), stops))
                 width = inputs["input_ids"].shape[1]
                 for row, i in enumerate(chunk):
                     text = self.tokenizer.decode(ids[row, width:], skip_special_tokens=True)
@@ -161,6 +161,7 @@ class MM1(lmms):
         return out  # type: ignore[return-value]
 
     def _generation(self, gen: dict, stops: list[str]) -> dict:
+        """transformers' generate() arguments from lmms-eval's (consumes `gen`)."""
         temperature = float(gen.pop("temperature", 0) or 0)
         kwargs = {"max_new_tokens": int(gen.pop("max_new_tokens", self.max_new_tokens)),
                   "num_beams": int(gen.pop("num_beams", 1) or 1),

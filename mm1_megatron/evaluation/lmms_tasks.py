@@ -106,7 +106,7 @@ def save(spec: str, out: Path, dry_run: bool = False) -> dict[str, str]:
         plan[task] = {"dataset_path": path, "dataset_name": name, "splits": splits,
                       "folder": "__".join(p for p in (path.replace("/", "__"), name) if p)}
     if dry_run:
-        print(json.dumps(plan, indent=1))
+        print(json.dumps(plan))
         return {task: p["folder"] for task, p in plan.items()}
     import datasets
 

@@ -30,7 +30,7 @@ def overlay(folder: Path = ROOT) -> Path:
 
 def _build(folder: Path) -> None:
     pins = missing_pins(*RUNTIME)  # what this environment lacks for RUNTIME, deps included
-    pip("install", "--no-deps", "--target", str(folder), LMMS_EVAL, *pins)
+    pip("install", "--no-deps", "--no-compile", "--target", str(folder), LMMS_EVAL, *pins)
     (folder / "pins.txt").write_text("\n".join([LMMS_EVAL, *pins]) + "\n")
 
 

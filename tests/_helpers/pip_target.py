@@ -15,6 +15,8 @@ from typing import Callable
 
 
 def pip(*args: str) -> None:
+    """(Overlays install with --no-compile: byte-compiling transformers' few thousand
+    modules costs more CPU than the one process that imports each release.)"""
     done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q",
                            *args], capture_output=True, text=True, timeout=600)
     if done.returncode:

@@ -57,12 +57,12 @@ def _build(version: str, folder: Path) -> None:
     from packaging.utils import canonicalize_name
 
     pins = missing_pins(f"transformers=={version}")
-    pip("install", "--no-deps", "--target", str(folder), *pins)
+    pip("install", "--no-deps", "--no-compile", "--target", str(folder), *pins)
     names = {canonicalize_name(p.split("==")[0]) for p in pins}
     extra = [req for pkg, req in _release_checks(folder).items()
              if canonicalize_name(pkg) not in names and _out_of_range(req)]
     if extra:
-        pip("install", "--no-deps", "--target", str(folder), *extra)
+        pip("install", "--no-deps", "--no-compile", "--target", str(folder), *extra)
     (folder / "pins.txt").write_text("\n".join(pins + extra) + "\n")
 
 

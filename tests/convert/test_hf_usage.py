@@ -502,24 +502,28 @@ def lmms_eval_env(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(overlay()), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
     repo = Path(__file__).parents[2]
-    for argv in (["-m", "tests._helpers.lmms_data", str(root / "data")],
-                 ["-m", "mm1_megatron.evaluation.lmms_tasks", "pack", "--data",
-                  str(root / "data"), "--out", str(root / "pack")]):
-        done = subprocess.run([sys.executable, *argv], env=env, cwd=repo, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1])["tasks"] == ["pope_local",
-                                                                 "seedbench_ppl_local"]
-    # what `save` would download for the whole suite, resolved from the stock YAMLs offline
-    done = subprocess.run([sys.executable, "-m", "mm1_megatron.evaluation.lmms_tasks", "save",
-                           "--tasks", "sft-suite", "--out", str(root / "unused"), "--dry-run"],
-                          env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    # one process (importing lmms-eval's task registry costs ~10 s): the data, the pack,
+    # and what `save` would download for the whole suite, resolved offline
+    script = (f"from tests._helpers.lmms_data import save; save(__import__('pathlib')"
+              f".Path({str(root / 'data')!r}))\n"
+              "from mm1_megatron.evaluation.lmms_tasks import main\n"
+              f"assert main(['pack', '--data', {str(root / 'data')!r}, '--out', "
+              f"{str(root / 'pack')!r}]) == 0\n"
+              f"assert main(['save', '--tasks', 'sft-suite', '--out', "
+              f"{str(root / 'unused')!r}, '--dry-run']) == 0\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    plan = json.loads(done.stdout)
+    packed, plan = [json.loads(line) for line in done.stdout.splitlines()
+                    if line.startswith("{")]
+    assert packed["tasks"] == ["pope_local", "seedbench_ppl_local"]
     assert {"mme", "pope", "mmvet", "mathvista_testmini_format"} <= set(plan)  # group expanded
     assert all(p["dataset_path"] and p["splits"] for p in plan.values())
     assert plan["pope"]["splits"] == ["test"] and not (root / "unused").exists()
     return root, env, repo
+
+
+LMMS_NEW_TOKENS = 12  # over POPE's 128: a random model rarely stops early
 
 
 def _lmms_eval(env_root, export: Path, out: Path, tasks: str, *extra: str) -> dict:
@@ -528,7 +532,7 @@ def _lmms_eval(env_root, export: Path, out: Path, tasks: str, *extra: str) -> di
         [sys.executable, "-m", "lmms_eval", "--model", "mm1", "--model_args",
          f"pretrained={export},dtype=float32", "--tasks", tasks, "--include_path",
          str(root / "pack"), "--output_path", str(out), "--batch_size", "2", "--device", "cpu",
-         "--log_samples", *extra], env=env, cwd=repo, capture_output=True, text=True,
+         "--gen_kwargs", f"max_new_tokens={LMMS_NEW_TOKENS}", "--log_samples", *extra], env=env, cwd=repo, capture_output=True, text=True,
         timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]
@@ -570,7 +574,7 @@ def test_lmms_eval_scores_a_pretraining_export_offline_with_the_mm1_plugin(
             and prompt.endswith(" Short answer:")  # the template folds whitespace
         inputs = processor(images=[data["pope"]["image"][doc].convert("RGB")], text=prompt,
                            return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=LMMS_NEW_TOKENS, do_sample=False)
         want = processor.decode(new_tokens(out, inputs), skip_special_tokens=True)
         want = want.split("\n\n")[0].split("\n")[0].strip()
         assert sample["filtered_resps"] == want, doc
@@ -619,6 +623,6 @@ def test_lmms_eval_prompts_an_sft_export_in_its_chat_format(exported, lmms_eval_
         assert prompt.startswith("<s>User: <image>") and prompt.endswith("\nAssistant:")
         inputs = processor(images=[data["image"][doc].convert("RGB")], text=prompt,
                            return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=LMMS_NEW_TOKENS, do_sample=False)
         want = processor.decode(new_tokens(out, inputs), skip_special_tokens=True)
         assert sample["filtered_resps"] == want.split("\n\n")[0]  # lmms-eval's default stop
