@@ -34,11 +34,25 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
                       env=env)
 
 
-def test_train_log_checkpoint_and_resume(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    first = run(command(demo_data, run_dir, "train.train_steps=8",
-                        "checkpoint.save_interval=4"))
+EIGHT_STEPS = ["train.train_steps=8", "checkpoint.save_interval=4", "logging.sample_ids=true"]
+
+
+@pytest.fixture(scope="module")
+def eight_steps(demo_data, tmp_path_factory):
+    """One uninterrupted 8-step demo run (checkpoints at steps 4 and 8, sample ids logged),
+    left as it finished: the run the resume tests continue (in a copy) or compare with."""
+    run_dir = tmp_path_factory.mktemp("eight_steps") / "run"
+    first = run(command(demo_data, run_dir, *EIGHT_STEPS))
     assert first.returncode == 0, first.stderr[-3000:]
+    return run_dir, first
+
+
+def test_train_log_checkpoint_and_resume(demo_data, eight_steps, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(eight_steps[0], run_dir)  # the fixture's run stays as it finished
+    first = eight_steps[1]
     assert "step      8/8 | loss" in first.stdout
     losses = [v for _, v in scalars(run_dir, "loss/lm")]
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])  # it learns
@@ -193,28 +207,27 @@ def sample_log(run_dir: Path, rank: int = 0) -> dict[int, list]:
     return {entry["step"]: entry["rows"] for entry in map(json.loads, lines)}
 
 
-def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, tmp_path):
-    steps = ["train.train_steps=7", "checkpoint.save_interval=3", "logging.sample_ids=true"]
-    whole = tmp_path / "whole"
-    assert run(command(demo_data, whole, *steps)).returncode == 0
+def test_sigkill_after_checkpoint_then_resume_is_bitwise(demo_data, eight_steps, tmp_path):
+    steps = EIGHT_STEPS
+    whole = eight_steps[0]  # the same run uninterrupted
     reference = newest_scalars(whole, "loss/lm")
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = _procs.popen(command(demo_data, killed, *steps), stdout=subprocess.PIPE,
                         stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
-    helpers = sigkill_at_line(proc, "saved checkpoint at step 3")
+    helpers = sigkill_at_line(proc, "saved checkpoint at step 4")
     assert helpers, "the save started no helper process: nothing to check below"
     gone, alive = psutil.wait_procs(helpers, timeout=10)
     assert not alive, f"helpers outlived the killed rank: {[p.cmdline()[-1:] for p in alive]}"
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     resumed = run(command(demo_data, killed, *steps))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = newest_scalars(killed, "loss/lm")
-    assert sorted(after) == [4, 5, 6, 7]
+    assert sorted(after) == [5, 6, 7, 8]
     assert all(after[s] == reference[s] for s in after)  # bitwise on CPU fp32
     samples, reference_samples = sample_log(killed), sample_log(whole)
-    assert sorted(samples) == list(range(1, 8))
+    assert sorted(samples) == list(range(1, 9))
     assert samples == reference_samples  # the same rows, step by step
     assert len({i for rows in samples.values() for row in rows for i in row}) > 8
 
