@@ -84,6 +84,8 @@ def pytest_collection_finish(session):
     the same builders, which wait for a build under way (a file lock) or redo a failed one."""
     import threading
 
+    if session.config.option.collectonly:
+        return
     wanted = {item.name.split("[")[0] for item in session.items}
     builders = []
     if "test_the_export_gives_the_same_tokens_under_each_tested_transformers" in wanted:
