@@ -140,10 +140,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mm1-eval: the tokenizer has {tokenizer.vocab_size} pieces but llm.vocab_size="
               f"{cfg.llm.vocab_size}", file=sys.stderr)
         return 2
+    import os
+
+    from mm1_megatron.config import ParallelConfig
+    from mm1_megatron.runtime.distributed import dist_env_from_environ
+
+    launch = dist_env_from_environ(os.environ)  # torchrun / srun: data-parallel ranks
     cfg = single_process_config(cfg)
-    model = build_eval_model(cfg)
+    if launch.world_size > 1:
+        cfg.parallel = ParallelConfig(world_size=launch.world_size)
+    model = build_eval_model(cfg, environ=os.environ if launch.world_size > 1 else None)
     step = load_model_weights(model, path)
-    print(f"mm1-eval: {path} (step {step}), preset {cfg.preset}", flush=True)
+    lead = launch.rank == 0  # prints and writes; every rank holds the same results
+    say = print if lead else (lambda *a, **k: None)
+    say(f"mm1-eval: {path} (step {step}), preset {cfg.preset}"
+        f"{f', {launch.world_size} data-parallel ranks' if launch.world_size > 1 else ''}",
+        flush=True)
     limits = None
     if args.max_new_tokens:
         limits = dict.fromkeys(KINDS, args.max_new_tokens)
@@ -151,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  batch_size=args.batch_size, seed=args.seed,
                                  use_cache=not args.no_kv_cache, max_new_tokens=limits,
                                  resize=cfg.vision.resize, tiles=cfg.vision.tiles,
-                                 chat=args.chat)
+                                 chat=args.chat, shard=(launch.rank, launch.world_size))
     results = []
     for task in tasks:
         for k in args.shots:
@@ -162,15 +174,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"mm1-eval: {err}", file=sys.stderr)
                 return 2
             results.append(r)
-            print(f"  {task.name} {k}-shot: {r.reported:.1f} ({r.examples} examples, "
+            say(f"  {task.name} {k}-shot: {r.reported:.1f} ({r.examples} examples, "
                   f"{time.perf_counter() - start:.1f}s)", flush=True)
             for skip in r.skipped[:3]:
-                print(f"  skipped {skip['id']}: {skip['reason']}", flush=True)
+                say(f"  skipped {skip['id']}: {skip['reason']}", flush=True)
     losses = None
     if conversations:
         losses = answer_loss(model, tokenizer, conversations, evaluator.images)
-        print(f"  answer loss: {losses['answer_loss']:.4f} over {losses['answer_tokens']} answer "
+        say(f"  answer loss: {losses['answer_loss']:.4f} over {losses['answer_tokens']} answer "
               f"tokens of {losses['conversations']} conversations", flush=True)
+    if not lead:
+        return 0
     if results:
         print()
         print(format_table(results))

@@ -94,10 +94,14 @@ class FewShotEvaluator:
                  seed: int = 0, use_cache: bool = True,
                  max_new_tokens: Optional[dict] = None, separator: str = SEPARATOR,
                  images: Optional[ImageCache] = None, resize: str = "squash",
-                 tiles: int = 0, chat: bool = False):
+                 tiles: int = 0, chat: bool = False, shard: tuple[int, int] = (0, 1)):
         """`chat`: prompt in the chat format, zero-shot (a fine-tuned model); else the
-        pre-training format with k in-context examples."""
+        pre-training format with k in-context examples. `shard` = (rank, ranks): under a
+        data-parallel launch each rank generates for queries rank, rank + ranks, ... and the
+        predictions are gathered (torch.distributed) in query order before scoring, so every
+        rank returns one process's result."""
         self.chat = chat
+        self.shard = shard
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -128,6 +132,15 @@ class FewShotEvaluator:
 
     def evaluate(self, task: Task, shots: int, limit: Optional[int] = None) -> TaskResult:
         indices = list(range(len(task) if limit is None else min(limit, len(task))))
+        rank, ranks = self.shard
+        predictions, skipped = self._generate(task, shots, indices[rank::ranks])
+        if ranks > 1:
+            predictions, skipped = _gathered(predictions, skipped, ranks)
+        return self._score(task, shots, indices, predictions, skipped)
+
+    def _generate(self, task: Task, shots: int, indices: list[int]
+                  ) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+        """(query index, prediction) and (query index, skip) for `indices`, in order."""
         predictions, skipped = [], []
         for start in range(0, len(indices), self.batch_size):
             batch = indices[start:start + self.batch_size]
@@ -138,7 +151,7 @@ class FewShotEvaluator:
                     self.images.get(prompt.images)
                     usable.append((i, prompt))
                 except (OSError, ValueError) as err:
-                    skipped.append({"id": task.examples[i].id, "reason": str(err)})
+                    skipped.append((i, {"id": task.examples[i].id, "reason": str(err)}))
             if not usable:
                 continue
             batch, prompts = [i for i, _ in usable], [p for _, p in usable]
@@ -147,8 +160,16 @@ class FewShotEvaluator:
                                           max_new_tokens=self.max_new_tokens[task.kind])
             for i, ids, reason in zip(batch, gen.tokens, gen.stop_reasons):
                 text = self.tokenizer.decode(ids)
-                predictions.append({"id": task.examples[i].id, "raw": text, "stop": reason,
-                                    "prediction": postprocess(text, self.separator)})
+                predictions.append((i, {"id": task.examples[i].id, "raw": text,
+                                         "stop": reason,
+                                         "prediction": postprocess(text, self.separator)}))
+        return predictions, skipped
+
+    def _score(self, task: Task, shots: int, indices: list[int],
+               indexed: list[tuple[int, dict]], indexed_skips: list[tuple[int, dict]]
+               ) -> TaskResult:
+        predictions = [p for _, p in sorted(indexed, key=lambda ip: ip[0])]
+        skipped = [s for _, s in sorted(indexed_skips, key=lambda ip: ip[0])]
         scored = {p["id"] for p in predictions}
         examples = [task.examples[i] for i in indices if task.examples[i].id in scored]
         if task.kind == CAPTION:
@@ -178,6 +199,15 @@ class FewShotEvaluator:
             score = details["accuracy"]
         return TaskResult(task.name, task.kind, shots, metric, float(score),
                           len(examples), predictions, skipped, details, self.chat)
+
+
+def _gathered(predictions: list, skipped: list, ranks: int) -> tuple[list, list]:
+    """Every rank's (index, prediction) and (index, skip) pairs, on every rank."""
+    import torch.distributed as dist
+
+    parts: list = [None] * ranks
+    dist.all_gather_object(parts, (predictions, skipped))
+    return ([p for part in parts for p in part[0]], [s for part in parts for s in part[1]])
 
 
 def format_table(results: Sequence[TaskResult]) -> str:

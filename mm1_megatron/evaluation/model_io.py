@@ -1,4 +1,5 @@
-"""A one-process MM1Model for evaluation, loaded from a Megatron checkpoint of any layout.
+"""A one-process MM1Model for evaluation (one per rank under a data-parallel launch), loaded
+from a Megatron checkpoint of any layout.
 
 dist_checkpointing matches tensors by their global keys (layer numbers include pipeline and
 model-chunk offsets; TP/EP shards carry their global offsets), so requesting only the model
@@ -10,7 +11,7 @@ optimizer, scheduler and RNG states in the checkpoint are not read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from mm1_megatron.config import Config
 
@@ -25,14 +26,16 @@ def resolve_checkpoint(run_dir: Optional[Union[str, Path]] = None,
     return resolve(checkpoint if checkpoint is not None else run_dir)
 
 
-def build_eval_model(cfg: Config, seed: Optional[int] = None):
-    """Start a one-process world (if none is up) and build the MM1Model in eval mode."""
+def build_eval_model(cfg: Config, seed: Optional[int] = None,
+                     environ: Optional[Mapping[str, str]] = None):
+    """Start a one-process world (if none is up; with `environ`, the launch's world, every
+    rank a whole model: data parallel) and build the MM1Model in eval mode."""
     from mm1_megatron.model.builder import build_mm1_model
     from mm1_megatron.model.specs import use_transformer_engine
     from mm1_megatron.runtime import init_distributed, training_device
 
     init_distributed(cfg.parallel, seed=cfg.train.seed if seed is None else seed,
-                     environ={})  # always a world of one, whatever launched us
+                     environ={} if environ is None else environ)
     model = build_mm1_model(cfg, use_transformer_engine())
     model.to(training_device())
     model.eval()

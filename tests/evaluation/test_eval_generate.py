@@ -266,3 +266,35 @@ def test_mm1_eval_writes_the_papers_fewshot_table_from_official_files(ep2_run, d
         assert r["reported"] == pytest.approx(want, abs=1e-6), (name, r["shots"])
         column = BENCHMARKS[name].column
         assert figures["rows"][str(r["shots"])][column] == pytest.approx(want, abs=0.006)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_mm1_eval_on_two_data_parallel_ranks_equals_one_process(ep2_run, demo_data):
+    """`mm1-eval` launched as 2 gloo ranks (torchrun's variables): each rank generates for
+    every other query and the predictions are gathered in query order, so the predictions,
+    scores and table equal one process's exactly (3 queries: the ranks get 2 and 1)."""
+    from tests._helpers.evaluation import EVAL_OVERRIDES
+    from tests._helpers.parity import BASE
+
+    root, _, _ = ep2_run
+    tasks = root / "tasks_dp"
+    _procs.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+                str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
+    args = ["--run-dir", str(root / "run"), "--preset", "tiny", "--task",
+            str(tasks / "caption.jsonl"), "--task", str(tasks / "vqa.jsonl"), "--shots", "0",
+            "4", "--limit", "3", "--max-new-tokens", "4", *BASE, *EVAL_OVERRIDES,
+            f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = _procs.run(["mm1-eval", *args, "--output", str(root / "dp1.json")],
+                     capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(REPO / "mm1_megatron" / "evaluation" / "cli.py", 2, *args, "--output",
+                   str(root / "dp2.json"), timeout=300)
+    assert "2 data-parallel ranks" in two.stdout
+    table = one.stdout.strip().splitlines()[-4:]
+    assert two.stdout.count(table[-1]) == 1  # printed once, by rank 0, the same table
+    assert two.stdout.strip().splitlines()[-4:] == table
+    a, b = (json.loads((root / f"dp{n}.json").read_text())["results"] for n in (1, 2))
+    assert [len(r["predictions"]) for r in b] == [3, 3, 3, 3]
+    assert a == b
