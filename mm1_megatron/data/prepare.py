@@ -287,7 +287,7 @@ def _resume_or_plan(kind: str, sources: Sequence[PathLike], images_root: PathLik
         raise PrepareError(f"--kind {kind!r} is not one of {KINDS}")
     if tasks < 1:
         raise PrepareError(f"--tasks {tasks}: must be at least 1")
-    paths = [p if isinstance(p, UrlPath) else source_path(p) for p in sources]
+    paths = [source_path(p) for p in sources]
     name = resolve_format(paths, format)
     source = FORMATS[name]
     url = next((p for p in paths if isinstance(p, UrlPath)), None)

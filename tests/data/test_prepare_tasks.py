@@ -207,6 +207,13 @@ def test_sources_given_as_fsspec_urls_prepare_as_the_local_files_do(tmp_path, ca
                            if n.startswith(("index/", "shards/"))}
             assert dumps[name], name
         assert dumps["mmc4-url"] == dumps["mmc4"]
+        # the progress bar's record count reads through the URL too (unknown for .gz)
+        from mm1_megatron.data.sources import FORMATS
+        from mm1_megatron.data.sources.urls import source_path
+
+        assert FORMATS["mmc4"].count([source_path("memory://bucket/mmc4")]) is None
+        memory.pipe("/bucket/plain.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n')
+        assert FORMATS["jsonl"].count([source_path("memory://bucket/plain.jsonl")]) == 2
         assert dumps["fineweb-url"] == dumps["fineweb"]
 
         write_img2dataset(tmp_path / "tars", ["a cat", "a dog"], shards=1)

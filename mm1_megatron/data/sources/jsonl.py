@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from mm1_megatron.data.prompt_format import llava_turns
 from mm1_megatron.data.shard_schema import IMAGE_EXTS, BadSample, normalize_ext
 from mm1_megatron.data.shard_writer import RawSample
-from mm1_megatron.data.sources.urls import UrlPath
+from mm1_megatron.data.sources.urls import UrlPath, source_path
 
 SUFFIXES = (".jsonl", ".json")
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -57,7 +57,7 @@ def is_record_file(path: Path) -> bool:
 def open_stream(path: Union[str, Path, UrlPath]):
     """The file's bytes, decompressed as a stream where its name says so (a local path or an
     fsspec URL's `UrlPath`: both open with `.open("rb")`)."""
-    path = Path(path) if isinstance(path, str) else path
+    path = source_path(path)
     kind = COMPRESSED.get(path.suffix)
     if kind == "gzip":
         raw = path.open("rb")
@@ -260,7 +260,7 @@ def record_samples(paths: Sequence[Path], parse: Callable[[object], RawSample]
 def _count_records(path: Union[str, Path]) -> Optional[int]:
     if _is_json_array(path):
         return None  # unknown until parsed; the progress bar runs without a total
-    if Path(path).suffix in COMPRESSED:
+    if source_path(path).suffix in COMPRESSED:
         return None  # counting would decompress the whole file once more
     with open_stream(path) as f:
         return sum(1 for line in f if line.strip())

@@ -121,8 +121,11 @@ class UrlPath:
 SourcePath = Union[Path, UrlPath]
 
 
-def source_path(text: Union[str, os.PathLike]) -> SourcePath:
-    """A SOURCE as given: a URL read through fsspec, else a local path."""
+def source_path(text: Union[str, os.PathLike, UrlPath]) -> SourcePath:
+    """A SOURCE as given: a URL read through fsspec, else a local path (a `UrlPath` or a
+    `Path` is returned as it is)."""
+    if isinstance(text, (UrlPath, Path)):
+        return text
     return UrlPath(str(text)) if is_url(str(text)) else Path(text)
 
 
