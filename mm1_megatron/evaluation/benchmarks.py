@@ -46,7 +46,8 @@ class BenchmarkError(ValueError):
 
 @dataclass(frozen=True)
 class Benchmark:
-    name: str  # --benchmark NAME, and the folder under --benchmarks-root
+    name: str  # --benchmark NAME
+    folder: str  # its folder under --benchmarks-root (--suite paper-fewshot)
     column: str  # its column in the paper's table
     kind: str  # CAPTION | VQA
     metric: str  # "cider" | "vqa_acc" | "exact_match"
@@ -90,10 +91,9 @@ def _task(bench: str, queries: list[Example], support: list[Example], folder: Pa
     b = BENCHMARKS[bench]
     if not queries:
         raise BenchmarkError(f"{bench}: no queries in {folder}")
-    task = Task(b.name, b.kind, queries, path=folder,
+    return Task(b.name, b.kind, queries, path=folder,
                 support=Task(b.name + "-support", b.kind, support, path=folder),
-                meta={"metric": b.metric, "column": b.column})
-    return task
+                meta={"metric": b.metric})
 
 
 # ---- captions --------------------------------------------------------------------------------
@@ -244,31 +244,29 @@ def read_gqa(folder: Path, support: Optional[Path] = None) -> Task:
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("coco-karpathy", "COCO", CAPTION, "cider",
+    Benchmark("coco-karpathy", "coco", "COCO", CAPTION, "cider",
               "dataset_coco.json, val2014/, train2014/", read_coco),
-    Benchmark("nocaps", "NoCaps", CAPTION, "cider",
+    Benchmark("nocaps", "nocaps", "NoCaps", CAPTION, "cider",
               "nocaps_val_4500_captions.json, validation/ (+ --support-data: COCO Karpathy)",
               read_nocaps),
-    Benchmark("textcaps", "TextCaps", CAPTION, "cider",
+    Benchmark("textcaps", "textcaps", "TextCaps", CAPTION, "cider",
               "TextCaps_0.1_val.json, TextCaps_0.1_train.json, train_images/", read_textcaps),
-    Benchmark("vqav2", "VQAv2", VQA, "vqa_acc",
+    Benchmark("vqav2", "vqav2", "VQAv2", VQA, "vqa_acc",
               "v2_OpenEnded_mscoco_{val,train}2014_questions.json, "
               "v2_mscoco_{val,train}2014_annotations.json, val2014/, train2014/", read_vqav2),
-    Benchmark("textvqa", "TextVQA", VQA, "vqa_acc",
+    Benchmark("textvqa", "textvqa", "TextVQA", VQA, "vqa_acc",
               "TextVQA_0.5.1_val.json, TextVQA_0.5.1_train.json, train_images/", read_textvqa),
-    Benchmark("vizwiz", "VizWiz", VQA, "vqa_acc",
+    Benchmark("vizwiz", "vizwiz", "VizWiz", VQA, "vqa_acc",
               "Annotations/val.json, Annotations/train.json, val/, train/", read_vizwiz),
-    Benchmark("gqa", "GQA", VQA, "exact_match",
+    Benchmark("gqa", "gqa", "GQA", VQA, "exact_match",
               "testdev_balanced_questions.json, train_balanced_questions.json, images/",
               read_gqa),
-    Benchmark("okvqa", "OK-VQA", VQA, "vqa_acc",
+    Benchmark("okvqa", "okvqa", "OK-VQA", VQA, "vqa_acc",
               "OpenEnded_mscoco_{val,train}2014_questions.json, "
               "mscoco_{val,train}2014_annotations.json, val2014/, train2014/", read_okvqa),
 )}
 # --suite paper-fewshot: the benchmarks in the table's order, each in ROOT/<folder>
-SUITE_FOLDERS = {"coco-karpathy": "coco", "nocaps": "nocaps", "textcaps": "textcaps",
-                 "vqav2": "vqav2", "textvqa": "textvqa", "vizwiz": "vizwiz", "gqa": "gqa",
-                 "okvqa": "okvqa"}
+SUITE_FOLDERS = {name: b.folder for name, b in BENCHMARKS.items()}
 
 
 def load_benchmark(name: str, folder: Path, support: Optional[Path] = None) -> Task:

@@ -237,7 +237,8 @@ def format_table(results: Sequence[TaskResult]) -> str:
 def paper_table(results: Sequence[TaskResult], columns: dict[str, str]) -> tuple[str, dict]:
     """MM1 Table 3's shape: one row per shot count, one column per benchmark (`columns`:
     task name -> column title, in the table's order), CIDEr x100 / accuracy %. Returns the
-    Markdown and the same figures as a dict ({"columns", "rows": {k: {column: score}}, "n"})."""
+    Markdown and the same figures as a dict ({"columns", "rows": {k: {column: score}},
+    "queries": {column: n}, "metrics": {column: name}})."""
     by = {(r.task, r.shots): r for r in results}
     shots = sorted({r.shots for r in results})
     names = [n for n in columns if any(r.task == n for r in results)]

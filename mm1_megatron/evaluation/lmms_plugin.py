@@ -110,6 +110,12 @@ class MM1(lmms):
         *_, doc_id, task, split = request.args
         return self.task_dict[task][split][doc_id]
 
+    def _images(self, request: Instance, doc) -> list:
+        """The request's images (its task's doc_to_visual, flattened), as RGB."""
+        doc_to_visual = request.args[2]
+        visuals = _flat(doc_to_visual(doc)) if doc_to_visual is not None else []
+        return [v.convert("RGB") if hasattr(v, "convert") else v for v in visuals]
+
     def _prompt(self, context: str, n_images: int) -> str:
         content = [{"type": "image"}] * n_images + ([{"type": "text", "text": context}]
                                                     if context else [])
@@ -140,15 +146,12 @@ class MM1(lmms):
                 chunk = indices[at:at + self.batch_size]
                 texts, images = [], []
                 for i in chunk:
-                    context, _, doc_to_visual, *_ = requests[i].args
-                    visuals = _flat(doc_to_visual(self._doc(requests[i]))) \
-                        if doc_to_visual is not None else []
-                    texts.append(self._prompt(context, len(visuals)))
-                    images += [v.convert("RGB") if hasattr(v, "convert") else v
-                               for v in visuals]
+                    mine = self._images(requests[i], self._doc(requests[i]))
+                    texts.append(self._prompt(requests[i].args[0], len(mine)))
+                    images += mine
                 inputs = self._inputs(texts, images)
                 with torch.inference_mode():
-                    ids = self.model.generate(**inputs, **self._generation(dict(gen), stops))
+                    ids = self.model.generate(**inputs, **self._generation(gen, stops))
                 width = inputs["input_ids"].shape[1]
                 for row, i in enumerate(chunk):
                     text = self.tokenizer.decode(ids[row, width:], skip_special_tokens=True)
@@ -161,13 +164,14 @@ class MM1(lmms):
         return out  # type: ignore[return-value]
 
     def _generation(self, gen: dict, stops: list[str]) -> dict:
-        """transformers' generate() arguments from lmms-eval's (consumes `gen`)."""
-        temperature = float(gen.pop("temperature", 0) or 0)
-        kwargs = {"max_new_tokens": int(gen.pop("max_new_tokens", self.max_new_tokens)),
-                  "num_beams": int(gen.pop("num_beams", 1) or 1),
-                  "do_sample": bool(gen.pop("do_sample", False)) and temperature > 0}
+        """transformers' generate() arguments from lmms-eval's (`gen` is only read: every
+        batch of a group gets the same)."""
+        temperature = float(gen.get("temperature", 0) or 0)
+        kwargs = {"max_new_tokens": int(gen.get("max_new_tokens", self.max_new_tokens)),
+                  "num_beams": int(gen.get("num_beams", 1) or 1),
+                  "do_sample": bool(gen.get("do_sample", False)) and temperature > 0}
         if kwargs["do_sample"]:
-            kwargs.update(temperature=temperature, top_p=float(gen.pop("top_p", 1.0) or 1.0))
+            kwargs.update(temperature=temperature, top_p=float(gen.get("top_p", 1.0) or 1.0))
         if stops:  # stop as soon as every row has met a stop string
             kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         return kwargs
@@ -175,11 +179,10 @@ class MM1(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list:
         out = []
         for r in tqdm(requests, disable=self.rank != 0, desc="mm1 loglikelihood"):
-            context, target, doc_to_visual, *_ = r.args
+            context, target, *_ = r.args
             doc = self._doc(r)
             continuation = target if isinstance(target, str) else target(doc)
-            visuals = _flat(doc_to_visual(doc)) if doc_to_visual is not None else []
-            images = [v.convert("RGB") if hasattr(v, "convert") else v for v in visuals]
+            images = self._images(r, doc)
             inputs = self._inputs([self._prompt(context, len(images))], images)
             cont = self.tokenizer(continuation, add_special_tokens=False,
                                   return_tensors="pt")["input_ids"].to(self._device)

@@ -99,28 +99,30 @@ def save(spec: str, out: Path, dry_run: bool = False) -> dict[str, str]:
     `dry_run`, only prints what would be downloaded (no network)."""
     tasks, groups = stock_tasks()
     leaves, _ = _expand(_names(spec), tasks, groups)
-    index = json.loads((out / INDEX).read_text()) if (out / INDEX).exists() else {}
     plan = {}
     for task in leaves:
         path, name, splits, kwargs = dataset_of(tasks[task])
         plan[task] = {"dataset_path": path, "dataset_name": name, "splits": splits,
-                      "folder": "__".join(p for p in (path.replace("/", "__"), name) if p)}
+                      "folder": "__".join(p for p in (path.replace("/", "__"), name) if p),
+                      # what of the stock dataset_kwargs load_dataset takes (not `token`)
+                      "load_kwargs": {k: v for k, v in kwargs.items()
+                                      if k in ("revision", "data_files")}}
     if dry_run:
         print(json.dumps(plan))
         return {task: p["folder"] for task, p in plan.items()}
     import datasets
 
+    index = json.loads((out / INDEX).read_text()) if (out / INDEX).exists() else {}
     out.mkdir(parents=True, exist_ok=True)
-    for task in leaves:
-        path, name, splits, kwargs = dataset_of(tasks[task])
-        folder = plan[task]["folder"]
+    for task, p in plan.items():
+        folder = p["folder"]
         if not (out / folder / "dataset_dict.json").exists():
-            kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "data_files")}
-            loaded = datasets.DatasetDict({s: datasets.load_dataset(path, name, split=s, **kwargs)
-                                           for s in splits})
+            loaded = datasets.DatasetDict({
+                s: datasets.load_dataset(p["dataset_path"], p["dataset_name"], split=s,
+                                         **p["load_kwargs"]) for s in p["splits"]})
             loaded.save_to_disk(str(out / folder))
         index[task] = folder
-        print(f"{task}: {out / folder} ({', '.join(splits)})", file=sys.stderr)
+        print(f"{task}: {out / folder} ({', '.join(p['splits'])})", file=sys.stderr)
     (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
 
