@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests._helpers.pip_target import built_once, missing_pins, pip
+from tests._helpers.pip_target import built_once, install_into, missing_pins
 
 LMMS_EVAL = "lmms-eval==0.7.3"
 RUNTIME = ("filelock<4", "datasets", "evaluate", "sacrebleu", "tabulate", "lxml", "pandas",
@@ -30,7 +30,7 @@ def overlay(folder: Path = ROOT) -> Path:
 
 def _build(folder: Path) -> None:
     pins = missing_pins(*RUNTIME)  # what this environment lacks for RUNTIME, deps included
-    pip("install", "--no-deps", "--no-compile", "--target", str(folder), LMMS_EVAL, *pins)
+    install_into(folder, LMMS_EVAL, *pins)
     (folder / "pins.txt").write_text("\n".join([LMMS_EVAL, *pins]) + "\n")
 
 

@@ -15,8 +15,7 @@ from typing import Callable
 
 
 def pip(*args: str) -> None:
-    """(Overlays install with --no-compile: byte-compiling transformers' few thousand
-    modules costs more CPU than the one process that imports each release.)"""
+    """pip, its output kept out of the test log unless it fails."""
     done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q",
                            *args], capture_output=True, text=True, timeout=600)
     if done.returncode:
@@ -32,6 +31,13 @@ def missing_pins(*requirements: str) -> list[str]:
             *requirements)
         return [f"{item['metadata']['name']}=={item['metadata']['version']}"
                 for item in json.loads(report.read_text())["install"]]
+
+
+def install_into(folder: Path, *requirements: str) -> None:
+    """`requirements` as they are (no dependencies) into `folder`, not byte-compiled:
+    compiling transformers' few thousand modules costs more CPU than the one process that
+    imports each release."""
+    pip("install", "--no-deps", "--no-compile", "--target", str(folder), *requirements)
 
 
 def built_once(folder: Path, build: Callable[[Path], None]) -> Path:

@@ -20,7 +20,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from tests._helpers.pip_target import built_once, missing_pins, pip
+from tests._helpers.pip_target import built_once, install_into, missing_pins
 
 ROOT = Path(os.environ.get("MM1_TRANSFORMERS_OVERLAYS", "/tmp/mm1-transformers"))
 IMPORTED_WHEN_PRESENT = ("kernels",)
@@ -57,12 +57,12 @@ def _build(version: str, folder: Path) -> None:
     from packaging.utils import canonicalize_name
 
     pins = missing_pins(f"transformers=={version}")
-    pip("install", "--no-deps", "--no-compile", "--target", str(folder), *pins)
+    install_into(folder, *pins)
     names = {canonicalize_name(p.split("==")[0]) for p in pins}
     extra = [req for pkg, req in _release_checks(folder).items()
              if canonicalize_name(pkg) not in names and _out_of_range(req)]
     if extra:
-        pip("install", "--no-deps", "--no-compile", "--target", str(folder), *extra)
+        install_into(folder, *extra)
     (folder / "pins.txt").write_text("\n".join(pins + extra) + "\n")
 
 

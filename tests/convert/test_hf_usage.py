@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._helpers.hf_probe import new_tokens
 from tests._procs import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -113,14 +114,6 @@ def own_greedy(model, ids: list[int], pixels, steps: int = MAX_NEW) -> list[int]
             break
         seq = torch.cat([seq, torch.tensor([[out[-1]]])], dim=1)
     return out
-
-
-def new_tokens(out, inputs, row: int = 0) -> list[int]:
-    ids = out[row, inputs["input_ids"].shape[1]:].tolist()
-    pad = 0
-    while ids and ids[-1] == pad:  # rows that stopped early are padded
-        ids.pop()
-    return ids
 
 
 PROMPTS = {0: "Once upon a time", 1: "<image> A photo of",
