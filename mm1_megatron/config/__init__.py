@@ -8,7 +8,8 @@ What lives where (import from this package; the modules import each other direct
   schema.py     ConfigError, the section dataclasses and `Config`, Literal aliases (Recompute...)
   presets.py    the one preset registry: PRESETS, get_preset
   overrides.py  `key.sub=value` / YAML overrides (set_field, parse_override) and loading:
-                load_config, save_run_config, load_run_config, RUN_CONFIG, single_process_config
+                load_config, save_run_config, load_run_config, RUN_CONFIG, single_process_config,
+                evaluation_config
   validate.py   validate, launcher_world_size, resolve_world_size, data_parallel_size,
                 fp8_available
   reference.py  docs/configuration.md from the schema's field comments (--write / --check)
@@ -17,9 +18,9 @@ What lives where (import from this package; the modules import each other direct
 Dependencies point one way: schema <- presets, validate <- overrides.
 """
 
-from mm1_megatron.config.overrides import (RUN_CONFIG, load_config, load_run_config,
-                                           parse_override, save_run_config, set_field,
-                                           single_process_config)
+from mm1_megatron.config.overrides import (RUN_CONFIG, evaluation_config, load_config,
+                                           load_run_config, parse_override, save_run_config,
+                                           set_field, single_process_config)
 from mm1_megatron.config.presets import PRESETS, get_preset
 from mm1_megatron.config.schema import (CheckpointConfig, Config, ConfigError, ConnectorConfig,
                                         ConnectorType, DataConfig, Dispatcher, EvalConfig,
@@ -39,7 +40,7 @@ __all__ = [
     # presets
     "PRESETS", "get_preset",
     # overrides and loading
-    "RUN_CONFIG", "load_config", "load_run_config", "parse_override", "save_run_config",
+    "RUN_CONFIG", "evaluation_config", "load_config", "load_run_config", "parse_override", "save_run_config",
     "set_field", "single_process_config",
     # validation
     "data_parallel_size", "fp8_available", "launcher_world_size", "resolve_world_size",

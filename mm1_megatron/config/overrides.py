@@ -143,6 +143,23 @@ def single_process_config(cfg: Config) -> Config:
     return out
 
 
+def evaluation_config(cfg: Config, world_size: int, tp: int = 1, ep: int = 1) -> Config:
+    """The same model for evaluation on `world_size` ranks: tensor parallel `tp`, expert
+    parallel `ep` (inside the data-parallel ranks, as in training), the rest data parallel;
+    no pipeline stages. Sequence parallelism only where Megatron-Core's MoE layers need it
+    (experts with tp>1; generation switches it off). Bf16, not FP8: scores are read from
+    greedy tokens, and FP8 GEMMs want token counts in multiples of 16. Validated like a
+    training layout, so a bad one is refused (ConfigError) before any process group starts."""
+    out = copy.deepcopy(cfg)
+    out.parallel = ParallelConfig(world_size=world_size, tp=tp, ep=ep,
+                                  sequence_parallel=tp > 1 and cfg.llm.moe.num_experts > 0,
+                                  distributed_optimizer=False)
+    out.train.fp8 = None
+    out.train.micro_batch_size = 1
+    out.train.global_batch_size = max(1, world_size // tp)
+    return validate(out, environ={}, fp8_ok=True)
+
+
 RUN_CONFIG = "config.yaml"  # the resolved config a run started with, in its run_dir
 
 

@@ -50,22 +50,24 @@ def answer_loss(model, tokenizer: Tokenizer, conversations, images) -> dict:
     k = model.tokens_per_image * images.per_image  # placeholders per image, sub-images included
     device = next(model.parameters()).device
     total, count, per = 0.0, 0, {}
-    for cid, turns, paths in conversations:
-        tokens, trains = tokenized_document(tokenizer, chat_segments(turns))
-        ids, flags = expand_images(tokens, k, model.image_token_id,
-                                   trains or [False] * len(tokens))
-        s = len(ids)
-        labels = ids[1:] + [PAD_ID]  # position i predicts token i + 1
-        mask = torch.tensor(flags[1:] + [False])
-        batch = to_device({"ids": torch.tensor([ids]), "pos": torch.arange(s)[None],
-                           "labels": torch.tensor([labels]), "docs": torch.zeros(1, s,
-                                                                                dtype=torch.long),
-                           "pixels": images.get(paths) if paths else None}, device)
-        losses = model(batch["ids"], batch["pos"], images=batch["pixels"],
-                       labels=batch["labels"], document_ids=batch["docs"]).float().cpu()[0]
-        mine = losses[mask]
-        per[cid] = float(mine.mean())
-        total += float(mine.sum())
-        count += int(mask.sum())
+    # Whole rows on every TP rank (a row's length need not divide by TP).
+    with model.without_sequence_parallel():
+        for cid, turns, paths in conversations:
+            tokens, trains = tokenized_document(tokenizer, chat_segments(turns))
+            ids, flags = expand_images(tokens, k, model.image_token_id,
+                                       trains or [False] * len(tokens))
+            s = len(ids)
+            labels = ids[1:] + [PAD_ID]  # position i predicts token i + 1
+            mask = torch.tensor(flags[1:] + [False])
+            batch = to_device({"ids": torch.tensor([ids]), "pos": torch.arange(s)[None],
+                               "labels": torch.tensor([labels]),
+                               "docs": torch.zeros(1, s, dtype=torch.long),
+                               "pixels": images.get(paths) if paths else None}, device)
+            losses = model(batch["ids"], batch["pos"], images=batch["pixels"],
+                           labels=batch["labels"], document_ids=batch["docs"]).float().cpu()[0]
+            mine = losses[mask]
+            per[cid] = float(mine.mean())
+            total += float(mine.sum())
+            count += int(mask.sum())
     return {"answer_loss": total / count, "answer_tokens": count,
             "conversations": len(conversations), "per_conversation": per}

@@ -20,8 +20,11 @@ ROOT/textcaps, ROOT/vqav2, ROOT/textvqa, ROOT/vizwiz, ROOT/gqa and ROOT/okvqa an
 (accuracy; F1 and the "yes" share in --output).
 
 The model is described by the same preset (+ YAML + key=value overrides) the run trained
-with; it is built in one process (TP=PP=1) and the model part of the checkpoint is loaded
-into it. Prints a table (CIDEr x100 for captioning, VQA accuracy in % for VQA) and, with
+with; the model part of the checkpoint (any training layout) is loaded into it. Launched as N
+ranks (torchrun / srun), each model spans --tp x --ep ranks and the rest split the queries:
+
+    torchrun --nproc-per-node 8 -m mm1_megatron.evaluation.cli --run-dir runs/mm1-30b \
+             --tp 8 --suite paper-fewshot --benchmarks-root /data/bench Prints a table (CIDEr x100 for captioning, VQA accuracy in % for VQA) and, with
 `--output`, writes every prediction and score as JSON.
 """
 
@@ -35,8 +38,14 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mm1_megatron.config import (PRESETS, ConfigError, load_config, load_run_config,
-                                 single_process_config)
+from mm1_megatron.config import (PRESETS, ConfigError, evaluation_config, load_config,
+                                 load_run_config)
+
+# Why --pp is refused (docs/evaluation.md says the same).
+NO_PIPELINE = ("pipeline-parallel evaluation is not supported: the generator runs the whole "
+               "decoder in one forward per token (pipeline stages would need Megatron-Core's "
+               "P2P forward schedule at every decode step); give the model to --tp / --ep "
+               "instead: TP=8 or EP=8 fits every preset on one 8-GPU node")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -73,6 +82,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="in-context examples per prompt (default 0 4 8; --chat: 0)")
     p.add_argument("--chat", action="store_true",
                    help="zero-shot in the chat format (SFT models): vqa, choice, yesno tasks")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks per model (launch with torchrun / srun)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks per model (MoE; inside the data-parallel ranks)")
+    p.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate only the first N examples per task")
     p.add_argument("--seed", type=int, default=0, help="draw of the in-context examples")
@@ -106,6 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.shots = [0] if args.chat else [0, 4, 8]
     if args.chat and args.shots != [0]:
         print("mm1-eval: --chat evaluates zero-shot; give --shots 0 (or none)", file=sys.stderr)
+        return 2
+    if args.pp != 1:
+        print(f"mm1-eval: --pp {args.pp}: {NO_PIPELINE}", file=sys.stderr)
         return 2
     if args.support is not None and len(args.support) != len(args.task):
         print("mm1-eval: give one --support per --task", file=sys.stderr)
@@ -142,19 +159,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import os
 
-    from mm1_megatron.config import ParallelConfig
+    from mm1_megatron.evaluation.evaluator import query_shard
     from mm1_megatron.runtime.distributed import dist_env_from_environ
 
-    launch = dist_env_from_environ(os.environ)  # torchrun / srun: data-parallel ranks
-    cfg = single_process_config(cfg)
-    if launch.world_size > 1:
-        cfg.parallel = ParallelConfig(world_size=launch.world_size)
+    launch = dist_env_from_environ(os.environ)  # torchrun / srun
+    try:
+        cfg = evaluation_config(cfg, launch.world_size, tp=args.tp, ep=args.ep)
+    except ConfigError as err:
+        print(f"mm1-eval: evaluation layout (--tp {args.tp} --ep {args.ep} on "
+              f"{launch.world_size} ranks): {err}", file=sys.stderr)
+        return 2
     model = build_eval_model(cfg, environ=os.environ if launch.world_size > 1 else None)
     step = load_model_weights(model, path)
+    shard = query_shard()
     lead = launch.rank == 0  # prints and writes; every rank holds the same results
     say = print if lead else (lambda *a, **k: None)
-    say(f"mm1-eval: {path} (step {step}), preset {cfg.preset}"
-        f"{f', {launch.world_size} data-parallel ranks' if launch.world_size > 1 else ''}",
+    say(f"mm1-eval: {path} (step {step}), preset {cfg.preset}{layout_text(args, shard[1])}",
         flush=True)
     limits = None
     if args.max_new_tokens:
@@ -163,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  batch_size=args.batch_size, seed=args.seed,
                                  use_cache=not args.no_kv_cache, max_new_tokens=limits,
                                  resize=cfg.vision.resize, tiles=cfg.vision.tiles,
-                                 chat=args.chat, shard=(launch.rank, launch.world_size))
+                                 chat=args.chat, shard=shard)
     results = []
     for task in tasks:
         for k in args.shots:
@@ -214,6 +234,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "chat": r.chat} for r in results]},
                       f, indent=1)
     return 0
+
+
+def layout_text(args: argparse.Namespace, shares: int) -> str:
+    """", TP=2 x EP=1, 2 data-parallel ranks" (empty in a world of one)."""
+    parts = []
+    if args.tp > 1 or args.ep > 1:
+        parts.append(f"TP={args.tp} x EP={args.ep}")
+    if shares > 1:
+        parts.append(f"{shares} data-parallel ranks")
+    return "".join(f", {p}" for p in parts)
 
 
 def benchmark_tasks(args: argparse.Namespace) -> list:

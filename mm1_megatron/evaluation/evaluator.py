@@ -96,10 +96,10 @@ class FewShotEvaluator:
                  images: Optional[ImageCache] = None, resize: str = "squash",
                  tiles: int = 0, chat: bool = False, shard: tuple[int, int] = (0, 1)):
         """`chat`: prompt in the chat format, zero-shot (a fine-tuned model); else the
-        pre-training format with k in-context examples. `shard` = (rank, ranks): under a
-        data-parallel launch each rank generates for queries rank, rank + ranks, ... and the
-        predictions are gathered (torch.distributed) in query order before scoring, so every
-        rank returns one process's result."""
+        pre-training format with k in-context examples. `shard` = (share, shares), from
+        `query_shard()` under a launch: each share generates for queries share,
+        share + shares, ... and the predictions are gathered (torch.distributed) in query
+        order before scoring, so every rank returns one process's result."""
         self.chat = chat
         self.shard = shard
         self.model = model
@@ -201,12 +201,29 @@ class FewShotEvaluator:
                           len(examples), predictions, skipped, details, self.chat)
 
 
+def query_shard() -> tuple[int, int]:
+    """(this rank's share, shares) of a task's queries under a launch: Megatron-Core's
+    expert-data-parallel rank and size, so ranks that differ only in their TP or EP rank (and
+    run each forward pass together) get the same queries; (0, 1) in a world of one."""
+    group = _query_group()
+    return (0, 1) if group is None else (group.rank(), group.size())
+
+
+def _query_group():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    return parallel_state.get_expert_data_parallel_group()
+
+
 def _gathered(predictions: list, skipped: list, ranks: int) -> tuple[list, list]:
-    """Every rank's (index, prediction) and (index, skip) pairs, on every rank."""
+    """Every share's (index, prediction) and (index, skip) pairs, on every rank."""
     import torch.distributed as dist
 
     parts: list = [None] * ranks
-    dist.all_gather_object(parts, (predictions, skipped))
+    dist.all_gather_object(parts, (predictions, skipped), group=_query_group())
     return ([p for part in parts for p in part[0]], [s for part in parts for s in part[1]])
 
 

@@ -15,6 +15,11 @@ feeds one token per row and attends over the cache. Works with the local layer s
 prefill, key padding at decode). The cache-free path (`use_cache=False`) re-runs the full
 sequence every step; tests check both give the same tokens and logits.
 
+Model parallel: the TP and EP ranks of a row run every forward pass together (the logits are
+gathered over TP; the first rank's picked tokens are broadcast, so all stop at the same step).
+Sequence parallelism is switched off while generating (`MM1Model.without_sequence_parallel`),
+as Megatron-Core's own generation does. Pipeline stages are not supported.
+
 Stop rule per row: `</s>`, `<eoc>`, any token whose text holds a newline (the prompts'
 example separator), or `max_new_tokens`. `<pad>`, `<s>` and `<image>` are never generated.
 """
@@ -45,10 +50,25 @@ def newline_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
                      tokenizer._sp.id_to_piece(i) == "<0x0A>")
 
 
+def lockstep_group():
+    """(group, its first global rank) of the ranks that run one row's forward passes together
+    (the TP ranks and, for experts, the EP ranks: Megatron-Core's expert-tensor-and-model
+    group, which is the TP group of a dense model), or None in a world of one."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_expert_tensor_and_model_parallel_group(check_initialized=False)
+    if group is None or group.size() == 1:
+        return None
+    return group, dist.get_global_rank(group, 0)
+
+
 class Generator:
     def __init__(self, model, tokenizer: Tokenizer, max_new_tokens: int = 20,
                  use_cache: bool = True, stop_at_newline: bool = True):
-        self.model = model  # an MM1Model (TP=PP=1, or TP with all ranks in lock-step)
+        self.model = model  # an MM1Model (PP=1; TP / EP ranks run in lock-step)
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.use_cache = use_cache
@@ -56,6 +76,7 @@ class Generator:
         self.stop_ids = {EOS_ID: "eos", EOC_ID: "eoc"}
         self.newline_ids = newline_token_ids(tokenizer) if stop_at_newline else frozenset()
         self.banned = [PAD_ID, BOS_ID, self.image_token_id]
+        self.lockstep = lockstep_group()
 
     # -- embeddings ----------------------------------------------------------------------
     def _embed(self, tokens: torch.Tensor, image_tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -86,7 +107,17 @@ class Generator:
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone()
         logits[:, self.banned] = float("-inf")
-        return logits.argmax(dim=-1)
+        picked = logits.argmax(dim=-1)
+        if self.lockstep is not None:
+            # Every rank of the group must feed the same tokens and stop at the same step, or
+            # the next collective hangs. Gathered TP logits are equal on every rank, but an EP
+            # rank's expert GEMMs see its copy of a row at another position in the batch, so a
+            # near tie could break differently: the group's first rank decides.
+            import torch.distributed as dist
+
+            group, first = self.lockstep
+            dist.broadcast(picked, src=first, group=group)
+        return picked
 
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -98,9 +129,11 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
-            if getattr(self.model, "packed_sequences", False) and len(set(map(len, prompts))) > 1:
-                return self._generate_by_length(prompts, images, max_new)
-            return self._generate(prompts, images, keep_logits, max_new)
+            with self.model.without_sequence_parallel():
+                if getattr(self.model, "packed_sequences", False) and \
+                        len(set(map(len, prompts))) > 1:
+                    return self._generate_by_length(prompts, images, max_new)
+                return self._generate(prompts, images, keep_logits, max_new)
         finally:
             self.model.train(was_training)
 

@@ -9,8 +9,9 @@ the placeholder embeddings in that order. Later stages only run decoder layers.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -35,6 +36,11 @@ class MM1Parts:
     max_images_per_row: int
     # Packed rows as THD segments (Transformer Engine); the local spec takes the dense mask.
     packed_sequences: bool = False
+
+# Module attributes Megatron-Core's layers copy from the config at build time (the list of
+# megatron/core/transformer/utils.py: _init_sequence_parallel_cache, 0.16 and 0.19).
+_SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel",
+                            "reduce_scatter_embeddings")
 
 
 class MM1Model(MegatronModule):
@@ -91,6 +97,31 @@ class MM1Model(MegatronModule):
         if hasattr(self.connector, "resize_position_grid"):
             self.connector.resize_position_grid(image_size // self.patch_size)
         self.image_size = image_size
+
+    @contextlib.contextmanager
+    def without_sequence_parallel(self) -> Iterator[None]:
+        """Plain tensor parallelism inside the decoder (generation, held-out losses): a decode
+        step feeds one token per row, which cannot be split over the TP ranks. Megatron-Core's
+        own static-batch generation switches the same module attributes off
+        (`set_model_to_sequence_parallel`, text_generation_controller.py), but switches them
+        back on wholesale, which would turn on the embedding's scatter that our decoder keeps
+        off (MM1Model scatters after splicing the images): each module's own value is
+        restored here instead. A no-op without sequence parallelism."""
+        if not self.config.sequence_parallel:
+            yield
+            return
+        saved = [(module, attr, getattr(module, attr))
+                 for module in self.language_model.modules() for attr in _SEQUENCE_PARALLEL_ATTRS
+                 if hasattr(module, attr)]
+        for module, attr, _ in saved:
+            setattr(module, attr, False)
+        self.config.sequence_parallel = False  # the decoder's config object, shared
+        try:
+            yield
+        finally:
+            self.config.sequence_parallel = True
+            for module, attr, value in saved:
+                setattr(module, attr, value)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, num_tokens, llm_hidden]."""

@@ -2,6 +2,7 @@
 DP=2 x EP=2 (MoE) checkpoint evaluated in one process (weights, tokens and logits reproduced); the
 `mm1-eval` command end to end on it."""
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ class Scripted(Generator):
     def __init__(self, tokenizer, script, max_new_tokens):
         model = SimpleNamespace(image_token_id=IMAGE_ID, training=False, eval=lambda: None,
                                 train=lambda mode: None,
+                                without_sequence_parallel=contextlib.nullcontext,
                                 parameters=lambda: iter([torch.zeros(1)]))
         super().__init__(model, tokenizer, max_new_tokens=max_new_tokens, use_cache=False)
         self.script, self.calls = script, 0
@@ -268,12 +270,10 @@ def test_mm1_eval_writes_the_papers_fewshot_table_from_official_files(ep2_run, d
         assert figures["rows"][str(r["shots"])][column] == pytest.approx(want, abs=0.006)
 
 
-@pytest.mark.slow
-@pytest.mark.multirank
-def test_mm1_eval_on_two_data_parallel_ranks_equals_one_process(ep2_run, demo_data):
-    """`mm1-eval` launched as 2 gloo ranks (torchrun's variables): each rank generates for
-    every other query and the predictions are gathered in query order, so the predictions,
-    scores and table equal one process's exactly (3 queries: the ranks get 2 and 1)."""
+@pytest.fixture(scope="module")
+def one_process_eval(ep2_run, demo_data):
+    """`mm1-eval` in one process on the EP=2-trained MoE checkpoint: captions and VQA at 0 and
+    4 shots (3 queries each) and the held-out answer loss; (its arguments, stdout, JSON)."""
     from tests._helpers.evaluation import EVAL_OVERRIDES
     from tests._helpers.parity import BASE
 
@@ -283,18 +283,43 @@ def test_mm1_eval_on_two_data_parallel_ranks_equals_one_process(ep2_run, demo_da
                 str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
     args = ["--run-dir", str(root / "run"), "--preset", "tiny", "--task",
             str(tasks / "caption.jsonl"), "--task", str(tasks / "vqa.jsonl"), "--shots", "0",
-            "4", "--limit", "3", "--max-new-tokens", "4", *BASE, *EVAL_OVERRIDES,
+            "4", "--limit", "3", "--max-new-tokens", "4", "--answer-loss",
+            str(demo_data / "sft_heldout.jsonl"), *BASE, *EVAL_OVERRIDES,
             f"data.tokenizer_model={demo_data / 'tokenizer.model'}"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    one = _procs.run(["mm1-eval", *args, "--output", str(root / "dp1.json")],
+    one = _procs.run(["mm1-eval", *args, "--output", str(root / "one.json")],
                      capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(REPO / "mm1_megatron" / "evaluation" / "cli.py", 2, *args, "--output",
-                   str(root / "dp2.json"), timeout=300)
-    assert "2 data-parallel ranks" in two.stdout
-    table = one.stdout.strip().splitlines()[-4:]
+    return args, one.stdout, json.loads((root / "one.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout,flags,banner", [
+    ("dp2", [], "2 data-parallel ranks"),
+    ("tp2", ["--tp", "2"], "TP=2 x EP=1"),  # MoE at tp>1: built with SP, generates without
+    ("ep2", ["--ep", "2"], "TP=1 x EP=2"),
+])
+def test_mm1_eval_on_two_ranks_equals_one_process(one_process_eval, ep2_run, layout, flags,
+                                                  banner):
+    """`mm1-eval` launched as 2 gloo ranks (torchrun's variables) gives one process's
+    predictions, scores and table exactly. dp2: each rank generates for every other query
+    (3 queries: 2 and 1) and the predictions are gathered in query order. tp2 / ep2: both
+    ranks hold half of each weight matrix / half of the experts and generate every query in
+    lock-step. The checkpoint was trained at EP=2 x DP=2, so each layout reshards it."""
+    root, _, _ = ep2_run
+    args, one_stdout, one = one_process_eval
+    out = root / f"{layout}.json"
+    two = torchrun(REPO / "mm1_megatron" / "evaluation" / "cli.py", 2, *args, *flags,
+                   "--output", str(out), timeout=300)
+    assert banner in two.stdout
+    table = one_stdout.strip().splitlines()[-4:]
     assert two.stdout.count(table[-1]) == 1  # printed once, by rank 0, the same table
     assert two.stdout.strip().splitlines()[-4:] == table
-    a, b = (json.loads((root / f"dp{n}.json").read_text())["results"] for n in (1, 2))
-    assert [len(r["predictions"]) for r in b] == [3, 3, 3, 3]
-    assert a == b
+    got = json.loads(out.read_text())
+    assert [len(r["predictions"]) for r in got["results"]] == [3, 3, 3, 3]
+    assert got["results"] == one["results"]
+    # The answer loss sums over TP ranks in another order: equal to float32 rounding.
+    loss, reference = got["answer_loss"], one["answer_loss"]
+    assert loss["answer_tokens"] == reference["answer_tokens"] > 0
+    assert abs(loss["answer_loss"] - reference["answer_loss"]) < 1e-5 * reference["answer_loss"]
