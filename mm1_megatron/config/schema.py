@@ -334,6 +334,13 @@ class EvalConfig:
     # Zero-shot in the chat format (a fine-tuned model; the SFT presets set it): VQA, multiple
     # choice and yes/no tasks, as `mm1-eval --chat` scores them. Needs shots "0".
     chat: bool = False
+    # Pipeline-parallel layouts cannot generate in the training processes (a decode step per
+    # token would need the pipeline schedule): there, each due evaluation runs `mm1-eval` on
+    # the next complete checkpoint in a side job, which logs the same eval/ scalars at that
+    # checkpoint's step. This command prefix starts it (mm1-eval's arguments are appended):
+    # "" runs it as a child of rank 0 (CPU runs, a spare GPU), one at a time, and the run
+    # waits for it at the end; "sbatch --parsable slurm/eval.sh" submits a Slurm job.
+    side_job: str = ""
 
 
 @dataclass

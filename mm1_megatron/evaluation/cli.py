@@ -96,6 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the full sequence per "
                                                               "token (slow; for checking)")
     p.add_argument("--output", help="write predictions and scores to this JSON file")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also write the scores as eval/<task>/<k>shot scalars at the "
+                        "checkpoint's step into this TensorBoard folder (e.g. the run's)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
 
@@ -128,11 +131,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("mm1-eval: give one --support per --task", file=sys.stderr)
         return 2
     try:
+        # Validated below with the evaluation layout (evaluation_config), not the training one.
         if args.preset:
-            cfg = load_config(args.preset, args.overrides, args.config, this_machine=False)
+            cfg = load_config(args.preset, args.overrides, args.config, this_machine=False,
+                              check=False)
         else:
             run_dir = args.run_dir or Path(args.checkpoint).resolve().parent.parent
-            cfg = load_run_config(run_dir, args.overrides)
+            cfg = load_run_config(run_dir, args.overrides, check=False)
     except ConfigError as err:
         print(f"mm1-eval: config error: {err}", file=sys.stderr)
         return 2
@@ -166,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = evaluation_config(cfg, launch.world_size, tp=args.tp, ep=args.ep)
     except ConfigError as err:
-        print(f"mm1-eval: evaluation layout (--tp {args.tp} --ep {args.ep} on "
+        print(f"mm1-eval: config error (evaluated with --tp {args.tp} --ep {args.ep} on "
               f"{launch.world_size} ranks): {err}", file=sys.stderr)
         return 2
     model = build_eval_model(cfg, environ=os.environ if launch.world_size > 1 else None)
@@ -185,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  resize=cfg.vision.resize, tiles=cfg.vision.tiles,
                                  chat=args.chat, shard=shard)
     results = []
+    began = time.perf_counter()
     for task in tasks:
         for k in args.shots:
             start = time.perf_counter()
@@ -224,6 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             {"checkpoint": str(path), "step": step, "preset": cfg.preset, "seed": args.seed,
              "limit": args.limit, **figures}, indent=1) + "\n")
         print(f"mm1-eval: wrote {table} and {table.with_suffix('.json')}", flush=True)
+    if args.tensorboard:
+        write_scalars(Path(args.tensorboard), step, results, time.perf_counter() - began)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": str(path), "step": step, "answer_loss": losses,
@@ -234,6 +242,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "chat": r.chat} for r in results]},
                       f, indent=1)
     return 0
+
+
+def write_scalars(folder: Path, step: int, results: list, seconds: float) -> None:
+    """The in-training evaluation's scalars (evaluation/callback.py) at `step`, in an event
+    file of their own beside the run's (TensorBoard shows a folder's files as one run)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder), filename_suffix=".mm1-eval")
+    try:
+        for r in results:
+            writer.add_scalar(f"eval/{r.task}/{r.shots}shot", r.reported, step)
+        writer.add_scalar("eval/seconds", seconds, step)
+    finally:
+        writer.close()
+    print(f"mm1-eval: wrote {len(results)} scalars at step {step} to {folder}", flush=True)
 
 
 def layout_text(args: argparse.Namespace, shares: int) -> str:
