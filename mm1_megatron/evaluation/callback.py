@@ -253,12 +253,14 @@ class SideJobs:
 
 
 def without_launch_variables(environ) -> dict[str, str]:
-    """`environ` less what torchrun / srun set for a rank (a child process is not one)."""
+    """`environ` less what torchrun / srun / sbatch set for a rank and its job: a child would
+    take them for its own world, and an sbatch from inside a job would inherit the job's
+    shape (SLURM_CONF, where the cluster's config lives, stays)."""
     launch = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-              "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-              "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID"}
+              "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     return {k: v for k, v in environ.items()
-            if k not in launch and not k.startswith("TORCHELASTIC_")}
+            if k not in launch and not k.startswith("TORCHELASTIC_") and
+            (not k.startswith("SLURM_") or k == "SLURM_CONF")}
 
 
 def _items(value) -> list[str]:

@@ -190,13 +190,15 @@ def logged_steps(log: str) -> list[int]:
 
 
 def test_exit_status_and_port_agree_with_python() -> None:
-    """common.sh defines the requeue status and the port rule once; they match the trainer's."""
+    """common.sh / job_env.sh define the requeue status and the port rule once; they match
+    the trainer's."""
     from mm1_megatron.runtime.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
     from mm1_megatron.train.callbacks import EXIT_PREEMPTED
 
     common = (SLURM / "common.sh").read_text()
     assert re.search(r"^EXIT_PREEMPTED=(\d+)$", common, re.M).group(1) == str(EXIT_PREEMPTED)
-    assert (f"$(( {SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN} ))") in common
+    job_env_sh = (SLURM / "job_env.sh").read_text()  # the rendezvous, for training and eval
+    assert (f"$(( {SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN} ))") in job_env_sh
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -245,6 +247,27 @@ def test_dry_run_preset_override(tmp_path: Path) -> None:
     assert re.search(r"^preset +tiny$", result.stdout, re.M)
 
 
+def test_eval_script_dry_run_prints_the_srun_command(tmp_path: Path) -> None:
+    """slurm/eval.sh: one node's 8 tasks run mm1-eval with the arguments as given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHON=sys.executable, CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:26.01-py3")
+    result = subprocess.run(["bash", str(SLURM / "eval.sh"), "--run-dir", "runs/mm1-30b",
+                             "--tp", "8", "--dry-run", "--suite", "paper-fewshot"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nodes=1 tasks/node=8 gpus/node=8 world=8" in result.stdout
+    srun = re.search(r"^mm1-eval: (srun .*)$", result.stdout, re.M).group(1).replace("\\", "")
+    assert srun.startswith("srun --nodes=1 --ntasks-per-node=8 --kill-on-bad-exit=1 ")
+    # the run's folder is mounted into the container beside the repository
+    assert f"--container-mounts={REPO}:{REPO},{tmp_path}/runs/mm1-30b:{tmp_path}/runs/mm1-30b" \
+        in srun
+    assert srun.rstrip().endswith("-m mm1_megatron.evaluation.cli --run-dir runs/mm1-30b --tp 8 "
+                                  "--suite paper-fewshot")
+    refused = subprocess.run(["bash", str(SLURM / "eval.sh"), "--run-dir", "r"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not inside a Slurm job" in refused.stderr
+
+
 def test_not_in_slurm_refuses_to_launch(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = subprocess.run(["bash", str(SLURM / "mm1_3b.sh")], cwd=tmp_path, env=env,
@@ -275,6 +298,24 @@ def test_sbatch_trains_on_cpu_with_gloo(slurm: Cluster, demo_data: Path, tmp_pat
     assert f"master={socket.gethostname().split('.')[0]}:{port}" in log
     info = slurm.job(job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
+
+    # slurm/eval.sh on the run: the 2 tasks hold the model at TP=2 and log its scores beside
+    # the training's scalars, at the checkpoint's step.
+    tasks = tmp_path / "tasks"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_tasks.py"), "--data",
+                    str(demo_data), "--output", str(tasks)], check=True, capture_output=True)
+    cmd = ["sbatch", "--wait", "--parsable", *SMALL_JOB, "slurm/eval.sh", "--run-dir",
+           str(run_dir), "--tp", "2", "--task", str(tasks / "caption.jsonl"), "--shots", "0",
+           "--limit", "2", "--max-new-tokens", "3", "--tensorboard", str(run_dir / "tensorboard")]
+    done = subprocess.run(cmd, cwd=REPO, env=job_env(slurm), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT)
+    eval_id = done.stdout.split(";")[0].strip()
+    log = _tail(LOGS / f"mm1-eval-{eval_id}.out", 10**6)
+    assert done.returncode == 0, log + _tail(LOGS / f"mm1-eval-{eval_id}.err")
+    assert "TP=2 x EP=1" in log and "(step 4)" in log
+    from tests._helpers.tensorboard import scalars
+
+    assert [step for step, _ in scalars(run_dir, "eval/caption/0shot")] == [4]
 
 
 def run_through_one_requeue(slurm: Cluster, tmp_path: Path, args: list[str],
