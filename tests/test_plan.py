@@ -324,3 +324,51 @@ def test_each_sft_preset_plans_within_80_gb_at_high_resolution(preset):
     est = estimate(_cfg(preset, world), world)
     assert est["memory"]["fits"] and est["memory"]["worst_gib"] < 0.9 * est["memory"]["usable_gib"]
     assert est["time"]["step_s"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation layouts (mm1_megatron/plan/evaluation.py, tools/plan.py --eval)
+# --------------------------------------------------------------------------------------------
+
+
+def test_eval_memory_splits_dense_weights_by_tp_and_experts_by_ep():
+    from mm1_megatron.model.params import expert_params
+    from mm1_megatron.plan.evaluation import EvalWorkload, eval_estimate
+    from mm1_megatron.plan.h100_constants import GIB, HBM_BW
+
+    work = EvalWorkload(shots=8, batch=8, new_tokens=10)
+    dense = get_preset("mm1-30b")
+    c = count_params(dense)
+    for tp in (1, 2, 8):
+        e = eval_estimate(dense, tp, 1, 8, work)
+        want = 2 * ((c.llm + c.vision) / tp + c.connector) / GIB
+        assert math.isclose(e["memory_gib"]["weights"], want, rel_tol=1e-9)
+        assert e["layout"]["copies"] == 8 // tp
+        # decode reads at least this GPU's decoder weights once per token from HBM
+        assert e["time_s"]["decode_per_token"] > 2 * (c.llm / tp) / HBM_BW
+        batches = 1000 / (e["layout"]["copies"] * work.batch)
+        assert math.isclose(e["time_s"]["per_1000_queries"], batches * e["time_s"]["per_batch"])
+    # 8-shot prompts: 9 images of 144 tokens and 9 x 24 text tokens
+    assert e["workload"]["prompt_tokens"] == 9 * (144 + 24)
+    moe = get_preset("mm1-3b-moe64")
+    m = count_params(moe)
+    experts = moe.llm.num_moe_layers * moe.llm.moe.num_experts * expert_params(moe.llm)
+    one = eval_estimate(moe, 1, 1, 8, work)
+    ep8 = eval_estimate(moe, 1, 8, 8, work)
+    assert not one["fits"] and ep8["fits"]  # 63B parameters: 126 GB in bf16
+    saved = one["memory_gib"]["weights"] - ep8["memory_gib"]["weights"]
+    assert math.isclose(saved, 2 * experts * 7 / 8 / GIB, rel_tol=1e-9)
+    assert m.total > 60e9
+
+
+def test_plan_tool_lists_eval_layouts_and_the_docs_table_is_current(capsys):
+    from mm1_megatron.plan.evaluation import eval_table
+
+    assert _plan_tool().main(["--preset", "mm1-3b-moe64", "--eval"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "8-shot prompts of 1512 tokens" in lines[0]
+    layouts = [ln for ln in lines[1:] if ln.startswith("  --tp")]
+    assert len(layouts) == 10 and "DOES NOT FIT" in layouts[-1]  # TP=1 EP=1 last
+    assert "fits" in layouts[0]
+    docs = (ROOT / "docs" / "evaluation.md").read_text()
+    assert eval_table() in docs, "docs/evaluation.md: paste mm1_megatron.plan.evaluation.eval_table()"

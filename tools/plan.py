@@ -3,6 +3,8 @@
   --check   exit 1 (one line on stderr naming the worst stage) when the layout does not fit
   --search  try every valid layout (tp, pp, ep, micro-batch, recompute) on --nodes, print the
             fastest that fits (--json: the top few)
+  --eval    the evaluation layouts of mm1-eval on one node (TP x EP x copies), memory per GPU
+            and the modelled cost per 1,000 few-shot queries
 
 Without --nodes (and no WORLD_SIZE / parallel.world_size) an MM1 preset is planned at its
 `parallel.planned_nodes`. Validation is the project's own, for the target cluster: FP8 counts as
@@ -36,6 +38,28 @@ def _search_line(rank: int, best: dict) -> str:
             f"step {t['step_s']:.3f} s  MFU {t['mfu']:.1%}")
 
 
+def _print_eval(cfg: Config, args: argparse.Namespace) -> int:
+    from mm1_megatron.plan.evaluation import EvalWorkload, eval_layouts
+
+    work = EvalWorkload(shots=args.shots, batch=args.batch_size, new_tokens=args.new_tokens)
+    layouts = eval_layouts(cfg, args.gpus_per_node, work)
+    if args.json:
+        print(json.dumps({"preset": args.preset, "layouts": layouts}, indent=2))
+        return 0
+    print(f"{args.preset}: mm1-eval on {args.gpus_per_node} H100s, {work.shots}-shot prompts "
+          f"of {work.prompt_tokens(cfg)} tokens, batch {work.batch}, {work.new_tokens} new "
+          "tokens (modelled: mm1_megatron/plan/evaluation.py); fastest first")
+    for e in layouts:
+        lay, mem, t = e["layout"], e["memory_gib"], e["time_s"]
+        copies = f"{lay['copies']} cop{'y' if lay['copies'] == 1 else 'ies'}"
+        print(f"  --tp {lay['tp']} --ep {lay['ep']} ({copies})  "
+              f"{mem['total']:5.1f} GiB/GPU {'fits' if e['fits'] else 'DOES NOT FIT':12s} "
+              f"prefill {t['prefill_per_batch']:.3f} s  decode {t['decode_per_token'] * 1e3:.1f} "
+              f"ms/token  {t['per_1000_queries']:.0f} s and "
+              f"{e['gpu_hours_per_1000_queries']:.3f} GPU-h per 1,000 queries")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +75,12 @@ def main(argv=None) -> int:
                         help="--search: keep layouts whose worst stage is below this "
                              f"(default the usable {USABLE_GIB:.1f} GiB)")
     parser.add_argument("--top", type=int, default=5, help="--search --json: how many")
+    parser.add_argument("--eval", action="store_true",
+                        help="mm1-eval on one node of --gpus-per-node: every TP x EP layout, "
+                             "its memory and modelled cost per 1,000 queries, fastest first")
+    parser.add_argument("--shots", type=int, default=8, help="--eval: in-context examples")
+    parser.add_argument("--batch-size", type=int, default=8, help="--eval: prompts per batch")
+    parser.add_argument("--new-tokens", type=int, default=10, help="--eval: tokens per answer")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
@@ -66,6 +96,8 @@ def main(argv=None) -> int:
         print(f"plan: config error: {err}", file=sys.stderr)
         return 2
 
+    if args.eval:
+        return _print_eval(cfg, args)
     if args.search:
         if nodes is None:
             print("plan: --search needs --nodes", file=sys.stderr)
