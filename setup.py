@@ -35,6 +35,11 @@ setup(
         # logs); read against 0.10's executors (data/prepare_tasks.py).
         "datatrove>=0.10,<0.11",
         "scikit-image>=0.22",  # ships the real photos of the demo dataset
+        # OK-VQA's answer stemming (evaluation/okvqa_stem.py): an English lexicon that ships
+        # its data (NLTK's tagger and WordNet are run-time downloads) and open_flamingo's
+        # singulariser.
+        "lemminflect>=0.2.3",
+        "inflection>=0.5",
     ],
     extras_require={
         # CPU machines: pin the CPU build so pip does not fetch a multi-GB CUDA torch.

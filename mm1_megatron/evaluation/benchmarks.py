@@ -17,8 +17,9 @@ authors publish, under their published names (symlinks allowed):
     vizwiz         Annotations/{val,train}.json (a list of {image, question, answers[{answer,
                    answer_confidence}]}; "unanswerable" is an answer), val/, train/.
     okvqa          OK-VQA v1.1 in VQA format: OpenEnded_mscoco_{val,train}2014_questions.json,
-                   mscoco_{val,train}2014_annotations.json (answers already stemmed),
-                   val2014/, train2014/.
+                   mscoco_{val,train}2014_annotations.json (answers[{answer (stemmed),
+                   raw_answer}]), val2014/, train2014/. Predictions are stemmed the same way
+                   (meta["answer_stems"]: evaluation/okvqa_stem.py).
     gqa            testdev_balanced_questions.json and train_balanced_questions.json (dicts
                    keyed by question id: {imageId, question, answer}), images/.
 
@@ -153,8 +154,9 @@ def read_textcaps(folder: Path, support: Optional[Path] = None) -> Task:
 # ---- VQA -------------------------------------------------------------------------------------
 
 def _vqa_format(folder: Path, questions: str, annotations: str, images: str, prefix: str,
-                bench: str) -> list[Example]:
-    """VQAv2 / OK-VQA: questions and annotations joined on question_id."""
+                bench: str, raw_pairs: Optional[list] = None) -> list[Example]:
+    """VQAv2 / OK-VQA: questions and annotations joined on question_id. `raw_pairs` collects
+    (raw_answer, answer) of every answer that has both (OK-VQA v1.1)."""
     qs = _field(_json(folder, questions, bench), "questions", str(folder / questions))
     where = str(folder / annotations)
     anns = {_field(a, "question_id", where): a
@@ -168,6 +170,9 @@ def _vqa_format(folder: Path, questions: str, annotations: str, images: str, pre
             raise BenchmarkError(f"{bench}: question {qid} of {folder / questions} has no "
                                  f"annotation in {where}")
         answers = tuple(_field(a, "answer", where) for a in _field(ann, "answers", where))
+        if raw_pairs is not None:
+            raw_pairs += [(a["raw_answer"], a["answer"]) for a in ann["answers"]
+                          if isinstance(a.get("raw_answer"), str)]
         image = image_dir / f"{prefix}{int(_field(q, 'image_id', where)):012d}.jpg"
         out.append(Example(str(qid), (str(image),), question=_field(q, "question", where),
                            answers=answers))
@@ -183,11 +188,19 @@ def read_vqav2(folder: Path, support: Optional[Path] = None) -> Task:
 
 
 def read_okvqa(folder: Path, support: Optional[Path] = None) -> Task:
-    def split(d: Path, s: str) -> list[Example]:
+    """Predictions are stemmed as the answers were (evaluation/okvqa_stem.py), with the word
+    table learned from the training split's raw and stemmed answers."""
+    from mm1_megatron.evaluation.okvqa_stem import learn_stems
+
+    def split(d: Path, s: str, pairs: Optional[list] = None) -> list[Example]:
         return _vqa_format(d, f"OpenEnded_mscoco_{s}2014_questions.json",
                            f"mscoco_{s}2014_annotations.json", f"{s}2014", f"COCO_{s}2014_",
-                           "okvqa")
-    return _task("okvqa", split(folder, "val"), split(support or folder, "train"), folder)
+                           "okvqa", pairs)
+    pairs: list = []
+    task = _task("okvqa", split(folder, "val"), split(support or folder, "train", pairs),
+                 folder)
+    task.meta["answer_stems"] = learn_stems(pairs)
+    return task
 
 
 def _textvqa(folder: Path, split: str) -> list[Example]:

@@ -12,6 +12,7 @@ import torch
 
 from mm1_megatron.data.tokenizer import Tokenizer
 from mm1_megatron.evaluation.generate import Generator
+from mm1_megatron.evaluation.okvqa_stem import okvqa_stem
 from mm1_megatron.evaluation.metrics import (choice_letter, cider_d, normalize_answer,
                                              vqa_accuracy, yes_no_scores)
 from mm1_megatron.evaluation.prompts import (SEPARATOR, build_chat_prompt, build_prompt,
@@ -185,8 +186,11 @@ class FewShotEvaluator:
                                          normalize_answer(e.answers[0]))
             score = 100.0 * sum(p["exact_match"] for p in predictions) / max(1, len(predictions))
         elif task.kind == VQA:
+            stems = task.meta.get("answer_stems")  # OK-VQA: answers are stemmed
             for p, e in zip(predictions, examples):
-                p["vqa_acc"] = vqa_accuracy(p["prediction"], e.answers)
+                if stems is not None:
+                    p["stemmed"] = okvqa_stem(p["prediction"], stems)
+                p["vqa_acc"] = vqa_accuracy(p.get("stemmed", p["prediction"]), e.answers)
             score = 100.0 * sum(p["vqa_acc"] for p in predictions) / max(1, len(predictions))
         elif task.kind == CHOICE:
             for p, e in zip(predictions, examples):

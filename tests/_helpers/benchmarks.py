@@ -77,8 +77,13 @@ def write_textcaps(root: Path) -> None:
                                                      "dataset_name": "textcaps", "data": rows})
 
 
+# OK-VQA v1.1's answers as typed and as stemmed (its `raw_answer` and `answer` fields).
+OKVQA_RAW = [("riding horses", "ride horse"), ("christmas", "christmas"),
+             ("morning", "morn"), ("kites", "kite")]
+
+
 def _vqa_pair(root: Path, questions: str, annotations: str, split: str, count: int,
-              base: int) -> None:
+              base: int, raw: bool = False) -> None:
     qs, anns = [], []
     for n in range(count):
         image_id = base + n
@@ -87,10 +92,14 @@ def _vqa_pair(root: Path, questions: str, annotations: str, split: str, count: i
         qs.append({"image_id": image_id, "question": f"What is {TEXT[n % len(TEXT)][:20]}?",
                    "question_id": qid})
         answers = _answers(n)
+        records = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                   for i, a in enumerate(answers)]
+        if raw:  # OK-VQA v1.1: a 4/4/2 split of typed answers, stemmed
+            for i, record in enumerate(records):
+                record["raw_answer"], record["answer"] = OKVQA_RAW[(n + i // 4) % len(OKVQA_RAW)]
         anns.append({"question_id": qid, "image_id": image_id, "answer_type": "other",
-                     "question_type": "what is", "multiple_choice_answer": answers[0],
-                     "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                 for i, a in enumerate(answers)]})
+                     "question_type": "what is", "multiple_choice_answer": records[0]["answer"],
+                     "answers": records})
     _dump(root / questions, {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
                              "data_subtype": f"{split}2014", "questions": qs})
     _dump(root / annotations, {"info": {}, "data_type": "mscoco",
@@ -106,7 +115,7 @@ def write_vqav2(root: Path) -> None:
 def write_okvqa(root: Path) -> None:
     for split, count, base in (("val", QUERIES, 500), ("train", SUPPORT, 600)):
         _vqa_pair(root, f"OpenEnded_mscoco_{split}2014_questions.json",
-                  f"mscoco_{split}2014_annotations.json", split, count, base)
+                  f"mscoco_{split}2014_annotations.json", split, count, base, raw=True)
 
 
 def write_textvqa(root: Path) -> None:

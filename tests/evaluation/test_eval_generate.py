@@ -263,6 +263,13 @@ def test_mm1_eval_writes_the_papers_fewshot_table_from_official_files(ep2_run, d
             want = 100 * sum(normalize_answer(p) == normalize_answer(truth[i].answers[0])
                              for i, p in preds.items()) / len(preds)
         else:
+            if name == "okvqa":  # scored on the stemmed prediction (okvqa_stem is unit-tested)
+                from mm1_megatron.evaluation.okvqa_stem import okvqa_stem
+
+                stems = task.meta["answer_stems"]
+                for p in r["predictions"]:
+                    assert p["stemmed"] == okvqa_stem(p["prediction"], stems)
+                preds = {p["id"]: p["stemmed"] for p in r["predictions"]}
             want = 100 * sum(_vqa_accuracy_reference(p, list(truth[i].answers))
                              for i, p in preds.items()) / len(preds)
         assert r["reported"] == pytest.approx(want, abs=1e-6), (name, r["shots"])

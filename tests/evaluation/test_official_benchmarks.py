@@ -66,6 +66,35 @@ def test_the_quirks_of_each_format(root):
     gqa = _load(root, "gqa")
     assert gqa.examples[0].id == "20001100" and gqa.examples[0].answers == ("dog",)
     assert gqa.meta["metric"] == "exact_match" and coco.kind == CAPTION
+    # OK-VQA v1.1: scored against the stemmed answers; predictions are stemmed with the word
+    # table the training split's raw and stemmed answers give
+    okvqa = _load(root, "okvqa")
+    assert "ride horse" in okvqa.examples[0].answers and "riding horses" not in \
+        okvqa.examples[0].answers
+    assert okvqa.meta["answer_stems"] == {"riding": "ride", "horses": "horse",
+                                          "christmas": "christmas", "morning": "morn",
+                                          "kites": "kite"}
+
+
+def test_okvqa_stemming_of_predictions():
+    """The learned table first (a word the annotations keep stays, whatever the rules say),
+    then open_flamingo's rules: "-ing" words to their verb lemma, plural nouns singular; a
+    word neither covers is left alone."""
+    from mm1_megatron.evaluation.okvqa_stem import learn_stems, okvqa_stem
+
+    stems = learn_stems([("christmas lights", "christmas light"), ("morning", "morn"),
+                         ("morning", "morn"), ("morning", "morning"), ("two words", "one")])
+    assert stems == {"christmas": "christmas", "lights": "light", "morning": "morn"}
+    assert okvqa_stem("Christmas", stems) == "christmas"  # not singularised to "christma"
+    assert okvqa_stem("morning", stems) == "morn"  # the most frequent stem of the word
+    assert okvqa_stem("surfing", stems) == "surf"
+    assert okvqa_stem("playing frisbee", stems) == "play frisbee"
+    assert okvqa_stem("umbrellas", stems) == "umbrella"
+    assert okvqa_stem("children", stems) == "child"
+    assert okvqa_stem("glasses", stems) == "glass"
+    assert okvqa_stem("news", stems) == "news"  # a singular noun that ends in s
+    assert okvqa_stem("blorping", stems) == "blorping"  # unknown to the lexicon: as it is
+    assert okvqa_stem("red bus", stems) == "red bus"
 
 
 def test_a_missing_file_or_folder_is_one_line_naming_it_and_the_layout(root, tmp_path):
