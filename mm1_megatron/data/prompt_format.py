@@ -36,13 +36,15 @@ CAPTION_PROMPT = " A photo of"
 VQA_PROMPT = " Question: {question} Short answer:"
 
 
-# Both templates: BOS, then per message its content as `items` (a string is one text item).
+# Both templates: BOS, then per message its content as `content`, a list of items (a string is
+# one text item). The name matters: vLLM passes a request's parts (images included) as a list
+# only to a template that loops `for ... in content`; to any other it gives one string.
 _JINJA_MESSAGES = "".join([
     "{{- bos_token -}}",
     "{%- for message in messages -%}",
     "{%- if message['content'] is string -%}",
-    "{%- set items = [{'type': 'text', 'text': message['content']}] -%}",
-    "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}",
+    "{%- set content = [{'type': 'text', 'text': message['content']}] -%}",
+    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}",
 ])
 
 
@@ -56,7 +58,7 @@ def pretrain_chat_template(image_token: str = "<image>") -> str:
     return "".join([
         _JINJA_MESSAGES,
         "{%- set ns = namespace(text='', images=0) -%}",
-        "{%- for item in items -%}",
+        "{%- for item in content -%}",
         "{%- if item['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}",
         "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + ' ' + item['text'] -%}",
         "{%- endif -%}{%- endfor -%}",
@@ -136,13 +138,13 @@ def chat_template(image_token: str = "<image>") -> str:
     return "".join([
         _JINJA_MESSAGES,
         "{%- if message['role'] == 'user' -%}{{- ", j(CHAT_USER), " -}}",
-        "{%- for item in items -%}",
+        "{%- for item in content -%}",
         "{%- if item['type'] == 'image' -%}{{- ", j(image_token), " -}}",
         "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}",
         "{%- endfor -%}{{- ", j(CHAT_TURN_END), " -}}",
         "{%- else -%}",
         "{%- set ns = namespace(text='') -%}",
-        "{%- for item in items -%}{%- if item['type'] == 'text' -%}",
+        "{%- for item in content -%}{%- if item['type'] == 'text' -%}",
         "{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}{%- endfor -%}",
         "{%- if message['role'] == 'system' -%}",
         "{{- ns.text | trim -}}{{- ", j(CHAT_SYSTEM_END), " -}}",
