@@ -15,8 +15,9 @@ calls an HF processor with the images only, so `MM1Processor`'s own expansion is
 The image embeddings go over the placeholders in prompt order, as in training.
 
 Generation: placeholder ids are never generated (the export's `generation_config.json`
-suppresses them for transformers; here `compute_logits` masks them). Not yet: MoE decoders
-and tiled (high-resolution SFT) exports are refused in one line.
+suppresses them for transformers; here `compute_logits` masks them). MoE exports: vLLM's
+fused-MoE layer on the MoE layers (`MM1SparseMoe`). Not yet: tiled (high-resolution SFT)
+exports are refused in one line.
 """
 
 from __future__ import annotations
@@ -40,10 +41,34 @@ from mm1_megatron.convert.hf_modeling.modeling_mm1 import MM1VisionTower, build_
 IMAGE = "<image>"
 
 
-def _refuse_unsupported(config) -> None:
-    if getattr(config, "moe_num_experts", 0):
-        raise NotImplementedError("MM1 in vLLM: MoE exports are not supported yet (a dense "
-                                  "decoder only); serve this export with transformers")
+class MM1SparseMoe(nn.Module):
+    """The export's `MM1SparseMoeBlock` on vLLM's fused MoE kernels: the router's top-k over
+    the logits, softmax over the k chosen (vLLM's `renormalize=True`: softmax over all experts
+    renormalised over the top k, the same weights), SwiGLU experts, dropless. The experts
+    split over vLLM's tensor- / expert-parallel ranks; the router is replicated."""
+
+    def __init__(self, config, prefix: str):
+        from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+
+        super().__init__()
+        text = config.text_config
+        self.hidden_size = text.hidden_size
+        self.router_fp32 = bool(getattr(config, "moe_router_fp32", False))
+        self.gate = nn.Linear(text.hidden_size, config.moe_num_experts, bias=False)
+        self.experts = FusedMoEFactory(
+            num_experts=config.moe_num_experts, top_k=config.moe_top_k,
+            hidden_size=text.hidden_size,
+            intermediate_size=config.moe_ffn_hidden_size or text.intermediate_size,
+            renormalize=True, prefix=f"{prefix}.experts",
+            ckpt_names=("gate_proj", "down_proj", "up_proj"))  # the export's expert names
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, self.hidden_size)
+        weight = self.gate.weight
+        logits = (torch.nn.functional.linear(flat.float(), weight.float()) if self.router_fp32
+                  else torch.nn.functional.linear(flat, weight))
+        return self.experts(flat, logits).reshape(shape)
 
 
 class MM1ProcessingInfo(BaseProcessingInfo):
@@ -113,7 +138,6 @@ class MM1ForConditionalGeneration(nn.Module, SupportsMultiModal):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        _refuse_unsupported(config)
         self.config = config
         self.image_token_id = int(config.image_token_id)
         # transformers' CLIPEncoder reads the attention implementation from its config
@@ -124,6 +148,12 @@ class MM1ForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.language_model = init_vllm_registered_model(
             vllm_config=vllm_config, hf_config=config.text_config,
             prefix=maybe_prefix(prefix, "language_model"), architectures=["LlamaForCausalLM"])
+        # MoE exports: vLLM's Llama with the MLP of every MoE layer (layer % moe_layer_freq
+        # == 0, the export's `is_moe_layer`) replaced by the fused-MoE block
+        for i, layer in enumerate(self.language_model.model.layers):
+            if getattr(config, "moe_num_experts", 0) and config.is_moe_layer(i):
+                name = maybe_prefix(prefix, f"language_model.model.layers.{i}.mlp")
+                layer.mlp = MM1SparseMoe(config, name)
         self.make_empty_intermediate_tensors = \
             self.language_model.make_empty_intermediate_tensors
 
@@ -154,4 +184,23 @@ class MM1ForConditionalGeneration(nn.Module, SupportsMultiModal):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        """The export's tensors; MoE routers and experts go straight to their modules
+        (vLLM's Llama loader would read an expert's gate_proj as a dense gate_up_proj)."""
+        rest, loaded = [], set()
+        layers = self.language_model.model.layers
+        for name, tensor in weights:
+            parts = name.split(".")  # language_model.layers.I.mlp.{gate,experts}....
+            if len(parts) > 5 and parts[:2] == ["language_model", "layers"] and \
+                    parts[3] == "mlp" and isinstance(layers[int(parts[2])].mlp, MM1SparseMoe):
+                moe = layers[int(parts[2])].mlp
+                where = f"language_model.model.layers.{parts[2]}.mlp."
+                if parts[4] == "gate":
+                    moe.gate.weight.data.copy_(tensor)
+                    loaded.add(where + "gate.weight")
+                else:  # experts.E.{gate,up,down}_proj.weight
+                    local = ".".join(parts[5:])
+                    loaded.update(where + "experts." + n
+                                  for n in moe.experts.load_weights([(local, tensor)]))
+                continue
+            rest.append((name, tensor))
+        return loaded | AutoWeightsLoader(self).load_weights(rest, mapper=self.hf_to_vllm_mapper)

