@@ -39,7 +39,7 @@ def _search_line(rank: int, best: dict) -> str:
 
 
 def _print_eval(cfg: Config, args: argparse.Namespace) -> int:
-    from mm1_megatron.plan.evaluation import EvalWorkload, eval_layouts
+    from mm1_megatron.plan.evaluation import EvalWorkload, copies_label, eval_layouts
 
     work = EvalWorkload(shots=args.shots, batch=args.batch_size, new_tokens=args.new_tokens)
     layouts = eval_layouts(cfg, args.gpus_per_node, work)
@@ -51,8 +51,7 @@ def _print_eval(cfg: Config, args: argparse.Namespace) -> int:
           "tokens (modelled: mm1_megatron/plan/evaluation.py); fastest first")
     for e in layouts:
         lay, mem, t = e["layout"], e["memory_gib"], e["time_s"]
-        copies = f"{lay['copies']} cop{'y' if lay['copies'] == 1 else 'ies'}"
-        print(f"  --tp {lay['tp']} --ep {lay['ep']} ({copies})  "
+        print(f"  --tp {lay['tp']} --ep {lay['ep']} ({copies_label(lay['copies'])})  "
               f"{mem['total']:5.1f} GiB/GPU {'fits' if e['fits'] else 'DOES NOT FIT':12s} "
               f"prefill {t['prefill_per_batch']:.3f} s  decode {t['decode_per_token'] * 1e3:.1f} "
               f"ms/token  {t['per_1000_queries']:.0f} s and "

@@ -40,8 +40,8 @@ __all__ = [
     # presets
     "PRESETS", "get_preset",
     # overrides and loading
-    "RUN_CONFIG", "evaluation_config", "load_config", "load_run_config", "parse_override", "save_run_config",
-    "set_field", "single_process_config",
+    "RUN_CONFIG", "evaluation_config", "load_config", "load_run_config", "parse_override",
+    "save_run_config", "set_field", "single_process_config",
     # validation
     "data_parallel_size", "fp8_available", "launcher_world_size", "resolve_world_size",
     "validate",

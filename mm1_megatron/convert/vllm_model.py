@@ -151,7 +151,7 @@ class MM1ForConditionalGeneration(nn.Module, SupportsMultiModal):
         # MoE exports: vLLM's Llama with the MLP of every MoE layer (layer % moe_layer_freq
         # == 0, the export's `is_moe_layer`) replaced by the fused-MoE block
         for i, layer in enumerate(self.language_model.model.layers):
-            if getattr(config, "moe_num_experts", 0) and config.is_moe_layer(i):
+            if config.is_moe_layer(i):
                 name = maybe_prefix(prefix, f"language_model.model.layers.{i}.mlp")
                 layer.mlp = MM1SparseMoe(config, name)
         self.make_empty_intermediate_tensors = \
@@ -184,23 +184,35 @@ class MM1ForConditionalGeneration(nn.Module, SupportsMultiModal):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The export's tensors; MoE routers and experts go straight to their modules
-        (vLLM's Llama loader would read an expert's gate_proj as a dense gate_up_proj)."""
-        rest, loaded = [], set()
-        layers = self.language_model.model.layers
-        for name, tensor in weights:
-            parts = name.split(".")  # language_model.layers.I.mlp.{gate,experts}....
-            if len(parts) > 5 and parts[:2] == ["language_model", "layers"] and \
-                    parts[3] == "mlp" and isinstance(layers[int(parts[2])].mlp, MM1SparseMoe):
-                moe = layers[int(parts[2])].mlp
-                where = f"language_model.model.layers.{parts[2]}.mlp."
-                if parts[4] == "gate":
-                    moe.gate.weight.data.copy_(tensor)
-                    loaded.add(where + "gate.weight")
-                else:  # experts.E.{gate,up,down}_proj.weight
-                    local = ".".join(parts[5:])
-                    loaded.update(where + "experts." + n
-                                  for n in moe.experts.load_weights([(local, tensor)]))
-                continue
-            rest.append((name, tensor))
-        return loaded | AutoWeightsLoader(self).load_weights(rest, mapper=self.hf_to_vllm_mapper)
+        """The export's tensors, streamed; MoE routers and experts go straight to their
+        modules (vLLM's Llama loader would read an expert's gate_proj as a dense
+        gate_up_proj), the rest through vLLM's loader."""
+        loaded: set[str] = set()
+
+        def the_rest():
+            for name, tensor in weights:
+                moe_names = self._load_moe_tensor(name, tensor)
+                if moe_names is None:
+                    yield name, tensor
+                else:
+                    loaded.update(moe_names)
+
+        # AutoWeightsLoader consumes the_rest() whole before it returns: `loaded` is complete
+        rest = AutoWeightsLoader(self).load_weights(the_rest(), mapper=self.hf_to_vllm_mapper)
+        return loaded | rest
+
+    def _load_moe_tensor(self, name: str, tensor: torch.Tensor):
+        """The parameter names it loaded if `name` (language_model.layers.I.mlp.gate.weight,
+        ...mlp.experts.E.{gate,up,down}_proj.weight) belongs to an MoE layer, else None."""
+        parts = name.split(".")
+        if len(parts) <= 5 or parts[:2] != ["language_model", "layers"] or parts[3] != "mlp":
+            return None
+        moe = self.language_model.model.layers[int(parts[2])].mlp
+        if not isinstance(moe, MM1SparseMoe):
+            return None
+        where = f"language_model.model.layers.{parts[2]}.mlp."
+        if parts[4] == "gate":
+            moe.gate.weight.data.copy_(tensor)
+            return [where + "gate.weight"]
+        local = ".".join(parts[5:])  # E.{gate,up,down}_proj.weight, relative to the experts
+        return [where + "experts." + n for n in moe.experts.load_weights([(local, tensor)])]

@@ -77,8 +77,8 @@ class FewShotEval(Callback):
         cfg = trainer.cfg
         self.tasks = [load_task(t) for t in self.task_files]  # a bad file fails the start
         if cfg.parallel.pp > 1 or len(trainer.model) > 1:
-            self.side = SideJobs(self, trainer) if trainer.is_logging_rank else None
-            if trainer.is_logging_rank:
+            if trainer.is_logging_rank:  # the other ranks have nothing to do
+                self.side = SideJobs(self, trainer)
                 print(f"eval: {cfg.parallel.pp} pipeline stages: each evaluation runs "
                       f"mm1-eval on the next complete checkpoint in a side job "
                       f"({self.side.describe()}), logged at that checkpoint's step; logs in "
@@ -149,6 +149,8 @@ class FewShotEval(Callback):
 
     # -- evaluation ----------------------------------------------------------------------
     def run(self, trainer, step: int) -> dict[str, float]:
+        from mm1_megatron.evaluation.evaluator import SECONDS_TAG, scalar_tag
+
         moe = getattr(trainer, "moe_metrics", None)
         saved = moe.tokens.clone() if moe is not None else None
         start = time.perf_counter()
@@ -157,7 +159,7 @@ class FewShotEval(Callback):
             for task in self.tasks:
                 for k in self.shots:
                     r = self.evaluator.evaluate(task, k, limit=self.limit)
-                    name = f"eval/{task.name}/{k}shot"
+                    name = scalar_tag(task.name, k)
                     scores[name] = r.reported
                     self.history.append({"step": step, "task": task.name, "shots": k,
                                          "metric": r.metric, "value": r.reported})
@@ -169,7 +171,7 @@ class FewShotEval(Callback):
             if self.writer is not None:
                 for name, value in scores.items():
                     self.writer.add_scalar(name, value, step)
-                self.writer.add_scalar("eval/seconds", seconds, step)
+                self.writer.add_scalar(SECONDS_TAG, seconds, step)
                 self.writer.flush()
             print(f"eval step {step}: " + " | ".join(f"{n[5:]} {v:.1f}" for n, v in
                                                     scores.items()) + f" | {seconds:.1f}s",

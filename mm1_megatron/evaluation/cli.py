@@ -24,8 +24,11 @@ with; the model part of the checkpoint (any training layout) is loaded into it. 
 ranks (torchrun / srun), each model spans --tp x --ep ranks and the rest split the queries:
 
     torchrun --nproc-per-node 8 -m mm1_megatron.evaluation.cli --run-dir runs/mm1-30b \
-             --tp 8 --suite paper-fewshot --benchmarks-root /data/bench Prints a table (CIDEr x100 for captioning, VQA accuracy in % for VQA) and, with
-`--output`, writes every prediction and score as JSON.
+             --tp 8 --suite paper-fewshot --benchmarks-root /data/bench
+
+Prints a table (CIDEr x100 for captioning, VQA accuracy in % for VQA) and, with `--output`,
+writes every prediction and score as JSON; `--tensorboard DIR` writes the scores as the
+in-training evaluation's scalars.
 """
 
 from __future__ import annotations
@@ -201,14 +204,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 2
             results.append(r)
             say(f"  {task.name} {k}-shot: {r.reported:.1f} ({r.examples} examples, "
-                  f"{time.perf_counter() - start:.1f}s)", flush=True)
+                f"{time.perf_counter() - start:.1f}s)", flush=True)
             for skip in r.skipped[:3]:
                 say(f"  skipped {skip['id']}: {skip['reason']}", flush=True)
     losses = None
     if conversations:
         losses = answer_loss(model, tokenizer, conversations, evaluator.images)
         say(f"  answer loss: {losses['answer_loss']:.4f} over {losses['answer_tokens']} answer "
-              f"tokens of {losses['conversations']} conversations", flush=True)
+            f"tokens of {losses['conversations']} conversations", flush=True)
     if not lead:
         return 0
     if results:
@@ -249,11 +252,13 @@ def write_scalars(folder: Path, step: int, results: list, seconds: float) -> Non
     file of their own beside the run's (TensorBoard shows a folder's files as one run)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from mm1_megatron.evaluation.evaluator import SECONDS_TAG, scalar_tag
+
     writer = SummaryWriter(str(folder), filename_suffix=".mm1-eval")
     try:
         for r in results:
-            writer.add_scalar(f"eval/{r.task}/{r.shots}shot", r.reported, step)
-        writer.add_scalar("eval/seconds", seconds, step)
+            writer.add_scalar(scalar_tag(r.task, r.shots), r.reported, step)
+        writer.add_scalar(SECONDS_TAG, seconds, step)
     finally:
         writer.close()
     print(f"mm1-eval: wrote {len(results)} scalars at step {step} to {folder}", flush=True)

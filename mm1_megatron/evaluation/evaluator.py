@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from mm1_megatron.data.tokenizer import Tokenizer
-from mm1_megatron.evaluation.generate import Generator
+from mm1_megatron.evaluation.generate import Generator, parallel_groups_up
 from mm1_megatron.evaluation.okvqa_stem import okvqa_stem
 from mm1_megatron.evaluation.metrics import (choice_letter, cider_d, normalize_answer,
                                              vqa_accuracy, yes_no_scores)
@@ -205,6 +205,15 @@ class FewShotEvaluator:
                           len(examples), predictions, skipped, details, self.chat)
 
 
+SECONDS_TAG = "eval/seconds"  # how long an evaluation took, beside its scores
+
+
+def scalar_tag(task: str, shots: int) -> str:
+    """The TensorBoard tag of a task's k-shot score: the in-training evaluation's
+    (evaluation/callback.py) and `mm1-eval --tensorboard`'s, one name for both."""
+    return f"eval/{task}/{shots}shot"
+
+
 def query_shard() -> tuple[int, int]:
     """(this rank's share, shares) of a task's queries under a launch: Megatron-Core's
     expert-data-parallel rank and size, so ranks that differ only in their TP or EP rank (and
@@ -214,10 +223,9 @@ def query_shard() -> tuple[int, int]:
 
 
 def _query_group():
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+    if not parallel_groups_up():
         return None
     return parallel_state.get_expert_data_parallel_group()
 

@@ -50,6 +50,15 @@ def newline_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
                      tokenizer._sp.id_to_piece(i) == "<0x0A>")
 
 
+def parallel_groups_up() -> bool:
+    """torch.distributed and Megatron-Core's groups are initialised (not so for a model
+    built without them, e.g. in a test)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
 def lockstep_group():
     """(group, its first global rank) of the ranks that run one row's forward passes together
     (the TP ranks and, for experts, the EP ranks: Megatron-Core's expert-tensor-and-model
@@ -57,7 +66,7 @@ def lockstep_group():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+    if not parallel_groups_up():
         return None
     group = parallel_state.get_expert_tensor_and_model_parallel_group(check_initialized=False)
     if group is None or group.size() == 1:

